@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Sets up everything tapmanager's tests, benchmarks and demo need on a fresh Debian machine, and is cheap
+# when it is all there already: Debian packages (as root, with apt-get), npm packages, the native addon
+# and the TypeScript build. Used by `npm test`, `npm run bench`, `npm run demo` and `.ci/run`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages: the command that proves each one is there, and the package that brings it.
+declare -A need=(
+  [/usr/lib/cni/bridge]=containernetworking-plugins
+  [/usr/sbin/dhcpcd]=dhcpcd-base
+  [/bin/busybox]=busybox-static
+  [/usr/bin/tcpdump]=tcpdump
+  [/usr/sbin/nft]=nftables
+  [/usr/sbin/ebtables]=ebtables
+  [/usr/bin/qemu-system-x86_64]=qemu-system-x86
+  [/usr/bin/ip]=iproute2
+  [/usr/bin/pgrep]=procps
+)
+missing=()
+for f in "${!need[@]}"; do [ -e "$f" ] || missing+=("${need[$f]}"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "setup: missing Debian packages ${missing[*]} and not root to install them" >&2
+    exit 1
+  fi
+  echo "setup: installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# npm packages, exactly as locked.
+if [ ! -d node_modules/.bin ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  echo "setup: npm ci"
+  npm ci --no-audit --no-fund
+fi
+
+# The native addon, rebuilt when any Rust source is newer than it. TAPMANAGER_PROFILE=debug builds faster.
+node_file=tapmanager.linux-x64-gnu.node
+[ "$(uname -m)" = aarch64 ] && node_file=tapmanager.linux-arm64-gnu.node
+if [ ! -f "$node_file" ] || [ -n "$(find crates Cargo.toml Cargo.lock -newer "$node_file" -type f -print -quit)" ]; then
+  echo "setup: building the native addon"
+  if [ "${TAPMANAGER_PROFILE:-release}" = debug ]; then
+    npx napi build --platform --manifest-path crates/tapmanager-napi/Cargo.toml -p tapmanager-napi -o . --js index.js --dts index.d.ts
+  else
+    npm run -s build:native
+  fi
+fi
+
+# The TypeScript build (dist/), used by the command line and by consumers.
+if [ ! -f dist/index.js ] || [ -n "$(find src index.d.ts tsconfig.json -newer dist/index.js -type f -print -quit)" ]; then
+  echo "setup: tsc"
+  npx tsc -p tsconfig.json
+fi

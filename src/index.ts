@@ -1,0 +1,12 @@
+/** tapmanager's public TypeScript API. */
+export * from './errors'
+export * from './protocol'
+export * from './fdsource'
+export * from './server'
+export * from './client'
+export * from './payloads'
+export * from './cni'
+export * from './tapfdsource'
+export * from './state'
+export * from './qemu'
+export { nativeVersion } from './native'
