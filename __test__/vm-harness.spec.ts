@@ -11,7 +11,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { buildQemuNetArgs } from '../src/qemu'
-import { TestNetns, requirePrereqs } from './helpers/env'
+import { TestNetns, requirePrereqs, sh } from './helpers/env'
 import { bootVm, pythonTapOpener, vmAssets, type VmHandle } from './helpers/vm'
 
 interface Node {
@@ -90,6 +90,7 @@ function nodePing(node: Node, ip: string): boolean {
 async function checkGuest(t: import('ava').ExecutionContext, node: Node, vm: VmHandle, mac: string): Promise<void> {
   t.is(await vm.linkMac(), mac, 'the guest NIC carries the MAC QEMU was given')
   const lease = await vm.lease()
+  t.log(`QEMU start to DHCP lease: ${(Number(process.hrtime.bigint() - vm.startedAt) / 1e9).toFixed(1)} s (TCG)`)
   t.true(ipToInt(lease.ip) >= ipToInt('10.99.0.100') && ipToInt(lease.ip) <= ipToInt('10.99.0.150'), lease.ip)
   t.is(lease.mask, 24)
   t.is(lease.subnet, '255.255.255.0')
@@ -106,6 +107,9 @@ async function checkGuest(t: import('ava').ExecutionContext, node: Node, vm: VmH
   t.true(addr.output.includes('1400'), 'the guest applied the leased MTU')
   // The node's neighbour table learned the guest's MAC through the bridge.
   t.regex(node.ns.exec('ip', ['neigh', 'show', lease.ip]), new RegExp(mac))
+  // kill() leaves nothing running in the node but the DHCP server.
+  await vm.kill()
+  t.deepEqual(sh('ip', ['netns', 'pids', node.ns.name]).split(/\s+/).filter(Boolean), [String(node.udhcpd.pid)])
 }
 
 test.before(() => {

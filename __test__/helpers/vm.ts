@@ -78,6 +78,8 @@ export interface BootVmOptions {
 
 export interface VmHandle {
   readonly child: ChildProcess
+  /** process.hrtime.bigint() just before QEMU was spawned. */
+  readonly startedAt: bigint
   /** All serial output so far. */
   output(): string
   /** Resolves with the first output line matching `re` (also one seen earlier); rejects on timeout or exit. */
@@ -159,6 +161,7 @@ export function bootVm(opts: BootVmOptions): VmHandle {
     ...netArgs,
   ]
   const argv = [...(opts.command ?? []), ...qemu]
+  const startedAt = process.hrtime.bigint()
   const child = spawnWithFds(argv[0], argv.slice(1), fds, { stdio: ['pipe', 'pipe', 'pipe'] })
 
   let out = ''
@@ -233,6 +236,7 @@ export function bootVm(opts: BootVmOptions): VmHandle {
 
   return {
     child,
+    startedAt,
     exited,
     output: () => out,
     waitFor,
