@@ -21,7 +21,7 @@ let assetsCache: VmAssets | undefined
 /** Builds the VM assets if needed (slow only the first time: download + unpack) and returns their paths. */
 export function vmAssets(): VmAssets {
   if (assetsCache) return assetsCache
-  requirePrereqs(['qemu-system-x86_64', '/bin/busybox', 'apt-get', 'dpkg-deb', 'xz', 'zstd', 'gzip'])
+  requirePrereqs(['qemu-system-x86_64', '/bin/busybox', 'apt-get', 'apt-cache', 'dpkg-deb', 'xz', 'od', 'dd', 'mknod'])
   const dir = execFileSync('bash', [join(process.cwd(), 'scripts/vm-assets.sh')], {
     encoding: 'utf8',
     stdio: ['ignore', 'pipe', 'inherit'],
