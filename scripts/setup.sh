@@ -16,6 +16,10 @@ declare -A need=(
   [/usr/bin/qemu-system-x86_64]=qemu-system-x86
   [/usr/bin/ip]=iproute2
   [/usr/bin/pgrep]=procps
+  [/usr/bin/xz]=xz-utils
+  [/usr/bin/python3]=python3-minimal
+  [/usr/bin/dpkg-deb]=dpkg
+  [/usr/bin/setpriv]=util-linux
 )
 missing=()
 for f in "${!need[@]}"; do [ -e "$f" ] || missing+=("${need[$f]}"); done
@@ -28,6 +32,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The real-VM test assets (a Debian kernel and a busybox initramfs), cached under .tmp/vm.
+if [ "$(uname -m)" = x86_64 ] && [ "$(id -u)" = 0 ]; then
+  bash scripts/vm-assets.sh >/dev/null
 fi
 
 # npm packages, exactly as locked.
