@@ -6,8 +6,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnet::{IpNet, Ipv4Net};
 
 use super::ops::{Addr, Link, Route, RTPROT_KERNEL, RT_SCOPE_LINK};
-use super::types::{CniInterface, CniIpConfig, CniResult, CniRoute};
 use crate::error::{Error, ErrorCode, Result};
+use crate::types::{CniInterface, CniIpConfig, CniResult, CniRoute};
 
 /// Calico's link-local gateway: a pod's link with a `169.254.1.1/32 scope link` route is Calico's.
 pub const CALICO_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
@@ -121,7 +121,7 @@ pub fn fix_result(result: &mut CniResult, ns_path: &str, snap: &NetSnapshot, cal
             }
         };
         let ip = &mut result.ips[n];
-        ip.interface = Some(iface);
+        ip.interface = iface;
 
         let is_calico = snap
             .routes_of(link.index)
@@ -181,7 +181,7 @@ fn rebuild_weave_like(result: &mut CniResult, ns_path: &str, snap: &NetSnapshot)
     }
     result.interfaces =
         vec![CniInterface { name: veth.name.clone(), mac: format_mac(&veth.mac), sandbox: ns_path.to_string() }];
-    result.ips = vec![CniIpConfig { version: "4".into(), interface: Some(0), address: IpNet::V4(addr.net), gateway }];
+    result.ips = vec![CniIpConfig { version: "4".into(), interface: 0, address: IpNet::V4(addr.net), gateway }];
     result.routes = routes;
     Ok(())
 }
@@ -191,13 +191,10 @@ fn rebuild_weave_like(result: &mut CniResult, ns_path: &str, snap: &NetSnapshot)
 pub fn container_links(result: &CniResult, snap: &NetSnapshot) -> Result<Vec<Link>> {
     let mut order: Vec<usize> = Vec::new();
     for ip in &result.ips {
-        if let Some(i) = ip.interface {
-            if i >= result.interfaces.len() {
-                return Err(Error::invalid(format!("an IP config points at interface {i}, which the result lacks")));
-            }
-            if !order.contains(&i) {
-                order.push(i);
-            }
+        // IPv4 configs point at container links once fixed; an IPv6 one left alone may point anywhere.
+        let i = ip.interface;
+        if result.interfaces.get(i).is_some_and(|iface| !iface.sandbox.is_empty()) && !order.contains(&i) {
+            order.push(i);
         }
     }
     for (i, iface) in result.interfaces.iter().enumerate() {

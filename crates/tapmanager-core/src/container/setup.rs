@@ -7,16 +7,11 @@ use ipnet::{IpNet, Ipv4Net};
 
 use super::fix::{container_links, fix_result, ipv4_of, parse_mac, CalicoOptions, NetSnapshot};
 use super::ops::{Addr, Link, NetOps, Route, RTPROT_KERNEL};
-use super::types::{CniResult, ContainerSideNetwork, InterfaceDescription};
 use crate::error::{Error, ErrorCode, Result};
+use crate::types::{CniResult, ContainerSideNetwork, InterfaceDescription, InterfaceType, MacAddr};
 
 /// The address of every pod bridge: the DHCP server's address, `169.254.254.2/24`.
 pub const BRIDGE_ADDR: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(169, 254, 254, 2), 24);
-
-/// `Type` of a tap interface in a [`ContainerSideNetwork`].
-pub const INTERFACE_TYPE_TAP: u8 = 0;
-/// `Type` of an SR-IOV VF in a [`ContainerSideNetwork`].
-pub const INTERFACE_TYPE_VF: u8 = 1;
 
 /// The tap of the `i`-th container link.
 pub fn tap_name(i: usize) -> String {
@@ -146,9 +141,9 @@ fn setup_inner(
         let mtu = u16::try_from(link.mtu)
             .map_err(|_| Error::invalid(format!("MTU {} of {} is too large", link.mtu, link.name)))?;
         interfaces.push(InterfaceDescription {
-            kind: INTERFACE_TYPE_TAP,
+            kind: InterfaceType::Tap,
             name: link.name.clone(),
-            hardware_addr: Some(link.mac),
+            hardware_addr: Some(MacAddr(link.mac)),
             pci_address: String::new(),
             mtu,
             vlan_id: 0,
@@ -250,7 +245,7 @@ pub fn teardown(ops: &mut impl NetOps, csn: &ContainerSideNetwork) -> Result<()>
     };
     let by_name = |name: &str| links.iter().find(|l| l.name == name).cloned();
     for (i, desc) in csn.interfaces.iter().enumerate() {
-        if desc.kind != INTERFACE_TYPE_TAP {
+        if desc.kind != InterfaceType::Tap {
             errs.0.push(Error::invalid(format!("{}: tearing down an SR-IOV VF is not implemented yet", desc.name)));
             continue;
         }
@@ -272,7 +267,7 @@ pub fn teardown(ops: &mut impl NetOps, csn: &ContainerSideNetwork) -> Result<()>
             errs.step(|| format!("delete {tap}"), ops.delete_link(t.index));
         }
         match (&link, desc.hardware_addr) {
-            (Some(l), Some(mac)) if l.mac != mac => {
+            (Some(l), Some(MacAddr(mac))) if l.mac != mac => {
                 errs.step(|| format!("restore the MAC of {}", desc.name), restore_mac(ops, l.index, mac, true));
             }
             (None, _) => {
@@ -304,7 +299,7 @@ fn restore_ips(ops: &mut impl NetOps, result: &CniResult, link: &Link) -> Result
         return Ok(());
     };
     let mut errs = Errors::default();
-    for ip in result.ips.iter().filter(|ip| ip.interface == Some(iface)) {
+    for ip in result.ips.iter().filter(|ip| ip.interface == iface) {
         let Some(net) = ipv4_of(ip) else { continue };
         let addr = Addr { link: link.index, net, broadcast: default_broadcast(&net) };
         errs.step(|| format!("add address {net}"), ignore(ErrorCode::Exists, ops.add_addr(&addr)));
@@ -354,7 +349,7 @@ pub fn reopen_taps(ops: &mut impl NetOps, csn: &ContainerSideNetwork) -> Result<
 }
 
 fn check_tap(desc: &InterfaceDescription) -> Result<()> {
-    if desc.kind == INTERFACE_TYPE_TAP {
+    if desc.kind == InterfaceType::Tap {
         Ok(())
     } else {
         Err(Error::invalid(format!("{}: SR-IOV VF recovery is not implemented yet", desc.name)))

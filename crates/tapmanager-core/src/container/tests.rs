@@ -5,8 +5,8 @@ use std::net::Ipv4Addr;
 use super::fake::FakeNet;
 use super::fix::{format_mac, CalicoOptions};
 use super::setup::*;
-use super::types::CniResult;
 use crate::error::ErrorCode;
+use crate::types::{CniResult, InterfaceType, MacAddr};
 
 const NS: &str = "/var/run/netns/pod1";
 const ETH0_MAC: [u8; 6] = [0x42, 0xa4, 0xa6, 0x22, 0x80, 0x2e];
@@ -73,7 +73,10 @@ fn setup_builds_mac_swap_tap_bridge_isolation_and_teardown_restores_everything()
 
     assert_eq!(out.fds.len(), 1);
     let d = &out.csn.interfaces[0];
-    assert_eq!((d.kind, d.name.as_str(), d.hardware_addr, d.mtu, d.vlan_id), (0, "eth0", Some(ETH0_MAC), 9000, 0));
+    assert_eq!(
+        (d.kind, d.name.as_str(), d.hardware_addr, d.mtu, d.vlan_id),
+        (InterfaceType::Tap, "eth0", Some(MacAddr(ETH0_MAC)), 9000, 0)
+    );
     assert_eq!(out.csn.ns_path, NS);
     assert_eq!(out.csn.result, r, "a correct result is kept as it is");
 
@@ -196,7 +199,7 @@ fn host_side_entries_are_skipped_and_missing_interfaces_are_added() {
     assert_eq!(res.interfaces.len(), 2);
     assert_eq!((res.interfaces[1].name.as_str(), res.interfaces[1].mac.as_str()), ("eth0", "42:a4:a6:22:80:2e"));
     assert_eq!(res.interfaces[1].sandbox, NS);
-    assert_eq!(res.ips[0].interface, Some(1));
+    assert_eq!(res.ips[0].interface, 1);
     assert_eq!(out.csn.interfaces.len(), 1);
     teardown(&mut net, &out.csn).unwrap();
     // The 10.10.42.0/24 route was not in the result: teardown cannot know it (as in Virtlet).
@@ -221,7 +224,7 @@ fn weave_like_results_are_rebuilt_from_the_single_veth() {
         fixed,
         serde_json::json!({
             "interfaces":[{"name":"eth0","mac":"42:a4:a6:22:80:2e","sandbox":NS}],
-            "ips":[{"version":"4","interface":0,"address":"10.32.0.4/12","gateway":"10.32.0.1"}],
+            "ips":[{"version":"4","address":"10.32.0.4/12","gateway":"10.32.0.1"}],
             "routes":[{"dst":"0.0.0.0/0","gw":"10.32.0.1"},{"dst":"10.96.0.0/12","gw":"10.32.0.1"}],
             "dns":{"nameservers":["10.96.0.10"]}
         })
@@ -295,7 +298,7 @@ fn calico_gets_the_subnet_size_and_the_dummy_gateway_plus_a_second_network() {
     let fixed = serde_json::to_value(&out.csn.result).unwrap();
     assert_eq!(
         fixed["ips"][0],
-        serde_json::json!({"version":"4","interface":0,"address":"192.168.84.7/26","gateway":"192.168.84.2"})
+        serde_json::json!({"version":"4","address":"192.168.84.7/26","gateway":"192.168.84.2"})
     );
     assert_eq!(fixed["ips"][1]["address"], "10.2.0.7/16");
     assert_eq!(fixed["interfaces"][0]["mac"], "42:a4:a6:22:80:2e", "the missing MAC is filled in");
