@@ -271,7 +271,7 @@ impl NetlinkHandle {
         }
     }
 
-    /// Creates a veth pair `name` <-> `peer`; the peer is created directly in the netns given by `peer_netns`
+    /// Creates a veth pair `name` <-> `peer` (both down); the peer is created directly in the netns given by `peer_netns`
     /// (an open netns file) when set. Returns the index of `name`. Equivalent to
     /// `ip link add <name> type veth peer name <peer> [netns <fd>]`.
     pub async fn create_veth(&self, name: &str, peer: &str, peer_netns: Option<BorrowedFd<'_>>) -> Result<u32> {
@@ -290,11 +290,12 @@ impl NetlinkHandle {
         Ok(self.link_by_name(name).await.map_err(|e| e.context(&ctx))?.index)
     }
 
-    /// Creates a bridge with MAC learning off (ageing time 0, Virtlet #506) and, when given, an MTU. Returns
-    /// its index. Equivalent to `ip link add <name> [mtu <mtu>] type bridge ageing_time 0`.
+    /// Creates a bridge (down) with MAC learning off (ageing time 0, Virtlet #506) and, when given, an MTU.
+    /// Returns its index. Equivalent to `ip link add <name> [mtu <mtu>] type bridge ageing_time 0`.
     pub async fn create_bridge(&self, name: &str, mtu: Option<u32>) -> Result<u32> {
         validate_link_name(name)?;
-        let mut builder = LinkBridge::new(name).ageing_time(0);
+        // `LinkBridge::new` would bring it up; like `ip link add` it is created down.
+        let mut builder = LinkMessageBuilder::<LinkBridge>::new(name).ageing_time(0);
         if let Some(mtu) = mtu {
             builder = builder.mtu(mtu);
         }
