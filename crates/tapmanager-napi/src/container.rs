@@ -53,9 +53,15 @@ fn setup_options(o: Option<SetupContainerSideOptions>) -> CoreResult<SetupOption
     };
     let dummy_gateway = match o.dummy_gateway.as_deref() {
         None | Some("") => None,
-        Some(s) => Some(s.parse::<Ipv4Addr>().map_err(|_| CoreError::invalid(format!("dummyGateway {s:?} is not an IPv4 address")))?),
+        Some(s) => Some(
+            s.parse::<Ipv4Addr>()
+                .map_err(|_| CoreError::invalid(format!("dummyGateway {s:?} is not an IPv4 address")))?,
+        ),
     };
-    Ok(SetupOptions { calico: CalicoOptions { subnet_size, dummy_gateway }, enable_sriov: o.enable_sriov.unwrap_or(false) })
+    Ok(SetupOptions {
+        calico: CalicoOptions { subnet_size, dummy_gateway },
+        enable_sriov: o.enable_sriov.unwrap_or(false),
+    })
 }
 
 /// Runs `work` on a blocking thread and settles a Promise with `done(result)`, rejecting with the core error's
@@ -111,14 +117,21 @@ pub fn setup_container_side<'env>(
             let opts = setup_options(opts)?;
             container::setup_container_side(&PathBuf::from(ns_path), cni_result_json.as_bytes(), opts)
         },
-        |out| ContainerSideSetup { csn: out.csn.to_json(), fds: out.fds.into_iter().map(IntoRawFd::into_raw_fd).collect() },
+        |out| ContainerSideSetup {
+            csn: out.csn.to_json(),
+            fds: out.fds.into_iter().map(IntoRawFd::into_raw_fd).collect(),
+        },
     )
 }
 
 /// Tears the container side of `csnJson` down in the pod netns at `nsPath`, restoring what CNI left (close the
 /// tap fds first). Every step runs; when some fail, the Promise rejects with all their errors in the message.
 #[napi(ts_return_type = "Promise<void>")]
-pub fn teardown_container_side<'env>(env: &'env Env, ns_path: String, csn_json: String) -> napi::Result<PromiseRaw<'env, ()>> {
+pub fn teardown_container_side<'env>(
+    env: &'env Env,
+    ns_path: String,
+    csn_json: String,
+) -> napi::Result<PromiseRaw<'env, ()>> {
     spawn(env, move || container::teardown_container_side(&PathBuf::from(ns_path), csn_json.as_bytes()), |()| ())
 }
 
@@ -138,7 +151,11 @@ pub fn recover_container_side<'env>(
 
 /// Reopens every tap of `csnJson` (retrieveFDs). Rejects with `ERR_BUSY` while a tap is still held.
 #[napi(ts_return_type = "Promise<number[]>")]
-pub fn reopen_taps<'env>(env: &'env Env, ns_path: String, csn_json: String) -> napi::Result<PromiseRaw<'env, Vec<i32>>> {
+pub fn reopen_taps<'env>(
+    env: &'env Env,
+    ns_path: String,
+    csn_json: String,
+) -> napi::Result<PromiseRaw<'env, Vec<i32>>> {
     spawn(
         env,
         move || container::reopen_container_taps(&PathBuf::from(ns_path), csn_json.as_bytes()),
