@@ -377,3 +377,22 @@ fn teardown_runs_every_step_and_reports_all_errors() {
     // Everything else was done.
     assert_eq!(view(&net), before);
 }
+
+#[test]
+fn lo_is_brought_up_and_put_down_again_when_setup_fails() {
+    use super::ops::NetOps;
+    let (mut net, r) = bridge_pod(1500);
+    let lo = net.index("lo");
+    net.set_up(lo, false).unwrap();
+    let out = setup(&mut net, NS, r.clone(), &opts()).unwrap();
+    assert!(net.link("lo").up);
+    drop(out);
+
+    let (mut net, r) = bridge_pod(1500);
+    net.set_up(lo, false).unwrap();
+    net.fail_ops.insert("open_tap");
+    let before = view(&net);
+    setup(&mut net, NS, r, &opts()).unwrap_err();
+    assert_eq!(view(&net), before);
+    assert!(!net.link("lo").up);
+}
