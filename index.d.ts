@@ -9,5 +9,53 @@
  */
 export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-wasip1'
 
+/** What `recoverContainerSide` resolves to. */
+export interface ContainerSideRecovery {
+  /**
+   * One entry per interface: the reopened tap fd (owned by the caller), or `null` when a running VM holds
+   * the tap (fetch it later with `reopenTaps`).
+   */
+  fds: Array<number | undefined | null>
+}
+
+/** What `setupContainerSide` resolves to. */
+export interface ContainerSideSetup {
+  /** The ContainerSideNetwork, Go's JSON (what the add response carries and what recover needs). */
+  csn: string
+  /** One tap fd per interface, in `Interfaces` order. The caller owns them and must close them. */
+  fds: Array<number>
+}
+
 /** Returns the version of the native addon (a smoke test of the binding). */
 export declare function nativeVersion(): string
+
+/** Reopens the taps of `csnJson` after a restart. A tap held by a running VM gives `null` (not an error). */
+export declare function recoverContainerSide(nsPath: string, csnJson: string): Promise<ContainerSideRecovery>
+
+/** Reopens every tap of `csnJson` (retrieveFDs). Rejects with `ERR_BUSY` while a tap is still held. */
+export declare function reopenTaps(nsPath: string, csnJson: string): Promise<number[]>
+
+/**
+ * Sets up the container side in the pod netns at `nsPath` for a CNI result (any spec version): fixes the
+ * result (Weave, Calico, `interfaces`), then per container link strips its IPv4 routes and addresses, swaps
+ * its MAC, and bridges it (`br<i>`, 169.254.254.2/24, MAC learning off, DHCP isolation) with a new tap
+ * `tap<i>`. Resolves to the ContainerSideNetwork JSON and the tap fds. On failure everything done is undone
+ * (the netns is as CNI left it) and the Promise rejects (`ERR_INVALID`, `ERR_EXISTS`, `ERR_NOT_FOUND`, ...).
+ */
+export declare function setupContainerSide(nsPath: string, cniResultJson: string, opts?: SetupContainerSideOptions | undefined | null): Promise<ContainerSideSetup>
+
+/** Options of `setupContainerSide`. */
+export interface SetupContainerSideOptions {
+  /** The prefix length given to Calico's `/32` pod address (default 24). */
+  calicoSubnetSize?: number
+  /** Whether SR-IOV VFs may be passed to the VM (default false: a VF is an `ERR_INVALID` error). */
+  enableSriov?: boolean
+  /** The IPv4 address of the dummy network's Calico link: the VM's gateway for a Calico default route. */
+  dummyGateway?: string
+}
+
+/**
+ * Tears the container side of `csnJson` down in the pod netns at `nsPath`, restoring what CNI left (close the
+ * tap fds first). Every step runs; when some fail, the Promise rejects with all their errors in the message.
+ */
+export declare function teardownContainerSide(nsPath: string, csnJson: string): Promise<void>

@@ -836,3 +836,7 @@ function __napiStampBindingTarget(exportsObject, target) {
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
 module.exports.nativeVersion = nativeBinding.nativeVersion
+module.exports.recoverContainerSide = nativeBinding.recoverContainerSide
+module.exports.reopenTaps = nativeBinding.reopenTaps
+module.exports.setupContainerSide = nativeBinding.setupContainerSide
+module.exports.teardownContainerSide = nativeBinding.teardownContainerSide

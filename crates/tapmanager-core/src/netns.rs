@@ -1,16 +1,173 @@
-//! Network namespaces: running work inside one on a thread made for it.
+//! Network namespaces: named ones (`ip netns` compatible) and running work inside one on a thread made for it.
 //!
 //! Nothing here ever calls `setns` on a tokio worker or a libuv pool thread: [`run_in_netns`] spawns a fresh
 //! OS thread, moves it into the namespace, runs the closure and lets the thread exit, so no thread is left
 //! inside a pod namespace afterwards. Sockets created inside the closure (netlink, UDP) belong to that
 //! namespace for good and can be used from any thread afterwards.
+//!
+//! Named namespaces follow iproute2's layout, so `ip netns list`, `ip netns exec` and CNI plugins see them:
+//! the directory (default [`DEFAULT_NETNS_DIR`]) is a shared mount point, and each namespace is an empty file
+//! in it on which `/proc/thread-self/ns/net` of a thread that ran `unshare(CLONE_NEWNET)` is bind-mounted.
+//! No `ip` process is ever spawned.
 
-use std::fs::File;
-use std::path::Path;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
 
-use nix::sched::{setns, CloneFlags};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{setns, unshare, CloneFlags};
 
 use crate::error::{Error, ErrorCode, Result};
+
+/// The directory `ip netns` uses for named namespaces.
+pub const DEFAULT_NETNS_DIR: &str = "/var/run/netns";
+
+/// `NSFS_MAGIC` from `linux/magic.h`: the filesystem type of a bound namespace file.
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+
+/// What [`create_netns`] does when a file of that name already exists in the directory (e.g. left by a crash).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IfExists {
+    /// Fail with [`ErrorCode::Exists`] (what `ip netns add` does).
+    #[default]
+    Fail,
+    /// Return the existing namespace unchanged when it is a live namespace mount; a plain leftover file (a
+    /// crash between creating the file and mounting onto it) is turned into a new namespace.
+    Reuse,
+    /// Delete the existing namespace (unmount and unlink) and create a fresh, empty one.
+    Recreate,
+}
+
+/// The outcome of [`create_netns`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetnsCreated {
+    /// The namespace file, e.g. `/var/run/netns/pod1`: the path for [`run_in_netns`] and `CNI_NETNS`.
+    pub path: PathBuf,
+    /// False when [`IfExists::Reuse`] returned a namespace that existed already.
+    pub created: bool,
+}
+
+/// Checks a namespace name as iproute2 would accept it: non-empty, no `/`, not `.` or `..`, at most 255 bytes.
+pub fn validate_netns_name(name: &str) -> Result<()> {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') || name.len() > 255 {
+        return Err(Error::invalid(format!("invalid netns name {name:?}")));
+    }
+    Ok(())
+}
+
+/// The path of the named namespace `name` under `dir` (no check that it exists).
+pub fn netns_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}
+
+/// True when `path` is a mounted namespace file (its filesystem is nsfs), i.e. a live named namespace.
+pub fn is_netns_mount(path: &Path) -> bool {
+    match nix::sys::statfs::statfs(path) {
+        Ok(st) => st.filesystem_type().0 as i64 == NSFS_MAGIC,
+        Err(_) => false,
+    }
+}
+
+/// Makes `dir` exist and be a shared mount point, as `ip netns add` does (bind it onto itself when it is not a
+/// mount point yet, then `MS_SHARED|MS_REC`), so a namespace mounted in it propagates to other mount namespaces.
+fn prepare_netns_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+    // Try to make it shared directly; EINVAL means it is not a mount point yet.
+    match mount(None::<&str>, dir, None::<&str>, MsFlags::MS_SHARED | MsFlags::MS_REC, None::<&str>) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EINVAL) => {
+            mount(Some(dir), dir, Some("none"), MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+                .map_err(|e| Error::errno(format!("bind {} onto itself", dir.display()), e))?;
+            mount(None::<&str>, dir, None::<&str>, MsFlags::MS_SHARED | MsFlags::MS_REC, None::<&str>)
+                .map_err(|e| Error::errno(format!("make {} a shared mount", dir.display()), e))
+        }
+        Err(e) => Err(Error::errno(format!("make {} a shared mount", dir.display()), e)),
+    }
+}
+
+/// Creates the named network namespace `name` under `dir`. Equivalent to `ip netns add <name>` (with
+/// `ip`'s `NETNS_RUN_DIR` = `dir`), natively. `if_exists` says what happens when the name is taken; see
+/// [`IfExists`]. On failure nothing is left behind (no file, no mount).
+///
+/// Blocks briefly (one short-lived thread); call it from a blocking context.
+pub fn create_netns(dir: &Path, name: &str, if_exists: IfExists) -> Result<NetnsCreated> {
+    validate_netns_name(name)?;
+    let path = netns_path(dir, name);
+    prepare_netns_dir(dir)?;
+    if path.exists() {
+        match if_exists {
+            IfExists::Fail => {
+                return Err(Error::new(
+                    ErrorCode::Exists,
+                    format!("netns {name:?} exists already ({})", path.display()),
+                ))
+            }
+            IfExists::Reuse if is_netns_mount(&path) => return Ok(NetnsCreated { path, created: false }),
+            IfExists::Reuse | IfExists::Recreate => delete_netns(dir, name)?,
+        }
+    }
+    // O_EXCL: two racing creators cannot both mount onto the same file.
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| Error::io(format!("create netns file {}", path.display()), e))?;
+    let target = path.clone();
+    let bound = std::thread::Builder::new()
+        .name("tapmanager-netns-add".into())
+        .spawn(move || -> Result<()> {
+            // This thread alone gets the new namespace; it exits right after, the mount keeps the netns alive.
+            unshare(CloneFlags::CLONE_NEWNET).map_err(|e| Error::errno("unshare(CLONE_NEWNET)", e))?;
+            mount(Some("/proc/thread-self/ns/net"), &target, Some("none"), MsFlags::MS_BIND, None::<&str>)
+                .map_err(|e| Error::errno(format!("bind the new netns onto {}", target.display()), e))
+        })
+        .map_err(|e| Error::io("spawn netns thread", e))?
+        .join()
+        .map_err(|_| Error::new(ErrorCode::Io, "the netns creation thread panicked"))?;
+    if let Err(e) = bound {
+        let _ = std::fs::remove_file(&path);
+        return Err(e.context(format!("create netns {name:?}")));
+    }
+    Ok(NetnsCreated { path, created: true })
+}
+
+/// Deletes the named namespace `name` under `dir`: lazily unmounts it (`MNT_DETACH`) and removes the file.
+/// Equivalent to `ip netns delete <name>`. Idempotent: a missing namespace is not an error. The namespace
+/// itself lives on while a process or an open fd still holds it.
+pub fn delete_netns(dir: &Path, name: &str) -> Result<()> {
+    validate_netns_name(name)?;
+    let path = netns_path(dir, name);
+    match umount2(&path, MntFlags::MNT_DETACH) {
+        Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+        Err(e) => return Err(Error::errno(format!("unmount netns {}", path.display()), e)),
+    }
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("remove netns file {}", path.display()), e)),
+    }
+}
+
+/// Lists the names of the live namespaces under `dir` (files that are namespace mounts), sorted. Equivalent
+/// to `ip netns list` without the ids. A missing directory is an empty list.
+pub fn list_netns(dir: &Path) -> Result<Vec<String>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(format!("read {}", dir.display()), e)),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(format!("read {}", dir.display()), e))?;
+        if let Some(name) = entry.file_name().to_str() {
+            if is_netns_mount(&entry.path()) {
+                names.push(name.to_string());
+            }
+        }
+    }
+    names.sort();
+    Ok(names)
+}
 
 /// Runs `f` on a new thread whose network namespace is the one at `ns_path` (e.g. `/var/run/netns/pod1`)
 /// and returns its result. Equivalent to `ip netns exec <ns> ...` for a closure. Blocks until `f` returns:
@@ -30,4 +187,34 @@ where
         })
         .map_err(|e| Error::io("spawn netns thread", e))?;
     handle.join().map_err(|_| Error::new(ErrorCode::Io, "the thread running in the netns panicked"))?
+}
+
+/// Like [`run_in_netns`], but the thread also gets a private mount namespace in which `/sys` is a fresh sysfs
+/// of the target netns, so `/sys/class/net` lists the pod's links (needed for SR-IOV detection). The recipe of
+/// `ip netns exec`: `setns(net)`, `unshare(CLONE_NEWNS)`, `mount / MS_SLAVE|MS_REC`, `umount2 /sys MNT_DETACH`,
+/// `mount sysfs /sys`. The caller's mounts are never touched; the private mount namespace dies with the thread.
+pub fn run_in_netns_with_sysfs<T, F>(ns_path: &Path, f: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T> + Send + 'static,
+{
+    run_in_netns(ns_path, move || {
+        // unshare(CLONE_NEWNS) from a thread needs CLONE_FS unshared too: the thread shares its fs info
+        // (root, cwd) with the process otherwise, and the kernel refuses.
+        unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_FS).map_err(|e| Error::errno("unshare(CLONE_NEWNS)", e))?;
+        mount(None::<&str>, "/", None::<&str>, MsFlags::MS_SLAVE | MsFlags::MS_REC, None::<&str>)
+            .map_err(|e| Error::errno("make / a slave mount", e))?;
+        match umount2("/sys", MntFlags::MNT_DETACH) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL) => {}
+            Err(e) => return Err(Error::errno("unmount /sys", e)),
+        }
+        mount(Some("sysfs"), "/sys", Some("sysfs"), MsFlags::empty(), None::<&str>)
+            .map_err(|e| Error::errno("mount sysfs on /sys", e))?;
+        f()
+    })
+}
+
+/// Opens the namespace file at `ns_path` (to pass its fd to netlink, e.g. `ip link set ... netns <fd>`).
+pub fn open_netns(ns_path: &Path) -> Result<File> {
+    File::open(ns_path).map_err(|e| Error::io(format!("open netns {}", ns_path.display()), e))
 }

@@ -1,0 +1,162 @@
+//! Named network namespaces created natively: `ip netns` sees and uses them, reuse/recreate of leftovers,
+//! idempotent delete, listing, and the /sys remount variant of run_in_netns. Root only; touches no link,
+//! address or route of the root netns.
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use common::{require_prereqs, sh, unique_name};
+use tapmanager_core::netns::{
+    create_netns, delete_netns, is_netns_mount, list_netns, run_in_netns, run_in_netns_with_sysfs, IfExists,
+    DEFAULT_NETNS_DIR,
+};
+use tapmanager_core::ErrorCode;
+
+fn ns_inode(path: &Path) -> u64 {
+    let p = path.to_path_buf();
+    run_in_netns(&p, || Ok(std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino())).unwrap()
+}
+
+/// Deletes the netns on drop, so a failing assertion leaves nothing behind.
+struct Cleanup(String);
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = delete_netns(Path::new(DEFAULT_NETNS_DIR), &self.0);
+    }
+}
+
+#[test]
+fn create_is_seen_and_usable_by_ip_netns_and_delete_is_idempotent() {
+    require_prereqs(&["ip"]);
+    let dir = Path::new(DEFAULT_NETNS_DIR);
+    let name = unique_name("tmns");
+    let _c = Cleanup(name.clone());
+    let created = create_netns(dir, &name, IfExists::Fail).unwrap();
+    assert!(created.created);
+    assert_eq!(created.path, dir.join(&name));
+    assert!(is_netns_mount(&created.path));
+
+    // iproute2 sees it and can run commands in it: a fresh netns has only lo.
+    let listed = sh("ip", &["netns", "list"]);
+    assert!(listed.lines().any(|l| l.split_whitespace().next() == Some(name.as_str())), "{listed}");
+    let links = sh("ip", &["netns", "exec", &name, "ip", "-o", "link", "show"]);
+    assert_eq!(links.lines().count(), 1, "{links}");
+    assert!(links.contains(": lo:"), "{links}");
+    // A link made through `ip netns exec` is seen by our run_in_netns, and the root netns differs.
+    sh("ip", &["netns", "exec", &name, "ip", "link", "add", "mark0", "type", "bridge"]);
+    let p = created.path.clone();
+    let seen = run_in_netns(&p, || Ok(nix::net::if_::if_nametoindex("mark0").is_ok())).unwrap();
+    assert!(seen);
+    let root_ino = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
+    assert_ne!(ns_inode(&created.path), root_ino);
+
+    assert!(list_netns(dir).unwrap().contains(&name));
+    // No thread of ours is left inside the pod netns.
+    assert_eq!(sh("ip", &["netns", "pids", &name]).trim(), "");
+
+    delete_netns(dir, &name).unwrap();
+    assert!(!created.path.exists());
+    assert!(!list_netns(dir).unwrap().contains(&name));
+    assert!(!sh("ip", &["netns", "list"]).contains(&name));
+    // Idempotent.
+    delete_netns(dir, &name).unwrap();
+}
+
+#[test]
+fn existing_names_fail_reuse_or_recreate() {
+    require_prereqs(&["ip"]);
+    let dir = Path::new(DEFAULT_NETNS_DIR);
+    let name = unique_name("tmns");
+    let _c = Cleanup(name.clone());
+    let first = create_netns(dir, &name, IfExists::Fail).unwrap();
+    let ino = ns_inode(&first.path);
+
+    let err = create_netns(dir, &name, IfExists::Fail).unwrap_err();
+    assert_eq!(err.code, ErrorCode::Exists, "{err}");
+
+    // Reuse returns the same namespace, untouched.
+    let reused = create_netns(dir, &name, IfExists::Reuse).unwrap();
+    assert!(!reused.created);
+    assert_eq!(ns_inode(&reused.path), ino);
+
+    // Recreate gives a new, empty namespace.
+    sh("ip", &["netns", "exec", &name, "ip", "link", "add", "old0", "type", "bridge"]);
+    let fresh = create_netns(dir, &name, IfExists::Recreate).unwrap();
+    assert!(fresh.created);
+    assert_ne!(ns_inode(&fresh.path), ino);
+    let links = sh("ip", &["netns", "exec", &name, "ip", "-o", "link", "show"]);
+    assert!(!links.contains("old0"), "{links}");
+
+    // A crash between creating the file and mounting leaves a plain file: Reuse turns it into a netns.
+    delete_netns(dir, &name).unwrap();
+    std::fs::write(dir.join(&name), b"").unwrap();
+    assert!(!is_netns_mount(&dir.join(&name)));
+    assert!(!list_netns(dir).unwrap().contains(&name), "a plain file is not listed as a netns");
+    let healed = create_netns(dir, &name, IfExists::Reuse).unwrap();
+    assert!(healed.created);
+    assert!(is_netns_mount(&healed.path));
+    delete_netns(dir, &name).unwrap();
+}
+
+#[test]
+fn a_custom_directory_is_made_a_shared_mount_and_works() {
+    require_prereqs(&["ip", "findmnt"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("netns");
+    let name = unique_name("tmns");
+    let created = create_netns(&dir, &name, IfExists::Fail).unwrap();
+    let prop = sh("findmnt", &["-n", "-o", "PROPAGATION", dir.to_str().unwrap()]);
+    assert!(prop.contains("shared"), "propagation of {}: {prop}", dir.display());
+    assert_eq!(list_netns(&dir).unwrap(), vec![name.clone()]);
+    let lo = run_in_netns(&created.path, || Ok(nix::net::if_::if_nametoindex("lo").unwrap())).unwrap();
+    assert!(lo > 0);
+    delete_netns(&dir, &name).unwrap();
+    assert!(list_netns(&dir).unwrap().is_empty());
+    // Undo the self-bind of the temporary directory (as `ip` leaves /run/netns mounted, we leave nothing).
+    nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH).unwrap();
+}
+
+#[test]
+fn bad_names_are_refused_and_nothing_is_created() {
+    let dir = Path::new(DEFAULT_NETNS_DIR);
+    for bad in ["", ".", "..", "a/b", "x\0y"] {
+        let err = create_netns(dir, bad, IfExists::Fail).unwrap_err();
+        assert_eq!(err.code, ErrorCode::Invalid, "{bad:?}: {err}");
+        assert_eq!(delete_netns(dir, bad).unwrap_err().code, ErrorCode::Invalid);
+    }
+    let err = run_in_netns(Path::new("/var/run/netns/does-not-exist-tm"), || Ok(())).unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound);
+}
+
+#[test]
+fn sysfs_variant_shows_the_pods_links_and_leaves_the_callers_sys_alone() {
+    require_prereqs(&["ip"]);
+    let dir = Path::new(DEFAULT_NETNS_DIR);
+    let name = unique_name("tmns");
+    let _c = Cleanup(name.clone());
+    let ns = create_netns(dir, &name, IfExists::Fail).unwrap();
+    let link = unique_name("tmsys");
+    sh("ip", &["netns", "exec", &name, "ip", "link", "add", &link, "type", "bridge"]);
+    let l = link.clone();
+    let (listed, mtu) = run_in_netns_with_sysfs(&ns.path, move || {
+        let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        let mtu = std::fs::read_to_string(format!("/sys/class/net/{l}/mtu")).unwrap();
+        Ok((names, mtu))
+    })
+    .unwrap();
+    let mut expected = vec![link.clone(), "lo".to_string()];
+    expected.sort();
+    assert_eq!(listed, expected);
+    assert_eq!(mtu.trim(), "1500");
+    // The caller's /sys still shows the root netns: the pod's bridge is not there.
+    assert!(!Path::new(&format!("/sys/class/net/{link}")).exists());
+    // Without the remount, /sys of a netns thread still shows the root netns (why the variant exists).
+    let l = link.clone();
+    let plain = run_in_netns(&ns.path, move || Ok(Path::new(&format!("/sys/class/net/{l}")).exists())).unwrap();
+    assert!(!plain);
+}
