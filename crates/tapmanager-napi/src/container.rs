@@ -162,3 +162,10 @@ pub fn reopen_taps<'env>(
         |fds| fds.into_iter().map(IntoRawFd::into_raw_fd).collect(),
     )
 }
+
+/// True when the pod netns at `nsPath` holds a Calico link with a default route via 169.254.1.1: setup then
+/// needs `dummyGateway` (the IPv4 address of the dummy network's Calico link).
+#[napi(ts_return_type = "Promise<boolean>")]
+pub fn needs_dummy_gateway<'env>(env: &'env Env, ns_path: String) -> napi::Result<PromiseRaw<'env, bool>> {
+    spawn(env, move || container::pod_needs_dummy_gateway(&PathBuf::from(ns_path)), |b| b)
+}

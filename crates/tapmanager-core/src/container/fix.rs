@@ -150,6 +150,18 @@ pub fn fix_result(result: &mut CniResult, ns_path: &str, snap: &NetSnapshot, cal
     Ok(())
 }
 
+/// True when a link of the netns is Calico's (a link-scope route to 169.254.1.1 without gateway) and has a
+/// default route via 169.254.1.1: its pod then needs the dummy network's gateway ([`CalicoOptions`]).
+pub fn needs_dummy_gateway(snap: &NetSnapshot) -> bool {
+    snap.links.iter().any(|link| {
+        let mut routes = snap.routes_of(link.index);
+        let calico = snap
+            .routes_of(link.index)
+            .any(|r| r.dst == Ipv4Net::from(CALICO_GATEWAY) && r.scope == RT_SCOPE_LINK && r.gateway.is_none());
+        calico && routes.any(|r| r.is_default() && r.gateway == Some(CALICO_GATEWAY))
+    })
+}
+
 /// Rebuilds a Weave-like result (one IP config, no usable IPv4 address or no routes) from the single veth.
 fn rebuild_weave_like(result: &mut CniResult, ns_path: &str, snap: &NetSnapshot) -> Result<()> {
     let veths: Vec<&Link> = snap.links.iter().filter(|l| l.kind.as_deref() == Some("veth")).collect();

@@ -19,7 +19,7 @@ pub mod setup;
 #[cfg(test)]
 mod tests;
 
-pub use fix::{CalicoOptions, NetSnapshot};
+pub use fix::{needs_dummy_gateway, CalicoOptions, NetSnapshot};
 pub use ops::{Addr, Link, NetOps, Route};
 pub use real::RealNet;
 pub use setup::{recover, reopen_taps, setup, teardown, SetupOptions, SetupOutput};
@@ -30,6 +30,7 @@ use std::path::Path;
 use crate::error::Result;
 use crate::netns::run_in_netns;
 use crate::types::{CniResult, ContainerSideNetwork};
+use setup::snapshot;
 
 /// Sets up the container side in the netns at `ns_path` for the CNI result `cni_result_json` (any spec
 /// version). Returns the ContainerSideNetwork and one tap fd per interface. On failure the netns is left as
@@ -63,4 +64,11 @@ pub fn reopen_container_taps(ns_path: &Path, csn_json: &[u8]) -> Result<Vec<Owne
     let csn = ContainerSideNetwork::from_json(csn_json)?;
     let path = ns_path.to_path_buf();
     run_in_netns(ns_path, move || reopen_taps(&mut RealNet::here(&path)?, &csn))
+}
+
+/// True when the netns at `ns_path` holds a Calico link with a default route via 169.254.1.1, so that setup
+/// needs the dummy network's gateway (the caller then asks CNI for the dummy network first).
+pub fn pod_needs_dummy_gateway(ns_path: &Path) -> Result<bool> {
+    let path = ns_path.to_path_buf();
+    run_in_netns(ns_path, move || Ok(needs_dummy_gateway(&snapshot(&mut RealNet::here(&path)?)?)))
 }
