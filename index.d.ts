@@ -9,5 +9,72 @@
  */
 export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-wasip1'
 
+/** A connected Unix stream socket. */
+export declare class UnixConnection {
+  /** Connects to the socket at `path`. */
+  static connect(path: string): Promise<UnixConnection>
+  /** The peer's credentials (`SO_PEERCRED`). */
+  peerCred(): PeerCredentials
+  /** Reads exactly `n` bytes (`ERR_CLOSED` on EOF, `ERR_TIMEOUT` after `timeoutMs` when given and > 0). */
+  readExact(n: number, timeoutMs?: number | undefined | null): Promise<Buffer>
+  /** Writes all of `data`. */
+  write(data: Buffer): Promise<void>
+  /**
+   * Writes `head` with a plain write, then sends `data` with the `fds` in one `sendmsg` (skipped when both are
+   * empty; data must not be empty when fds are sent). The fds stay owned by the caller, who must keep them
+   * open until the Promise settles.
+   */
+  writeThenSend(head: Buffer, data: Buffer, fds: Array<number>): Promise<void>
+  /**
+   * One `recvmsg` with a `dataLen`-byte data buffer and a `controlLen`-byte control buffer
+   * (`MSG_CMSG_CLOEXEC`). The returned fds belong to the caller.
+   */
+  recvWithFds(dataLen: number, controlLen: number): Promise<Received>
+  /** Shuts the connection down (pending operations fail) and releases it. */
+  close(): void
+}
+
+/** A listening Unix stream socket. */
+export declare class UnixListener {
+  /**
+   * Binds `path` (a stale socket file nobody listens on is replaced; a live one gives `ERR_EXISTS`),
+   * then sets the file's mode (default 0o600) and group.
+   */
+  static bind(path: string, opts?: BindOpts | undefined | null): UnixListener
+  /** The socket path. */
+  get path(): string
+  /** Accepts the next connection. Rejects with `ERR_CLOSED` once the listener is closed. */
+  accept(): Promise<UnixConnection>
+  /** Closes the listener (a pending `accept` rejects) and, when `removeFile` is true, removes the socket file. */
+  close(removeFile?: boolean | undefined | null): void
+}
+
+/** Options for `UnixListener.bind`. */
+export interface BindOpts {
+  /** Permission bits of the socket file (default 0o600). */
+  mode?: number
+  /** Group of the socket file. */
+  gid?: number
+}
+
+/** Closes a file descriptor that JavaScript owns (`close(2)`). */
+export declare function closeFd(fd: number): void
+
+/** `CMSG_SPACE(4 * nfds)`: the OobSize for `nfds` fds (0 for none). */
+export declare function cmsgSpace(nfds: number): number
+
 /** Returns the version of the native addon (a smoke test of the binding). */
 export declare function nativeVersion(): string
+
+/** Peer credentials from `SO_PEERCRED`. */
+export interface PeerCredentials {
+  pid: number
+  uid: number
+  gid: number
+}
+
+/** What `recvWithFds` received: the data bytes (empty at EOF) and the fds, now owned by JavaScript. */
+export interface Received {
+  data: Buffer
+  fds: Array<number>
+}
