@@ -65,6 +65,8 @@ impl Default for BindOptions {
 pub struct UnixListener {
     inner: tokio::net::UnixListener,
     path: PathBuf,
+    closed: std::sync::atomic::AtomicBool,
+    close_notify: tokio::sync::Notify,
 }
 
 impl UnixListener {
@@ -101,7 +103,12 @@ impl UnixListener {
             Err(e) => return Err(Error::io(format!("stat {shown}"), e)),
         }
         let inner = tokio::net::UnixListener::bind(path).map_err(|e| Error::io(format!("bind {shown}"), e))?;
-        let listener = UnixListener { inner, path: path.to_path_buf() };
+        let listener = UnixListener {
+            inner,
+            path: path.to_path_buf(),
+            closed: std::sync::atomic::AtomicBool::new(false),
+            close_notify: tokio::sync::Notify::new(),
+        };
         // From here on a failure drops the listener; remove the file we created too.
         let setup = || -> Result<()> {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(opts.mode & 0o7777))
@@ -124,25 +131,29 @@ impl UnixListener {
         &self.path
     }
 
-    /// Accepts the next connection.
+    /// Accepts the next connection; `ERR_CLOSED` once [`close`](Self::close) was called (also for an accept
+    /// already waiting).
     pub async fn accept(&self) -> Result<UnixConnection> {
-        let (stream, _) = self.inner.accept().await.map_err(|e| Error::io("accept", e))?;
-        Ok(UnixConnection { inner: stream })
+        let notified = self.close_notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::new(ErrorCode::Closed, "accept: listener is closed"));
+        }
+        tokio::select! {
+            r = self.inner.accept() => {
+                let (stream, _) = r.map_err(|e| Error::io("accept", e))?;
+                Ok(UnixConnection { inner: stream })
+            }
+            _ = &mut notified => Err(Error::new(ErrorCode::Closed, "accept: listener is closed")),
+        }
     }
 
-    /// Wakes a pending [`accept`](Self::accept) with an error by shutting the socket down (`shutdown(2)`);
-    /// the fd itself closes when the listener is dropped.
-    pub fn shutdown(&self) -> Result<()> {
-        // SAFETY: the fd is valid for the lifetime of self; shutdown does not close it.
-        let rc = unsafe { libc::shutdown(self.inner.as_raw_fd(), libc::SHUT_RDWR) };
-        if rc < 0 {
-            let err = io::Error::last_os_error();
-            // Shutting down a listening socket is allowed; ENOTCONN on some kernels is harmless.
-            if err.raw_os_error() != Some(libc::ENOTCONN) {
-                return Err(Error::io("shutdown listener", err));
-            }
-        }
-        Ok(())
+    /// Stops accepting: pending and later [`accept`](Self::accept) calls fail with `ERR_CLOSED`. The fd itself
+    /// closes when the listener is dropped.
+    pub fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.close_notify.notify_waiters();
     }
 
     /// Removes the socket file (`rm <path>`); a file that is already gone is fine.

@@ -120,14 +120,6 @@ impl UnixListener {
             .ok_or_else(|| tapmanager_core::Error::new(tapmanager_core::ErrorCode::Closed, "listener is closed"))
     }
 
-    #[allow(dead_code)]
-    fn get(&self) -> Result<Arc<unix::UnixListener>, JsError> {
-        let guard = self.inner.lock().map_err(|_| invalid("listener lock poisoned"))?;
-        guard
-            .clone()
-            .ok_or_else(|| to_js(tapmanager_core::Error::new(tapmanager_core::ErrorCode::Closed, "listener is closed")))
-    }
-
     /// Accepts the next connection. Rejects with `ERR_CLOSED` once the listener is closed.
     #[napi(ts_return_type = "Promise<UnixConnection>")]
     pub fn accept<'env>(&self, env: &'env Env) -> napi::Result<PromiseRaw<'env, UnixConnection>> {
@@ -140,9 +132,10 @@ impl UnixListener {
     pub fn close(&self, remove_file: Option<bool>) -> Result<(), JsError> {
         let taken = self.inner.lock().map_err(|_| invalid("listener lock poisoned"))?.take();
         if let Some(l) = taken {
-            let r1 = l.shutdown();
-            let r2 = if remove_file.unwrap_or(false) { l.remove_file() } else { Ok(()) };
-            r1.and(r2).map_err(to_js)?;
+            l.close();
+            if remove_file.unwrap_or(false) {
+                l.remove_file().map_err(to_js)?;
+            }
         }
         Ok(())
     }
