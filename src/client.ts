@@ -5,6 +5,9 @@
 import { ProtocolError, ServerError } from './errors'
 import type { FDManager } from './fdsource'
 import { UnixConnection, closeFd } from './native'
+
+/** Closes an fd received from `getFDs` (the caller owns those). */
+export { closeFd }
 import {
   Command,
   ERROR_COMMAND,
