@@ -213,3 +213,24 @@ test.serial('no fd leaks over 1000 add/get/release cycles with successes and fai
     await cleanup()
   }
 })
+
+test('gets racing a release either get readable fds or "bad fd key"; of two releases exactly one succeeds', async (t) => {
+  const { server, client, source, cleanup } = setup()
+  await server.serve()
+  try {
+    for (let round = 0; round < 20; round++) {
+      await client.addFDs('r', { contents: ['A', 'B'] })
+      const gets = Array.from({ length: 6 }, () => client.getFDs('r'))
+      const rels = [client.releaseFDs('r'), client.releaseFDs('r')]
+      const [g, r] = await Promise.all([Promise.allSettled(gets), Promise.allSettled(rels)])
+      for (const res of g) {
+        if (res.status === 'fulfilled') t.deepEqual(res.value.fds.map(readFd), ['A', 'B'])
+        else t.is((res.reason as Error).message, 'server returned error: bad fd key: "r"')
+      }
+      t.is(r.filter((x) => x.status === 'fulfilled').length, 1)
+      t.is(source.size, 0)
+    }
+  } finally {
+    await cleanup()
+  }
+})

@@ -76,6 +76,8 @@ export class FDServer {
   private readonly pending = new Set<string>()
   /** Keys with a get in progress that retrieves fds of a recovered key. */
   private readonly retrieving = new Map<string, Promise<number[]>>()
+  /** Get responses being sent, per key. */
+  private readonly sending = new Map<string, Set<Promise<void>>>()
   private readonly conns = new Set<UnixConnection>()
   private readonly inflight = new Set<Promise<void>>()
   private acceptLoop: Promise<void> | null = null
@@ -249,7 +251,17 @@ export class FDServer {
       }
       case Command.Get: {
         const { fds, info } = await this.get(key)
-        await this.respond(conn, hdr, info, fds)
+        // A release of this key waits until the fds are sent, so it never closes them under sendmsg.
+        const sent = this.respond(conn, hdr, info, fds)
+        let set = this.sending.get(key)
+        if (!set) this.sending.set(key, (set = new Set()))
+        set.add(sent)
+        try {
+          await sent
+        } finally {
+          set.delete(sent)
+          if (set.size === 0 && this.sending.get(key) === set) this.sending.delete(key)
+        }
         return
       }
       case Command.Release:
@@ -343,12 +355,18 @@ export class FDServer {
 
   private async release(key: string): Promise<void> {
     if (!this.entries.has(key)) throw new RequestError(Errors.badKey(key))
+    const sending = this.sending.get(key)
+    if (sending) await Promise.allSettled([...sending])
+    const entry = this.entries.get(key)
+    if (!entry) throw new RequestError(Errors.badKey(key)) // released meanwhile
+    // Forget the key first, so a concurrent get or release sees it gone; put it back if the source fails.
+    this.entries.delete(key)
     try {
       await this.source.release(key)
     } catch (err) {
+      if (!this.entries.has(key)) this.entries.set(key, entry)
       throw new RequestError(`error releasing fd: ${messageOf(err)}`)
     }
-    this.entries.delete(key)
   }
 
   private async recover(key: string, data: Buffer): Promise<void> {
