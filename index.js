@@ -835,6 +835,10 @@ function __napiStampBindingTarget(exportsObject, target) {
 // linked import resolves to `undefined`.
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
+module.exports.UnixConnection = nativeBinding.UnixConnection
+module.exports.UnixListener = nativeBinding.UnixListener
+module.exports.closeFd = nativeBinding.closeFd
+module.exports.cmsgSpace = nativeBinding.cmsgSpace
 module.exports.nativeVersion = nativeBinding.nativeVersion
 module.exports.recoverContainerSide = nativeBinding.recoverContainerSide
 module.exports.reopenTaps = nativeBinding.reopenTaps

@@ -40,3 +40,19 @@ export function errorCode(err: unknown): string {
   const code = (err as { code?: unknown } | null)?.code
   return typeof code === 'string' ? code : 'ERR_UNKNOWN'
 }
+
+/** The FDServer answered a request with an error frame; `serverMessage` is its text. */
+export class ServerError extends TapmanagerError {
+  readonly serverMessage: string
+  constructor(serverMessage: string) {
+    super('ERR_SERVER', `server returned error: ${serverMessage}`)
+    this.serverMessage = serverMessage
+  }
+}
+
+/** A peer broke the wire protocol (bad magic, unexpected command, key mismatch, short data). */
+export class ProtocolError extends TapmanagerError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('ERR_PROTOCOL', message, options)
+  }
+}

@@ -1,2 +1,174 @@
-// Placeholder: filled in by the work on protocol.
-export {}
+/**
+ * The FDServer wire format (see PROTOCOL.md): a 77-byte big-endian header, the payload, and for get responses
+ * the fds in one SCM_RIGHTS control message. Byte-compatible with Virtlet's `pkg/tapmanager`. Everything that
+ * knows the layout lives here; the server and client only call these functions.
+ */
+import { InvalidInputError } from './errors'
+import { cmsgSpace } from './native'
+
+/** The magic number that starts every header. */
+export const FD_MAGIC = 0x42424242
+/** Header length in bytes. */
+export const HEADER_SIZE = 77
+/** Key field length in bytes. */
+export const KEY_SIZE = 64
+
+/** Request commands; a response carries `command | RESPONSE_FLAG`, an error response `ERROR_COMMAND`. */
+export const Command = { Add: 0, Release: 1, Get: 2, Recover: 3 } as const
+export type CommandCode = (typeof Command)[keyof typeof Command]
+export const RESPONSE_FLAG = 0x80
+export const ERROR_COMMAND = 0xff
+
+/** Human names for logs. */
+export function commandName(cmd: number): string {
+  switch (cmd) {
+    case Command.Add:
+      return 'add'
+    case Command.Release:
+      return 'release'
+    case Command.Get:
+      return 'get'
+    case Command.Recover:
+      return 'recover'
+    default:
+      return `0x${cmd.toString(16).padStart(2, '0')}`
+  }
+}
+
+/** A decoded header. `key` holds the 64 raw key bytes as sent. */
+export interface FrameHeader {
+  magic: number
+  command: number
+  dataSize: number
+  oobSize: number
+  key: Buffer
+}
+
+/** Encodes a header; `key` must be exactly 64 bytes (see {@link encodeKey}). */
+export function encodeHeader(h: { command: number; dataSize: number; oobSize: number; key: Buffer; magic?: number }): Buffer {
+  if (h.key.length !== KEY_SIZE) throw new InvalidInputError(`header key must be ${KEY_SIZE} bytes, got ${h.key.length}`)
+  const b = Buffer.allocUnsafe(HEADER_SIZE)
+  b.writeUInt32BE(h.magic ?? FD_MAGIC, 0)
+  b.writeUInt8(h.command, 4)
+  b.writeUInt32BE(h.dataSize, 5)
+  b.writeUInt32BE(h.oobSize, 9)
+  h.key.copy(b, 13)
+  return b
+}
+
+/** Decodes a 77-byte header (the key is copied). */
+export function decodeHeader(b: Buffer): FrameHeader {
+  if (b.length !== HEADER_SIZE) throw new InvalidInputError(`header must be ${HEADER_SIZE} bytes, got ${b.length}`)
+  return {
+    magic: b.readUInt32BE(0),
+    command: b.readUInt8(4),
+    dataSize: b.readUInt32BE(5),
+    oobSize: b.readUInt32BE(9),
+    key: Buffer.from(b.subarray(13, 13 + KEY_SIZE)),
+  }
+}
+
+/** The 64 key bytes of an error response: all NUL. */
+export const ERROR_KEY: Buffer = Buffer.alloc(KEY_SIZE, 0)
+
+/**
+ * Checks that a key can be represented on the wire without being altered by the server's trimming:
+ * at most 64 bytes of UTF-8, not empty, no NUL, no leading or trailing whitespace. (Go's client would cut a long
+ * key silently; we refuse it.)
+ */
+export function validateKey(key: string): void {
+  if (typeof key !== 'string') throw new InvalidInputError('fd key must be a string')
+  const len = Buffer.byteLength(key, 'utf8')
+  if (len === 0) throw new InvalidInputError('fd key is empty')
+  if (len > KEY_SIZE) throw new InvalidInputError(`fd key ${goQuote(key)} is ${len} bytes long, at most ${KEY_SIZE} fit`)
+  if (key.includes('\0')) throw new InvalidInputError(`fd key ${goQuote(key)} contains NUL`)
+  if (goTrimSpace(key) !== key) throw new InvalidInputError(`fd key ${goQuote(key)} has leading or trailing whitespace`)
+}
+
+/** Validates a key and encodes it as 64 bytes, right-padded with spaces. */
+export function encodeKey(key: string): Buffer {
+  validateKey(key)
+  const b = Buffer.alloc(KEY_SIZE, 0x20)
+  b.write(key, 0, 'utf8')
+  return b
+}
+
+/** The key a server sees: the 64 bytes as UTF-8, trimmed like Go's `strings.TrimSpace` (NUL is kept). */
+export function decodeKey(raw: Buffer): string {
+  return goTrimSpace(raw.toString('utf8'))
+}
+
+// Unicode White_Space, as Go's unicode.IsSpace sees it.
+const GO_SPACE = '\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000'
+const TRIM_RE = new RegExp(`^[${GO_SPACE}]+|[${GO_SPACE}]+$`, 'gu')
+
+/** Go's `strings.TrimSpace`. */
+export function goTrimSpace(s: string): string {
+  return s.replace(TRIM_RE, '')
+}
+
+/** Go's `%q` of a string (strconv.Quote): printable runes as is, `\a \b \f \n \r \t \v \\ \"`, `\xNN` for other
+ * control bytes, `\uNNNN`/`\UNNNNNNNN` for other non-printable runes. U+FFFD (an invalid byte after decoding) is
+ * printed as is. */
+export function goQuote(s: string): string {
+  let out = '"'
+  for (const ch of s) {
+    const cp = ch.codePointAt(0)!
+    switch (ch) {
+      case '"':
+        out += '\\"'
+        continue
+      case '\\':
+        out += '\\\\'
+        continue
+      case '\x07':
+        out += '\\a'
+        continue
+      case '\b':
+        out += '\\b'
+        continue
+      case '\f':
+        out += '\\f'
+        continue
+      case '\n':
+        out += '\\n'
+        continue
+      case '\r':
+        out += '\\r'
+        continue
+      case '\t':
+        out += '\\t'
+        continue
+      case '\v':
+        out += '\\v'
+        continue
+    }
+    if (cp < 0x20 || cp === 0x7f) out += `\\x${cp.toString(16).padStart(2, '0')}`
+    else if (cp === 0x20 || !/[\p{C}\p{Z}]/u.test(ch)) out += ch
+    else if (cp < 0x10000) out += `\\u${cp.toString(16).padStart(4, '0')}`
+    else out += `\\U${cp.toString(16).padStart(8, '0')}`
+  }
+  return out + '"'
+}
+
+/** OobSize for `n` fds: `CMSG_SPACE(4 * n)` (24 for 1-2 fds, 32 for 3-4 on x86_64/aarch64; 0 for none). */
+export function oobSizeFor(n: number): number {
+  return n === 0 ? 0 : cmsgSpace(n)
+}
+
+/** Error texts, exactly as the Go server and client word them. */
+export const Errors = {
+  badKey: (key: string) => `bad fd key: ${goQuote(key)}`,
+  keyExists: (key: string) => `fd key already exists: ${goQuote(key)}`,
+  alreadyPresent: (key: string) => `fd key ${goQuote(key)} is already present and thus can't be properly recovered`,
+  badCommand: 'bad command',
+  keyMismatch: 'fd key mismatch in the server response',
+} as const
+
+/** Encodes `data` as the Go client does: a Buffer/Uint8Array is sent as is, anything else as JSON. */
+export function encodePayload(data: unknown): Buffer {
+  if (Buffer.isBuffer(data)) return data
+  if (data instanceof Uint8Array) return Buffer.from(data.buffer, data.byteOffset, data.byteLength)
+  const json = JSON.stringify(data === undefined ? null : data)
+  return Buffer.from(json, 'utf8')
+}

@@ -1,8 +1,266 @@
-//! Placeholder: filled in by the fd work.
+//! Unix sockets with fd passing for the TypeScript FDServer/FDClient: thin wrappers over `tapmanager_core::unix`.
+//!
+//! File descriptors cross to JavaScript as plain numbers that the JavaScript side then owns (close them with
+//! [`close_fd`]). Fds passed in for sending stay owned by JavaScript.
+
+use std::os::fd::{BorrowedFd, IntoRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use std::future::Future;
+
+use napi::bindgen_prelude::{within_runtime_if_available, Buffer, PromiseRaw, ToNapiValue};
+use napi::Env;
 use napi_derive::napi;
+use tapmanager_core::unix::{self, BindOptions};
+
+use crate::error::{invalid, to_js, JsError};
+
+/// Runs a core future on napi's tokio runtime and returns its Promise. A core error rejects the Promise with a
+/// JavaScript error whose `code` is the core's stable code (async exports cannot return `napi::Error<Code>`
+/// directly, so the error object is built on the JavaScript thread in the completion callback).
+fn promise<'env, T, V, F, C>(env: &'env Env, fut: F, conv: C) -> napi::Result<PromiseRaw<'env, V>>
+where
+    T: Send + 'static,
+    V: ToNapiValue,
+    F: Future<Output = tapmanager_core::Result<T>> + Send + 'static,
+    C: FnOnce(T) -> V + 'static,
+{
+    env.spawn_future_with_callback(async move { Ok(fut.await) }, move |env, r| match r {
+        Ok(t) => Ok(conv(t)),
+        Err(e) => Err(napi::Error::from(napi::JsError::from(to_js(e)).into_unknown(*env))),
+    })
+}
 
 /// Returns the version of the native addon (a smoke test of the binding).
 #[napi]
 pub fn native_version() -> String {
     env!("CARGO_PKG_VERSION").to_string()
+}
+
+/// `CMSG_SPACE(4 * nfds)`: the OobSize for `nfds` fds (0 for none).
+#[napi]
+pub fn cmsg_space(nfds: u32) -> u32 {
+    unix::cmsg_space(nfds as usize) as u32
+}
+
+/// Closes a file descriptor that JavaScript owns (`close(2)`).
+#[napi]
+pub fn close_fd(fd: i32) -> Result<(), JsError> {
+    if fd < 0 {
+        return Err(invalid(format!("closeFd: bad fd {fd}")));
+    }
+    // SAFETY: plain close(2) of a number the caller says it owns; a bad fd only yields EBADF.
+    let rc = unsafe { libc::close(fd) };
+    if rc < 0 {
+        let err = std::io::Error::last_os_error();
+        return Err(to_js(tapmanager_core::Error::io(format!("close fd {fd}"), err)));
+    }
+    Ok(())
+}
+
+/// Options for `UnixListener.bind`.
+#[napi(object)]
+pub struct BindOpts {
+    /// Permission bits of the socket file (default 0o600).
+    pub mode: Option<u32>,
+    /// Group of the socket file.
+    pub gid: Option<u32>,
+}
+
+/// Peer credentials from `SO_PEERCRED`.
+#[napi(object)]
+pub struct PeerCredentials {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// What `recvWithFds` received: the data bytes (empty at EOF) and the fds, now owned by JavaScript.
+#[napi(object)]
+pub struct Received {
+    pub data: Buffer,
+    pub fds: Vec<i32>,
+}
+
+/// A listening Unix stream socket.
+#[napi]
+pub struct UnixListener {
+    inner: Mutex<Option<Arc<unix::UnixListener>>>,
+    path: String,
+}
+
+#[napi]
+impl UnixListener {
+    /// Binds `path` (a stale socket file nobody listens on is replaced; a live one gives `ERR_EXISTS`),
+    /// then sets the file's mode (default 0o600) and group.
+    #[napi(factory)]
+    pub fn bind(path: String, opts: Option<BindOpts>) -> Result<UnixListener, JsError> {
+        let mut o = BindOptions::default();
+        if let Some(opts) = opts {
+            if let Some(m) = opts.mode {
+                o.mode = m;
+            }
+            o.gid = opts.gid;
+        }
+        let l = within_runtime_if_available(|| unix::UnixListener::bind(&path, o)).map_err(to_js)?;
+        Ok(UnixListener { inner: Mutex::new(Some(Arc::new(l))), path })
+    }
+
+    /// The socket path.
+    #[napi(getter)]
+    pub fn path(&self) -> String {
+        self.path.clone()
+    }
+
+    fn get_or_closed(&self) -> tapmanager_core::Result<Arc<unix::UnixListener>> {
+        let guard = self.inner.lock().map_err(|_| tapmanager_core::Error::invalid("listener lock poisoned"))?;
+        guard
+            .clone()
+            .ok_or_else(|| tapmanager_core::Error::new(tapmanager_core::ErrorCode::Closed, "listener is closed"))
+    }
+
+    /// Accepts the next connection. Rejects with `ERR_CLOSED` once the listener is closed.
+    #[napi(ts_return_type = "Promise<UnixConnection>")]
+    pub fn accept<'env>(&self, env: &'env Env) -> napi::Result<PromiseRaw<'env, UnixConnection>> {
+        let l = self.get_or_closed();
+        promise(env, async move { l?.accept().await }, UnixConnection::wrap)
+    }
+
+    /// Closes the listener (a pending `accept` rejects) and, when `removeFile` is true, removes the socket file.
+    #[napi]
+    pub fn close(&self, remove_file: Option<bool>) -> Result<(), JsError> {
+        let taken = self.inner.lock().map_err(|_| invalid("listener lock poisoned"))?.take();
+        if let Some(l) = taken {
+            l.close();
+            if remove_file.unwrap_or(false) {
+                l.remove_file().map_err(to_js)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A connected Unix stream socket.
+#[napi]
+pub struct UnixConnection {
+    inner: Mutex<Option<Arc<unix::UnixConnection>>>,
+}
+
+impl UnixConnection {
+    fn wrap(c: unix::UnixConnection) -> UnixConnection {
+        UnixConnection { inner: Mutex::new(Some(Arc::new(c))) }
+    }
+
+    fn get_or_closed(&self) -> tapmanager_core::Result<Arc<unix::UnixConnection>> {
+        let guard = self.inner.lock().map_err(|_| tapmanager_core::Error::invalid("connection lock poisoned"))?;
+        guard
+            .clone()
+            .ok_or_else(|| tapmanager_core::Error::new(tapmanager_core::ErrorCode::Closed, "connection is closed"))
+    }
+
+    fn get(&self) -> Result<Arc<unix::UnixConnection>, JsError> {
+        let guard = self.inner.lock().map_err(|_| invalid("connection lock poisoned"))?;
+        guard.clone().ok_or_else(|| {
+            to_js(tapmanager_core::Error::new(tapmanager_core::ErrorCode::Closed, "connection is closed"))
+        })
+    }
+}
+
+fn to_js_fds(fds: Vec<OwnedFd>) -> Vec<i32> {
+    fds.into_iter().map(|f| f.into_raw_fd()).collect()
+}
+
+#[napi]
+impl UnixConnection {
+    /// Connects to the socket at `path`.
+    #[napi(ts_return_type = "Promise<UnixConnection>")]
+    pub fn connect<'env>(env: &'env Env, path: String) -> napi::Result<PromiseRaw<'env, UnixConnection>> {
+        promise(env, async move { unix::UnixConnection::connect(&path).await }, UnixConnection::wrap)
+    }
+
+    /// The peer's credentials (`SO_PEERCRED`).
+    #[napi]
+    pub fn peer_cred(&self) -> Result<PeerCredentials, JsError> {
+        let c = self.get()?.peer_cred().map_err(to_js)?;
+        Ok(PeerCredentials { pid: c.pid, uid: c.uid, gid: c.gid })
+    }
+
+    /// Reads exactly `n` bytes (`ERR_CLOSED` on EOF, `ERR_TIMEOUT` after `timeoutMs` when given and > 0).
+    #[napi(ts_return_type = "Promise<Buffer>")]
+    pub fn read_exact<'env>(
+        &self,
+        env: &'env Env,
+        n: u32,
+        timeout_ms: Option<u32>,
+    ) -> napi::Result<PromiseRaw<'env, Buffer>> {
+        let c = self.get_or_closed();
+        let deadline = timeout_ms.filter(|&t| t > 0).map(|t| Duration::from_millis(t as u64));
+        promise(env, async move { c?.read_exact(n as usize, deadline).await }, Buffer::from)
+    }
+
+    /// Writes all of `data`.
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn write<'env>(&self, env: &'env Env, data: Buffer) -> napi::Result<PromiseRaw<'env, ()>> {
+        let c = self.get_or_closed();
+        let data: Vec<u8> = data.to_vec();
+        promise(env, async move { c?.write_all(&data).await }, |()| ())
+    }
+
+    /// Writes `head` with a plain write, then sends `data` with the `fds` in one `sendmsg` (skipped when both are
+    /// empty; data must not be empty when fds are sent). The fds stay owned by the caller, who must keep them
+    /// open until the Promise settles.
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn write_then_send<'env>(
+        &self,
+        env: &'env Env,
+        head: Buffer,
+        data: Buffer,
+        fds: Vec<i32>,
+    ) -> napi::Result<PromiseRaw<'env, ()>> {
+        let c = self.get_or_closed();
+        let head: Vec<u8> = head.to_vec();
+        let data: Vec<u8> = data.to_vec();
+        promise(
+            env,
+            async move {
+                let c = c?;
+                if fds.iter().any(|&f| f < 0) {
+                    return Err(tapmanager_core::Error::invalid("sendmsg: negative fd"));
+                }
+                c.write_all(&head).await?;
+                // SAFETY: the fds are owned by JavaScript, which keeps them open until this Promise settles;
+                // they are only borrowed for the sendmsg call.
+                let borrowed: Vec<BorrowedFd<'_>> =
+                    fds.iter().map(|&f| unsafe { BorrowedFd::borrow_raw(f as RawFd) }).collect();
+                c.send_with_fds(&data, &borrowed).await
+            },
+            |()| (),
+        )
+    }
+
+    /// One `recvmsg` with a `dataLen`-byte data buffer and a `controlLen`-byte control buffer
+    /// (`MSG_CMSG_CLOEXEC`). The returned fds belong to the caller.
+    #[napi(ts_return_type = "Promise<Received>")]
+    pub fn recv_with_fds<'env>(
+        &self,
+        env: &'env Env,
+        data_len: u32,
+        control_len: u32,
+    ) -> napi::Result<PromiseRaw<'env, Received>> {
+        let c = self.get_or_closed();
+        promise(env, async move { c?.recv_with_fds(data_len as usize, control_len as usize).await }, |(data, fds)| {
+            Received { data: data.into(), fds: to_js_fds(fds) }
+        })
+    }
+
+    /// Shuts the connection down (pending operations fail) and releases it.
+    #[napi]
+    pub fn close(&self) -> Result<(), JsError> {
+        let taken = self.inner.lock().map_err(|_| invalid("connection lock poisoned"))?.take();
+        if let Some(c) = taken {
+            c.shutdown().map_err(to_js)?;
+        }
+        Ok(())
+    }
 }

@@ -1,0 +1,170 @@
+//! Integration tests of `tapmanager_core::unix`: bind rules, socket file mode, fd passing (also of real file
+//! content), truncated control data leaking nothing, peer credentials, deadlines and EOF.
+
+mod common;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use tapmanager_core::unix::{cmsg_space, BindOptions, UnixConnection, UnixListener};
+use tapmanager_core::ErrorCode;
+
+/// Tests of this file run one at a time, so the fd count of one is not disturbed by another.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn temp_file(content: &str) -> std::fs::File {
+    let mut f = tempfile::tempfile().unwrap();
+    f.write_all(content.as_bytes()).unwrap();
+    f
+}
+
+fn read_all(fd: OwnedFd) -> String {
+    let mut f = std::fs::File::from(fd);
+    f.seek(SeekFrom::Start(0)).unwrap();
+    let mut s = String::new();
+    f.read_to_string(&mut s).unwrap();
+    s
+}
+
+async fn pair(dir: &tempfile::TempDir) -> (UnixListener, UnixConnection, UnixConnection) {
+    let path = dir.path().join("s.sock");
+    let l = UnixListener::bind(&path, BindOptions::default()).unwrap();
+    let (c, s) = tokio::join!(UnixConnection::connect(&path), l.accept());
+    (l, c.unwrap(), s.unwrap())
+}
+
+#[tokio::test]
+async fn bind_sets_mode_replaces_stale_sockets_and_refuses_live_ones() {
+    let _serial = SERIAL.lock().await;
+    common::require_prereqs(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.sock");
+    let l = UnixListener::bind(&path, BindOptions { mode: 0o660, gid: Some(0) }).unwrap();
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 0);
+    // a live listener: ERR_EXISTS, and the file stays
+    let e = UnixListener::bind(&path, BindOptions::default()).unwrap_err();
+    assert_eq!(e.code, ErrorCode::Exists, "{e}");
+    assert!(path.exists());
+    // after the listener is gone the file is stale: replaced
+    drop(l);
+    assert!(path.exists());
+    let l2 = UnixListener::bind(&path, BindOptions::default()).unwrap();
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    l2.close();
+    assert_eq!(l2.accept().await.unwrap_err().code, ErrorCode::Closed);
+    l2.remove_file().unwrap();
+    assert!(!path.exists());
+    // a regular file in the way is never removed
+    std::fs::write(&path, b"not a socket").unwrap();
+    assert_eq!(UnixListener::bind(&path, BindOptions::default()).unwrap_err().code, ErrorCode::Exists);
+    assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
+}
+
+#[tokio::test]
+async fn close_wakes_a_pending_accept() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let l = std::sync::Arc::new(UnixListener::bind(dir.path().join("s.sock"), BindOptions::default()).unwrap());
+    let l2 = l.clone();
+    let pending = tokio::spawn(async move { l2.accept().await.map(|_| ()) });
+    tokio::task::yield_now().await;
+    l.close();
+    let r = tokio::time::timeout(Duration::from_secs(5), pending).await.expect("accept woke up").unwrap();
+    assert_eq!(r.unwrap_err().code, ErrorCode::Closed);
+}
+
+#[tokio::test]
+async fn fds_travel_with_data_and_their_files_are_readable() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_l, c, s) = pair(&dir).await;
+    let files: Vec<_> = (0..4).map(|i| temp_file(&format!("file {i}"))).collect();
+    for n in 1..=4 {
+        let fds: Vec<_> = files[..n].iter().map(|f| f.as_fd()).collect();
+        s.write_all(b"hdr").await.unwrap();
+        s.send_with_fds(&[0], &fds).await.unwrap();
+        assert_eq!(c.read_exact(3, None).await.unwrap(), b"hdr");
+        let (data, got) = c.recv_with_fds(1, cmsg_space(n)).await.unwrap();
+        assert_eq!(data, vec![0]);
+        assert_eq!(got.len(), n);
+        for (i, fd) in got.into_iter().enumerate() {
+            // received fds are new descriptors, close-on-exec, for the same open files
+            let flags = nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_GETFD).unwrap();
+            assert_ne!(flags & libc::FD_CLOEXEC, 0);
+            assert_ne!(fd.as_raw_fd(), files[i].as_raw_fd());
+            assert_eq!(read_all(fd), format!("file {i}"));
+        }
+    }
+    // data larger than one message with fds: the rest arrives by plain reads
+    let big = vec![7u8; 300_000];
+    let fd = [files[0].as_fd()];
+    let (sent, received) = tokio::join!(s.send_with_fds(&big, &fd), async {
+        let (first, fds) = c.recv_with_fds(big.len(), cmsg_space(1)).await.unwrap();
+        let rest = c.read_exact(big.len() - first.len(), Some(Duration::from_secs(5))).await.unwrap();
+        (first.len() + rest.len(), fds.len())
+    });
+    sent.unwrap();
+    assert_eq!(received, (big.len(), 1));
+}
+
+#[tokio::test]
+async fn truncated_control_data_is_an_error_and_leaks_nothing() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_l, c, s) = pair(&dir).await;
+    let files: Vec<_> = (0..4).map(|i| temp_file(&format!("{i}"))).collect();
+    let fds: Vec<_> = files.iter().map(|f| f.as_fd()).collect();
+    let before = fd_count();
+    for _ in 0..50 {
+        s.send_with_fds(&[0], &fds).await.unwrap();
+        let e = c.recv_with_fds(1, cmsg_space(1)).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::TooLarge, "{e}");
+        // no control buffer at all
+        s.send_with_fds(&[0], &fds).await.unwrap();
+        assert_eq!(c.recv_with_fds(1, 0).await.unwrap_err().code, ErrorCode::TooLarge);
+    }
+    assert_eq!(fd_count(), before);
+}
+
+#[tokio::test]
+async fn peer_credentials_deadlines_eof_and_bad_arguments() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_l, c, s) = pair(&dir).await;
+    let cred = s.peer_cred().unwrap();
+    assert_eq!(cred.pid as u32, std::process::id());
+    assert_eq!(cred.uid, nix::unistd::geteuid().as_raw());
+    assert_eq!(cred.gid, nix::unistd::getegid().as_raw());
+
+    c.write_all(b"abc").await.unwrap();
+    let e = s.read_exact(10, Some(Duration::from_millis(100))).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::Timeout, "{e}");
+
+    let f = temp_file("x");
+    assert_eq!(s.send_with_fds(&[], &[f.as_fd()]).await.unwrap_err().code, ErrorCode::Invalid);
+
+    c.shutdown().unwrap();
+    let e = s.read_exact(1, None).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::Closed, "{e}");
+    let (data, fds) = s.recv_with_fds(8, cmsg_space(1)).await.unwrap();
+    assert!(data.is_empty() && fds.is_empty());
+    // writing to a closed peer fails cleanly (no SIGPIPE)
+    drop(c);
+    let mut failed = false;
+    for _ in 0..10 {
+        if s.write_all(&[0u8; 65536]).await.is_err() {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed);
+    assert_eq!(UnixConnection::connect(dir.path().join("nothing.sock")).await.unwrap_err().code, ErrorCode::NotFound);
+}
