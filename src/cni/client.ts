@@ -300,7 +300,7 @@ export class ExecCniClient implements CniClient {
       const c = await this.loadConfig()
       conf = { name: c.name, cniVersion: c.cniVersion, disableCheck: c.disableCheck, plugins: c.plugins.map((p) => p.raw) }
     }
-    const env = this.env('DEL', podId, podName || entry?.podName || '', podNs || entry?.podNs || '')
+    const env = this.env('DEL', podId, podName, podNs)
     await this.delChain(conf, env, entry?.result ?? undefined)
     await this.cache.remove(podId, this.ifName)
   }
