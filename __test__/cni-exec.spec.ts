@@ -502,6 +502,12 @@ test('concurrent ADDs of 8 pods with bridge + host-local: distinct leases, all f
   await withNode(async (node) => {
     node.writeConf('10-bridge.conflist', node.bridgeConflist())
     const client = node.client()
+    // a first pod creates the node's bridge (which stays, as with any bridge CNI setup); then take the snapshot
+    const first = node.createPod()
+    await client.addSandboxToNetwork(first.name, 'vm', 'default')
+    await client.removeSandboxFromNetwork(first.name, 'vm', 'default')
+    const before = node.snapshot()
+    t.deepEqual(before.leases, [])
     const pods = Array.from({ length: 8 }, () => node.createPod())
     const atts = await Promise.all(pods.map((p) => client.addSandboxToNetwork(p.name, p.name, 'default')))
     const ips = atts.map((a) => a.result.ips[0].address.split('/')[0])
@@ -512,5 +518,56 @@ test('concurrent ADDs of 8 pods with bridge + host-local: distinct leases, all f
     await Promise.all(pods.map((p) => client.removeSandboxFromNetwork(p.name, p.name, 'default')))
     t.deepEqual(node.leases('tmbridge'), [])
     t.deepEqual(node.nodeLinks(), ['lo', 'tmbr0'])
+    t.deepEqual(node.snapshot(), before)
+  })
+})
+
+test('plugins that exit non-zero without a CNI error, die by a signal, or print too much: clear errors with stderr', async (t) => {
+  await withNode(async (node) => {
+    const bin = join(node.dir, 'bin')
+    sh('mkdir', ['-p', bin])
+    const script = (name: string, body: string) => {
+      writeFileSync(join(bin, name), `#!/bin/sh\ncat >/dev/null\n[ "$CNI_COMMAND" = ADD ] || exit 0\n${body}\n`, { mode: 0o755 })
+    }
+    script('exit3', 'echo "cannot frobnicate" >&2\nexit 3')
+    script('selfkill', 'kill -SEGV $$')
+    script('huge', 'head -c 2000000 /dev/zero | tr "\\0" "x"')
+    script('errjson', 'echo \'{"code":7,"msg":"invalid network config"}\'\nexit 1')
+    const client = node.client({ binDirs: [bin] })
+    const cases: [string, (e: CniError) => void][] = [
+      [
+        'exit3',
+        (e) => {
+          t.is(e.exitCode, 3)
+          t.is(e.stderr, 'cannot frobnicate')
+          t.regex(e.message, /CNI plugin "exit3" ADD exited with status 3 without a CNI error: cannot frobnicate/)
+        },
+      ],
+      [
+        'selfkill',
+        (e) => {
+          t.is(e.signal, 'SIGSEGV')
+          t.regex(e.message, /was killed by SIGSEGV/)
+        },
+      ],
+      ['huge', (e) => t.regex(e.message, /output larger than 1048576 bytes/)],
+      [
+        'errjson',
+        (e) => {
+          t.is(e.cniCode, 7)
+          t.is(e.cniMsg, 'invalid network config')
+          t.is(e.details, undefined)
+        },
+      ],
+    ]
+    for (const [type, check] of cases) {
+      node.clearConf()
+      node.writeConf('10-x.conf', { cniVersion: '1.0.0', name: 'x', type })
+      const pod = node.createPod()
+      const err = await t.throwsAsync(client.addSandboxToNetwork(pod.name, 'vm', 'default'), { instanceOf: CniError })
+      t.is(err?.code, 'ERR_CNI')
+      t.is(err?.plugin, type)
+      if (err) check(err)
+    }
   })
 })

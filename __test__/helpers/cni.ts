@@ -150,6 +150,32 @@ export class CniTestNode {
       })
   }
 
+  /** Every host-local lease of every network in this node's dataDir, as `<network>/<ip> <containerId>`, sorted. */
+  allLeases(): string[] {
+    if (!existsSync(this.dataDir)) return []
+    return readdirSync(this.dataDir)
+      .flatMap((net) => this.leases(net).map((l) => `${net}/${l.ip} ${l.containerId}`))
+      .sort()
+  }
+
+  /**
+   * A snapshot of the node for leak checks: link names with their addresses, routes, and all leases.
+   * Compare a snapshot taken before a test with one taken after release.
+   */
+  snapshot(): { links: string[]; routes: string[]; leases: string[] } {
+    const addrs = JSON.parse(this.node.exec('ip', ['-j', 'addr', 'show'])) as { ifname: string; addr_info: { local: string; prefixlen: number }[] }[]
+    return {
+      links: addrs.map((l) => `${l.ifname} ${l.addr_info.map((a) => `${a.local}/${a.prefixlen}`).join(' ')}`.trim()).sort(),
+      routes: this.node
+        .exec('ip', ['route', 'show', 'table', 'all'])
+        .split('\n')
+        .map((l) => l.trim())
+        .filter(Boolean)
+        .sort(),
+      leases: this.allLeases(),
+    }
+  }
+
   /** tmtest's invocation log. */
   log(): { command: string; containerId: string; netns: string; ifName: string; args: string; path: string; stdin: Record<string, unknown> }[] {
     if (!existsSync(this.logFile)) return []

@@ -100,6 +100,13 @@ export async function execPlugin(run: PluginRun): Promise<Record<string, unknown
     (resolve) => {
       child.once('error', (e) => resolve({ code: null, signal: null, spawnError: e }))
       child.once('close', (c, s) => resolve({ code: c, signal: s }))
+      child.once('exit', () => {
+        // After a kill, a descendant that left the process group may still hold the pipes: stop waiting for them.
+        if (timedOut || overflow) {
+          child.stdout.destroy()
+          child.stderr.destroy()
+        }
+      })
     },
   )
   clearTimeout(timer)
