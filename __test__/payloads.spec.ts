@@ -7,6 +7,7 @@ import {
   encodeGetFDPayload,
   encodeRecoverPayload,
   fromGoCniResult,
+  goIpString,
   goJsonStringify,
   macToBase64,
   parseContainerSideNetwork,
@@ -163,4 +164,21 @@ test('bad JSON and unknown keys get InvalidInputError naming the problem', (t) =
     t.regex(err?.message ?? '', re)
     t.is((err as InvalidInputError | undefined)?.code, 'ERR_INVALID')
   }
+})
+
+test('IPs in the result are written as Go writes net.IP (IPv6 canonical, v4-mapped as IPv4)', (t) => {
+  t.is(goIpString('10.1.90.1'), '10.1.90.1')
+  t.is(goIpString('2001:DB8:0:0:0:0:0:1'), '2001:db8::1')
+  t.is(goIpString('fd00:0:0:1:0:0:0:5'), 'fd00:0:0:1::5')
+  t.is(goIpString('::ffff:10.1.2.3'), '10.1.2.3')
+  t.is(goIpString('::'), '::')
+  const r = fromGoCniResult({
+    cniVersion: '1.0.0',
+    ips: [{ address: 'FD00:0:0:0::5/64', gateway: 'fd00:0000::1' }],
+    routes: [{ dst: '0:0::0/0', gw: 'FD00::1' }],
+  })
+  t.is(
+    goJsonStringify(toGoCniResult(r)),
+    '{"ips":[{"version":"6","address":"fd00::5/64","gateway":"fd00::1"}],"routes":[{"dst":"::/0","gw":"fd00::1"}],"dns":{}}',
+  )
 })

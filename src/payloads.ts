@@ -213,11 +213,33 @@ export function encodeGetFDPayload(p: GetFDPayload): string {
 // The CNI result as Virtlet emits it
 
 /**
+ * An IP as Go's `net.IP.String()` writes it: IPv4 dotted, IPv6 in RFC 5952 form (lower case, the longest run
+ * of zero groups compressed), an IPv4-mapped IPv6 address as plain IPv4.
+ */
+export function goIpString(ip: string): string {
+  if (!ip.includes(':')) return ip
+  const host = new URL(`http://[${ip}]/`).hostname.slice(1, -1)
+  const mapped = /^::ffff:([0-9a-f]{1,4}):([0-9a-f]{1,4})$/.exec(host)
+  if (mapped) {
+    const a = parseInt(mapped[1], 16)
+    const b = parseInt(mapped[2], 16)
+    return `${a >> 8}.${a & 255}.${b >> 8}.${b & 255}`
+  }
+  return host
+}
+
+function goCidrString(cidr: string): string {
+  const slash = cidr.indexOf('/')
+  return slash < 0 ? goIpString(cidr) : `${goIpString(cidr.slice(0, slash))}${cidr.slice(slash)}`
+}
+
+/**
  * The CNI result object in Virtlet's form (vendored CNI "current" types, spec 0.3.1): no `cniVersion`;
  * `interfaces`, `ips`, `routes` left out when empty; interface `mac`/`sandbox` left out when empty; ip
  * `version` always, `interface` left out when 0 (Go `omitempty` on an int), `gateway` left out when none;
- * route `gw` left out when none; `dns` always, its keys left out when empty. Fields that spec 0.3.1 does not
- * know (1.1.0's `mtu`, `pciID`, route `table`...) are dropped, as Go drops them.
+ * route `gw` left out when none; `dns` always, its keys left out when empty. IPs are written as Go writes them
+ * ({@link goIpString}). Fields that spec 0.3.1 does not know (1.1.0's `mtu`, `pciID`, route `table`...)
+ * are dropped, as Go drops them.
  */
 export function toGoCniResult(result: CniResult): Obj {
   const out: Obj = {}
@@ -233,15 +255,15 @@ export function toGoCniResult(result: CniResult): Obj {
     out.ips = result.ips.map((ip) => {
       const o: Obj = { version: String(parseCidr(ip.address, 'ips[].address').family) }
       if (ip.interface) o.interface = ip.interface
-      o.address = ip.address
-      if (ip.gateway) o.gateway = ip.gateway
+      o.address = goCidrString(ip.address)
+      if (ip.gateway) o.gateway = goIpString(ip.gateway)
       return o
     })
   }
   if (result.routes.length) {
     out.routes = result.routes.map((r) => {
-      const o: Obj = { dst: r.dst }
-      if (r.gw) o.gw = r.gw
+      const o: Obj = { dst: goCidrString(r.dst) }
+      if (r.gw) o.gw = goIpString(r.gw)
       return o
     })
   }
