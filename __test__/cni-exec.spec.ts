@@ -5,7 +5,7 @@
 import test from 'ava'
 import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
-import { CniError, ExecCniClient, InvalidInputError, type CniResult, type NetnsOps } from '../src/index'
+import { CniError, ExecCniClient, InvalidInputError, type CniResult } from '../src/index'
 import { CniTestNode, processAlive } from './helpers/cni'
 import { sh } from './helpers/env'
 
@@ -362,17 +362,18 @@ test('getDummyNetwork: creates its netns once per client, adds it with empty nam
     node.writeConf('10-bridge.conflist', node.bridgeConflist({ plugins: [node.testPlugin({ mode: 'passthrough' })] }))
     const dummyPodId = node.podId('tmdummy')
     const calls: string[] = []
-    const ops: NetnsOps = {
-      async create(path) {
+    // synchronous ones, as a native binding may provide
+    const ops = {
+      createNetns(path: string) {
         calls.push(`create ${path}`)
         sh('ip', ['netns', 'add', path.split('/').pop() as string])
       },
-      async delete(path) {
+      async deleteNetns(path: string) {
         calls.push(`delete ${path}`)
         sh('ip', ['netns', 'del', path.split('/').pop() as string])
       },
     }
-    const client = node.client({ dummyPodId, netns: ops })
+    const client = node.client({ dummyPodId, ...ops })
     const [a, b] = await Promise.all([client.getDummyNetwork(), client.getDummyNetwork()])
     t.is(a, b)
     t.is(a, await client.getDummyNetwork())
@@ -382,7 +383,7 @@ test('getDummyNetwork: creates its netns once per client, adds it with empty nam
     t.is(node.leases('tmbridge').length, 1)
     t.is(node.log()[0].args, 'IgnoreUnknown=1')
     // a restarted server: its first getDummyNetwork removes the old dummy (DEL, netns) and adds a new one
-    const restarted = node.client({ dummyPodId, netns: ops })
+    const restarted = node.client({ dummyPodId, ...ops })
     const c = await restarted.getDummyNetwork()
     t.not(c, a)
     t.deepEqual(calls.slice(1), [`delete /var/run/netns/${dummyPodId}`, `create /var/run/netns/${dummyPodId}`])

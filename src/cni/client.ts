@@ -4,7 +4,7 @@
  *
  * It does NOT create pod network namespaces: the caller creates `<netnsDir>/<podId>` before
  * `addSandboxToNetwork` and deletes it after `removeSandboxFromNetwork`. Only the dummy network
- * (`getDummyNetwork`) creates and deletes its own netns, through the injected {@link NetnsOps}.
+ * (`getDummyNetwork`) creates and deletes its own netns, through the injected `createNetns`/`deleteNetns`.
  */
 import { execFile } from 'node:child_process'
 import { access, mkdir, rm, stat } from 'node:fs/promises'
@@ -47,10 +47,13 @@ export interface CniClient {
   getDummyNetwork(): Promise<CniAttachment>
 }
 
-/** Creating and deleting a named network namespace at a path (injected so the native ones can be used). */
+/** Creates or deletes a named network namespace at a path (injected so the native ones can be used). */
+export type NetnsFn = (path: string) => Promise<void> | void
+
+/** A create/delete pair of {@link NetnsFn}. */
 export interface NetnsOps {
-  create(path: string): Promise<void>
-  delete(path: string): Promise<void>
+  create: NetnsFn
+  delete: NetnsFn
 }
 
 /**
@@ -103,8 +106,10 @@ export interface ExecCniClientOptions {
    * `['ip', 'netns', 'exec', '<node netns>']` so plugins act in a test "node" netns. Default none.
    */
   execWrapper?: string[]
-  /** Netns creation for the dummy network. Default {@link ipNetnsOps}. */
-  netns?: NetnsOps
+  /** Creates the dummy network's netns at the given path. Default `ipNetnsOps.create` (`ip netns add`). */
+  createNetns?: NetnsFn
+  /** Deletes the dummy network's netns at the given path. Default `ipNetnsOps.delete` (`ip netns del`). */
+  deleteNetns?: NetnsFn
   /** The container id (and netns name) of the dummy pod. Default `tapmanager-dummy`. */
   dummyPodId?: string
 }
@@ -136,7 +141,7 @@ export class ExecCniClient implements CniClient {
     this.timeoutMs = options.timeoutMs ?? 60_000
     this.ifName = options.ifName ?? 'eth0'
     this.execWrapper = options.execWrapper ?? []
-    this.netns = options.netns ?? ipNetnsOps
+    this.netns = { create: options.createNetns ?? ipNetnsOps.create, delete: options.deleteNetns ?? ipNetnsOps.delete }
     this.dummyPodId = options.dummyPodId ?? 'tapmanager-dummy'
     if (!validIfName(this.ifName)) throw new InvalidInputError(`invalid CNI interface name ${JSON.stringify(this.ifName)}`)
     if (!CNI_NAME_RE.test(this.dummyPodId)) throw new InvalidInputError(`invalid dummy pod id ${JSON.stringify(this.dummyPodId)}`)
@@ -348,7 +353,11 @@ export class ExecCniClient implements CniClient {
     try {
       return await this.addSandboxToNetwork(id, '', '')
     } catch (e) {
-      await this.netns.delete(path).catch(() => undefined)
+      try {
+        await this.netns.delete(path)
+      } catch {
+        // the ADD error is the one to report
+      }
       throw e
     }
   }
