@@ -572,3 +572,28 @@ test('plugins that exit non-zero without a CNI error, die by a signal, or print 
     }
   })
 })
+
+test('DEL runs every plugin even when one fails, reports all failures, and keeps the cache for a retry', async (t) => {
+  await withNode(async (node) => {
+    node.writeConf(
+      '10-bridge.conflist',
+      node.bridgeConflist({
+        plugins: [
+          node.testPlugin({ mode: 'passthrough', fault: { kind: 'fail', on: ['DEL'], code: 5, msg: 'first DEL failure' } }),
+          node.testPlugin({ mode: 'passthrough', fault: { kind: 'fail', on: ['DEL'], code: 6, msg: 'second DEL failure' } }),
+        ],
+      }),
+    )
+    const client = node.client()
+    const pod = node.createPod()
+    await client.addSandboxToNetwork(pod.name, 'vm', 'default')
+    const err = await t.throwsAsync(client.removeSandboxFromNetwork(pod.name, 'vm', 'default'), { instanceOf: CniError })
+    t.is(err?.command, 'DEL')
+    t.regex(err?.message ?? '', /second DEL failure.*first DEL failure/)
+    t.deepEqual(err?.cleanupErrors.map((e) => (e as CniError).cniCode), [6, 5])
+    // bridge's DEL (last in reverse order) still ran: the lease and the pod's link are gone
+    t.deepEqual(node.leases('tmbridge'), [])
+    t.deepEqual(node.linksIn(pod.name), ['lo'])
+    t.true(existsSync(join(node.cacheDir, `${pod.name}-eth0.json`)))
+  })
+})
