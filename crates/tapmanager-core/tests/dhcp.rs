@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use common::require_prereqs;
 use dhcp_util::*;
-use dhcproto::v4::{DhcpOption, MessageType, OptionCode};
+use dhcproto::v4::{DhcpOption, Message, MessageType, Opcode, OptionCode};
+use dhcproto::{Encodable, Encoder};
 
 #[test]
 fn dhcpcd_gets_classless_routes_mtu_dns_and_search() {
@@ -194,4 +195,32 @@ fn two_pods_are_independent() {
     assert!(exchange(&ca, &d, 32, Duration::from_millis(300)).is_none());
     assert!(wait_for(Duration::from_secs(5), || sb.stats().offers == 1), "{:?}", sb.stats());
     rt.block_on(sb.stop());
+}
+
+#[test]
+fn dhcpcd_requesting_an_address_that_is_not_ours_gets_nak_then_leases_ours() {
+    require_prereqs(&["ip", "dhcpcd", "unshare", "timeout"]);
+    let t = Topology::new();
+    let rt = runtime();
+    let server = t.start(&rt, &csn(&t.pod.path(), DEFAULT_ROUTE, "{}", 1500));
+    // A lease dhcpcd "remembers" for 10.1.90.77: it starts by requesting it again.
+    let mut ack = Message::default();
+    ack.set_opcode(Opcode::BootReply).set_chaddr(&VM_MAC_BYTES).set_yiaddr(Ipv4Addr::new(10, 1, 90, 77));
+    for o in [
+        DhcpOption::MessageType(MessageType::Ack),
+        DhcpOption::ServerIdentifier(Ipv4Addr::new(169, 254, 254, 2)),
+        DhcpOption::SubnetMask(Ipv4Addr::new(255, 255, 255, 0)),
+        DhcpOption::AddressLeaseTime(86400),
+    ] {
+        ack.opts_mut().insert(o);
+    }
+    let mut lease = Vec::new();
+    ack.encode(&mut Encoder::new(&mut lease)).unwrap();
+    let (out, err) = t.dhcpcd_with_lease(&[], Some(&lease));
+    // (dhcpcd 9.4.1 says "rebinding lease of 10.1.90.77": a REQUEST with ciaddr 10.1.90.77)
+    assert!(err.contains("lease of 10.1.90.77"), "dhcpcd re-requested the old lease: {err}");
+    assert!(err.contains("NAK: from 169.254.254.2"), "dhcpcd got our NAK: {err}");
+    assert!(wait_for(Duration::from_secs(5), || server.stats().naks == 1), "{:?}", server.stats());
+    assert_eq!(line(&out, "new_ip_address"), Some("'10.1.90.5'"), "then it leased ours: {out}");
+    rt.block_on(server.stop());
 }

@@ -57,8 +57,23 @@ impl Topology {
     /// Runs `dhcpcd -T` (test mode: prints the offer, configures nothing) in the client netns, with its state
     /// directories on private tmpfs; returns stdout. dhcpcd 9.4.1 may segfault after printing (exit 139).
     pub fn dhcpcd(&self, extra: &[&str]) -> String {
+        self.dhcpcd_with_lease(extra, None).0
+    }
+
+    /// [`Topology::dhcpcd`], optionally with a saved lease (`/var/lib/dhcpcd/vm0.lease`, the raw DHCP message
+    /// of an ACK) so that dhcpcd starts by re-requesting it (INIT-REBOOT); returns stdout and stderr.
+    pub fn dhcpcd_with_lease(&self, extra: &[&str], lease: Option<&[u8]>) -> (String, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let lease_path = dir.path().join("vm0.lease");
+        let copy = match lease {
+            Some(bytes) => {
+                std::fs::write(&lease_path, bytes).unwrap();
+                format!("cp {} /var/lib/dhcpcd/vm0.lease && ", lease_path.display())
+            }
+            None => String::new(),
+        };
         let script = format!(
-            "mount -t tmpfs none /var/lib/dhcpcd && mount -t tmpfs none /run && \
+            "mount -t tmpfs none /var/lib/dhcpcd && {copy}mount -t tmpfs none /run && \
              exec timeout 30 dhcpcd -T -4 -1 -A -t 20 -f /dev/null \
              --option classless_static_routes --option interface_mtu --option domain_search \
              --option domain_name_servers {} vm0",
@@ -66,7 +81,6 @@ impl Topology {
         );
         // dhcpcd leaves privilege-separation helpers that hold their stdio: write it to files, wait for the
         // main process, kill the helpers, then read what was printed.
-        let dir = tempfile::tempdir().unwrap();
         let (out_path, err_path) = (dir.path().join("out"), dir.path().join("err"));
         let status = Command::new("ip")
             .args(["netns", "exec", &self.client.name, "unshare", "-m", "sh", "-c", &script])
@@ -81,7 +95,7 @@ impl Topology {
             status.code().unwrap_or_else(|| 128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0));
         assert!(code == 0 || code == 139, "dhcpcd exit {status:?}: {out}\n{err}");
         assert!(!out.is_empty(), "dhcpcd printed nothing (exit {status:?}): {err}");
-        out
+        (out, err)
     }
 
     /// busybox udhcpc with a script that prints its environment; returns the printed lines.
