@@ -68,7 +68,9 @@ impl std::fmt::Debug for DhcpServer {
 }
 
 /// Creates the server socket of one bridge in the current netns:
-/// `socket(AF_INET, SOCK_DGRAM)`, `SO_BINDTODEVICE <bridge>`, `SO_BROADCAST`, `SO_REUSEADDR`, `bind 0.0.0.0:67`.
+/// `socket(AF_INET, SOCK_DGRAM)`, `SO_BINDTODEVICE <bridge>`, `SO_BROADCAST`, `bind 0.0.0.0:67`. No
+/// `SO_REUSEADDR`: with it a second server could bind the same port on the same bridge and steal requests
+/// (UDP has no TIME_WAIT to work around).
 fn bridge_socket(bridge: &str) -> Result<OwnedFd> {
     let fd = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)
         .map_err(|e| Error::errno("DHCP socket", e))?;
@@ -77,7 +79,6 @@ fn bridge_socket(bridge: &str) -> Result<OwnedFd> {
         e => Error::errno(format!("DHCP: bind socket to bridge {bridge:?}"), e),
     })?;
     setsockopt(&fd, sockopt::Broadcast, &true).map_err(|e| Error::errno("DHCP: SO_BROADCAST", e))?;
-    setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(|e| Error::errno("DHCP: SO_REUSEADDR", e))?;
     let addr = SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, SERVER_PORT));
     bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr).map_err(|e| match e {
         nix::errno::Errno::EADDRINUSE => Error::new(
