@@ -9,72 +9,246 @@
  */
 export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-wasip1'
 
-/** A connected Unix stream socket. */
-export declare class UnixConnection {
-  /** Connects to the socket at `path`. */
-  static connect(path: string): Promise<UnixConnection>
-  /** The peer's credentials (`SO_PEERCRED`). */
-  peerCred(): PeerCredentials
-  /** Reads exactly `n` bytes (`ERR_CLOSED` on EOF, `ERR_TIMEOUT` after `timeoutMs` when given and > 0). */
-  readExact(n: number, timeoutMs?: number | undefined | null): Promise<Buffer>
-  /** Writes all of `data`. */
-  write(data: Buffer): Promise<void>
+/**
+ * A netlink connection to one network namespace; every method is named after the `ip` command it equals.
+ * Links are addressed by index (`linkByName` finds one). Call `close()` when done.
+ */
+export declare class NetlinkHandle {
   /**
-   * Writes `head` with a plain write, then sends `data` with the `fds` in one `sendmsg` (skipped when both are
-   * empty; data must not be empty when fds are sent). The fds stay owned by the caller, who must keep them
-   * open until the Promise settles.
+   * Opens a connection to the netns at `netns` (a namespace file such as `/var/run/netns/pod1`); without
+   * it, to the netns of this process. The socket is created on a short-lived thread inside that netns.
    */
-  writeThenSend(head: Buffer, data: Buffer, fds: Array<number>): Promise<void>
-  /**
-   * One `recvmsg` with a `dataLen`-byte data buffer and a `controlLen`-byte control buffer
-   * (`MSG_CMSG_CLOEXEC`). The returned fds belong to the caller.
-   */
-  recvWithFds(dataLen: number, controlLen: number): Promise<Received>
-  /** Shuts the connection down (pending operations fail) and releases it. */
+  static open(netns?: string | undefined | null): NetlinkHandle
+  /** Closes the connection; later calls fail with `ERR_CLOSED`. */
   close(): void
-}
-
-/** A listening Unix stream socket. */
-export declare class UnixListener {
+  /** Lists all links. `ip -d link show`. */
+  links(): Promise<Array<Link>>
+  /** The link named `name`; `ERR_NOT_FOUND` when missing. `ip -d link show dev <name>`. */
+  linkByName(name: string): Promise<Link>
+  /** The link with index `index`. `ip -d link show` filtered on the index. */
+  linkByIndex(index: number): Promise<Link>
   /**
-   * Binds `path` (a stale socket file nobody listens on is replaced; a live one gives `ERR_EXISTS`),
-   * then sets the file's mode (default 0o600) and group.
+   * Creates a veth pair (both down), the peer directly in the netns at `peerNetns` when given; returns the
+   * index of `name`. `ip link add <name> type veth peer name <peer> [netns <ns>]`.
    */
-  static bind(path: string, opts?: BindOpts | undefined | null): UnixListener
-  /** The socket path. */
-  get path(): string
-  /** Accepts the next connection. Rejects with `ERR_CLOSED` once the listener is closed. */
-  accept(): Promise<UnixConnection>
-  /** Closes the listener (a pending `accept` rejects) and, when `removeFile` is true, removes the socket file. */
-  close(removeFile?: boolean | undefined | null): void
+  createVeth(name: string, peer: string, peerNetns?: string | undefined | null): Promise<number>
+  /**
+   * Creates a bridge (down) with MAC ageing time 0 and an optional MTU; returns its index.
+   * `ip link add <name> [mtu <mtu>] type bridge ageing_time 0`.
+   */
+  createBridge(name: string, mtu?: number | undefined | null): Promise<number>
+  /** `ip link set dev <link> up`. */
+  setUp(index: number): Promise<void>
+  /** `ip link set dev <link> down`. */
+  setDown(index: number): Promise<void>
+  /** `ip link set dev <link> address <mac>`. */
+  setMac(index: number, mac: string): Promise<void>
+  /** `ip link set dev <link> mtu <mtu>`. */
+  setMtu(index: number, mtu: number): Promise<void>
+  /** `ip link set dev <link> name <name>` (the link must be down). */
+  setName(index: number, name: string): Promise<void>
+  /** `ip link set dev <link> master <bridge>`. */
+  setMaster(index: number, master: number): Promise<void>
+  /** `ip link set dev <link> nomaster`. */
+  setNomaster(index: number): Promise<void>
+  /** Moves a link into the netns at `netns` (a namespace file). `ip link set dev <link> netns <ns>`. */
+  setNetns(index: number, netns: string): Promise<void>
+  /** `ip link delete dev <link>` (works on taps too, even while a VM holds one). */
+  deleteLink(index: number): Promise<void>
+  /** Lists IPv4 and IPv6 addresses, of one link when `index` is given. `ip addr show [dev <link>]`. */
+  addresses(index?: number | undefined | null): Promise<Array<Address>>
+  /** `ip addr add <address>/<prefixLen> dev <link>`. */
+  addAddress(index: number, address: string, prefixLen: number): Promise<void>
+  /** `ip addr del <address>/<prefixLen> dev <link>`. */
+  deleteAddress(index: number, address: string, prefixLen: number): Promise<void>
+  /** The routes of the main table, IPv4 then IPv6. `ip route show` + `ip -6 route show`. */
+  routes(): Promise<Array<Route>>
+  /** `ip route add <dst>/<len>|default [via <gw>] [dev <link>] [proto ..] [scope ..] [metric ..] [table ..]`. */
+  addRoute(route: RouteSpec): Promise<void>
+  /** `ip route del <dst>/<len>|default [via <gw>] [dev <link>] [table ..]`. */
+  deleteRoute(route: RouteSpec): Promise<void>
 }
 
-/** Options for `UnixListener.bind`. */
-export interface BindOpts {
-  /** Permission bits of the socket file (default 0o600). */
-  mode?: number
-  /** Group of the socket file. */
-  gid?: number
+/**
+ * Keeps DHCP requests from the VM and our DHCP replies from leaving through `link` (a bridge port in the pod
+ * netns), with nftables rules sent over netlink (no process). `ERR_EXISTS` when already isolated.
+ * `nft add table bridge tapmanager-dhcp-<link>` + forward/output chains dropping UDP dport/sport 67 out of it.
+ */
+export declare function addDhcpIsolation(netns: string | undefined | null, link: string): Promise<void>
+
+/** An address as `ip addr show` describes it. */
+export interface Address {
+  /** The link's index. */
+  index: number
+  /** The address. */
+  address: string
+  /** The prefix length. */
+  prefixLen: number
+  /** 4 or 6. */
+  family: number
+  /** `RT_SCOPE_*`: 0 global, 253 link, 254 host. */
+  scope: number
 }
 
-/** Closes a file descriptor that JavaScript owns (`close(2)`). */
-export declare function closeFd(fd: number): void
+/** Creates a named network namespace, natively (no `ip` process). Equivalent to `ip netns add <name>`. */
+export declare function createNetns(name: string, options?: CreateNetnsOptions | undefined | null): Promise<NetnsInfo>
 
-/** `CMSG_SPACE(4 * nfds)`: the OobSize for `nfds` fds (0 for none). */
-export declare function cmsgSpace(nfds: number): number
+/** Options of `createNetns`. */
+export interface CreateNetnsOptions {
+  /** The directory of named namespaces; default `/var/run/netns` (what `ip netns` uses). */
+  dir?: string
+  /**
+   * When the name is taken: `fail` (default) with `ERR_EXISTS`, like `ip netns add`; `reuse` returns the
+   * existing live namespace unchanged (a leftover plain file from a crash becomes a new namespace);
+   * `recreate` deletes it and creates a fresh, empty one.
+   */
+  ifExists?: 'fail' | 'reuse' | 'recreate'
+}
+
+/**
+ * Creates a persistent tap through /dev/net/tun. `ip tuntap add dev <name> mode tap [multi_queue]`
+ * (+ `ip link set dev <name> mtu <mtu> up`). `ERR_EXISTS` when the name is taken.
+ */
+export declare function createTap(name: string, options?: CreateTapOptions | undefined | null): Promise<void>
+
+/** Options of `createTap`. */
+export interface CreateTapOptions {
+  /** The netns (a namespace file) to create it in; default: this process's. */
+  netns?: string
+  /** The MTU; default 1500. */
+  mtu?: number
+  /** Create it multi-queue (then it must be opened with `queues`). */
+  multiQueue?: boolean
+  /** Bring it up. */
+  up?: boolean
+}
+
+/** Deletes a named namespace (unmount and remove; a missing one is fine). Equivalent to `ip netns delete <name>`. */
+export declare function deleteNetns(name: string, dir?: string | undefined | null): Promise<void>
+
+/**
+ * Deletes a persistent tap (a missing one is fine). `ip tuntap del dev <name> mode tap`. `ERR_BUSY` while
+ * a VM holds it (`NetlinkHandle.deleteLink` removes it even then).
+ */
+export declare function deleteTap(name: string, netns?: string | undefined | null): Promise<void>
+
+/** A link as `ip -d link show` describes it. */
+export interface Link {
+  /** The interface index. */
+  index: number
+  /** The name. */
+  name: string
+  /** `veth`, `bridge`, `tun` (taps), ...; absent for `lo` and physical NICs. */
+  kind?: string
+  /** `aa:bb:cc:dd:ee:ff`, when the link has a 6-byte hardware address. */
+  mac?: string
+  /** The MTU. */
+  mtu: number
+  /** Administratively up. */
+  up: boolean
+  /** The raw `IFF_*` flags. */
+  flags: number
+  /** The index of its bridge, if it is a bridge port. */
+  master?: number
+}
+
+/** The links isolated in a netns, sorted. */
+export declare function listDhcpIsolation(netns?: string | undefined | null): Promise<Array<string>>
+
+/** Lists the live named namespaces, sorted. Equivalent to `ip netns list`. */
+export declare function listNetns(dir?: string | undefined | null): Promise<Array<string>>
 
 /** Returns the version of the native addon (a smoke test of the binding). */
 export declare function nativeVersion(): string
 
-/** Peer credentials from `SO_PEERCRED`. */
-export interface PeerCredentials {
-  pid: number
-  uid: number
-  gid: number
+/** A named namespace returned by `createNetns`. */
+export interface NetnsInfo {
+  /** The name. */
+  name: string
+  /** The namespace file (e.g. `/var/run/netns/pod1`): use it as `netns` elsewhere and as `CNI_NETNS`. */
+  path: string
+  /** False when `ifExists: 'reuse'` returned an existing namespace. */
+  created: boolean
 }
 
-/** What `recvWithFds` received: the data bytes (empty at EOF) and the fds, now owned by JavaScript. */
-export interface Received {
-  data: Buffer
-  fds: Array<number>
+/** The path of a named namespace (no check that it exists). */
+export declare function netnsPath(name: string, dir?: string | undefined | null): string
+
+/**
+ * Opens an existing tap (`IFF_TAP | IFF_NO_PI`) and returns its fds, one per queue. The caller owns them
+ * (close with `fs.closeSync`, or hand them to a VM). `ERR_BUSY` when a VM holds a single-queue tap,
+ * `ERR_NOT_FOUND` when there is no such link, `ERR_INVALID` when it is not a tap or the queue mode differs.
+ */
+export declare function openTap(name: string, options?: OpenTapOptions | undefined | null): Promise<Array<number>>
+
+/** Options of `openTap`. */
+export interface OpenTapOptions {
+  /** The netns the tap lives in; default: this process's. */
+  netns?: string
+  /** Ask for the virtio-net header (`IFF_VNET_HDR`). */
+  vnetHdr?: boolean
+  /** Queues: 1 (default) for a single-queue tap, N > 1 for a multi-queue one (N fds). */
+  queues?: number
+}
+
+/** Removes exactly `link`'s isolation (a missing one is fine). `nft delete table bridge tapmanager-dhcp-<link>`. */
+export declare function removeDhcpIsolation(netns: string | undefined | null, link: string): Promise<void>
+
+/** A route of the main table as `ip route show` describes it. */
+export interface Route {
+  /** The destination; absent for a default route. */
+  dst?: string
+  /** The destination prefix length (0 for a default route). */
+  dstLen: number
+  /** The gateway. */
+  gateway?: string
+  /** The output interface index. */
+  oif?: number
+  /** `RTPROT_*`: 2 kernel, 3 boot, 4 static, 16 dhcp. */
+  protocol: number
+  /** `RT_SCOPE_*`: 0 global, 253 link, 254 host. */
+  scope: number
+  /** The table id (254 = main). */
+  table: number
+  /** The metric. */
+  priority?: number
+  /** The preferred source address. */
+  prefSrc?: string
+  /** 4 or 6. */
+  family: number
+}
+
+/** A route to add or delete: `dst` or `gateway` is required (the default route has only a gateway). */
+export interface RouteSpec {
+  /** The destination network; absent: the default route. */
+  dst?: string
+  /** The destination prefix length; default 32 (IPv4) / 128 (IPv6) when `dst` is set. */
+  dstLen?: number
+  /** The gateway. */
+  gateway?: string
+  /** The output interface index. */
+  oif?: number
+  /** `RT_SCOPE_*`; default: link (253) without a gateway, global (0) with one. */
+  scope?: number
+  /** `RTPROT_*`; default boot (3), like `ip route add`. */
+  protocol?: number
+  /** The metric. */
+  priority?: number
+  /** The table; default main (254). */
+  table?: number
+}
+
+/** Describes an open tap fd (`TUNGETIFF`). */
+export declare function tapFdInfo(fd: number): TapFdInfo
+
+/** What `tapFdInfo` tells about an open tap fd. */
+export interface TapFdInfo {
+  /** The tap's name. */
+  name: string
+  /** Persistent (`IFF_PERSIST`). */
+  persistent: boolean
+  /** Multi-queue. */
+  multiQueue: boolean
+  /** With the virtio-net header. */
+  vnetHdr: boolean
 }

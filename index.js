@@ -835,12 +835,16 @@ function __napiStampBindingTarget(exportsObject, target) {
 // linked import resolves to `undefined`.
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
-module.exports.UnixConnection = nativeBinding.UnixConnection
-module.exports.UnixListener = nativeBinding.UnixListener
-module.exports.closeFd = nativeBinding.closeFd
-module.exports.cmsgSpace = nativeBinding.cmsgSpace
+module.exports.NetlinkHandle = nativeBinding.NetlinkHandle
+module.exports.addDhcpIsolation = nativeBinding.addDhcpIsolation
+module.exports.createNetns = nativeBinding.createNetns
+module.exports.createTap = nativeBinding.createTap
+module.exports.deleteNetns = nativeBinding.deleteNetns
+module.exports.deleteTap = nativeBinding.deleteTap
+module.exports.listDhcpIsolation = nativeBinding.listDhcpIsolation
+module.exports.listNetns = nativeBinding.listNetns
 module.exports.nativeVersion = nativeBinding.nativeVersion
-module.exports.recoverContainerSide = nativeBinding.recoverContainerSide
-module.exports.reopenTaps = nativeBinding.reopenTaps
-module.exports.setupContainerSide = nativeBinding.setupContainerSide
-module.exports.teardownContainerSide = nativeBinding.teardownContainerSide
+module.exports.netnsPath = nativeBinding.netnsPath
+module.exports.openTap = nativeBinding.openTap
+module.exports.removeDhcpIsolation = nativeBinding.removeDhcpIsolation
+module.exports.tapFdInfo = nativeBinding.tapFdInfo

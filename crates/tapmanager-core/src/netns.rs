@@ -22,9 +22,6 @@ use crate::error::{Error, ErrorCode, Result};
 /// The directory `ip netns` uses for named namespaces.
 pub const DEFAULT_NETNS_DIR: &str = "/var/run/netns";
 
-/// `NSFS_MAGIC` from `linux/magic.h`: the filesystem type of a bound namespace file.
-const NSFS_MAGIC: i64 = 0x6e73_6673;
-
 /// What [`create_netns`] does when a file of that name already exists in the directory (e.g. left by a crash).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum IfExists {
@@ -63,7 +60,8 @@ pub fn netns_path(dir: &Path, name: &str) -> PathBuf {
 /// True when `path` is a mounted namespace file (its filesystem is nsfs), i.e. a live named namespace.
 pub fn is_netns_mount(path: &Path) -> bool {
     match nix::sys::statfs::statfs(path) {
-        Ok(st) => st.filesystem_type().0 as i64 == NSFS_MAGIC,
+        // nsfs: the filesystem of a bound namespace file.
+        Ok(st) => st.filesystem_type() == nix::sys::statfs::NSFS_MAGIC,
         Err(_) => false,
     }
 }

@@ -19,6 +19,8 @@ use tapmanager_core::ErrorCode;
 const VM_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
 const MARKER_PORT: u16 = 5999;
 const PROBE_PORT: u16 = 5998;
+/// nftables' CLI by absolute path: under npm scripts, `nft` on PATH may be @vercel/nft from node_modules/.bin.
+const NFT: &str = "/usr/sbin/nft";
 
 fn ipv4_checksum(h: &[u8]) -> u16 {
     let mut sum: u32 = 0;
@@ -190,7 +192,7 @@ fn server_burst(pod: &str, tap: &OwnedFd, host: &OwnedFd, n: usize) -> (usize, u
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dhcp_requests_and_our_replies_never_leave_through_the_link() {
-    require_prereqs(&["ip", "nft"]);
+    require_prereqs(&["ip", NFT]);
     let pod = TestNetns::new("tmiso");
     let node = TestNetns::new("tmiso");
     let pod_path = PathBuf::from(pod.path());
@@ -218,7 +220,7 @@ async fn dhcp_requests_and_our_replies_never_leave_through_the_link() {
     add_dhcp_isolation(Some(&pod_path), "eth0").unwrap();
     assert_eq!(list_dhcp_isolation(Some(&pod_path)).unwrap(), vec!["eth0".to_string()]);
     // nft parses what we installed and shows Virtlet's two rules.
-    let listed = pod.exec("nft", &["list", "table", "bridge", "tapmanager-dhcp-eth0"]);
+    let listed = pod.exec(NFT, &["list", "table", "bridge", "tapmanager-dhcp-eth0"]);
     assert!(listed.contains("hook forward") && listed.contains("oifname \"eth0\" udp dport 67 counter"), "{listed}");
     assert!(listed.contains("hook output") && listed.contains("oifname \"eth0\" udp sport 67 counter"), "{listed}");
 
@@ -226,7 +228,7 @@ async fn dhcp_requests_and_our_replies_never_leave_through_the_link() {
     // gets the replies.
     assert_eq!(vm_burst(&tap, &host, 5), (0, 5));
     assert_eq!(server_burst(&pod.path(), &tap, &host, 4), (0, 4));
-    let listed = pod.exec("nft", &["list", "table", "bridge", "tapmanager-dhcp-eth0"]);
+    let listed = pod.exec(NFT, &["list", "table", "bridge", "tapmanager-dhcp-eth0"]);
     assert!(listed.contains("counter packets 5 ") && listed.contains("counter packets 4 "), "{listed}");
 
     // Adding twice is refused and changes nothing.
@@ -236,7 +238,7 @@ async fn dhcp_requests_and_our_replies_never_leave_through_the_link() {
     add_dhcp_isolation(Some(&pod_path), "eth1").unwrap();
     remove_dhcp_isolation(Some(&pod_path), "eth0").unwrap();
     assert_eq!(list_dhcp_isolation(Some(&pod_path)).unwrap(), vec!["eth1".to_string()]);
-    let ruleset = pod.exec("nft", &["list", "ruleset"]);
+    let ruleset = pod.exec(NFT, &["list", "ruleset"]);
     assert!(!ruleset.contains("\"eth0\"") && ruleset.contains("oifname \"eth1\""), "{ruleset}");
     assert_eq!(vm_burst(&tap, &host, 2), (2, 2));
     assert_eq!(server_burst(&pod.path(), &tap, &host, 2), (2, 2));
@@ -244,8 +246,8 @@ async fn dhcp_requests_and_our_replies_never_leave_through_the_link() {
     remove_dhcp_isolation(Some(&pod_path), "eth1").unwrap();
     remove_dhcp_isolation(Some(&pod_path), "eth1").unwrap(); // idempotent
     assert!(list_dhcp_isolation(Some(&pod_path)).unwrap().is_empty());
-    assert_eq!(pod.exec("nft", &["list", "ruleset"]).trim(), "");
+    assert_eq!(pod.exec(NFT, &["list", "ruleset"]).trim(), "");
     // Nothing was installed in the node netns.
-    assert_eq!(node.exec("nft", &["list", "ruleset"]).trim(), "");
+    assert_eq!(node.exec(NFT, &["list", "ruleset"]).trim(), "");
     assert_eq!(add_dhcp_isolation(Some(&pod_path), "bad/name").unwrap_err().code, ErrorCode::Invalid);
 }

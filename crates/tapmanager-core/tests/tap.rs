@@ -109,6 +109,8 @@ fn multi_queue_tap_gives_one_fd_per_queue() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// The guard only serialises this test with the others (each has its own runtime): nothing else awaits it.
+#[allow(clippy::await_holding_lock)]
 async fn errors_are_clear_and_netlink_sees_taps() {
     require_prereqs(&["ip"]);
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
