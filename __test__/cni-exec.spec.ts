@@ -597,3 +597,39 @@ test('DEL runs every plugin even when one fails, reports all failures, and keeps
     t.true(existsSync(join(node.cacheDir, `${pod.name}-eth0.json`)))
   })
 })
+
+test('tmtest: per-container settings (dummy vs pod), a mixed Calico + second network result, reverse order', async (t) => {
+  await withNode(async (node) => {
+    const dummyPodId = node.podId('tmdummy')
+    const pod = node.createPod()
+    node.writeConf(
+      '10-t.conflist',
+      node.testConflist([
+        {
+          reverse: true,
+          links: [
+            { style: 'calico', address: '192.168.7.9/32' },
+            { name: 'eth1', address: '10.2.0.7/16', gateway: '10.2.0.1' },
+          ],
+          perContainer: { [dummyPodId]: { mode: 'calico', links: [{ address: '192.168.7.1/32' }] } },
+        },
+      ]),
+    )
+    const client = node.client({ dummyPodId })
+    const dummy = await client.getDummyNetwork()
+    t.deepEqual(dummy.result.ips, [{ address: '192.168.7.1/32' }])
+    const { result } = await client.addSandboxToNetwork(pod.name, 'vm', 'default')
+    // reverse: eth1's pair first, then the Calico link (host side only, IP without index/gateway)
+    t.deepEqual(
+      result.interfaces.map((i) => (i.sandbox ? i.name : i.mac === 'ee:ee:ee:ee:ee:ee' ? 'calico-host' : 'host')),
+      ['host', 'eth1', 'calico-host'],
+    )
+    t.deepEqual(result.ips, [{ address: '10.2.0.7/16', gateway: '10.2.0.1', interface: 1 }, { address: '192.168.7.9/32' }])
+    t.deepEqual(podAddrs(pod.name), ['192.168.7.9/32'])
+    t.deepEqual(podAddrs(pod.name, 'eth1'), ['10.2.0.7/16'])
+    t.true(podRoutes(pod.name).includes('169.254.1.1 dev eth0 scope link'))
+    await client.removeSandboxFromNetwork(pod.name, 'vm', 'default')
+    await client.releaseDummyNetwork()
+    t.deepEqual(node.nodeLinks(), ['lo'])
+  })
+})
