@@ -69,6 +69,46 @@ export declare class NetlinkHandle {
   deleteRoute(route: RouteSpec): Promise<void>
 }
 
+/** A connected Unix stream socket. */
+export declare class UnixConnection {
+  /** Connects to the socket at `path`. */
+  static connect(path: string): Promise<UnixConnection>
+  /** The peer's credentials (`SO_PEERCRED`). */
+  peerCred(): PeerCredentials
+  /** Reads exactly `n` bytes (`ERR_CLOSED` on EOF, `ERR_TIMEOUT` after `timeoutMs` when given and > 0). */
+  readExact(n: number, timeoutMs?: number | undefined | null): Promise<Buffer>
+  /** Writes all of `data`. */
+  write(data: Buffer): Promise<void>
+  /**
+   * Writes `head` with a plain write, then sends `data` with the `fds` in one `sendmsg` (skipped when both are
+   * empty; data must not be empty when fds are sent). The fds stay owned by the caller, who must keep them
+   * open until the Promise settles.
+   */
+  writeThenSend(head: Buffer, data: Buffer, fds: Array<number>): Promise<void>
+  /**
+   * One `recvmsg` with a `dataLen`-byte data buffer and a `controlLen`-byte control buffer
+   * (`MSG_CMSG_CLOEXEC`). The returned fds belong to the caller.
+   */
+  recvWithFds(dataLen: number, controlLen: number): Promise<Received>
+  /** Shuts the connection down (pending operations fail) and releases it. */
+  close(): void
+}
+
+/** A listening Unix stream socket. */
+export declare class UnixListener {
+  /**
+   * Binds `path` (a stale socket file nobody listens on is replaced; a live one gives `ERR_EXISTS`),
+   * then sets the file's mode (default 0o600) and group.
+   */
+  static bind(path: string, opts?: BindOpts | undefined | null): UnixListener
+  /** The socket path. */
+  get path(): string
+  /** Accepts the next connection. Rejects with `ERR_CLOSED` once the listener is closed. */
+  accept(): Promise<UnixConnection>
+  /** Closes the listener (a pending `accept` rejects) and, when `removeFile` is true, removes the socket file. */
+  close(removeFile?: boolean | undefined | null): void
+}
+
 /**
  * Keeps DHCP requests from the VM and our DHCP replies from leaving through `link` (a bridge port in the pod
  * netns), with nftables rules sent over netlink (no process). `ERR_EXISTS` when already isolated.
@@ -88,6 +128,37 @@ export interface Address {
   family: number
   /** `RT_SCOPE_*`: 0 global, 253 link, 254 host. */
   scope: number
+}
+
+/** Options for `UnixListener.bind`. */
+export interface BindOpts {
+  /** Permission bits of the socket file (default 0o600). */
+  mode?: number
+  /** Group of the socket file. */
+  gid?: number
+}
+
+/** Closes a file descriptor that JavaScript owns (`close(2)`). */
+export declare function closeFd(fd: number): void
+
+/** `CMSG_SPACE(4 * nfds)`: the OobSize for `nfds` fds (0 for none). */
+export declare function cmsgSpace(nfds: number): number
+
+/** What `recoverContainerSide` resolves to. */
+export interface ContainerSideRecovery {
+  /**
+   * One entry per interface: the reopened tap fd (owned by the caller), or `null` when a running VM holds
+   * the tap (fetch it later with `reopenTaps`).
+   */
+  fds: Array<number | undefined | null>
+}
+
+/** What `setupContainerSide` resolves to. */
+export interface ContainerSideSetup {
+  /** The ContainerSideNetwork, Go's JSON (what the add response carries and what recover needs). */
+  csn: string
+  /** One tap fd per interface, in `Interfaces` order. The caller owns them and must close them. */
+  fds: Array<number>
 }
 
 /** Creates a named network namespace, natively (no `ip` process). Equivalent to `ip netns add <name>`. */
@@ -161,6 +232,12 @@ export declare function listNetns(dir?: string | undefined | null): Promise<Arra
 /** Returns the version of the native addon (a smoke test of the binding). */
 export declare function nativeVersion(): string
 
+/**
+ * True when the pod netns at `nsPath` holds a Calico link with a default route via 169.254.1.1: setup then
+ * needs `dummyGateway` (the IPv4 address of the dummy network's Calico link).
+ */
+export declare function needsDummyGateway(nsPath: string): Promise<boolean>
+
 /** A named namespace returned by `createNetns`. */
 export interface NetnsInfo {
   /** The name. */
@@ -191,8 +268,27 @@ export interface OpenTapOptions {
   queues?: number
 }
 
+/** Peer credentials from `SO_PEERCRED`. */
+export interface PeerCredentials {
+  pid: number
+  uid: number
+  gid: number
+}
+
+/** What `recvWithFds` received: the data bytes (empty at EOF) and the fds, now owned by JavaScript. */
+export interface Received {
+  data: Buffer
+  fds: Array<number>
+}
+
+/** Reopens the taps of `csnJson` after a restart. A tap held by a running VM gives `null` (not an error). */
+export declare function recoverContainerSide(nsPath: string, csnJson: string): Promise<ContainerSideRecovery>
+
 /** Removes exactly `link`'s isolation (a missing one is fine). `nft delete table bridge tapmanager-dhcp-<link>`. */
 export declare function removeDhcpIsolation(netns: string | undefined | null, link: string): Promise<void>
+
+/** Reopens every tap of `csnJson` (retrieveFDs). Rejects with `ERR_BUSY` while a tap is still held. */
+export declare function reopenTaps(nsPath: string, csnJson: string): Promise<number[]>
 
 /** A route of the main table as `ip route show` describes it. */
 export interface Route {
@@ -238,6 +334,25 @@ export interface RouteSpec {
   table?: number
 }
 
+/**
+ * Sets up the container side in the pod netns at `nsPath` for a CNI result (any spec version): fixes the
+ * result (Weave, Calico, `interfaces`), then per container link strips its IPv4 routes and addresses, swaps
+ * its MAC, and bridges it (`br<i>`, 169.254.254.2/24, MAC learning off, DHCP isolation) with a new tap
+ * `tap<i>`. Resolves to the ContainerSideNetwork JSON and the tap fds. On failure everything done is undone
+ * (the netns is as CNI left it) and the Promise rejects (`ERR_INVALID`, `ERR_EXISTS`, `ERR_NOT_FOUND`, ...).
+ */
+export declare function setupContainerSide(nsPath: string, cniResultJson: string, opts?: SetupContainerSideOptions | undefined | null): Promise<ContainerSideSetup>
+
+/** Options of `setupContainerSide`. */
+export interface SetupContainerSideOptions {
+  /** The prefix length given to Calico's `/32` pod address (default 24). */
+  calicoSubnetSize?: number
+  /** Whether SR-IOV VFs may be passed to the VM (default false: a VF is an `ERR_INVALID` error). */
+  enableSriov?: boolean
+  /** The IPv4 address of the dummy network's Calico link: the VM's gateway for a Calico default route. */
+  dummyGateway?: string
+}
+
 /** Describes an open tap fd (`TUNGETIFF`). */
 export declare function tapFdInfo(fd: number): TapFdInfo
 
@@ -252,3 +367,9 @@ export interface TapFdInfo {
   /** With the virtio-net header. */
   vnetHdr: boolean
 }
+
+/**
+ * Tears the container side of `csnJson` down in the pod netns at `nsPath`, restoring what CNI left (close the
+ * tap fds first). Every step runs; when some fail, the Promise rejects with all their errors in the message.
+ */
+export declare function teardownContainerSide(nsPath: string, csnJson: string): Promise<void>

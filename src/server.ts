@@ -369,6 +369,14 @@ export class FDServer {
     }
   }
 
+  /**
+   * Recovers `key` in-process, exactly as a recover request would (the source's `recover`, then the key is
+   * kept without fds until a get retrieves them). A daemon uses it for the keys it persisted, before `serve()`.
+   */
+  async restore(key: string, data: Buffer): Promise<void> {
+    await this.recover(key, data)
+  }
+
   private async recover(key: string, data: Buffer): Promise<void> {
     if (this.entries.has(key) || this.pending.has(key)) throw new RequestError(Errors.alreadyPresent(key))
     this.pending.add(key)

@@ -1,0 +1,213 @@
+/**
+ * The tapmanager daemon: an FDServer serving a TapFDSource, with persisted state and automatic recovery.
+ *
+ * For each key the daemon records what recover needs (the pod description and the ContainerSideNetwork)
+ * in a state dir: an `adding` record before the add starts, a `ready` record after it succeeded, nothing
+ * after a release. On start it recovers every `ready` key by itself (no caller bookkeeping, unlike Virtlet
+ * where the runtime must call Recover) and cleans up after every `adding` one (an add interrupted by a
+ * crash: CNI DEL, netns deleted), so `kill -9` at any moment leaves nothing behind once it is restarted.
+ */
+import { existsSync, readFileSync } from 'node:fs'
+import { join } from 'node:path'
+import { ExecCniClient, type CniClient } from './cni'
+import type { FDSource, GetFDsResult } from './fdsource'
+import type { RequestLogger } from './log'
+import { encodeContainerSideNetwork, encodeRecoverPayload, parseContainerSideNetwork, parseGetFDPayload, type PodNetworkDesc } from './payloads'
+import { FDServer } from './server'
+import { StateStore } from './state'
+import { TapFDSource } from './tapfdsource'
+
+/** Options of {@link startDaemon}. */
+export interface DaemonOptions {
+  socketPath: string
+  socketMode?: number
+  /** Group name or numeric gid of the socket file. */
+  socketGroup?: string | null
+  allowedUids?: number[]
+  allowedGids?: number[]
+  cniConfigDir?: string
+  cniPluginDirs?: string[]
+  /** CNI ADD results are cached here (default `<stateDir>/cni`) so DEL works after a restart. */
+  cniCacheDir?: string
+  cniTimeoutMs?: number
+  netnsDir?: string
+  stateDir: string
+  calicoSubnetSize?: number
+  sriov?: boolean
+  maxDataSize?: number
+  /** One log line per request, plus the daemon's own events. */
+  log?: RequestLogger
+  /** A CNI client to use instead of executing plugins (tests). */
+  cni?: CniClient
+}
+
+/** What the daemon did with the persisted keys when it started. */
+export interface RecoveryReport {
+  recovered: string[]
+  /** Keys whose add had been interrupted, cleaned up. */
+  cleaned: string[]
+  /** Keys that could not be recovered (e.g. their netns vanished), with the reason; their records are removed. */
+  skipped: { key: string; reason: string }[]
+  /** State files that could not be read (quarantined). */
+  corrupt: string[]
+}
+
+/** A running daemon. */
+export interface Daemon {
+  server: FDServer
+  source: TapFDSource
+  store: StateStore
+  recovery: RecoveryReport
+  /** Clean stop: no new requests, DHCP servers and fds closed; netns, links and state kept for recovery. */
+  close(): Promise<void>
+}
+
+/** Records each key's recovery data around the TapFDSource calls. */
+class PersistingSource implements FDSource {
+  constructor(
+    private readonly inner: TapFDSource,
+    private readonly store: StateStore,
+  ) {}
+
+  async getFDs(key: string, data: Buffer): Promise<GetFDsResult> {
+    const { podNetworkDesc } = parseGetFDPayload(data)
+    await this.store.write({ key, status: 'adding', podNetworkDesc })
+    let res: GetFDsResult
+    try {
+      res = await this.inner.getFDs(key, data)
+    } catch (err) {
+      await this.store.remove(key)
+      throw err
+    }
+    try {
+      await this.store.write({ key, status: 'ready', podNetworkDesc, csn: JSON.parse(String(res.data)) })
+    } catch (err) {
+      await this.inner.release(key).catch(() => undefined)
+      await this.store.remove(key).catch(() => undefined)
+      throw err
+    }
+    return res
+  }
+
+  async release(key: string): Promise<void> {
+    try {
+      await this.inner.release(key)
+    } finally {
+      // The source forgets the key even when a step failed; so does the state.
+      await this.store.remove(key)
+    }
+  }
+
+  getInfo(key: string): Buffer {
+    return this.inner.getInfo(key)
+  }
+
+  async recover(key: string, data: Buffer): Promise<void> {
+    await this.inner.recover(key, data)
+    const d = this.inner.describe(key)
+    if (d) {
+      const csn = JSON.parse(encodeContainerSideNetwork(d.csn))
+      await this.store.write({ key, status: 'ready', podNetworkDesc: d.podNetworkDesc, csn })
+    }
+  }
+
+  retrieveFDs(key: string): Promise<number[]> {
+    return this.inner.retrieveFDs(key)
+  }
+
+  stop(): Promise<void> {
+    return this.inner.stop()
+  }
+}
+
+/** Starts the daemon: recovers persisted keys, then serves. */
+export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
+  const netnsDir = opts.netnsDir ?? '/var/run/netns'
+  const cni =
+    opts.cni ??
+    new ExecCniClient({
+      confDir: opts.cniConfigDir,
+      binDirs: opts.cniPluginDirs,
+      netnsDir,
+      cacheDir: opts.cniCacheDir ?? join(opts.stateDir, 'cni'),
+      timeoutMs: opts.cniTimeoutMs,
+    })
+  const source = new TapFDSource(cni, { enableSriov: opts.sriov, calicoSubnetSize: opts.calicoSubnetSize, netnsDir })
+  const store = new StateStore(opts.stateDir)
+  await store.init()
+  const server = new FDServer(opts.socketPath, new PersistingSource(source, store), {
+    socketMode: opts.socketMode,
+    socketGid: resolveGroup(opts.socketGroup),
+    allowedUids: opts.allowedUids?.length || opts.allowedGids?.length ? opts.allowedUids : undefined,
+    allowedGids: opts.allowedUids?.length || opts.allowedGids?.length ? opts.allowedGids : undefined,
+    maxDataSize: opts.maxDataSize,
+    onRequest: opts.log ? (e) => opts.log!.request({ ...e, peer: e.peer ? { ...e.peer } : undefined }) : undefined,
+  })
+
+  const recovery = await recoverPersisted(source, store, server)
+  if (opts.log) opts.log.logger.info({ recovery }, 'recovered persisted keys')
+  await server.serve()
+  if (opts.log) opts.log.logger.info({ socket: opts.socketPath }, 'serving')
+  return {
+    server,
+    source,
+    store,
+    recovery,
+    close: () => server.stop(),
+  }
+}
+
+async function recoverPersisted(source: TapFDSource, store: StateStore, server: FDServer): Promise<RecoveryReport> {
+  const report: RecoveryReport = { recovered: [], cleaned: [], skipped: [], corrupt: [] }
+  const listing = await store.list()
+  for (const c of listing.corrupt) {
+    await store.quarantine(c.file).catch(() => undefined)
+    report.corrupt.push(c.file)
+  }
+  await Promise.all(
+    listing.records.map(async (rec) => {
+      const desc = rec.podNetworkDesc as PodNetworkDesc
+      if (rec.status === 'adding') {
+        try {
+          await source.cleanupPod(desc)
+        } catch (err) {
+          report.skipped.push({ key: rec.key, reason: `cleanup of an interrupted add: ${messageOf(err)}` })
+        }
+        await store.remove(rec.key)
+        report.cleaned.push(rec.key)
+        return
+      }
+      try {
+        const csn = parseContainerSideNetwork(JSON.stringify(rec.csn))
+        const payload = encodeRecoverPayload({ podNetworkDesc: desc, csn, haveRunningContainers: false })
+        await server.restore(rec.key, Buffer.from(payload))
+        report.recovered.push(rec.key)
+      } catch (err) {
+        report.skipped.push({ key: rec.key, reason: messageOf(err) })
+        // A pod whose netns vanished can never come back: release its IPAM lease and forget it. Any other
+        // failure keeps the record, so a later start can try again.
+        const nsPath = (rec.csn as { NsPath?: unknown } | undefined)?.NsPath
+        if (typeof nsPath !== 'string' || !existsSync(nsPath)) {
+          await source.cleanupPod(desc).catch(() => undefined)
+          await store.remove(rec.key)
+        }
+      }
+    }),
+  )
+  return report
+}
+
+/** A group name or numeric gid to a gid (undefined keeps the process's group). */
+function resolveGroup(group: string | null | undefined): number | undefined {
+  if (group == null || group === '') return undefined
+  if (/^\d+$/.test(group)) return Number(group)
+  for (const line of readFileSync('/etc/group', 'utf8').split('\n')) {
+    const [name, , gid] = line.split(':')
+    if (name === group) return Number(gid)
+  }
+  throw new Error(`unknown group ${JSON.stringify(group)}`)
+}
+
+function messageOf(err: unknown): string {
+  return err instanceof Error ? err.message : String(err)
+}

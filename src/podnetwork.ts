@@ -1,0 +1,59 @@
+/**
+ * The native operations TapFDSource orchestrates, behind one interface so its logic (ordering, rollback,
+ * serialisation) can be unit-tested with fakes, while the real implementation calls the Rust core.
+ */
+import { existsSync } from 'node:fs'
+import { basename, dirname } from 'node:path'
+import * as native from './native'
+
+/** A running per-pod DHCP server. */
+export interface DhcpServerHandle {
+  stop(): Promise<void>
+}
+
+/** Options of the container-side setup. */
+export interface ContainerSideOptions {
+  enableSriov?: boolean
+  calicoSubnetSize?: number
+  /** IPv4 address of the dummy network's Calico link, when the pod is Calico's and has a default route. */
+  dummyGateway?: string
+}
+
+export interface PodNetworkOps {
+  /** True when a netns file exists at the path. */
+  netnsExists(nsPath: string): boolean
+  /** Creates the named netns at `nsPath` (`ip netns add`); fails with ERR_EXISTS when it exists. */
+  createNetns(nsPath: string): Promise<void>
+  /** Deletes the netns at `nsPath`; a missing one is not an error. */
+  deleteNetns(nsPath: string): Promise<void>
+  /** True when a link in the netns has a default route via Calico's 169.254.1.1. */
+  needsDummyGateway(nsPath: string): Promise<boolean>
+  /** Rewires the netns for a VM; returns the ContainerSideNetwork JSON and one tap fd per interface. */
+  setupContainerSide(nsPath: string, cniResultJson: string, opts: ContainerSideOptions): Promise<{ csn: string; fds: number[] }>
+  /** Restores the netns to what CNI left. */
+  teardownContainerSide(nsPath: string, csnJson: string): Promise<void>
+  /** Reopens the taps after a restart; a tap a running VM holds gives null. */
+  recoverContainerSide(nsPath: string, csnJson: string): Promise<{ fds: (number | null)[] }>
+  /** Reopens the taps of a recovered pod (ERR_BUSY while a VM holds one). */
+  reopenTaps(nsPath: string, csnJson: string): Promise<number[]>
+  /** Starts the pod's DHCP server; it is bound when this resolves. */
+  startDhcpServer(nsPath: string, csnJson: string): Promise<DhcpServerHandle>
+}
+
+/** The real operations, in the Rust core. */
+export const nativePodNetworkOps: PodNetworkOps = {
+  netnsExists: (nsPath) => existsSync(nsPath),
+  createNetns: async (nsPath) => {
+    await native.createNetns(basename(nsPath), { dir: dirname(nsPath) })
+  },
+  deleteNetns: (nsPath) => native.deleteNetns(basename(nsPath), dirname(nsPath)),
+  needsDummyGateway: (nsPath) => native.needsDummyGateway(nsPath),
+  setupContainerSide: (nsPath, resultJson, opts) => native.setupContainerSide(nsPath, resultJson, opts),
+  teardownContainerSide: (nsPath, csnJson) => native.teardownContainerSide(nsPath, csnJson),
+  recoverContainerSide: async (nsPath, csnJson) => {
+    const { fds } = await native.recoverContainerSide(nsPath, csnJson)
+    return { fds: fds.map((fd) => fd ?? null) }
+  },
+  reopenTaps: (nsPath, csnJson) => native.reopenTaps(nsPath, csnJson),
+  startDhcpServer: (nsPath, csnJson) => native.startDhcpServer(nsPath, csnJson),
+}
