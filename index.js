@@ -835,4 +835,6 @@ function __napiStampBindingTarget(exportsObject, target) {
 // linked import resolves to `undefined`.
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
+module.exports.DhcpServer = nativeBinding.DhcpServer
 module.exports.nativeVersion = nativeBinding.nativeVersion
+module.exports.startDhcpServer = nativeBinding.startDhcpServer
