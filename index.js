@@ -92,8 +92,8 @@ function requireNative() {
         loadErrors.push(e)
       }
       try {
-        const binding = require('@tapmanager/binding-android-arm64')
-        const bindingPackageVersion = require('@tapmanager/binding-android-arm64/package.json').version
+        const binding = require('tapmanager-android-arm64')
+        const bindingPackageVersion = require('tapmanager-android-arm64/package.json').version
         if (bindingPackageVersion !== '0.1.0' && process.env.NAPI_RS_ENFORCE_VERSION_CHECK && process.env.NAPI_RS_ENFORCE_VERSION_CHECK !== '0') {
           throw new Error(`Native binding package version mismatch, expected 0.1.0 but got ${bindingPackageVersion}. You can reinstall dependencies to fix this issue.`)
         }
@@ -108,8 +108,8 @@ function requireNative() {
         loadErrors.push(e)
       }
       try {
-        const binding = require('@tapmanager/binding-android-arm-eabi')
-        const bindingPackageVersion = require('@tapmanager/binding-android-arm-eabi/package.json').version
+        const binding = require('tapmanager-android-arm-eabi')
+        const bindingPackageVersion = require('tapmanager-android-arm-eabi/package.json').version
         if (bindingPackageVersion !== '0.1.0' && process.env.NAPI_RS_ENFORCE_VERSION_CHECK && process.env.NAPI_RS_ENFORCE_VERSION_CHECK !== '0') {
           throw new Error(`Native binding package version mismatch, expected 0.1.0 but got ${bindingPackageVersion}. You can reinstall dependencies to fix this issue.`)
         }
@@ -129,8 +129,8 @@ function requireNative() {
           loadErrors.push(e)
         }
         try {
-          const binding = require('@tapmanager/binding-win32-x64-gnu')
-          const bindingPackageVersion = require('@tapmanager/binding-win32-x64-gnu/package.json').version
+          const binding = require('tapmanager-win32-x64-gnu')
+          const bindingPackageVersion = require('tapmanager-win32-x64-gnu/package.json').version
           if (bindingPackageVersion !== '0.1.0' && process.env.NAPI_RS_ENFORCE_VERSION_CHECK && process.env.NAPI_RS_ENFORCE_VERSION_CHECK !== '0') {
             throw new Error(`Native binding package version mismatch, expected 0.1.0 but got ${bindingPackageVersion}. You can reinstall dependencies to fix this issue.`)
           }
@@ -145,8 +145,8 @@ function requireNative() {
           loadErrors.push(e)
         }
         try {
-          const binding = require('@tapmanager/binding-win32-x64-msvc')
-          const bindingPackageVersion = require('@tapmanager/binding-win32-x64-msvc/package.json').version
+          const binding = require('tapmanager-win32-x64-msvc')
+          const bindingPackageVersion = require('tapmanager-win32-x64-msvc/package.json').version
           if (bindingPackageVersion !== '0.1.0' && process.env.NAPI_RS_ENFORCE_VERSION_CHECK && process.env.NAPI_RS_ENFORCE_VERSION_CHECK !== '0') {
             throw new Error(`Native binding package version mismatch, expected 0.1.0 but got ${bindingPackageVersion}. You can reinstall dependencies to fix this issue.`)
           }
@@ -162,8 +162,8 @@ function requireNative() {
         loadErrors.push(e)
       }
       try {
-        const binding = require('@tapmanager/binding-win32-ia32-msvc')
-        const bindingPackageVersion = require('@tapmanager/binding-win32-ia32-msvc/package.json').version
+        const binding = require('tapmanager-win32-ia32-msvc')
+        const bindingPackageVersion = require('tapmanager-win32-ia32-msvc/package.json').version
         if (bindingPackageVersion !== '0.1.0' && process.env.NAPI_RS_ENFORCE_VERSION_CHECK && process.env.NAPI_RS_ENFORCE_VERSION_CHECK !== '0') {
           throw new Error(`Native binding package version mismatch, expected 0.1.0 but got ${bindingPackageVersion}. You can reinstall dependencies to fix this issue.`)
         }
@@ -178,8 +178,8 @@ function requireNative() {
         loadErrors.push(e)
       }
       try {
-        const binding = require('@tapmanager/binding-win32-arm64-msvc')
-        const bindingPackageVersion = require('@tapmanager/binding-win32-arm64-msvc/package.json').version
+        const binding = require('tapmanager-win32-arm64-msvc')
+        const bindingPackageVersion = require('tapmanager-win32-arm64-msvc/package.json').version
         if (bindingPackageVersion !== '0.1.0' && process.env.NAPI_RS_ENFORCE_VERSION_CHECK && process.env.NAPI_RS_ENFORCE_VERSION_CHECK !== '0') {
           throw new Error(`Native binding package version mismatch, expected 0.1.0 but got ${bindingPackageVersion}. You can reinstall dependencies to fix this issue.`)
         }
@@ -197,8 +197,8 @@ function requireNative() {
       loadErrors.push(e)
     }
     try {
-      const binding = require('@tapmanager/binding-darwin-universal')
-      const bindingPackageVersion = require('@tapmanager/binding-darwin-universal/package.json').version
+      const binding = require('tapmanager-darwin-universal')
+      const bindingPackageVersion = require('tapmanager-darwin-universal/package.json').version
       if (bindingPackageVersion !== '0.1.0' && process.env.NAPI_RS_ENFORCE_VERSION_CHECK && process.env.NAPI_RS_ENFORCE_VERSION_CHECK !== '0') {
         throw new Error(`Native binding package version mismatch, expected 0.1.0 but got ${bindingPackageVersion}. You can reinstall dependencies to fix this issue.`)
       }
@@ -213,8 +213,8 @@ function requireNative() {
         loadErrors.push(e)
       }
       try {
-        const binding = require('@tapmanager/binding-darwin-x64')
-        const bindingPackageVersion = require('@tapmanager/binding-darwin-x64/package.json').version
+        const binding = require('tapmanager-darwin-x64')
+        const bindingPackageVersion = require('tapmanager-darwin-x64/package.json').version
         if (bindingPackageVersion !== '0.1.0' && process.env.NAPI_RS_ENFORCE_VERSION_CHECK && process.env.NAPI_RS_ENFORCE_VERSION_CHECK !== '0') {
           throw new Error(`Native binding package version mismatch, expected 0.1.0 but got ${bindingPackageVersion}. You can reinstall dependencies to fix this issue.`)
         }
@@ -229,8 +229,8 @@ function requireNative() {
         loadErrors.push(e)
       }
       try {
-        const binding = require('@tapmanager/binding-darwin-arm64')
-        const bindingPackageVersion = require('@tapmanager/binding-darwin-arm64/package.json').version
+        const binding = require('tapmanager-darwin-arm64')
+        const bindingPackageVersion = require('tapmanager-darwin-arm64/package.json').version
         if (bindingPackageVersion !== '0.1.0' && process.env.NAPI_RS_ENFORCE_VERSION_CHECK && process.env.NAPI_RS_ENFORCE_VERSION_CHECK !== '0') {
           throw new Error(`Native binding package version mismatch, expected 0.1.0 but got ${bindingPackageVersion}. You can reinstall dependencies to fix this issue.`)
         }
@@ -249,8 +249,8 @@ function requireNative() {
         loadErrors.push(e)
       }
       try {
-        const binding = require('@tapmanager/binding-freebsd-x64')
-        const bindingPackageVersion = require('@tapmanager/binding-freebsd-x64/package.json').version
+        const binding = require('tapmanager-freebsd-x64')
+        const bindingPackageVersion = require('tapmanager-freebsd-x64/package.json').version
         if (bindingPackageVersion !== '0.1.0' && process.env.NAPI_RS_ENFORCE_VERSION_CHECK && process.env.NAPI_RS_ENFORCE_VERSION_CHECK !== '0') {
           throw new Error(`Native binding package version mismatch, expected 0.1.0 but got ${bindingPackageVersion}. You can reinstall dependencies to fix this issue.`)
         }
@@ -265,8 +265,8 @@ function requireNative() {
         loadErrors.push(e)
       }
       try {
-        const binding = require('@tapmanager/binding-freebsd-arm64')
-        const bindingPackageVersion = require('@tapmanager/binding-freebsd-arm64/package.json').version
+        const binding = require('tapmanager-freebsd-arm64')
+        const bindingPackageVersion = require('tapmanager-freebsd-arm64/package.json').version
         if (bindingPackageVersion !== '0.1.0' && process.env.NAPI_RS_ENFORCE_VERSION_CHECK && process.env.NAPI_RS_ENFORCE_VERSION_CHECK !== '0') {
           throw new Error(`Native binding package version mismatch, expected 0.1.0 but got ${bindingPackageVersion}. You can reinstall dependencies to fix this issue.`)
         }
@@ -281,8 +281,8 @@ function requireNative() {
         loadErrors.push(e)
       }
       try {
-        const binding = require('@tapmanager/binding-freebsd-ppc64')
-        const bindingPackageVersion = require('@tapmanager/binding-freebsd-ppc64/package.json').version
+        const binding = require('tapmanager-freebsd-ppc64')
+        const bindingPackageVersion = require('tapmanager-freebsd-ppc64/package.json').version
         if (bindingPackageVersion !== '0.1.0' && process.env.NAPI_RS_ENFORCE_VERSION_CHECK && process.env.NAPI_RS_ENFORCE_VERSION_CHECK !== '0') {
           throw new Error(`Native binding package version mismatch, expected 0.1.0 but got ${bindingPackageVersion}. You can reinstall dependencies to fix this issue.`)
         }
@@ -302,8 +302,8 @@ function requireNative() {
           loadErrors.push(e)
         }
         try {
-          const binding = require('@tapmanager/binding-linux-x64-musl')
-          const bindingPackageVersion = require('@tapmanager/binding-linux-x64-musl/package.json').version
+          const binding = require('tapmanager-linux-x64-musl')
+          const bindingPackageVersion = require('tapmanager-linux-x64-musl/package.json').version
           if (bindingPackageVersion !== '0.1.0' && process.env.NAPI_RS_ENFORCE_VERSION_CHECK && process.env.NAPI_RS_ENFORCE_VERSION_CHECK !== '0') {
             throw new Error(`Native binding package version mismatch, expected 0.1.0 but got ${bindingPackageVersion}. You can reinstall dependencies to fix this issue.`)
           }
@@ -318,8 +318,8 @@ function requireNative() {
           loadErrors.push(e)
         }
         try {
-          const binding = require('@tapmanager/binding-linux-x64-gnu')
-          const bindingPackageVersion = require('@tapmanager/binding-linux-x64-gnu/package.json').version
+          const binding = require('tapmanager-linux-x64-gnu')
+          const bindingPackageVersion = require('tapmanager-linux-x64-gnu/package.json').version
           if (bindingPackageVersion !== '0.1.0' && process.env.NAPI_RS_ENFORCE_VERSION_CHECK && process.env.NAPI_RS_ENFORCE_VERSION_CHECK !== '0') {
             throw new Error(`Native binding package version mismatch, expected 0.1.0 but got ${bindingPackageVersion}. You can reinstall dependencies to fix this issue.`)
           }
@@ -336,8 +336,8 @@ function requireNative() {
           loadErrors.push(e)
         }
         try {
-          const binding = require('@tapmanager/binding-linux-arm64-musl')
-          const bindingPackageVersion = require('@tapmanager/binding-linux-arm64-musl/package.json').version
+          const binding = require('tapmanager-linux-arm64-musl')
+          const bindingPackageVersion = require('tapmanager-linux-arm64-musl/package.json').version
           if (bindingPackageVersion !== '0.1.0' && process.env.NAPI_RS_ENFORCE_VERSION_CHECK && process.env.NAPI_RS_ENFORCE_VERSION_CHECK !== '0') {
             throw new Error(`Native binding package version mismatch, expected 0.1.0 but got ${bindingPackageVersion}. You can reinstall dependencies to fix this issue.`)
           }
@@ -352,8 +352,8 @@ function requireNative() {
           loadErrors.push(e)
         }
         try {
-          const binding = require('@tapmanager/binding-linux-arm64-gnu')
-          const bindingPackageVersion = require('@tapmanager/binding-linux-arm64-gnu/package.json').version
+          const binding = require('tapmanager-linux-arm64-gnu')
+          const bindingPackageVersion = require('tapmanager-linux-arm64-gnu/package.json').version
           if (bindingPackageVersion !== '0.1.0' && process.env.NAPI_RS_ENFORCE_VERSION_CHECK && process.env.NAPI_RS_ENFORCE_VERSION_CHECK !== '0') {
             throw new Error(`Native binding package version mismatch, expected 0.1.0 but got ${bindingPackageVersion}. You can reinstall dependencies to fix this issue.`)
           }
@@ -370,8 +370,8 @@ function requireNative() {
           loadErrors.push(e)
         }
         try {
-          const binding = require('@tapmanager/binding-linux-arm-musleabihf')
-          const bindingPackageVersion = require('@tapmanager/binding-linux-arm-musleabihf/package.json').version
+          const binding = require('tapmanager-linux-arm-musleabihf')
+          const bindingPackageVersion = require('tapmanager-linux-arm-musleabihf/package.json').version
           if (bindingPackageVersion !== '0.1.0' && process.env.NAPI_RS_ENFORCE_VERSION_CHECK && process.env.NAPI_RS_ENFORCE_VERSION_CHECK !== '0') {
             throw new Error(`Native binding package version mismatch, expected 0.1.0 but got ${bindingPackageVersion}. You can reinstall dependencies to fix this issue.`)
           }
@@ -386,8 +386,8 @@ function requireNative() {
           loadErrors.push(e)
         }
         try {
-          const binding = require('@tapmanager/binding-linux-arm-gnueabihf')
-          const bindingPackageVersion = require('@tapmanager/binding-linux-arm-gnueabihf/package.json').version
+          const binding = require('tapmanager-linux-arm-gnueabihf')
+          const bindingPackageVersion = require('tapmanager-linux-arm-gnueabihf/package.json').version
           if (bindingPackageVersion !== '0.1.0' && process.env.NAPI_RS_ENFORCE_VERSION_CHECK && process.env.NAPI_RS_ENFORCE_VERSION_CHECK !== '0') {
             throw new Error(`Native binding package version mismatch, expected 0.1.0 but got ${bindingPackageVersion}. You can reinstall dependencies to fix this issue.`)
           }
@@ -404,8 +404,8 @@ function requireNative() {
           loadErrors.push(e)
         }
         try {
-          const binding = require('@tapmanager/binding-linux-loong64-musl')
-          const bindingPackageVersion = require('@tapmanager/binding-linux-loong64-musl/package.json').version
+          const binding = require('tapmanager-linux-loong64-musl')
+          const bindingPackageVersion = require('tapmanager-linux-loong64-musl/package.json').version
           if (bindingPackageVersion !== '0.1.0' && process.env.NAPI_RS_ENFORCE_VERSION_CHECK && process.env.NAPI_RS_ENFORCE_VERSION_CHECK !== '0') {
             throw new Error(`Native binding package version mismatch, expected 0.1.0 but got ${bindingPackageVersion}. You can reinstall dependencies to fix this issue.`)
           }
@@ -420,8 +420,8 @@ function requireNative() {
           loadErrors.push(e)
         }
         try {
-          const binding = require('@tapmanager/binding-linux-loong64-gnu')
-          const bindingPackageVersion = require('@tapmanager/binding-linux-loong64-gnu/package.json').version
+          const binding = require('tapmanager-linux-loong64-gnu')
+          const bindingPackageVersion = require('tapmanager-linux-loong64-gnu/package.json').version
           if (bindingPackageVersion !== '0.1.0' && process.env.NAPI_RS_ENFORCE_VERSION_CHECK && process.env.NAPI_RS_ENFORCE_VERSION_CHECK !== '0') {
             throw new Error(`Native binding package version mismatch, expected 0.1.0 but got ${bindingPackageVersion}. You can reinstall dependencies to fix this issue.`)
           }
@@ -438,8 +438,8 @@ function requireNative() {
           loadErrors.push(e)
         }
         try {
-          const binding = require('@tapmanager/binding-linux-riscv64-musl')
-          const bindingPackageVersion = require('@tapmanager/binding-linux-riscv64-musl/package.json').version
+          const binding = require('tapmanager-linux-riscv64-musl')
+          const bindingPackageVersion = require('tapmanager-linux-riscv64-musl/package.json').version
           if (bindingPackageVersion !== '0.1.0' && process.env.NAPI_RS_ENFORCE_VERSION_CHECK && process.env.NAPI_RS_ENFORCE_VERSION_CHECK !== '0') {
             throw new Error(`Native binding package version mismatch, expected 0.1.0 but got ${bindingPackageVersion}. You can reinstall dependencies to fix this issue.`)
           }
@@ -454,8 +454,8 @@ function requireNative() {
           loadErrors.push(e)
         }
         try {
-          const binding = require('@tapmanager/binding-linux-riscv64-gnu')
-          const bindingPackageVersion = require('@tapmanager/binding-linux-riscv64-gnu/package.json').version
+          const binding = require('tapmanager-linux-riscv64-gnu')
+          const bindingPackageVersion = require('tapmanager-linux-riscv64-gnu/package.json').version
           if (bindingPackageVersion !== '0.1.0' && process.env.NAPI_RS_ENFORCE_VERSION_CHECK && process.env.NAPI_RS_ENFORCE_VERSION_CHECK !== '0') {
             throw new Error(`Native binding package version mismatch, expected 0.1.0 but got ${bindingPackageVersion}. You can reinstall dependencies to fix this issue.`)
           }
@@ -471,8 +471,8 @@ function requireNative() {
         loadErrors.push(e)
       }
       try {
-        const binding = require('@tapmanager/binding-linux-ppc64-gnu')
-        const bindingPackageVersion = require('@tapmanager/binding-linux-ppc64-gnu/package.json').version
+        const binding = require('tapmanager-linux-ppc64-gnu')
+        const bindingPackageVersion = require('tapmanager-linux-ppc64-gnu/package.json').version
         if (bindingPackageVersion !== '0.1.0' && process.env.NAPI_RS_ENFORCE_VERSION_CHECK && process.env.NAPI_RS_ENFORCE_VERSION_CHECK !== '0') {
           throw new Error(`Native binding package version mismatch, expected 0.1.0 but got ${bindingPackageVersion}. You can reinstall dependencies to fix this issue.`)
         }
@@ -487,8 +487,8 @@ function requireNative() {
         loadErrors.push(e)
       }
       try {
-        const binding = require('@tapmanager/binding-linux-s390x-gnu')
-        const bindingPackageVersion = require('@tapmanager/binding-linux-s390x-gnu/package.json').version
+        const binding = require('tapmanager-linux-s390x-gnu')
+        const bindingPackageVersion = require('tapmanager-linux-s390x-gnu/package.json').version
         if (bindingPackageVersion !== '0.1.0' && process.env.NAPI_RS_ENFORCE_VERSION_CHECK && process.env.NAPI_RS_ENFORCE_VERSION_CHECK !== '0') {
           throw new Error(`Native binding package version mismatch, expected 0.1.0 but got ${bindingPackageVersion}. You can reinstall dependencies to fix this issue.`)
         }
@@ -507,8 +507,8 @@ function requireNative() {
         loadErrors.push(e)
       }
       try {
-        const binding = require('@tapmanager/binding-openharmony-arm64')
-        const bindingPackageVersion = require('@tapmanager/binding-openharmony-arm64/package.json').version
+        const binding = require('tapmanager-openharmony-arm64')
+        const bindingPackageVersion = require('tapmanager-openharmony-arm64/package.json').version
         if (bindingPackageVersion !== '0.1.0' && process.env.NAPI_RS_ENFORCE_VERSION_CHECK && process.env.NAPI_RS_ENFORCE_VERSION_CHECK !== '0') {
           throw new Error(`Native binding package version mismatch, expected 0.1.0 but got ${bindingPackageVersion}. You can reinstall dependencies to fix this issue.`)
         }
@@ -523,8 +523,8 @@ function requireNative() {
         loadErrors.push(e)
       }
       try {
-        const binding = require('@tapmanager/binding-openharmony-x64')
-        const bindingPackageVersion = require('@tapmanager/binding-openharmony-x64/package.json').version
+        const binding = require('tapmanager-openharmony-x64')
+        const bindingPackageVersion = require('tapmanager-openharmony-x64/package.json').version
         if (bindingPackageVersion !== '0.1.0' && process.env.NAPI_RS_ENFORCE_VERSION_CHECK && process.env.NAPI_RS_ENFORCE_VERSION_CHECK !== '0') {
           throw new Error(`Native binding package version mismatch, expected 0.1.0 but got ${bindingPackageVersion}. You can reinstall dependencies to fix this issue.`)
         }
@@ -539,8 +539,8 @@ function requireNative() {
         loadErrors.push(e)
       }
       try {
-        const binding = require('@tapmanager/binding-openharmony-arm')
-        const bindingPackageVersion = require('@tapmanager/binding-openharmony-arm/package.json').version
+        const binding = require('tapmanager-openharmony-arm')
+        const bindingPackageVersion = require('tapmanager-openharmony-arm/package.json').version
         if (bindingPackageVersion !== '0.1.0' && process.env.NAPI_RS_ENFORCE_VERSION_CHECK && process.env.NAPI_RS_ENFORCE_VERSION_CHECK !== '0') {
           throw new Error(`Native binding package version mismatch, expected 0.1.0 but got ${bindingPackageVersion}. You can reinstall dependencies to fix this issue.`)
         }
@@ -678,16 +678,16 @@ if (!nativeBinding || forceWasi) {
     let candidateError = null
     let candidateFailed = false
     try {
-      candidateError = __napiWasiResolveCandidate('@tapmanager/binding-wasm32-wasi', true, undefined)
+      candidateError = __napiWasiResolveCandidate('tapmanager-wasm32-wasi', true, undefined)
       candidateFailed = candidateError !== null
       if (!candidateFailed) {
         if (process.env.NAPI_RS_ENFORCE_VERSION_CHECK && process.env.NAPI_RS_ENFORCE_VERSION_CHECK !== '0') {
-          const bindingPackageVersion = require('@tapmanager/binding-wasm32-wasi/package.json').version
+          const bindingPackageVersion = require('tapmanager-wasm32-wasi/package.json').version
           if (bindingPackageVersion !== '0.1.0') {
             throw new Error(`WASI binding package version mismatch, expected 0.1.0 but got ${bindingPackageVersion}. You can reinstall dependencies to fix this issue.`)
           }
         }
-        wasiBinding = require('@tapmanager/binding-wasm32-wasi')
+        wasiBinding = require('tapmanager-wasm32-wasi')
         nativeBinding = wasiBinding
         __napiLoadedBindingTarget = 'wasm32-wasi'
         wasiBindingLoaded = true
@@ -835,6 +835,7 @@ function __napiStampBindingTarget(exportsObject, target) {
 // linked import resolves to `undefined`.
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
+module.exports.DhcpServer = nativeBinding.DhcpServer
 module.exports.NetlinkHandle = nativeBinding.NetlinkHandle
 module.exports.UnixConnection = nativeBinding.UnixConnection
 module.exports.UnixListener = nativeBinding.UnixListener
@@ -855,5 +856,6 @@ module.exports.recoverContainerSide = nativeBinding.recoverContainerSide
 module.exports.removeDhcpIsolation = nativeBinding.removeDhcpIsolation
 module.exports.reopenTaps = nativeBinding.reopenTaps
 module.exports.setupContainerSide = nativeBinding.setupContainerSide
+module.exports.startDhcpServer = nativeBinding.startDhcpServer
 module.exports.tapFdInfo = nativeBinding.tapFdInfo
 module.exports.teardownContainerSide = nativeBinding.teardownContainerSide
