@@ -17,6 +17,13 @@ export declare class UnixConnection {
   peerCred(): PeerCredentials
   /** Reads exactly `n` bytes (`ERR_CLOSED` on EOF, `ERR_TIMEOUT` after `timeoutMs` when given and > 0). */
   readExact(n: number, timeoutMs?: number | undefined | null): Promise<Buffer>
+  /**
+   * Reads a request frame: the header and its payload, within `timeoutMs` (when > 0). `data` is absent when
+   * the magic is wrong or DataSize exceeds `maxData` (the payload is then left unread).
+   */
+  readRequestFrame(maxData: number, timeoutMs?: number | undefined | null): Promise<Frame>
+  /** Reads a response frame as the Go client does (see `fdRequest`), within `timeoutMs` (when > 0). */
+  readResponseFrame(timeoutMs?: number | undefined | null): Promise<Frame>
   /** Writes all of `data`. */
   write(data: Buffer): Promise<void>
   /**
@@ -62,6 +69,23 @@ export declare function closeFd(fd: number): void
 
 /** `CMSG_SPACE(4 * nfds)`: the OobSize for `nfds` fds (0 for none). */
 export declare function cmsgSpace(nfds: number): number
+
+/**
+ * One FDServer request on a new connection: connect to `path`, write `request` (header and payload), read the
+ * response frame as the Go client does (header, one recvmsg with DataSize/OobSize buffers), close. The returned
+ * fds belong to the caller. `timeoutMs` (when > 0) bounds the whole exchange.
+ */
+export declare function fdRequest(path: string, request: Buffer, timeoutMs?: number | undefined | null): Promise<Frame>
+
+/**
+ * One frame of the FDServer protocol: the 77 header bytes, the payload (absent for a request frame that was
+ * not read: bad magic or DataSize over the limit) and the fds of a response (owned by JavaScript).
+ */
+export interface Frame {
+  header: Buffer
+  data?: Buffer
+  fds: Array<number>
+}
 
 /** Returns the version of the native addon (a smoke test of the binding). */
 export declare function nativeVersion(): string

@@ -839,4 +839,5 @@ module.exports.UnixConnection = nativeBinding.UnixConnection
 module.exports.UnixListener = nativeBinding.UnixListener
 module.exports.closeFd = nativeBinding.closeFd
 module.exports.cmsgSpace = nativeBinding.cmsgSpace
+module.exports.fdRequest = nativeBinding.fdRequest
 module.exports.nativeVersion = nativeBinding.nativeVersion

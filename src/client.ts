@@ -4,7 +4,7 @@
  */
 import { ProtocolError, ServerError } from './errors'
 import type { FDManager } from './fdsource'
-import { UnixConnection, closeFd } from './native'
+import { UnixConnection, closeFd, fdRequest } from './native'
 
 /** Closes an fd received from `getFDs` (the caller owns those). */
 export { closeFd }
@@ -13,7 +13,6 @@ import {
   ERROR_COMMAND,
   Errors,
   FD_MAGIC,
-  HEADER_SIZE,
   RESPONSE_FLAG,
   decodeHeader,
   decodeKey,
@@ -35,9 +34,13 @@ interface Response {
 
 export class FDClient implements FDManager {
   readonly socketPath: string
+  /** Bound on one whole request in ms (0: none). */
+  readonly timeoutMs: number
 
-  constructor(socketPath: string) {
+  /** `options.timeoutMs` bounds each request (default 30 s; 0 for none). */
+  constructor(socketPath: string, options: { timeoutMs?: number } = {}) {
     this.socketPath = socketPath
+    this.timeoutMs = options.timeoutMs ?? 30_000
   }
 
   /** Adds `key`; `data` is a Buffer (sent as is) or a value (sent as JSON). Returns the source's response data. */
@@ -76,21 +79,14 @@ export class FDClient implements FDManager {
   private async request(command: number, key: string, payload: Buffer): Promise<Response> {
     const keyBytes = encodeKey(key) // refuses keys that would not survive the trip, before connecting
     const head = encodeHeader({ command, dataSize: payload.length, oobSize: 0, key: keyBytes })
-    const conn = await UnixConnection.connect(this.socketPath)
-    const received: number[] = []
+    // One native call: connect, write header and payload, read the 77-byte header, then one recvmsg for the
+    // payload and the fds (as the Go client does), close.
+    const frame = await fdRequest(this.socketPath, payload.length > 0 ? Buffer.concat([head, payload]) : head, this.timeoutMs)
+    const received = frame.fds
     try {
-      await conn.write(payload.length > 0 ? Buffer.concat([head, payload]) : head)
-      const hdr = decodeHeader(await conn.readExact(HEADER_SIZE))
-      if (hdr.magic !== FD_MAGIC) throw new ProtocolError('bad magic')
-      let data: Buffer = Buffer.alloc(0)
-      if (hdr.dataSize > 0 || hdr.oobSize > 0) {
-        // One recvmsg for the first bytes and the fds (a plain read would lose the fds), then the rest, if any.
-        const r = await conn.recvWithFds(Math.max(hdr.dataSize, 1), hdr.oobSize)
-        received.push(...r.fds)
-        if (r.data.length === 0) throw new ProtocolError('connection closed before the response data')
-        data = hdr.dataSize === 0 ? Buffer.alloc(0) : r.data
-        if (data.length < hdr.dataSize) data = Buffer.concat([data, await conn.readExact(hdr.dataSize - data.length)])
-      }
+      const hdr = decodeHeader(frame.header)
+      if (hdr.magic !== FD_MAGIC || !frame.data) throw new ProtocolError('bad magic')
+      const data = frame.data
       if (hdr.command === ERROR_COMMAND) throw new ServerError(data.toString('utf8'))
       if (hdr.command !== (command | RESPONSE_FLAG)) {
         throw new ProtocolError(`unexpected command ${hdr.command.toString(16).padStart(2, '0')}`)
@@ -100,11 +96,9 @@ export class FDClient implements FDManager {
       if (command === Command.Get && hdr.oobSize > 0 && received.length === 0) {
         throw new ProtocolError('unexpected number of socket control messages: 0 instead of 1')
       }
-      const fds = received.splice(0)
-      return { data, fds }
+      return { data, fds: received.splice(0) }
     } finally {
       for (const fd of received) closeFd(fd)
-      conn.close()
     }
   }
 }

@@ -5,14 +5,13 @@
  */
 import { TapmanagerError, errorCode } from './errors'
 import type { FDSource } from './fdsource'
-import { UnixConnection, UnixListener, type PeerCredentials } from './native'
+import { UnixConnection, UnixListener, type Frame, type PeerCredentials } from './native'
 import {
   Command,
   ERROR_COMMAND,
   ERROR_KEY,
   Errors,
   FD_MAGIC,
-  HEADER_SIZE,
   RESPONSE_FLAG,
   commandName,
   decodeHeader,
@@ -167,29 +166,26 @@ export class FDServer {
       const allowed = this.allowed(peer)
       for (;;) {
         if (this.stopping) return
-        let hdr: FrameHeader
+        let frame: Frame
         try {
-          hdr = decodeHeader(await conn.readExact(HEADER_SIZE, this.opts.readTimeoutMs))
+          frame = await conn.readRequestFrame(this.opts.maxDataSize, this.opts.readTimeoutMs)
         } catch {
           return // EOF, timeout or closed: nothing to answer
         }
+        const hdr = decodeHeader(frame.header)
         if (hdr.magic !== FD_MAGIC) return // as the Go server: close without a response
         this.busy.add(conn)
         try {
           const started = performance.now()
           const key = decodeKey(hdr.key)
-          if (hdr.dataSize > this.opts.maxDataSize) {
+          if (!frame.data) {
+            // DataSize over the limit: the payload was not read (nor allocated); answer and close.
             const msg = `request data size ${hdr.dataSize} exceeds the limit of ${this.opts.maxDataSize} bytes`
             await this.sendError(conn, msg)
             this.log(key, hdr.command, started, msg, peer)
             return
           }
-          let data: Buffer
-          try {
-            data = hdr.dataSize > 0 ? await conn.readExact(hdr.dataSize, this.opts.readTimeoutMs) : Buffer.alloc(0)
-          } catch {
-            return
-          }
+          const data = frame.data
           if (!allowed) {
             const who = peer ? `uid ${peer.uid} gid ${peer.gid}` : 'unknown peer'
             const msg = `permission denied: peer ${who} is not allowed`

@@ -340,6 +340,104 @@ impl UnixConnection {
     }
 }
 
+/// Length of an FDServer protocol header (PROTOCOL.md): magic(4) command(1) DataSize(4) OobSize(4) key(64).
+pub const FRAME_HEADER_LEN: usize = 77;
+const FRAME_MAGIC: u32 = 0x4242_4242;
+
+/// DataSize and OobSize of a header (big-endian at bytes 5..9 and 9..13).
+fn frame_sizes(h: &[u8]) -> (usize, usize) {
+    let data = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) as usize;
+    let oob = u32::from_be_bytes([h[9], h[10], h[11], h[12]]) as usize;
+    (data, oob)
+}
+
+/// One frame of the FDServer protocol as read off a connection: the 77 header bytes, the payload and any fds.
+#[derive(Debug)]
+pub struct Frame {
+    /// The 77-byte header, as received.
+    pub header: Vec<u8>,
+    /// The payload: DataSize bytes; `None` for a request frame that was not read (bad magic, or DataSize over
+    /// the limit).
+    pub data: Option<Vec<u8>>,
+    /// The fds that came with a response (owned).
+    pub fds: Vec<OwnedFd>,
+}
+
+impl UnixConnection {
+    /// Reads a request frame for a server: the header, then its DataSize payload bytes, all within `deadline`.
+    /// The payload is left unread (`data: None`) when the magic is wrong or DataSize exceeds `max_data`, so a
+    /// hostile size is never allocated. EOF before the header is `ERR_CLOSED`.
+    pub async fn read_request_frame(&self, max_data: usize, deadline: Option<Duration>) -> Result<Frame> {
+        let fut = async {
+            let header = self.read_exact_inner(FRAME_HEADER_LEN).await?;
+            let magic = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+            let (size, _) = frame_sizes(&header);
+            if magic != FRAME_MAGIC || size > max_data {
+                return Ok(Frame { header, data: None, fds: Vec::new() });
+            }
+            let data = if size > 0 { self.read_exact_inner(size).await? } else { Vec::new() };
+            Ok(Frame { header, data: Some(data), fds: Vec::new() })
+        };
+        with_deadline(deadline, "read request", fut).await
+    }
+
+    /// Reads a response frame as Virtlet's Go client does: exactly 77 header bytes, then, when DataSize or OobSize
+    /// is not zero, one `recvmsg` with a DataSize-byte buffer (1 byte for the dummy byte when DataSize is 0) and an
+    /// OobSize-byte control buffer; payload bytes that did not fit in that message follow by plain reads. The
+    /// dummy byte is dropped. A frame whose magic is wrong is returned as is, without reading further.
+    pub async fn read_response_frame(&self, deadline: Option<Duration>) -> Result<Frame> {
+        let fut = async {
+            let header = self.read_exact_inner(FRAME_HEADER_LEN).await?;
+            let magic = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+            if magic != FRAME_MAGIC {
+                return Ok(Frame { header, data: None, fds: Vec::new() });
+            }
+            let (size, oob) = frame_sizes(&header);
+            if size == 0 && oob == 0 {
+                return Ok(Frame { header, data: Some(Vec::new()), fds: Vec::new() });
+            }
+            let (mut data, fds) = self.recv_with_fds(size.max(1), oob).await?;
+            if data.is_empty() {
+                return Err(Error::new(ErrorCode::Closed, "read response: connection closed before the payload"));
+            }
+            if size == 0 {
+                data.clear(); // the dummy byte
+            } else if data.len() < size {
+                let rest = self.read_exact_inner(size - data.len()).await?;
+                data.extend_from_slice(&rest);
+            }
+            Ok(Frame { header, data: Some(data), fds })
+        };
+        with_deadline(deadline, "read response", fut).await
+    }
+}
+
+/// One client request of the FDServer protocol on a new connection: connect to `path`, write `request`
+/// (header and payload), read the response frame, close. The whole exchange is bounded by `deadline`.
+pub async fn request(path: impl AsRef<Path>, request: &[u8], deadline: Option<Duration>) -> Result<Frame> {
+    let path = path.as_ref();
+    let fut = async {
+        let conn = UnixConnection::connect(path).await?;
+        conn.write_all(request).await?;
+        conn.read_response_frame(None).await
+    };
+    with_deadline(deadline, "request", fut).await
+}
+
+async fn with_deadline<T>(
+    deadline: Option<Duration>,
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    match deadline {
+        Some(d) => match tokio::time::timeout(d, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::new(ErrorCode::Timeout, format!("{what}: not done within {} ms", d.as_millis()))),
+        },
+        None => fut.await,
+    }
+}
+
 /// `sendmsg(fd, data, SCM_RIGHTS(fds), MSG_NOSIGNAL)`; returns the bytes sent.
 fn sendmsg_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<usize> {
     let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };

@@ -83,6 +83,38 @@ pub struct Received {
     pub fds: Vec<i32>,
 }
 
+/// One frame of the FDServer protocol: the 77 header bytes, the payload (absent for a request frame that was
+/// not read: bad magic or DataSize over the limit) and the fds of a response (owned by JavaScript).
+#[napi(object)]
+pub struct Frame {
+    pub header: Buffer,
+    pub data: Option<Buffer>,
+    pub fds: Vec<i32>,
+}
+
+fn to_js_frame(f: unix::Frame) -> Frame {
+    Frame { header: f.header.into(), data: f.data.map(Buffer::from), fds: to_js_fds(f.fds) }
+}
+
+fn deadline(timeout_ms: Option<u32>) -> Option<Duration> {
+    timeout_ms.filter(|&t| t > 0).map(|t| Duration::from_millis(t as u64))
+}
+
+/// One FDServer request on a new connection: connect to `path`, write `request` (header and payload), read the
+/// response frame as the Go client does (header, one recvmsg with DataSize/OobSize buffers), close. The returned
+/// fds belong to the caller. `timeoutMs` (when > 0) bounds the whole exchange.
+#[napi(ts_return_type = "Promise<Frame>")]
+pub fn fd_request<'env>(
+    env: &'env Env,
+    path: String,
+    request: Buffer,
+    timeout_ms: Option<u32>,
+) -> napi::Result<PromiseRaw<'env, Frame>> {
+    let req: Vec<u8> = request.to_vec();
+    let d = deadline(timeout_ms);
+    promise(env, async move { unix::request(&path, &req, d).await }, to_js_frame)
+}
+
 /// A listening Unix stream socket.
 #[napi]
 pub struct UnixListener {
@@ -197,6 +229,32 @@ impl UnixConnection {
         let c = self.get_or_closed();
         let deadline = timeout_ms.filter(|&t| t > 0).map(|t| Duration::from_millis(t as u64));
         promise(env, async move { c?.read_exact(n as usize, deadline).await }, Buffer::from)
+    }
+
+    /// Reads a request frame: the header and its payload, within `timeoutMs` (when > 0). `data` is absent when
+    /// the magic is wrong or DataSize exceeds `maxData` (the payload is then left unread).
+    #[napi(ts_return_type = "Promise<Frame>")]
+    pub fn read_request_frame<'env>(
+        &self,
+        env: &'env Env,
+        max_data: u32,
+        timeout_ms: Option<u32>,
+    ) -> napi::Result<PromiseRaw<'env, Frame>> {
+        let c = self.get_or_closed();
+        let d = deadline(timeout_ms);
+        promise(env, async move { c?.read_request_frame(max_data as usize, d).await }, to_js_frame)
+    }
+
+    /// Reads a response frame as the Go client does (see `fdRequest`), within `timeoutMs` (when > 0).
+    #[napi(ts_return_type = "Promise<Frame>")]
+    pub fn read_response_frame<'env>(
+        &self,
+        env: &'env Env,
+        timeout_ms: Option<u32>,
+    ) -> napi::Result<PromiseRaw<'env, Frame>> {
+        let c = self.get_or_closed();
+        let d = deadline(timeout_ms);
+        promise(env, async move { c?.read_response_frame(d).await }, to_js_frame)
     }
 
     /// Writes all of `data`.

@@ -7,7 +7,12 @@ use std::process::Command;
 pub fn require_prereqs(tools: &[&str]) {
     assert!(nix::unistd::Uid::effective().is_root(), "prerequisite missing: these tests need root");
     for tool in tools {
-        let ok = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success()).unwrap_or(false);
+        let ok = Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {tool}"))
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
         assert!(ok, "prerequisite missing: {tool} (run scripts/setup.sh)");
     }
 }
