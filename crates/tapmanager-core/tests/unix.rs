@@ -168,3 +168,79 @@ async fn peer_credentials_deadlines_eof_and_bad_arguments() {
     assert!(failed);
     assert_eq!(UnixConnection::connect(dir.path().join("nothing.sock")).await.unwrap_err().code, ErrorCode::NotFound);
 }
+
+fn frame(cmd: u8, data: u32, oob: u32, magic: u32) -> Vec<u8> {
+    let mut h = magic.to_be_bytes().to_vec();
+    h.push(cmd);
+    h.extend_from_slice(&data.to_be_bytes());
+    h.extend_from_slice(&oob.to_be_bytes());
+    h.extend_from_slice(&[b' '; 64]);
+    h
+}
+
+#[tokio::test]
+async fn protocol_frames_requests_limits_and_responses_with_fds() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.sock");
+    let l = UnixListener::bind(&path, BindOptions::default()).unwrap();
+    let f = temp_file("through the fd");
+    let server = async {
+        let c = l.accept().await.unwrap();
+        // a request with payload, split over several writes by the client
+        let r = c.read_request_frame(16, None).await.unwrap();
+        assert_eq!(r.data.as_deref(), Some(&b"payload"[..]));
+        // a response: header, then the dummy byte with one fd
+        c.write_all(&frame(0x82, 0, cmsg_space(1) as u32, 0x4242_4242)).await.unwrap();
+        c.send_with_fds(&[0], &[f.as_fd()]).await.unwrap();
+        // DataSize over the limit: header only, payload left unread
+        let r = c.read_request_frame(16, None).await.unwrap();
+        assert!(r.data.is_none());
+        assert_eq!(u32::from_be_bytes(r.header[5..9].try_into().unwrap()), 0xffff_ffff);
+        // bad magic: header only
+        let r = c.read_request_frame(16, None).await.unwrap();
+        assert!(r.data.is_none());
+        assert_eq!(&r.header[..4], b"AAAA");
+    };
+    let client = async {
+        let c = UnixConnection::connect(&path).await.unwrap();
+        let mut req = frame(2, 7, 0, 0x4242_4242);
+        req.extend_from_slice(b"payload");
+        c.write_all(&req[..40]).await.unwrap();
+        tokio::task::yield_now().await;
+        c.write_all(&req[40..]).await.unwrap();
+        let resp = c.read_response_frame(Some(Duration::from_secs(5))).await.unwrap();
+        assert_eq!(resp.data.as_deref(), Some(&[][..])); // the dummy byte is dropped
+        assert_eq!(resp.fds.len(), 1);
+        assert_eq!(read_all(resp.fds.into_iter().next().unwrap()), "through the fd");
+        c.write_all(&frame(0, 0xffff_ffff, 0, 0x4242_4242)).await.unwrap();
+        c.write_all(&frame(0, 1, 0, 0x4141_4141)).await.unwrap();
+    };
+    tokio::join!(server, client);
+
+    // request(): a whole client exchange against a server that answers with payload, then one that hangs
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = async {
+        let c = l.accept().await.unwrap();
+        let r = c.read_request_frame(16, None).await.unwrap();
+        assert_eq!(r.data.as_deref(), Some(&[][..]));
+        c.write_all(&frame(0x81, 5, 0, 0x4242_4242)).await.unwrap();
+        c.write_all(b"hello").await.unwrap();
+        let hang = l.accept().await.unwrap();
+        done_rx.await.unwrap(); // hold the connection open, unanswered, until the client has timed out
+        drop(hang);
+    };
+    let client = async {
+        let resp = tapmanager_core::unix::request(&path, &frame(1, 0, 0, 0x4242_4242), Some(Duration::from_secs(5)))
+            .await
+            .unwrap();
+        assert_eq!(resp.header[4], 0x81);
+        assert_eq!(resp.data.as_deref(), Some(&b"hello"[..]));
+        let e = tapmanager_core::unix::request(&path, &frame(1, 0, 0, 0x4242_4242), Some(Duration::from_millis(50)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::Timeout, "{e}");
+        done_tx.send(()).unwrap();
+    };
+    tokio::join!(server, client);
+}
