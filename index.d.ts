@@ -24,6 +24,12 @@ export declare class UnixConnection {
   readRequestFrame(maxData: number, timeoutMs?: number | undefined | null): Promise<Frame>
   /** Reads a response frame as the Go client does (see `fdRequest`), within `timeoutMs` (when > 0). */
   readResponseFrame(timeoutMs?: number | undefined | null): Promise<Frame>
+  /**
+   * A server's turn: writes `head`, sends `data` with the `fds` in one `sendmsg` (nothing when both are
+   * empty; data must not be empty when fds are sent), then reads the next request frame like
+   * `readRequestFrame`. The fds are duplicated before this returns, so the caller may close its copies at once.
+   */
+  respondThenRead(head: Buffer, data: Buffer, fds: Array<number>, maxData: number, timeoutMs?: number | undefined | null): Promise<Frame>
   /** Writes all of `data`. */
   write(data: Buffer): Promise<void>
   /**
@@ -37,6 +43,8 @@ export declare class UnixConnection {
    * (`MSG_CMSG_CLOEXEC`). The returned fds belong to the caller.
    */
   recvWithFds(dataLen: number, controlLen: number): Promise<Received>
+  /** Stops reading: a pending or later read sees EOF (`ERR_CLOSED`), while writes in progress still complete. */
+  closeRead(): void
   /** Shuts the connection down (pending operations fail) and releases it. */
   close(): void
 }
@@ -52,6 +60,16 @@ export declare class UnixListener {
   get path(): string
   /** Accepts the next connection. Rejects with `ERR_CLOSED` once the listener is closed. */
   accept(): Promise<UnixConnection>
+  /**
+   * Starts accepting in the background, reading each connection's first request frame concurrently (each
+   * within `timeoutMs` when > 0; payloads over `maxData` are left unread). Collect them with `nextIncoming`.
+   */
+  startIncoming(maxData: number, timeoutMs?: number | undefined | null): void
+  /**
+   * The connections that have their first request frame, at least one and at most `max` (waits for one).
+   * Rejects with `ERR_CLOSED` once the listener is closed.
+   */
+  nextIncoming(max: number): Promise<Array<IncomingRequest>>
   /** Closes the listener (a pending `accept` rejects) and, when `removeFile` is true, removes the socket file. */
   close(removeFile?: boolean | undefined | null): void
 }
@@ -70,6 +88,9 @@ export declare function closeFd(fd: number): void
 /** `CMSG_SPACE(4 * nfds)`: the OobSize for `nfds` fds (0 for none). */
 export declare function cmsgSpace(nfds: number): number
 
+/** Duplicates fds (`fcntl(F_DUPFD_CLOEXEC)`); the new fds belong to the caller. */
+export declare function dupFds(fds: Array<number>): Array<number>
+
 /**
  * One FDServer request on a new connection: connect to `path`, write `request` (header and payload), read the
  * response frame as the Go client does (header, one recvmsg with DataSize/OobSize buffers), close. The returned
@@ -85,6 +106,12 @@ export interface Frame {
   header: Buffer
   data?: Buffer
   fds: Array<number>
+}
+
+/** A connection with its first request frame already read (see `UnixListener.startIncoming`). */
+export interface IncomingRequest {
+  conn: UnixConnection
+  frame: Frame
 }
 
 /** Returns the version of the native addon (a smoke test of the binding). */

@@ -839,5 +839,6 @@ module.exports.UnixConnection = nativeBinding.UnixConnection
 module.exports.UnixListener = nativeBinding.UnixListener
 module.exports.closeFd = nativeBinding.closeFd
 module.exports.cmsgSpace = nativeBinding.cmsgSpace
+module.exports.dupFds = nativeBinding.dupFds
 module.exports.fdRequest = nativeBinding.fdRequest
 module.exports.nativeVersion = nativeBinding.nativeVersion

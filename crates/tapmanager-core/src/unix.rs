@@ -12,9 +12,10 @@
 
 use std::io;
 use std::mem;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::Interest;
@@ -154,6 +155,30 @@ impl UnixListener {
     pub fn close(&self) {
         self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
         self.close_notify.notify_waiters();
+    }
+
+    /// Starts a task that accepts connections and reads the first request frame of each one concurrently (each
+    /// read bounded by `deadline`, so a slow client holds up nobody), delivering connections with their first
+    /// frame as the frames complete. Connections that close or time out before a whole frame are dropped. The
+    /// stream ends when the listener is [`close`](Self::close)d. This saves a server one round trip per connection.
+    pub fn incoming_requests(
+        self: &Arc<Self>,
+        max_data: usize,
+        deadline: Option<Duration>,
+    ) -> tokio::sync::mpsc::UnboundedReceiver<(UnixConnection, Frame)> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let listener = self.clone();
+        tokio::spawn(async move {
+            while let Ok(conn) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    if let Ok(frame) = conn.read_request_frame(max_data, deadline).await {
+                        let _ = tx.send((conn, frame));
+                    }
+                });
+            }
+        });
+        rx
     }
 
     /// Removes the socket file (`rm <path>`); a file that is already gone is fine.
@@ -326,6 +351,19 @@ impl UnixConnection {
         Ok((data, fds))
     }
 
+    /// Shuts the reading side down (`shutdown(SHUT_RD)`): a pending or later read sees EOF, writes still go out.
+    pub fn shutdown_read(&self) -> Result<()> {
+        // SAFETY: the fd is valid for the lifetime of self; shutdown does not close it.
+        let rc = unsafe { libc::shutdown(self.inner.as_raw_fd(), libc::SHUT_RD) };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::ENOTCONN) {
+                return Err(Error::io("shutdown read", err));
+            }
+        }
+        Ok(())
+    }
+
     /// Shuts both directions down (`shutdown(2)`), waking any pending read or write; the fd closes on drop.
     pub fn shutdown(&self) -> Result<()> {
         // SAFETY: the fd is valid for the lifetime of self; shutdown does not close it.
@@ -410,6 +448,43 @@ impl UnixConnection {
         };
         with_deadline(deadline, "read response", fut).await
     }
+}
+
+impl UnixConnection {
+    /// A server's turn on a connection: writes the response `head`, sends `data` with `fds` in one `sendmsg`
+    /// (nothing when both are empty), then reads the next request frame (see
+    /// [`read_request_frame`](Self::read_request_frame)). The fds are owned (duplicates the caller made), so the
+    /// caller may close its own copies at any time.
+    pub async fn respond_then_read(
+        &self,
+        head: &[u8],
+        data: &[u8],
+        fds: Vec<OwnedFd>,
+        max_data: usize,
+        deadline: Option<Duration>,
+    ) -> Result<Frame> {
+        self.write_all(head).await?;
+        let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+        self.send_with_fds(data, &borrowed).await?;
+        drop(borrowed);
+        drop(fds);
+        self.read_request_frame(max_data, deadline).await
+    }
+}
+
+/// Duplicates fds (`fcntl(F_DUPFD_CLOEXEC)`) into owned ones, e.g. to send them later while the original owner
+/// is free to close its copies.
+pub fn dup_fds(fds: &[RawFd]) -> Result<Vec<OwnedFd>> {
+    fds.iter()
+        .map(|&fd| {
+            if fd < 0 {
+                return Err(Error::invalid(format!("bad fd {fd}")));
+            }
+            // SAFETY: the fd is only borrowed for the duration of the fcntl; a closed fd yields EBADF.
+            let b = unsafe { BorrowedFd::borrow_raw(fd) };
+            b.try_clone_to_owned().map_err(|e| Error::io(format!("dup fd {fd}"), e))
+        })
+        .collect()
 }
 
 /// One client request of the FDServer protocol on a new connection: connect to `path`, write `request`

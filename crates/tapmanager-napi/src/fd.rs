@@ -59,6 +59,12 @@ pub fn close_fd(fd: i32) -> Result<(), JsError> {
     Ok(())
 }
 
+/// Duplicates fds (`fcntl(F_DUPFD_CLOEXEC)`); the new fds belong to the caller.
+#[napi]
+pub fn dup_fds(fds: Vec<i32>) -> Result<Vec<i32>, JsError> {
+    Ok(to_js_fds(unix::dup_fds(&fds).map_err(to_js)?))
+}
+
 /// Options for `UnixListener.bind`.
 #[napi(object)]
 pub struct BindOpts {
@@ -115,11 +121,21 @@ pub fn fd_request<'env>(
     promise(env, async move { unix::request(&path, &req, d).await }, to_js_frame)
 }
 
+/// A connection with its first request frame already read (see `UnixListener.startIncoming`).
+#[napi(object, object_from_js = false)]
+pub struct IncomingRequest {
+    pub conn: UnixConnection,
+    pub frame: Frame,
+}
+
+type Incoming = tokio::sync::mpsc::UnboundedReceiver<(unix::UnixConnection, unix::Frame)>;
+
 /// A listening Unix stream socket.
 #[napi]
 pub struct UnixListener {
     inner: Mutex<Option<Arc<unix::UnixListener>>>,
     path: String,
+    incoming: Arc<tokio::sync::Mutex<Option<Incoming>>>,
 }
 
 #[napi]
@@ -136,7 +152,7 @@ impl UnixListener {
             o.gid = opts.gid;
         }
         let l = within_runtime_if_available(|| unix::UnixListener::bind(&path, o)).map_err(to_js)?;
-        Ok(UnixListener { inner: Mutex::new(Some(Arc::new(l))), path })
+        Ok(UnixListener { inner: Mutex::new(Some(Arc::new(l))), path, incoming: Arc::default() })
     }
 
     /// The socket path.
@@ -157,6 +173,55 @@ impl UnixListener {
     pub fn accept<'env>(&self, env: &'env Env) -> napi::Result<PromiseRaw<'env, UnixConnection>> {
         let l = self.get_or_closed();
         promise(env, async move { l?.accept().await }, UnixConnection::wrap)
+    }
+
+    /// Starts accepting in the background, reading each connection's first request frame concurrently (each
+    /// within `timeoutMs` when > 0; payloads over `maxData` are left unread). Collect them with `nextIncoming`.
+    #[napi]
+    pub fn start_incoming(&self, max_data: u32, timeout_ms: Option<u32>) -> Result<(), JsError> {
+        let l = self.get_or_closed().map_err(to_js)?;
+        let mut slot = self.incoming.try_lock().map_err(|_| invalid("startIncoming: busy"))?;
+        if slot.is_some() {
+            return Err(invalid("startIncoming: already started"));
+        }
+        let rx = within_runtime_if_available(|| l.incoming_requests(max_data as usize, deadline(timeout_ms)));
+        *slot = Some(rx);
+        Ok(())
+    }
+
+    /// The connections that have their first request frame, at least one and at most `max` (waits for one).
+    /// Rejects with `ERR_CLOSED` once the listener is closed.
+    #[napi(ts_return_type = "Promise<Array<IncomingRequest>>")]
+    pub fn next_incoming<'env>(
+        &self,
+        env: &'env Env,
+        max: u32,
+    ) -> napi::Result<PromiseRaw<'env, Vec<IncomingRequest>>> {
+        let incoming = self.incoming.clone();
+        promise(
+            env,
+            async move {
+                let closed = || tapmanager_core::Error::new(tapmanager_core::ErrorCode::Closed, "listener is closed");
+                let mut guard = incoming.lock().await;
+                let rx = guard
+                    .as_mut()
+                    .ok_or_else(|| tapmanager_core::Error::invalid("nextIncoming: startIncoming was not called"))?;
+                let first = rx.recv().await.ok_or_else(closed)?;
+                let mut out = vec![first];
+                while out.len() < max.max(1) as usize {
+                    match rx.try_recv() {
+                        Ok(x) => out.push(x),
+                        Err(_) => break,
+                    }
+                }
+                Ok(out)
+            },
+            |v| {
+                v.into_iter()
+                    .map(|(c, f)| IncomingRequest { conn: UnixConnection::wrap(c), frame: to_js_frame(f) })
+                    .collect()
+            },
+        )
     }
 
     /// Closes the listener (a pending `accept` rejects) and, when `removeFile` is true, removes the socket file.
@@ -257,6 +322,27 @@ impl UnixConnection {
         promise(env, async move { c?.read_response_frame(d).await }, to_js_frame)
     }
 
+    /// A server's turn: writes `head`, sends `data` with the `fds` in one `sendmsg` (nothing when both are
+    /// empty; data must not be empty when fds are sent), then reads the next request frame like
+    /// `readRequestFrame`. The fds are duplicated before this returns, so the caller may close its copies at once.
+    #[napi(ts_return_type = "Promise<Frame>")]
+    pub fn respond_then_read<'env>(
+        &self,
+        env: &'env Env,
+        head: Buffer,
+        data: Buffer,
+        fds: Vec<i32>,
+        max_data: u32,
+        timeout_ms: Option<u32>,
+    ) -> napi::Result<PromiseRaw<'env, Frame>> {
+        let c = self.get_or_closed();
+        let dups = unix::dup_fds(&fds);
+        let head: Vec<u8> = head.to_vec();
+        let data: Vec<u8> = data.to_vec();
+        let d = deadline(timeout_ms);
+        promise(env, async move { c?.respond_then_read(&head, &data, dups?, max_data as usize, d).await }, to_js_frame)
+    }
+
     /// Writes all of `data`.
     #[napi(ts_return_type = "Promise<void>")]
     pub fn write<'env>(&self, env: &'env Env, data: Buffer) -> napi::Result<PromiseRaw<'env, ()>> {
@@ -310,6 +396,12 @@ impl UnixConnection {
         promise(env, async move { c?.recv_with_fds(data_len as usize, control_len as usize).await }, |(data, fds)| {
             Received { data: data.into(), fds: to_js_fds(fds) }
         })
+    }
+
+    /// Stops reading: a pending or later read sees EOF (`ERR_CLOSED`), while writes in progress still complete.
+    #[napi]
+    pub fn close_read(&self) -> Result<(), JsError> {
+        self.get()?.shutdown_read().map_err(to_js)
     }
 
     /// Shuts the connection down (pending operations fail) and releases it.
