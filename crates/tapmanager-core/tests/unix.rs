@@ -244,3 +244,47 @@ async fn protocol_frames_requests_limits_and_responses_with_fds() {
     };
     tokio::join!(server, client);
 }
+
+#[tokio::test]
+async fn incoming_requests_respond_then_read_and_shutdown_read() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.sock");
+    let l = std::sync::Arc::new(UnixListener::bind(&path, BindOptions::default()).unwrap());
+    let mut incoming = l.incoming_requests(64, Some(Duration::from_secs(5)));
+    // a slow client that never sends a whole frame does not hold up a later one
+    let slow = UnixConnection::connect(&path).await.unwrap();
+    slow.write_all(&frame(2, 0, 0, 0x4242_4242)[..10]).await.unwrap();
+    let fast = UnixConnection::connect(&path).await.unwrap();
+    fast.write_all(&frame(2, 0, 0, 0x4242_4242)).await.unwrap();
+    let (conn, first) = incoming.recv().await.unwrap();
+    assert_eq!(first.header[4], 2);
+    // respond with a duplicate of a file's fd, closing the original at once: the duplicate is what travels
+    let f = temp_file("dup");
+    let dups = tapmanager_core::unix::dup_fds(&[f.as_raw_fd()]).unwrap();
+    drop(f);
+    assert_eq!(tapmanager_core::unix::dup_fds(&[-1]).unwrap_err().code, ErrorCode::Invalid);
+    let resp_head = frame(0x82, 0, cmsg_space(1) as u32, 0x4242_4242);
+    let (next, resp) = tokio::join!(conn.respond_then_read(&resp_head, &[0], dups, 64, None), async {
+        let r = fast.read_response_frame(Some(Duration::from_secs(5))).await.unwrap();
+        fast.write_all(&frame(1, 0, 0, 0x4242_4242)).await.unwrap();
+        r
+    });
+    assert_eq!(read_all(resp.fds.into_iter().next().unwrap()), "dup");
+    assert_eq!(next.unwrap().header[4], 1);
+    // shutdown_read: a pending read ends with ERR_CLOSED while a write still goes out
+    let c2 = std::sync::Arc::new(conn);
+    let reader = {
+        let c2 = c2.clone();
+        tokio::spawn(async move { c2.read_request_frame(64, None).await.map(|_| ()) })
+    };
+    tokio::task::yield_now().await;
+    c2.shutdown_read().unwrap();
+    assert_eq!(reader.await.unwrap().unwrap_err().code, ErrorCode::Closed);
+    c2.write_all(b"still writable").await.unwrap();
+    assert_eq!(fast.read_exact(14, Some(Duration::from_secs(5))).await.unwrap(), b"still writable");
+    // closing the listener ends the stream
+    l.close();
+    drop(slow);
+    assert!(tokio::time::timeout(Duration::from_secs(5), incoming.recv()).await.unwrap().is_none());
+}
