@@ -257,3 +257,16 @@ test('gets racing a release either get readable fds or "bad fd key"; of two rele
     await cleanup()
   }
 })
+
+test('stop() does not wait for a client stuck in the middle of its first request', async (t) => {
+  const { UnixConnection } = await import('../src/native')
+  // a deadline far beyond the test's own timeout: stop() must not depend on it
+  const { server, sock, cleanup } = setup({ readTimeoutMs: 600_000 })
+  await server.serve()
+  const stuck = await UnixConnection.connect(sock)
+  await stuck.write(Buffer.from([0x42, 0x42, 0x42])) // 3 of 77 header bytes
+  await server.stop()
+  t.like(await t.throwsAsync(stuck.readExact(1)), { code: 'ERR_CLOSED' }) // the server dropped it
+  stuck.close()
+  await cleanup()
+})

@@ -150,6 +150,17 @@ impl UnixListener {
         }
     }
 
+    /// Resolves once [`close`](Self::close) has been called.
+    pub async fn closed(&self) {
+        let notified = self.close_notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        notified.await;
+    }
+
     /// Stops accepting: pending and later [`accept`](Self::accept) calls fail with `ERR_CLOSED`. The fd itself
     /// closes when the listener is dropped.
     pub fn close(&self) {
@@ -171,9 +182,16 @@ impl UnixListener {
         tokio::spawn(async move {
             while let Ok(conn) = listener.accept().await {
                 let tx = tx.clone();
+                let listener = listener.clone();
                 tokio::spawn(async move {
-                    if let Ok(frame) = conn.read_request_frame(max_data, deadline).await {
-                        let _ = tx.send((conn, frame));
+                    // Closing the listener also abandons first frames still being read.
+                    tokio::select! {
+                        r = conn.read_request_frame(max_data, deadline) => {
+                            if let Ok(frame) = r {
+                                let _ = tx.send((conn, frame));
+                            }
+                        }
+                        _ = listener.closed() => {}
                     }
                 });
             }
