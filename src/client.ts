@@ -9,9 +9,9 @@ import { UnixConnection, closeFd, fdRequest } from './native'
 /** Closes an fd received from `getFDs` (the caller owns those). */
 export { closeFd }
 import {
-  Command,
+  FDCommand,
   ERROR_COMMAND,
-  Errors,
+  FD_ERROR_TEXT,
   FD_MAGIC,
   RESPONSE_FLAG,
   decodeHeader,
@@ -45,23 +45,23 @@ export class FDClient implements FDManager {
 
   /** Adds `key`; `data` is a Buffer (sent as is) or a value (sent as JSON). Returns the source's response data. */
   async addFDs(key: string, data: unknown): Promise<Buffer> {
-    const r = await this.request(Command.Add, key, encodePayload(data))
+    const r = await this.request(FDCommand.Add, key, encodePayload(data))
     return r.data
   }
 
   /** Releases `key`. */
   async releaseFDs(key: string): Promise<void> {
-    await this.request(Command.Release, key, Buffer.alloc(0))
+    await this.request(FDCommand.Release, key, Buffer.alloc(0))
   }
 
   /** Recovers `key` after a server restart; `data` is a Buffer or a JSON value. */
   async recover(key: string, data: unknown): Promise<void> {
-    await this.request(Command.Recover, key, encodePayload(data))
+    await this.request(FDCommand.Recover, key, encodePayload(data))
   }
 
   /** Gets the fds of `key` (now owned by the caller) and the source's info for them. */
   async getFDs(key: string): Promise<GetFDsResponse> {
-    const r = await this.request(Command.Get, key, Buffer.alloc(0))
+    const r = await this.request(FDCommand.Get, key, Buffer.alloc(0))
     return { fds: r.fds, info: r.data }
   }
 
@@ -91,9 +91,9 @@ export class FDClient implements FDManager {
       if (hdr.command !== (command | RESPONSE_FLAG)) {
         throw new ProtocolError(`unexpected command ${hdr.command.toString(16).padStart(2, '0')}`)
       }
-      if (decodeKey(hdr.key) !== key) throw new ProtocolError(Errors.keyMismatch)
-      if (command !== Command.Get && received.length > 0) throw new ProtocolError(`unexpected fds in a ${command} response`)
-      if (command === Command.Get && hdr.oobSize > 0 && received.length === 0) {
+      if (decodeKey(hdr.key) !== key) throw new ProtocolError(FD_ERROR_TEXT.keyMismatch)
+      if (command !== FDCommand.Get && received.length > 0) throw new ProtocolError(`unexpected fds in a ${command} response`)
+      if (command === FDCommand.Get && hdr.oobSize > 0 && received.length === 0) {
         throw new ProtocolError('unexpected number of socket control messages: 0 instead of 1')
       }
       return { data, fds: received.splice(0) }

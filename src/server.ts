@@ -7,10 +7,10 @@ import { TapmanagerError } from './errors'
 import type { FDSource } from './fdsource'
 import { UnixConnection, UnixListener, closeFd, dupFds, type Frame, type IncomingRequest, type PeerCredentials } from './native'
 import {
-  Command,
+  FDCommand,
   ERROR_COMMAND,
   ERROR_KEY,
-  Errors,
+  FD_ERROR_TEXT,
   FD_MAGIC,
   RESPONSE_FLAG,
   commandName,
@@ -246,18 +246,18 @@ export class FDServer {
   private async dispatch(hdr: FrameHeader, key: string, data: Buffer): Promise<{ data: Buffer; fds: number[]; owned?: true }> {
     const none = Buffer.alloc(0)
     switch (hdr.command) {
-      case Command.Add:
+      case FDCommand.Add:
         return { data: await this.add(key, data), fds: [] }
-      case Command.Get:
+      case FDCommand.Get:
         return this.get(key)
-      case Command.Release:
+      case FDCommand.Release:
         await this.release(key)
         return { data: none, fds: [] }
-      case Command.Recover:
+      case FDCommand.Recover:
         await this.recover(key, data)
         return { data: none, fds: [] }
       default:
-        throw new RequestError(Errors.badCommand)
+        throw new RequestError(FD_ERROR_TEXT.badCommand)
     }
   }
 
@@ -285,7 +285,7 @@ export class FDServer {
   }
 
   private async add(key: string, data: Buffer): Promise<Buffer> {
-    if (this.entries.has(key) || this.pending.has(key)) throw new RequestError(Errors.keyExists(key))
+    if (this.entries.has(key) || this.pending.has(key)) throw new RequestError(FD_ERROR_TEXT.keyExists(key))
     this.pending.add(key)
     try {
       let res
@@ -320,7 +320,7 @@ export class FDServer {
 
   private async get(key: string): Promise<{ fds: number[]; data: Buffer; owned: true }> {
     const entry = this.entries.get(key)
-    if (!entry) throw new RequestError(Errors.badKey(key))
+    if (!entry) throw new RequestError(FD_ERROR_TEXT.badKey(key))
     if (entry.fds === null) {
       let p = this.retrieving.get(key)
       if (!p) {
@@ -353,12 +353,12 @@ export class FDServer {
     // A release may have run while we waited: check again, and take private duplicates of the fds in this same
     // synchronous step, so a release from now on cannot close them (or let their numbers be reused) before they
     // are sent. The caller closes the duplicates once the native side has its own.
-    if (this.entries.get(key) !== entry || entry.fds === null) throw new RequestError(Errors.badKey(key))
+    if (this.entries.get(key) !== entry || entry.fds === null) throw new RequestError(FD_ERROR_TEXT.badKey(key))
     return { fds: dupFds(entry.fds), data: info, owned: true }
   }
 
   private async release(key: string): Promise<void> {
-    if (!this.entries.has(key)) throw new RequestError(Errors.badKey(key))
+    if (!this.entries.has(key)) throw new RequestError(FD_ERROR_TEXT.badKey(key))
     const entry = this.entries.get(key)!
     // Forget the key first, so a concurrent get or release sees it gone; put it back if the source fails.
     this.entries.delete(key)
@@ -371,7 +371,7 @@ export class FDServer {
   }
 
   private async recover(key: string, data: Buffer): Promise<void> {
-    if (this.entries.has(key) || this.pending.has(key)) throw new RequestError(Errors.alreadyPresent(key))
+    if (this.entries.has(key) || this.pending.has(key)) throw new RequestError(FD_ERROR_TEXT.alreadyPresent(key))
     this.pending.add(key)
     try {
       try {
