@@ -223,3 +223,40 @@ test('truncated header then EOF, and a client that vanishes mid-request, do not 
   c2.close()
   t.true(await stillServes(client, 'n3'))
 })
+
+test('our client against a hand-written server: key mismatch, unexpected command, bad magic, error frames', async (t) => {
+  const { UnixListener } = await import('../src/native')
+  const dir = mkdtempSync(join(tmpdir(), 'tm-fake-'))
+  const sock = join(dir, 'fake.sock')
+  const listener = UnixListener.bind(sock)
+  const client = new FDClient(sock)
+  // each case: what the fake server answers to the next request
+  const answers: Buffer[] = [
+    rawHeader(0x82, 'other-key'), // key mismatch
+    rawHeader(0x81, 'k'), // release response to a get
+    rawHeader(0x82, 'k', 0, 0, Buffer.from('ABCD')), // bad magic
+    Buffer.concat([rawHeader(0xff, Buffer.alloc(64, 0), 4), Buffer.from('boom')]),
+    Buffer.concat([rawHeader(0x80, 'k', 5), Buffer.from('hello')]), // a good add response
+  ]
+  const fake = (async () => {
+    for (const answer of answers) {
+      const conn = await listener.accept()
+      const req = await conn.readExact(77)
+      const size = req.readUInt32BE(5)
+      if (size > 0) await conn.readExact(size)
+      await conn.write(answer)
+      conn.close()
+    }
+  })()
+  try {
+    t.like(await t.throwsAsync(client.getFDs('k')), { code: 'ERR_PROTOCOL', message: 'fd key mismatch in the server response' })
+    t.like(await t.throwsAsync(client.getFDs('k')), { code: 'ERR_PROTOCOL', message: 'unexpected command 81' })
+    t.like(await t.throwsAsync(client.getFDs('k')), { code: 'ERR_PROTOCOL', message: 'bad magic' })
+    t.like(await t.throwsAsync(client.getFDs('k')), { code: 'ERR_SERVER', message: 'server returned error: boom' })
+    t.is((await client.addFDs('k', Buffer.from('raw'))).toString(), 'hello')
+    await fake
+  } finally {
+    listener.close(true)
+    rmSync(dir, { recursive: true, force: true })
+  }
+})

@@ -31,8 +31,15 @@ const source: FDSource = {
 }
 
 const server = new FDServer(sock, source)
-await server.serve()
-process.stdout.write('ready\n')
-process.on('SIGTERM', () => {
-  void server.stop().then(() => process.exit(0))
-})
+server.serve().then(
+  () => {
+    process.stdout.write('ready\n')
+    process.on('SIGTERM', () => {
+      void server.stop().then(() => process.exit(0))
+    })
+  },
+  (err: unknown) => {
+    console.error(err)
+    process.exit(1)
+  },
+)

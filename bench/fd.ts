@@ -138,4 +138,7 @@ async function main(): Promise<void> {
   }
 }
 
-await main()
+main().catch((err: unknown) => {
+  console.error(err)
+  process.exitCode = 1
+})

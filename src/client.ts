@@ -4,16 +4,15 @@
  */
 import { ProtocolError, ServerError } from './errors'
 import type { FDManager } from './fdsource'
-import { UnixConnection, closeFd } from './native'
+import { UnixConnection, closeFd, fdRequest } from './native'
 
 /** Closes an fd received from `getFDs` (the caller owns those). */
 export { closeFd }
 import {
-  Command,
+  FDCommand,
   ERROR_COMMAND,
-  Errors,
+  FD_ERROR_TEXT,
   FD_MAGIC,
-  HEADER_SIZE,
   RESPONSE_FLAG,
   decodeHeader,
   decodeKey,
@@ -35,30 +34,34 @@ interface Response {
 
 export class FDClient implements FDManager {
   readonly socketPath: string
+  /** Bound on one whole request in ms (0: none). */
+  readonly timeoutMs: number
 
-  constructor(socketPath: string) {
+  /** `options.timeoutMs` bounds each request (default 30 s; 0 for none). */
+  constructor(socketPath: string, options: { timeoutMs?: number } = {}) {
     this.socketPath = socketPath
+    this.timeoutMs = options.timeoutMs ?? 30_000
   }
 
   /** Adds `key`; `data` is a Buffer (sent as is) or a value (sent as JSON). Returns the source's response data. */
   async addFDs(key: string, data: unknown): Promise<Buffer> {
-    const r = await this.request(Command.Add, key, encodePayload(data))
+    const r = await this.request(FDCommand.Add, key, encodePayload(data))
     return r.data
   }
 
   /** Releases `key`. */
   async releaseFDs(key: string): Promise<void> {
-    await this.request(Command.Release, key, Buffer.alloc(0))
+    await this.request(FDCommand.Release, key, Buffer.alloc(0))
   }
 
   /** Recovers `key` after a server restart; `data` is a Buffer or a JSON value. */
   async recover(key: string, data: unknown): Promise<void> {
-    await this.request(Command.Recover, key, encodePayload(data))
+    await this.request(FDCommand.Recover, key, encodePayload(data))
   }
 
   /** Gets the fds of `key` (now owned by the caller) and the source's info for them. */
   async getFDs(key: string): Promise<GetFDsResponse> {
-    const r = await this.request(Command.Get, key, Buffer.alloc(0))
+    const r = await this.request(FDCommand.Get, key, Buffer.alloc(0))
     return { fds: r.fds, info: r.data }
   }
 
@@ -76,35 +79,26 @@ export class FDClient implements FDManager {
   private async request(command: number, key: string, payload: Buffer): Promise<Response> {
     const keyBytes = encodeKey(key) // refuses keys that would not survive the trip, before connecting
     const head = encodeHeader({ command, dataSize: payload.length, oobSize: 0, key: keyBytes })
-    const conn = await UnixConnection.connect(this.socketPath)
-    const received: number[] = []
+    // One native call: connect, write header and payload, read the 77-byte header, then one recvmsg for the
+    // payload and the fds (as the Go client does), close.
+    const frame = await fdRequest(this.socketPath, payload.length > 0 ? Buffer.concat([head, payload]) : head, this.timeoutMs)
+    const received = frame.fds
     try {
-      await conn.write(payload.length > 0 ? Buffer.concat([head, payload]) : head)
-      const hdr = decodeHeader(await conn.readExact(HEADER_SIZE))
-      if (hdr.magic !== FD_MAGIC) throw new ProtocolError('bad magic')
-      let data: Buffer = Buffer.alloc(0)
-      if (hdr.dataSize > 0 || hdr.oobSize > 0) {
-        // One recvmsg for the first bytes and the fds (a plain read would lose the fds), then the rest, if any.
-        const r = await conn.recvWithFds(Math.max(hdr.dataSize, 1), hdr.oobSize)
-        received.push(...r.fds)
-        if (r.data.length === 0) throw new ProtocolError('connection closed before the response data')
-        data = hdr.dataSize === 0 ? Buffer.alloc(0) : r.data
-        if (data.length < hdr.dataSize) data = Buffer.concat([data, await conn.readExact(hdr.dataSize - data.length)])
-      }
+      const hdr = decodeHeader(frame.header)
+      if (hdr.magic !== FD_MAGIC || !frame.data) throw new ProtocolError('bad magic')
+      const data = frame.data
       if (hdr.command === ERROR_COMMAND) throw new ServerError(data.toString('utf8'))
       if (hdr.command !== (command | RESPONSE_FLAG)) {
         throw new ProtocolError(`unexpected command ${hdr.command.toString(16).padStart(2, '0')}`)
       }
-      if (decodeKey(hdr.key) !== key) throw new ProtocolError(Errors.keyMismatch)
-      if (command !== Command.Get && received.length > 0) throw new ProtocolError(`unexpected fds in a ${command} response`)
-      if (command === Command.Get && hdr.oobSize > 0 && received.length === 0) {
+      if (decodeKey(hdr.key) !== key) throw new ProtocolError(FD_ERROR_TEXT.keyMismatch)
+      if (command !== FDCommand.Get && received.length > 0) throw new ProtocolError(`unexpected fds in a ${command} response`)
+      if (command === FDCommand.Get && hdr.oobSize > 0 && received.length === 0) {
         throw new ProtocolError('unexpected number of socket control messages: 0 instead of 1')
       }
-      const fds = received.splice(0)
-      return { data, fds }
+      return { data, fds: received.splice(0) }
     } finally {
       for (const fd of received) closeFd(fd)
-      conn.close()
     }
   }
 }

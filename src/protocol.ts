@@ -14,21 +14,21 @@ export const HEADER_SIZE = 77
 export const KEY_SIZE = 64
 
 /** Request commands; a response carries `command | RESPONSE_FLAG`, an error response `ERROR_COMMAND`. */
-export const Command = { Add: 0, Release: 1, Get: 2, Recover: 3 } as const
-export type CommandCode = (typeof Command)[keyof typeof Command]
+export const FDCommand = { Add: 0, Release: 1, Get: 2, Recover: 3 } as const
+export type CommandCode = (typeof FDCommand)[keyof typeof FDCommand]
 export const RESPONSE_FLAG = 0x80
 export const ERROR_COMMAND = 0xff
 
 /** Human names for logs. */
 export function commandName(cmd: number): string {
   switch (cmd) {
-    case Command.Add:
+    case FDCommand.Add:
       return 'add'
-    case Command.Release:
+    case FDCommand.Release:
       return 'release'
-    case Command.Get:
+    case FDCommand.Get:
       return 'get'
-    case Command.Recover:
+    case FDCommand.Recover:
       return 'recover'
     default:
       return `0x${cmd.toString(16).padStart(2, '0')}`
@@ -157,7 +157,7 @@ export function oobSizeFor(n: number): number {
 }
 
 /** Error texts, exactly as the Go server and client word them. */
-export const Errors = {
+export const FD_ERROR_TEXT = {
   badKey: (key: string) => `bad fd key: ${goQuote(key)}`,
   keyExists: (key: string) => `fd key already exists: ${goQuote(key)}`,
   alreadyPresent: (key: string) => `fd key ${goQuote(key)} is already present and thus can't be properly recovered`,

@@ -3,16 +3,15 @@
  * with Virtlet's Go FDServer, without its defects (bounded payloads, read deadlines, no desynchronisation,
  * no leaks on duplicate or concurrent adds, optional peer authorisation by uid/gid).
  */
-import { TapmanagerError, errorCode } from './errors'
+import { TapmanagerError } from './errors'
 import type { FDSource } from './fdsource'
-import { UnixConnection, UnixListener, type PeerCredentials } from './native'
+import { UnixConnection, UnixListener, closeFd, dupFds, type Frame, type IncomingRequest, type PeerCredentials } from './native'
 import {
-  Command,
+  FDCommand,
   ERROR_COMMAND,
   ERROR_KEY,
-  Errors,
+  FD_ERROR_TEXT,
   FD_MAGIC,
-  HEADER_SIZE,
   RESPONSE_FLAG,
   commandName,
   decodeHeader,
@@ -28,7 +27,7 @@ export interface RequestLogEntry {
   key: string
   /** `add`, `get`, `release`, `recover`, or the hex code of an unknown command. */
   command: string
-  /** Time from the end of reading the header to the end of writing the response. */
+  /** Time from having read the request to handing the response to the socket, in ms. */
   durationMs: number
   /** `ok`, or `error` with the message sent to the client. */
   outcome: 'ok' | 'error'
@@ -76,10 +75,11 @@ export class FDServer {
   private readonly pending = new Set<string>()
   /** Keys with a get in progress that retrieves fds of a recovered key. */
   private readonly retrieving = new Map<string, Promise<number[]>>()
-  /** Get responses being sent, per key. */
-  private readonly sending = new Map<string, Set<Promise<void>>>()
   private readonly conns = new Set<UnixConnection>()
+  /** Connection loops. */
   private readonly inflight = new Set<Promise<void>>()
+  /** Requests being dispatched, up to handing the response to the native side. */
+  private readonly dispatching = new Set<Promise<unknown>>()
   private acceptLoop: Promise<void> | null = null
   private stopping = false
 
@@ -98,24 +98,22 @@ export class FDServer {
   async serve(): Promise<void> {
     if (this.listener) throw new TapmanagerError('ERR_EXISTS', 'already listening')
     if (this.stopping) throw new TapmanagerError('ERR_CLOSED', 'server was stopped')
-    this.listener = UnixListener.bind(this.socketPath, { mode: this.opts.socketMode, gid: this.opts.socketGid })
-    const listener = this.listener
+    const listener = UnixListener.bind(this.socketPath, { mode: this.opts.socketMode, gid: this.opts.socketGid })
+    this.listener = listener
+    // Native side: accepts and reads each connection's first request frame concurrently, each within the deadline.
+    listener.startIncoming(this.opts.maxDataSize, this.opts.readTimeoutMs)
     this.acceptLoop = (async () => {
       for (;;) {
-        let conn: UnixConnection
+        let batch: IncomingRequest[]
         try {
-          conn = await listener.accept()
-        } catch (err) {
-          if (this.stopping || errorCode(err) === 'ERR_CLOSED') return
-          // A transient accept error (EMFILE...): back off a little and go on.
-          await new Promise((r) => setTimeout(r, 5))
-          continue
+          batch = await listener.nextIncoming(64)
+        } catch {
+          return // closed
         }
-        if (this.stopping) {
-          conn.close()
-          return
+        for (const { conn, frame } of batch) {
+          if (this.stopping) conn.close()
+          else this.track(this.serveConn(conn, frame))
         }
-        this.track(this.serveConn(conn))
       }
     })()
   }
@@ -127,7 +125,7 @@ export class FDServer {
 
   /**
    * Stops: closes the listener and removes the socket file, lets requests being handled finish (their clients
-   * get their responses), closes idle connections, then calls `source.stop()`.
+   * get their responses), closes the connections, then calls `source.stop()`.
    */
   async stop(): Promise<void> {
     if (this.stopping) return
@@ -135,13 +133,18 @@ export class FDServer {
     const listener = this.listener
     if (listener) listener.close(true)
     await this.acceptLoop
-    // Idle connections wait in readExact for the next header: closing them ends their loops.
-    for (const c of this.conns) if (!this.busy.has(c)) c.close()
+    while (this.dispatching.size > 0) await Promise.allSettled([...this.dispatching])
+    // Every response is now on its way: stop reading so that each connection ends after its last write.
+    for (const c of this.conns) {
+      try {
+        c.closeRead()
+      } catch {
+        // already closed
+      }
+    }
     while (this.inflight.size > 0) await Promise.allSettled([...this.inflight])
     await this.source.stop()
   }
-
-  private readonly busy = new Set<UnixConnection>()
 
   private track(p: Promise<void>): void {
     this.inflight.add(p)
@@ -155,67 +158,106 @@ export class FDServer {
     return (allowedUids?.includes(peer.uid) ?? false) || (allowedGids?.includes(peer.gid) ?? false)
   }
 
-  private async serveConn(conn: UnixConnection): Promise<void> {
+  /** Serves the requests of one connection, in order, until EOF, a deadline, a fatal error or stop(). */
+  private async serveConn(conn: UnixConnection, first: Frame): Promise<void> {
     this.conns.add(conn)
     let peer: PeerCredentials | undefined
     try {
-      try {
-        peer = conn.peerCred()
-      } catch {
-        peer = undefined
-      }
-      const allowed = this.allowed(peer)
-      for (;;) {
-        if (this.stopping) return
-        let hdr: FrameHeader
+      peer = conn.peerCred()
+    } catch {
+      peer = undefined
+    }
+    const allowed = this.allowed(peer)
+    try {
+      let frame: Frame | null = first
+      while (frame && !this.stopping) {
+        // The dispatch (up to the moment the response is handed to the native side) is tracked for stop().
+        const turn = this.handle(conn, frame, peer, allowed)
+        this.dispatching.add(turn)
+        let next: { pending: Promise<Frame> } | null
         try {
-          hdr = decodeHeader(await conn.readExact(HEADER_SIZE, this.opts.readTimeoutMs))
-        } catch {
-          return // EOF, timeout or closed: nothing to answer
-        }
-        if (hdr.magic !== FD_MAGIC) return // as the Go server: close without a response
-        this.busy.add(conn)
-        try {
-          const started = performance.now()
-          const key = decodeKey(hdr.key)
-          if (hdr.dataSize > this.opts.maxDataSize) {
-            const msg = `request data size ${hdr.dataSize} exceeds the limit of ${this.opts.maxDataSize} bytes`
-            await this.sendError(conn, msg)
-            this.log(key, hdr.command, started, msg, peer)
-            return
-          }
-          let data: Buffer
-          try {
-            data = hdr.dataSize > 0 ? await conn.readExact(hdr.dataSize, this.opts.readTimeoutMs) : Buffer.alloc(0)
-          } catch {
-            return
-          }
-          if (!allowed) {
-            const who = peer ? `uid ${peer.uid} gid ${peer.gid}` : 'unknown peer'
-            const msg = `permission denied: peer ${who} is not allowed`
-            await this.sendError(conn, msg)
-            this.log(key, hdr.command, started, msg, peer)
-            return
-          }
-          let failure: string | undefined
-          try {
-            await this.dispatch(conn, hdr, key, data)
-          } catch (err) {
-            if (!(err instanceof RequestError)) throw err
-            failure = err.message
-            await this.sendError(conn, failure)
-          }
-          this.log(key, hdr.command, started, failure, peer)
+          next = await turn
         } finally {
-          this.busy.delete(conn)
+          this.dispatching.delete(turn)
         }
+        frame = next ? await next.pending.catch(() => null) : null
       }
     } catch {
       // a write to a vanished client: drop the connection
     } finally {
       this.conns.delete(conn)
-      this.busy.delete(conn)
       conn.close()
+    }
+  }
+
+  /**
+   * Handles one request frame. Returns the pending "respond, then read the next frame" operation, or null when
+   * the connection is to be closed (after an error response, where one is due).
+   */
+  private async handle(conn: UnixConnection, frame: Frame, peer: PeerCredentials | undefined, allowed: boolean): Promise<{ pending: Promise<Frame> } | null> {
+    const hdr = decodeHeader(frame.header)
+    if (hdr.magic !== FD_MAGIC) return null // as the Go server: close without a response
+    const started = performance.now()
+    const key = decodeKey(hdr.key)
+    if (!frame.data) {
+      // DataSize over the limit: the payload was not read (nor allocated); answer and close.
+      const msg = `request data size ${hdr.dataSize} exceeds the limit of ${this.opts.maxDataSize} bytes`
+      await this.sendError(conn, msg)
+      this.log(key, hdr.command, started, msg, peer)
+      return null
+    }
+    if (!allowed) {
+      const who = peer ? `uid ${peer.uid} gid ${peer.gid}` : 'unknown peer'
+      const msg = `permission denied: peer ${who} is not allowed`
+      await this.sendError(conn, msg)
+      this.log(key, hdr.command, started, msg, peer)
+      return null
+    }
+    let head: Buffer
+    let body: Buffer
+    let fds: number[] = []
+    let owned: number[] = []
+    let failure: string | undefined
+    try {
+      const r = await this.dispatch(hdr, key, frame.data)
+      fds = r.fds
+      if (r.owned) owned = r.fds
+      head = encodeHeader({ command: hdr.command | RESPONSE_FLAG, dataSize: r.data.length, oobSize: oobSizeFor(fds.length), key: hdr.key })
+      // With fds but no payload one 0x00 byte carries them (not counted in DataSize).
+      body = fds.length > 0 && r.data.length === 0 ? Buffer.from([0]) : r.data
+    } catch (err) {
+      if (!(err instanceof RequestError)) throw err
+      failure = err.message
+      body = Buffer.from(failure, 'utf8')
+      head = encodeHeader({ command: ERROR_COMMAND, dataSize: body.length, oobSize: 0, key: ERROR_KEY })
+      fds = []
+    }
+    // The native side duplicates the fds before this call returns: a release right after cannot close them
+    // under the sendmsg.
+    let pending: Promise<Frame>
+    try {
+      pending = conn.respondThenRead(head, body, fds, this.opts.maxDataSize, this.opts.readTimeoutMs)
+    } finally {
+      for (const fd of owned) closeFd(fd)
+    }
+    this.log(key, hdr.command, started, failure, peer)
+    return { pending }
+  }
+  private async dispatch(hdr: FrameHeader, key: string, data: Buffer): Promise<{ data: Buffer; fds: number[]; owned?: true }> {
+    const none = Buffer.alloc(0)
+    switch (hdr.command) {
+      case FDCommand.Add:
+        return { data: await this.add(key, data), fds: [] }
+      case FDCommand.Get:
+        return this.get(key)
+      case FDCommand.Release:
+        await this.release(key)
+        return { data: none, fds: [] }
+      case FDCommand.Recover:
+        await this.recover(key, data)
+        return { data: none, fds: [] }
+      default:
+        throw new RequestError(FD_ERROR_TEXT.badCommand)
     }
   }
 
@@ -242,50 +284,8 @@ export class FDServer {
     await conn.writeThenSend(head, body, [])
   }
 
-  private async dispatch(conn: UnixConnection, hdr: FrameHeader, key: string, data: Buffer): Promise<void> {
-    switch (hdr.command) {
-      case Command.Add: {
-        const out = await this.add(key, data)
-        await this.respond(conn, hdr, out, [])
-        return
-      }
-      case Command.Get: {
-        const { fds, info } = await this.get(key)
-        // A release of this key waits until the fds are sent, so it never closes them under sendmsg.
-        const sent = this.respond(conn, hdr, info, fds)
-        let set = this.sending.get(key)
-        if (!set) this.sending.set(key, (set = new Set()))
-        set.add(sent)
-        try {
-          await sent
-        } finally {
-          set.delete(sent)
-          if (set.size === 0 && this.sending.get(key) === set) this.sending.delete(key)
-        }
-        return
-      }
-      case Command.Release:
-        await this.release(key)
-        await this.respond(conn, hdr, Buffer.alloc(0), [])
-        return
-      case Command.Recover:
-        await this.recover(key, data)
-        await this.respond(conn, hdr, Buffer.alloc(0), [])
-        return
-      default:
-        throw new RequestError(Errors.badCommand)
-    }
-  }
-
-  private async respond(conn: UnixConnection, req: FrameHeader, data: Buffer, fds: number[]): Promise<void> {
-    const head = encodeHeader({ command: req.command | RESPONSE_FLAG, dataSize: data.length, oobSize: oobSizeFor(fds.length), key: req.key })
-    // With fds but no payload one 0x00 byte carries them (not counted in DataSize).
-    const body = fds.length > 0 && data.length === 0 ? Buffer.from([0]) : data
-    await conn.writeThenSend(head, body, fds)
-  }
-
   private async add(key: string, data: Buffer): Promise<Buffer> {
-    if (this.entries.has(key) || this.pending.has(key)) throw new RequestError(Errors.keyExists(key))
+    if (this.entries.has(key) || this.pending.has(key)) throw new RequestError(FD_ERROR_TEXT.keyExists(key))
     this.pending.add(key)
     try {
       let res
@@ -318,9 +318,9 @@ export class FDServer {
     }
   }
 
-  private async get(key: string): Promise<{ fds: number[]; info: Buffer }> {
+  private async get(key: string): Promise<{ fds: number[]; data: Buffer; owned: true }> {
     const entry = this.entries.get(key)
-    if (!entry) throw new RequestError(Errors.badKey(key))
+    if (!entry) throw new RequestError(FD_ERROR_TEXT.badKey(key))
     if (entry.fds === null) {
       let p = this.retrieving.get(key)
       if (!p) {
@@ -350,15 +350,16 @@ export class FDServer {
     } catch (err) {
       throw new RequestError(`can't get key info: ${messageOf(err)}`)
     }
-    return { fds: entry.fds, info }
+    // A release may have run while we waited: check again, and take private duplicates of the fds in this same
+    // synchronous step, so a release from now on cannot close them (or let their numbers be reused) before they
+    // are sent. The caller closes the duplicates once the native side has its own.
+    if (this.entries.get(key) !== entry || entry.fds === null) throw new RequestError(FD_ERROR_TEXT.badKey(key))
+    return { fds: dupFds(entry.fds), data: info, owned: true }
   }
 
   private async release(key: string): Promise<void> {
-    if (!this.entries.has(key)) throw new RequestError(Errors.badKey(key))
-    const sending = this.sending.get(key)
-    if (sending) await Promise.allSettled([...sending])
-    const entry = this.entries.get(key)
-    if (!entry) throw new RequestError(Errors.badKey(key)) // released meanwhile
+    if (!this.entries.has(key)) throw new RequestError(FD_ERROR_TEXT.badKey(key))
+    const entry = this.entries.get(key)!
     // Forget the key first, so a concurrent get or release sees it gone; put it back if the source fails.
     this.entries.delete(key)
     try {
@@ -378,7 +379,7 @@ export class FDServer {
   }
 
   private async recover(key: string, data: Buffer): Promise<void> {
-    if (this.entries.has(key) || this.pending.has(key)) throw new RequestError(Errors.alreadyPresent(key))
+    if (this.entries.has(key) || this.pending.has(key)) throw new RequestError(FD_ERROR_TEXT.alreadyPresent(key))
     this.pending.add(key)
     try {
       try {

@@ -36,8 +36,11 @@ fn devnull() -> OwnedFd {
 
 async fn serve(path: String) {
     let l = UnixListener::bind(&path, BindOptions::default()).expect("bind");
-    let fixed: Arc<HashMap<String, Vec<OwnedFd>>> =
-        Arc::new([("g1".to_string(), vec![devnull()]), ("g4".to_string(), (0..4).map(|_| devnull()).collect())].into_iter().collect());
+    let fixed: Arc<HashMap<String, Vec<OwnedFd>>> = Arc::new(
+        [("g1".to_string(), vec![devnull()]), ("g4".to_string(), (0..4).map(|_| devnull()).collect())]
+            .into_iter()
+            .collect(),
+    );
     let added: Arc<Mutex<HashMap<String, OwnedFd>>> = Arc::default();
     loop {
         let Ok(c) = l.accept().await else { return };
@@ -131,7 +134,15 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     match args.get(1).map(String::as_str) {
         Some("server") => rt.block_on(serve(args[2].clone())),
-        Some("client") => rt.block_on(client(args[2].clone(), args[3].clone(), args[4].parse().unwrap(), args[5].parse().unwrap(), args[6].parse().unwrap())),
-        _ => eprintln!("usage: fd_floor server <socket> | fd_floor client <socket> <get|addrel> <concurrency> <ops> <nfds>"),
+        Some("client") => rt.block_on(client(
+            args[2].clone(),
+            args[3].clone(),
+            args[4].parse().unwrap(),
+            args[5].parse().unwrap(),
+            args[6].parse().unwrap(),
+        )),
+        _ => eprintln!(
+            "usage: fd_floor server <socket> | fd_floor client <socket> <get|addrel> <concurrency> <ops> <nfds>"
+        ),
     }
 }

@@ -12,9 +12,10 @@
 
 use std::io;
 use std::mem;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::Interest;
@@ -149,11 +150,53 @@ impl UnixListener {
         }
     }
 
+    /// Resolves once [`close`](Self::close) has been called.
+    pub async fn closed(&self) {
+        let notified = self.close_notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        notified.await;
+    }
+
     /// Stops accepting: pending and later [`accept`](Self::accept) calls fail with `ERR_CLOSED`. The fd itself
     /// closes when the listener is dropped.
     pub fn close(&self) {
         self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
         self.close_notify.notify_waiters();
+    }
+
+    /// Starts a task that accepts connections and reads the first request frame of each one concurrently (each
+    /// read bounded by `deadline`, so a slow client holds up nobody), delivering connections with their first
+    /// frame as the frames complete. Connections that close or time out before a whole frame are dropped. The
+    /// stream ends when the listener is [`close`](Self::close)d. This saves a server one round trip per connection.
+    pub fn incoming_requests(
+        self: &Arc<Self>,
+        max_data: usize,
+        deadline: Option<Duration>,
+    ) -> tokio::sync::mpsc::UnboundedReceiver<(UnixConnection, Frame)> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let listener = self.clone();
+        tokio::spawn(async move {
+            while let Ok(conn) = listener.accept().await {
+                let tx = tx.clone();
+                let listener = listener.clone();
+                tokio::spawn(async move {
+                    // Closing the listener also abandons first frames still being read.
+                    tokio::select! {
+                        r = conn.read_request_frame(max_data, deadline) => {
+                            if let Ok(frame) = r {
+                                let _ = tx.send((conn, frame));
+                            }
+                        }
+                        _ = listener.closed() => {}
+                    }
+                });
+            }
+        });
+        rx
     }
 
     /// Removes the socket file (`rm <path>`); a file that is already gone is fine.
@@ -326,6 +369,19 @@ impl UnixConnection {
         Ok((data, fds))
     }
 
+    /// Shuts the reading side down (`shutdown(SHUT_RD)`): a pending or later read sees EOF, writes still go out.
+    pub fn shutdown_read(&self) -> Result<()> {
+        // SAFETY: the fd is valid for the lifetime of self; shutdown does not close it.
+        let rc = unsafe { libc::shutdown(self.inner.as_raw_fd(), libc::SHUT_RD) };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::ENOTCONN) {
+                return Err(Error::io("shutdown read", err));
+            }
+        }
+        Ok(())
+    }
+
     /// Shuts both directions down (`shutdown(2)`), waking any pending read or write; the fd closes on drop.
     pub fn shutdown(&self) -> Result<()> {
         // SAFETY: the fd is valid for the lifetime of self; shutdown does not close it.
@@ -337,6 +393,141 @@ impl UnixConnection {
             }
         }
         Ok(())
+    }
+}
+
+/// Length of an FDServer protocol header (PROTOCOL.md): magic(4) command(1) DataSize(4) OobSize(4) key(64).
+pub const FRAME_HEADER_LEN: usize = 77;
+const FRAME_MAGIC: u32 = 0x4242_4242;
+
+/// DataSize and OobSize of a header (big-endian at bytes 5..9 and 9..13).
+fn frame_sizes(h: &[u8]) -> (usize, usize) {
+    let data = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) as usize;
+    let oob = u32::from_be_bytes([h[9], h[10], h[11], h[12]]) as usize;
+    (data, oob)
+}
+
+/// One frame of the FDServer protocol as read off a connection: the 77 header bytes, the payload and any fds.
+#[derive(Debug)]
+pub struct Frame {
+    /// The 77-byte header, as received.
+    pub header: Vec<u8>,
+    /// The payload: DataSize bytes; `None` for a request frame that was not read (bad magic, or DataSize over
+    /// the limit).
+    pub data: Option<Vec<u8>>,
+    /// The fds that came with a response (owned).
+    pub fds: Vec<OwnedFd>,
+}
+
+impl UnixConnection {
+    /// Reads a request frame for a server: the header, then its DataSize payload bytes, all within `deadline`.
+    /// The payload is left unread (`data: None`) when the magic is wrong or DataSize exceeds `max_data`, so a
+    /// hostile size is never allocated. EOF before the header is `ERR_CLOSED`.
+    pub async fn read_request_frame(&self, max_data: usize, deadline: Option<Duration>) -> Result<Frame> {
+        let fut = async {
+            let header = self.read_exact_inner(FRAME_HEADER_LEN).await?;
+            let magic = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+            let (size, _) = frame_sizes(&header);
+            if magic != FRAME_MAGIC || size > max_data {
+                return Ok(Frame { header, data: None, fds: Vec::new() });
+            }
+            let data = if size > 0 { self.read_exact_inner(size).await? } else { Vec::new() };
+            Ok(Frame { header, data: Some(data), fds: Vec::new() })
+        };
+        with_deadline(deadline, "read request", fut).await
+    }
+
+    /// Reads a response frame as Virtlet's Go client does: exactly 77 header bytes, then, when DataSize or OobSize
+    /// is not zero, one `recvmsg` with a DataSize-byte buffer (1 byte for the dummy byte when DataSize is 0) and an
+    /// OobSize-byte control buffer; payload bytes that did not fit in that message follow by plain reads. The
+    /// dummy byte is dropped. A frame whose magic is wrong is returned as is, without reading further.
+    pub async fn read_response_frame(&self, deadline: Option<Duration>) -> Result<Frame> {
+        let fut = async {
+            let header = self.read_exact_inner(FRAME_HEADER_LEN).await?;
+            let magic = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+            if magic != FRAME_MAGIC {
+                return Ok(Frame { header, data: None, fds: Vec::new() });
+            }
+            let (size, oob) = frame_sizes(&header);
+            if size == 0 && oob == 0 {
+                return Ok(Frame { header, data: Some(Vec::new()), fds: Vec::new() });
+            }
+            let (mut data, fds) = self.recv_with_fds(size.max(1), oob).await?;
+            if data.is_empty() {
+                return Err(Error::new(ErrorCode::Closed, "read response: connection closed before the payload"));
+            }
+            if size == 0 {
+                data.clear(); // the dummy byte
+            } else if data.len() < size {
+                let rest = self.read_exact_inner(size - data.len()).await?;
+                data.extend_from_slice(&rest);
+            }
+            Ok(Frame { header, data: Some(data), fds })
+        };
+        with_deadline(deadline, "read response", fut).await
+    }
+}
+
+impl UnixConnection {
+    /// A server's turn on a connection: writes the response `head`, sends `data` with `fds` in one `sendmsg`
+    /// (nothing when both are empty), then reads the next request frame (see
+    /// [`read_request_frame`](Self::read_request_frame)). The fds are owned (duplicates the caller made), so the
+    /// caller may close its own copies at any time.
+    pub async fn respond_then_read(
+        &self,
+        head: &[u8],
+        data: &[u8],
+        fds: Vec<OwnedFd>,
+        max_data: usize,
+        deadline: Option<Duration>,
+    ) -> Result<Frame> {
+        self.write_all(head).await?;
+        let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+        self.send_with_fds(data, &borrowed).await?;
+        drop(borrowed);
+        drop(fds);
+        self.read_request_frame(max_data, deadline).await
+    }
+}
+
+/// Duplicates fds (`fcntl(F_DUPFD_CLOEXEC)`) into owned ones, e.g. to send them later while the original owner
+/// is free to close its copies.
+pub fn dup_fds(fds: &[RawFd]) -> Result<Vec<OwnedFd>> {
+    fds.iter()
+        .map(|&fd| {
+            if fd < 0 {
+                return Err(Error::invalid(format!("bad fd {fd}")));
+            }
+            // SAFETY: the fd is only borrowed for the duration of the fcntl; a closed fd yields EBADF.
+            let b = unsafe { BorrowedFd::borrow_raw(fd) };
+            b.try_clone_to_owned().map_err(|e| Error::io(format!("dup fd {fd}"), e))
+        })
+        .collect()
+}
+
+/// One client request of the FDServer protocol on a new connection: connect to `path`, write `request`
+/// (header and payload), read the response frame, close. The whole exchange is bounded by `deadline`.
+pub async fn request(path: impl AsRef<Path>, request: &[u8], deadline: Option<Duration>) -> Result<Frame> {
+    let path = path.as_ref();
+    let fut = async {
+        let conn = UnixConnection::connect(path).await?;
+        conn.write_all(request).await?;
+        conn.read_response_frame(None).await
+    };
+    with_deadline(deadline, "request", fut).await
+}
+
+async fn with_deadline<T>(
+    deadline: Option<Duration>,
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    match deadline {
+        Some(d) => match tokio::time::timeout(d, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::new(ErrorCode::Timeout, format!("{what}: not done within {} ms", d.as_millis()))),
+        },
+        None => fut.await,
     }
 }
 

@@ -168,3 +168,123 @@ async fn peer_credentials_deadlines_eof_and_bad_arguments() {
     assert!(failed);
     assert_eq!(UnixConnection::connect(dir.path().join("nothing.sock")).await.unwrap_err().code, ErrorCode::NotFound);
 }
+
+fn frame(cmd: u8, data: u32, oob: u32, magic: u32) -> Vec<u8> {
+    let mut h = magic.to_be_bytes().to_vec();
+    h.push(cmd);
+    h.extend_from_slice(&data.to_be_bytes());
+    h.extend_from_slice(&oob.to_be_bytes());
+    h.extend_from_slice(&[b' '; 64]);
+    h
+}
+
+#[tokio::test]
+async fn protocol_frames_requests_limits_and_responses_with_fds() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.sock");
+    let l = UnixListener::bind(&path, BindOptions::default()).unwrap();
+    let f = temp_file("through the fd");
+    let server = async {
+        let c = l.accept().await.unwrap();
+        // a request with payload, split over several writes by the client
+        let r = c.read_request_frame(16, None).await.unwrap();
+        assert_eq!(r.data.as_deref(), Some(&b"payload"[..]));
+        // a response: header, then the dummy byte with one fd
+        c.write_all(&frame(0x82, 0, cmsg_space(1) as u32, 0x4242_4242)).await.unwrap();
+        c.send_with_fds(&[0], &[f.as_fd()]).await.unwrap();
+        // DataSize over the limit: header only, payload left unread
+        let r = c.read_request_frame(16, None).await.unwrap();
+        assert!(r.data.is_none());
+        assert_eq!(u32::from_be_bytes(r.header[5..9].try_into().unwrap()), 0xffff_ffff);
+        // bad magic: header only
+        let r = c.read_request_frame(16, None).await.unwrap();
+        assert!(r.data.is_none());
+        assert_eq!(&r.header[..4], b"AAAA");
+    };
+    let client = async {
+        let c = UnixConnection::connect(&path).await.unwrap();
+        let mut req = frame(2, 7, 0, 0x4242_4242);
+        req.extend_from_slice(b"payload");
+        c.write_all(&req[..40]).await.unwrap();
+        tokio::task::yield_now().await;
+        c.write_all(&req[40..]).await.unwrap();
+        let resp = c.read_response_frame(Some(Duration::from_secs(5))).await.unwrap();
+        assert_eq!(resp.data.as_deref(), Some(&[][..])); // the dummy byte is dropped
+        assert_eq!(resp.fds.len(), 1);
+        assert_eq!(read_all(resp.fds.into_iter().next().unwrap()), "through the fd");
+        c.write_all(&frame(0, 0xffff_ffff, 0, 0x4242_4242)).await.unwrap();
+        c.write_all(&frame(0, 1, 0, 0x4141_4141)).await.unwrap();
+    };
+    tokio::join!(server, client);
+
+    // request(): a whole client exchange against a server that answers with payload, then one that hangs
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = async {
+        let c = l.accept().await.unwrap();
+        let r = c.read_request_frame(16, None).await.unwrap();
+        assert_eq!(r.data.as_deref(), Some(&[][..]));
+        c.write_all(&frame(0x81, 5, 0, 0x4242_4242)).await.unwrap();
+        c.write_all(b"hello").await.unwrap();
+        let hang = l.accept().await.unwrap();
+        done_rx.await.unwrap(); // hold the connection open, unanswered, until the client has timed out
+        drop(hang);
+    };
+    let client = async {
+        let resp = tapmanager_core::unix::request(&path, &frame(1, 0, 0, 0x4242_4242), Some(Duration::from_secs(5)))
+            .await
+            .unwrap();
+        assert_eq!(resp.header[4], 0x81);
+        assert_eq!(resp.data.as_deref(), Some(&b"hello"[..]));
+        let e = tapmanager_core::unix::request(&path, &frame(1, 0, 0, 0x4242_4242), Some(Duration::from_millis(50)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::Timeout, "{e}");
+        done_tx.send(()).unwrap();
+    };
+    tokio::join!(server, client);
+}
+
+#[tokio::test]
+async fn incoming_requests_respond_then_read_and_shutdown_read() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.sock");
+    let l = std::sync::Arc::new(UnixListener::bind(&path, BindOptions::default()).unwrap());
+    let mut incoming = l.incoming_requests(64, Some(Duration::from_secs(5)));
+    // a slow client that never sends a whole frame does not hold up a later one
+    let slow = UnixConnection::connect(&path).await.unwrap();
+    slow.write_all(&frame(2, 0, 0, 0x4242_4242)[..10]).await.unwrap();
+    let fast = UnixConnection::connect(&path).await.unwrap();
+    fast.write_all(&frame(2, 0, 0, 0x4242_4242)).await.unwrap();
+    let (conn, first) = incoming.recv().await.unwrap();
+    assert_eq!(first.header[4], 2);
+    // respond with a duplicate of a file's fd, closing the original at once: the duplicate is what travels
+    let f = temp_file("dup");
+    let dups = tapmanager_core::unix::dup_fds(&[f.as_raw_fd()]).unwrap();
+    drop(f);
+    assert_eq!(tapmanager_core::unix::dup_fds(&[-1]).unwrap_err().code, ErrorCode::Invalid);
+    let resp_head = frame(0x82, 0, cmsg_space(1) as u32, 0x4242_4242);
+    let (next, resp) = tokio::join!(conn.respond_then_read(&resp_head, &[0], dups, 64, None), async {
+        let r = fast.read_response_frame(Some(Duration::from_secs(5))).await.unwrap();
+        fast.write_all(&frame(1, 0, 0, 0x4242_4242)).await.unwrap();
+        r
+    });
+    assert_eq!(read_all(resp.fds.into_iter().next().unwrap()), "dup");
+    assert_eq!(next.unwrap().header[4], 1);
+    // shutdown_read: a pending read ends with ERR_CLOSED while a write still goes out
+    let c2 = std::sync::Arc::new(conn);
+    let reader = {
+        let c2 = c2.clone();
+        tokio::spawn(async move { c2.read_request_frame(64, None).await.map(|_| ()) })
+    };
+    tokio::task::yield_now().await;
+    c2.shutdown_read().unwrap();
+    assert_eq!(reader.await.unwrap().unwrap_err().code, ErrorCode::Closed);
+    c2.write_all(b"still writable").await.unwrap();
+    assert_eq!(fast.read_exact(14, Some(Duration::from_secs(5))).await.unwrap(), b"still writable");
+    // closing the listener ends the stream
+    l.close();
+    drop(slow);
+    assert!(tokio::time::timeout(Duration::from_secs(5), incoming.recv()).await.unwrap().is_none());
+}

@@ -59,6 +59,12 @@ pub fn close_fd(fd: i32) -> Result<(), JsError> {
     Ok(())
 }
 
+/// Duplicates fds (`fcntl(F_DUPFD_CLOEXEC)`); the new fds belong to the caller.
+#[napi]
+pub fn dup_fds(fds: Vec<i32>) -> Result<Vec<i32>, JsError> {
+    Ok(to_js_fds(unix::dup_fds(&fds).map_err(to_js)?))
+}
+
 /// Options for `UnixListener.bind`.
 #[napi(object)]
 pub struct BindOpts {
@@ -83,11 +89,53 @@ pub struct Received {
     pub fds: Vec<i32>,
 }
 
+/// One frame of the FDServer protocol: the 77 header bytes, the payload (absent for a request frame that was
+/// not read: bad magic or DataSize over the limit) and the fds of a response (owned by JavaScript).
+#[napi(object)]
+pub struct Frame {
+    pub header: Buffer,
+    pub data: Option<Buffer>,
+    pub fds: Vec<i32>,
+}
+
+fn to_js_frame(f: unix::Frame) -> Frame {
+    Frame { header: f.header.into(), data: f.data.map(Buffer::from), fds: to_js_fds(f.fds) }
+}
+
+fn deadline(timeout_ms: Option<u32>) -> Option<Duration> {
+    timeout_ms.filter(|&t| t > 0).map(|t| Duration::from_millis(t as u64))
+}
+
+/// One FDServer request on a new connection: connect to `path`, write `request` (header and payload), read the
+/// response frame as the Go client does (header, one recvmsg with DataSize/OobSize buffers), close. The returned
+/// fds belong to the caller. `timeoutMs` (when > 0) bounds the whole exchange.
+#[napi(ts_return_type = "Promise<Frame>")]
+pub fn fd_request<'env>(
+    env: &'env Env,
+    path: String,
+    request: Buffer,
+    timeout_ms: Option<u32>,
+) -> napi::Result<PromiseRaw<'env, Frame>> {
+    let req: Vec<u8> = request.to_vec();
+    let d = deadline(timeout_ms);
+    promise(env, async move { unix::request(&path, &req, d).await }, to_js_frame)
+}
+
+/// A connection with its first request frame already read (see `UnixListener.startIncoming`).
+#[napi(object, object_from_js = false)]
+pub struct IncomingRequest {
+    pub conn: UnixConnection,
+    pub frame: Frame,
+}
+
+type Incoming = tokio::sync::mpsc::UnboundedReceiver<(unix::UnixConnection, unix::Frame)>;
+
 /// A listening Unix stream socket.
 #[napi]
 pub struct UnixListener {
     inner: Mutex<Option<Arc<unix::UnixListener>>>,
     path: String,
+    incoming: Arc<tokio::sync::Mutex<Option<Incoming>>>,
 }
 
 #[napi]
@@ -104,7 +152,7 @@ impl UnixListener {
             o.gid = opts.gid;
         }
         let l = within_runtime_if_available(|| unix::UnixListener::bind(&path, o)).map_err(to_js)?;
-        Ok(UnixListener { inner: Mutex::new(Some(Arc::new(l))), path })
+        Ok(UnixListener { inner: Mutex::new(Some(Arc::new(l))), path, incoming: Arc::default() })
     }
 
     /// The socket path.
@@ -125,6 +173,55 @@ impl UnixListener {
     pub fn accept<'env>(&self, env: &'env Env) -> napi::Result<PromiseRaw<'env, UnixConnection>> {
         let l = self.get_or_closed();
         promise(env, async move { l?.accept().await }, UnixConnection::wrap)
+    }
+
+    /// Starts accepting in the background, reading each connection's first request frame concurrently (each
+    /// within `timeoutMs` when > 0; payloads over `maxData` are left unread). Collect them with `nextIncoming`.
+    #[napi]
+    pub fn start_incoming(&self, max_data: u32, timeout_ms: Option<u32>) -> Result<(), JsError> {
+        let l = self.get_or_closed().map_err(to_js)?;
+        let mut slot = self.incoming.try_lock().map_err(|_| invalid("startIncoming: busy"))?;
+        if slot.is_some() {
+            return Err(invalid("startIncoming: already started"));
+        }
+        let rx = within_runtime_if_available(|| l.incoming_requests(max_data as usize, deadline(timeout_ms)));
+        *slot = Some(rx);
+        Ok(())
+    }
+
+    /// The connections that have their first request frame, at least one and at most `max` (waits for one).
+    /// Rejects with `ERR_CLOSED` once the listener is closed.
+    #[napi(ts_return_type = "Promise<Array<IncomingRequest>>")]
+    pub fn next_incoming<'env>(
+        &self,
+        env: &'env Env,
+        max: u32,
+    ) -> napi::Result<PromiseRaw<'env, Vec<IncomingRequest>>> {
+        let incoming = self.incoming.clone();
+        promise(
+            env,
+            async move {
+                let closed = || tapmanager_core::Error::new(tapmanager_core::ErrorCode::Closed, "listener is closed");
+                let mut guard = incoming.lock().await;
+                let rx = guard
+                    .as_mut()
+                    .ok_or_else(|| tapmanager_core::Error::invalid("nextIncoming: startIncoming was not called"))?;
+                let first = rx.recv().await.ok_or_else(closed)?;
+                let mut out = vec![first];
+                while out.len() < max.max(1) as usize {
+                    match rx.try_recv() {
+                        Ok(x) => out.push(x),
+                        Err(_) => break,
+                    }
+                }
+                Ok(out)
+            },
+            |v| {
+                v.into_iter()
+                    .map(|(c, f)| IncomingRequest { conn: UnixConnection::wrap(c), frame: to_js_frame(f) })
+                    .collect()
+            },
+        )
     }
 
     /// Closes the listener (a pending `accept` rejects) and, when `removeFile` is true, removes the socket file.
@@ -199,6 +296,53 @@ impl UnixConnection {
         promise(env, async move { c?.read_exact(n as usize, deadline).await }, Buffer::from)
     }
 
+    /// Reads a request frame: the header and its payload, within `timeoutMs` (when > 0). `data` is absent when
+    /// the magic is wrong or DataSize exceeds `maxData` (the payload is then left unread).
+    #[napi(ts_return_type = "Promise<Frame>")]
+    pub fn read_request_frame<'env>(
+        &self,
+        env: &'env Env,
+        max_data: u32,
+        timeout_ms: Option<u32>,
+    ) -> napi::Result<PromiseRaw<'env, Frame>> {
+        let c = self.get_or_closed();
+        let d = deadline(timeout_ms);
+        promise(env, async move { c?.read_request_frame(max_data as usize, d).await }, to_js_frame)
+    }
+
+    /// Reads a response frame as the Go client does (see `fdRequest`), within `timeoutMs` (when > 0).
+    #[napi(ts_return_type = "Promise<Frame>")]
+    pub fn read_response_frame<'env>(
+        &self,
+        env: &'env Env,
+        timeout_ms: Option<u32>,
+    ) -> napi::Result<PromiseRaw<'env, Frame>> {
+        let c = self.get_or_closed();
+        let d = deadline(timeout_ms);
+        promise(env, async move { c?.read_response_frame(d).await }, to_js_frame)
+    }
+
+    /// A server's turn: writes `head`, sends `data` with the `fds` in one `sendmsg` (nothing when both are
+    /// empty; data must not be empty when fds are sent), then reads the next request frame like
+    /// `readRequestFrame`. The fds are duplicated before this returns, so the caller may close its copies at once.
+    #[napi(ts_return_type = "Promise<Frame>")]
+    pub fn respond_then_read<'env>(
+        &self,
+        env: &'env Env,
+        head: Buffer,
+        data: Buffer,
+        fds: Vec<i32>,
+        max_data: u32,
+        timeout_ms: Option<u32>,
+    ) -> napi::Result<PromiseRaw<'env, Frame>> {
+        let c = self.get_or_closed();
+        let dups = unix::dup_fds(&fds);
+        let head: Vec<u8> = head.to_vec();
+        let data: Vec<u8> = data.to_vec();
+        let d = deadline(timeout_ms);
+        promise(env, async move { c?.respond_then_read(&head, &data, dups?, max_data as usize, d).await }, to_js_frame)
+    }
+
     /// Writes all of `data`.
     #[napi(ts_return_type = "Promise<void>")]
     pub fn write<'env>(&self, env: &'env Env, data: Buffer) -> napi::Result<PromiseRaw<'env, ()>> {
@@ -252,6 +396,12 @@ impl UnixConnection {
         promise(env, async move { c?.recv_with_fds(data_len as usize, control_len as usize).await }, |(data, fds)| {
             Received { data: data.into(), fds: to_js_fds(fds) }
         })
+    }
+
+    /// Stops reading: a pending or later read sees EOF (`ERR_CLOSED`), while writes in progress still complete.
+    #[napi]
+    pub fn close_read(&self) -> Result<(), JsError> {
+        self.get()?.shutdown_read().map_err(to_js)
     }
 
     /// Shuts the connection down (pending operations fail) and releases it.
