@@ -94,6 +94,19 @@ export declare class UnixConnection {
   peerCred(): PeerCredentials
   /** Reads exactly `n` bytes (`ERR_CLOSED` on EOF, `ERR_TIMEOUT` after `timeoutMs` when given and > 0). */
   readExact(n: number, timeoutMs?: number | undefined | null): Promise<Buffer>
+  /**
+   * Reads a request frame: the header and its payload, within `timeoutMs` (when > 0). `data` is absent when
+   * the magic is wrong or DataSize exceeds `maxData` (the payload is then left unread).
+   */
+  readRequestFrame(maxData: number, timeoutMs?: number | undefined | null): Promise<Frame>
+  /** Reads a response frame as the Go client does (see `fdRequest`), within `timeoutMs` (when > 0). */
+  readResponseFrame(timeoutMs?: number | undefined | null): Promise<Frame>
+  /**
+   * A server's turn: writes `head`, sends `data` with the `fds` in one `sendmsg` (nothing when both are
+   * empty; data must not be empty when fds are sent), then reads the next request frame like
+   * `readRequestFrame`. The fds are duplicated before this returns, so the caller may close its copies at once.
+   */
+  respondThenRead(head: Buffer, data: Buffer, fds: Array<number>, maxData: number, timeoutMs?: number | undefined | null): Promise<Frame>
   /** Writes all of `data`. */
   write(data: Buffer): Promise<void>
   /**
@@ -107,6 +120,8 @@ export declare class UnixConnection {
    * (`MSG_CMSG_CLOEXEC`). The returned fds belong to the caller.
    */
   recvWithFds(dataLen: number, controlLen: number): Promise<Received>
+  /** Stops reading: a pending or later read sees EOF (`ERR_CLOSED`), while writes in progress still complete. */
+  closeRead(): void
   /** Shuts the connection down (pending operations fail) and releases it. */
   close(): void
 }
@@ -122,6 +137,16 @@ export declare class UnixListener {
   get path(): string
   /** Accepts the next connection. Rejects with `ERR_CLOSED` once the listener is closed. */
   accept(): Promise<UnixConnection>
+  /**
+   * Starts accepting in the background, reading each connection's first request frame concurrently (each
+   * within `timeoutMs` when > 0; payloads over `maxData` are left unread). Collect them with `nextIncoming`.
+   */
+  startIncoming(maxData: number, timeoutMs?: number | undefined | null): void
+  /**
+   * The connections that have their first request frame, at least one and at most `max` (waits for one).
+   * Rejects with `ERR_CLOSED` once the listener is closed.
+   */
+  nextIncoming(max: number): Promise<Array<IncomingRequest>>
   /** Closes the listener (a pending `accept` rejects) and, when `removeFile` is true, removes the socket file. */
   close(removeFile?: boolean | undefined | null): void
 }
@@ -248,6 +273,32 @@ export interface DhcpServerStats {
   ignored: number
   /** Socket errors and handler faults. */
   errors: number
+}
+
+/** Duplicates fds (`fcntl(F_DUPFD_CLOEXEC)`); the new fds belong to the caller. */
+export declare function dupFds(fds: Array<number>): Array<number>
+
+/**
+ * One FDServer request on a new connection: connect to `path`, write `request` (header and payload), read the
+ * response frame as the Go client does (header, one recvmsg with DataSize/OobSize buffers), close. The returned
+ * fds belong to the caller. `timeoutMs` (when > 0) bounds the whole exchange.
+ */
+export declare function fdRequest(path: string, request: Buffer, timeoutMs?: number | undefined | null): Promise<Frame>
+
+/**
+ * One frame of the FDServer protocol: the 77 header bytes, the payload (absent for a request frame that was
+ * not read: bad magic or DataSize over the limit) and the fds of a response (owned by JavaScript).
+ */
+export interface Frame {
+  header: Buffer
+  data?: Buffer
+  fds: Array<number>
+}
+
+/** A connection with its first request frame already read (see `UnixListener.startIncoming`). */
+export interface IncomingRequest {
+  conn: UnixConnection
+  frame: Frame
 }
 
 /** A link as `ip -d link show` describes it. */

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# `npm run bench`: prints figures; asserts nothing.
+# `npm run bench`: prints figures; asserts nothing. The Rust core's own benchmarks: `cargo bench -p tapmanager-core`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-for b in bench/*.ts; do
+export OXC_TSCONFIG_PATH=./__test__/tsconfig.json
+for b in bench/fd.ts bench/tapfd.ts; do
+  [ -f "$b" ] || continue
   echo "== $b"
   node --import @oxc-node/core/register "$b"
 done
