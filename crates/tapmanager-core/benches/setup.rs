@@ -169,6 +169,9 @@ fn run(cmd: &str, args: &[&str], stdin: Option<&str>) {
     assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// One way of doing the per-interface work.
+type Case = dyn Fn(&Env);
+
 fn median_and_p90(v: &mut [Duration]) -> (Duration, Duration) {
     v.sort();
     (v[v.len() / 2], v[(v.len() * 9) / 10])
@@ -180,7 +183,7 @@ fn bench(c: &mut Criterion) {
     let samples: [Mutex<Vec<Duration>>; 3] = Default::default();
     let mut g = c.benchmark_group("per_interface_setup_teardown");
     g.sample_size(30).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(5));
-    let cases: [(&str, &dyn Fn(&Env)); 3] =
+    let cases: [(&str, &Case); 3] =
         [("tapmanager", &Env::ours), ("tapmanager_batched", &Env::ours_batched), ("ip_commands", &Env::ip_commands)];
     for (i, (name, f)) in cases.iter().enumerate() {
         g.bench_function(*name, |b| {
