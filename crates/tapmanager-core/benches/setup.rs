@@ -54,9 +54,15 @@ impl Env {
 
     /// Our way: one iteration of setup + teardown.
     fn ours(&self) {
+        self.ours_timed();
+    }
+
+    /// Our way, returning the time of the setup half and of the teardown half.
+    fn ours_timed(&self) -> (Duration, Duration) {
         let (nl, eth, ns) = (&self.nl, self.eth, self.pod_path.as_path());
         self.rt
             .block_on(async {
+                let t = Instant::now();
                 tap::create_tap(
                     Some(ns),
                     "tap0",
@@ -70,16 +76,18 @@ impl Env {
                 nl.add_address(br, "169.254.254.2".parse().unwrap(), 24).await?;
                 isolation::add_dhcp_isolation(Some(ns), "eth0")?;
                 let fds = tap::open_tap(Some(ns), "tap0", &tap::TapOpenOptions::default())?;
+                let setup = t.elapsed();
                 // teardown
+                let t = Instant::now();
                 drop(fds);
                 isolation::remove_dhcp_isolation(Some(ns), "eth0")?;
                 nl.delete_address(br, "169.254.254.2".parse().unwrap(), 24).await?;
                 nl.set_nomaster(eth).await?;
                 // Bridge and tap in one kernel batch: one set of unregister grace periods instead of two.
                 nl.delete_links(&[br, tapi]).await?;
-                Ok::<_, tapmanager_core::Error>(())
+                Ok::<_, tapmanager_core::Error>((setup, t.elapsed()))
             })
-            .unwrap();
+            .unwrap()
     }
 
     /// Ours, with the three blocking steps (tap create, isolation, tap open) done on ONE netns thread, as a
@@ -200,6 +208,19 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
+    // The setup half alone (the teardown still runs each iteration, untimed).
+    let halves: Mutex<Vec<(Duration, Duration)>> = Mutex::default();
+    g.bench_function("tapmanager_setup_only", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let (setup, teardown) = env.ours_timed();
+                halves.lock().unwrap().push((setup, teardown));
+                total += setup;
+            }
+            total
+        })
+    });
     g.finish();
     println!("\nper-interface setup + teardown (every iteration, warm-up included):");
     for (i, (name, _)) in cases.iter().enumerate() {
@@ -208,6 +229,13 @@ fn bench(c: &mut Criterion) {
         let (med, p90) = median_and_p90(&mut v);
         println!("  {name:<20} median {:>8.3} ms   p90 {:>8.3} ms   ({n} iterations)", ms(med), ms(p90));
     }
+    let halves = halves.lock().unwrap().clone();
+    let (mut setup, mut teardown): (Vec<Duration>, Vec<Duration>) = halves.into_iter().unzip();
+    let n = setup.len();
+    let (sm, sp) = median_and_p90(&mut setup);
+    let (tm, tp) = median_and_p90(&mut teardown);
+    println!("  tapmanager setup     median {:>8.3} ms   p90 {:>8.3} ms   ({n} iterations)", ms(sm), ms(sp));
+    println!("  tapmanager teardown  median {:>8.3} ms   p90 {:>8.3} ms   (same iterations)", ms(tm), ms(tp));
     breakdown(&env);
 }
 
