@@ -72,6 +72,11 @@ export declare class NetlinkHandle {
   setNetns(index: number, netns: string): Promise<void>
   /** `ip link delete dev <link>` (works on taps too, even while a VM holds one). */
   deleteLink(index: number): Promise<void>
+  /**
+   * Deletes several links in one kernel batch (one set of unregister waits instead of one per link); exactly
+   * these links or none. `ip link set dev <each> group <g>` + `ip link delete group <g>`.
+   */
+  deleteLinks(indices: Array<number>): Promise<void>
   /** Lists IPv4 and IPv6 addresses, of one link when `index` is given. `ip addr show [dev <link>]`. */
   addresses(index?: number | undefined | null): Promise<Array<Address>>
   /** `ip addr add <address>/<prefixLen> dev <link>`. */
@@ -319,6 +324,8 @@ export interface Link {
   flags: number
   /** The index of its bridge, if it is a bridge port. */
   master?: number
+  /** The device group (0 = default). */
+  group: number
 }
 
 /** The links isolated in a netns, sorted. */

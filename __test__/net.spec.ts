@@ -112,7 +112,13 @@ test('links, addresses and routes through NetlinkHandle', async (t) => {
 
     await nl.setNetns(eth, node.path)
     t.regex(node.exec('ip', ['-o', 'link', 'show']), /eth9@/)
-    await nl.deleteLink(br)
+    await createTap('tap0', { netns: pod.path })
+    const tap = (await nl.linkByName('tap0')).index
+    t.like(await nl.linkByIndex(tap), { kind: 'tun', group: 0 })
+    await nl.deleteLinks([br, tap])
+    t.deepEqual((await nl.links()).map((l) => l.name), ['lo'])
+    const br2 = await nl.createBridge('br0')
+    await nl.deleteLink(br2)
     t.deepEqual((await nl.links()).map((l) => l.name), ['lo'])
     nl.close()
     t.is(await codeOf(nl.links()), 'ERR_CLOSED')

@@ -220,9 +220,52 @@ impl Batch {
     }
 }
 
-/// A `NETLINK_NETFILTER` socket in the calling thread's netns.
+/// A `NETLINK_NETFILTER` socket in the calling thread's netns. Dropping it hands the fd to [`close_later`].
 struct NfSocket {
-    fd: OwnedFd,
+    fd: Option<OwnedFd>,
+}
+
+impl Drop for NfSocket {
+    fn drop(&mut self) {
+        if let Some(fd) = self.fd.take() {
+            close_later(fd);
+        }
+    }
+}
+
+/// Closes `fd` on a background thread. Closing a `NETLINK_NETFILTER` socket makes the kernel flush nf_tables'
+/// pending destroy work (`nft_rcv_nl_event` -> `nf_tables_trans_destroy_flush_work`), which waits for an RCU
+/// grace period: 10-40 ms on a busy machine, right after a table was deleted. The ruleset change is committed
+/// before the ack we waited for, so nothing observable depends on that close: it only frees memory.
+/// The closer thread first moves back to the process's own netns (`/proc/self/ns/net`, the main thread's), so
+/// it never keeps a pod namespace alive.
+fn close_later(fd: OwnedFd) {
+    use std::sync::mpsc::{channel, Sender};
+    use std::sync::{Mutex, OnceLock};
+    static CLOSER: OnceLock<Mutex<Option<Sender<OwnedFd>>>> = OnceLock::new();
+    let closer = CLOSER.get_or_init(|| {
+        let (tx, rx) = channel::<OwnedFd>();
+        let spawned = std::thread::Builder::new().name("tapmanager-nft-close".into()).spawn(move || {
+            if let Ok(ns) = std::fs::File::open("/proc/self/ns/net") {
+                let _ = nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET);
+            }
+            for fd in rx {
+                drop(fd);
+            }
+        });
+        Mutex::new(spawned.ok().map(|_| tx))
+    });
+    let fd = match closer.lock() {
+        Ok(guard) => match guard.as_ref() {
+            Some(tx) => match tx.send(fd) {
+                Ok(()) => return,
+                Err(e) => e.0,
+            },
+            None => fd,
+        },
+        Err(_) => fd,
+    };
+    drop(fd); // no closer thread: close here, paying the wait
 }
 
 impl NfSocket {
@@ -246,7 +289,11 @@ impl NfSocket {
                 std::mem::size_of::<libc::timeval>() as libc::socklen_t,
             );
         }
-        Ok(NfSocket { fd })
+        Ok(NfSocket { fd: Some(fd) })
+    }
+
+    fn raw(&self) -> std::os::fd::RawFd {
+        self.fd.as_ref().map_or(-1, |f| f.as_raw_fd())
     }
 
     fn send(&self, buf: &[u8]) -> Result<()> {
@@ -256,7 +303,7 @@ impl NfSocket {
         // SAFETY: `buf` and `addr` are valid for the duration of the call.
         let n = unsafe {
             libc::sendto(
-                self.fd.as_raw_fd(),
+                self.raw(),
                 buf.as_ptr() as *const libc::c_void,
                 buf.len(),
                 0,
@@ -273,7 +320,7 @@ impl NfSocket {
     /// Receives one datagram (possibly several netlink messages).
     fn recv(&self, buf: &mut [u8]) -> Result<usize> {
         // SAFETY: `buf` is a valid writable buffer of the given length.
-        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+        let n = unsafe { libc::recv(self.raw(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::WouldBlock {

@@ -250,4 +250,14 @@ async fn dhcp_requests_and_our_replies_never_leave_through_the_link() {
     // Nothing was installed in the node netns.
     assert_eq!(node.exec(NFT, &["list", "ruleset"]).trim(), "");
     assert_eq!(add_dhcp_isolation(Some(&pod_path), "bad/name").unwrap_err().code, ErrorCode::Invalid);
+
+    // No thread of this process is left inside the pod netns (sockets are closed by a thread that lives in
+    // the process's own netns).
+    let pod_ns = run_in_netns(&pod_path, || Ok(std::fs::read_link("/proc/thread-self/ns/net").unwrap())).unwrap();
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let task = task.unwrap().path();
+        if let Ok(ns) = std::fs::read_link(task.join("ns/net")) {
+            assert_ne!(ns, pod_ns, "thread {} is inside the pod netns", task.display());
+        }
+    }
 }

@@ -195,3 +195,33 @@ async fn routes_list_add_delete() {
     assert_eq!(nl.delete_route(&net).await.unwrap_err().code, ErrorCode::NotFound);
     assert_eq!(nl.add_route(&RouteSpec::default()).await.unwrap_err().code, ErrorCode::Invalid);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_links_removes_exactly_the_given_links_in_one_batch() {
+    require_prereqs(&["ip"]);
+    let pod = TestNetns::new("tmnl");
+    let nl = open(&pod);
+    let br = nl.create_bridge("br0", None).await.unwrap();
+    tapmanager_core::tap::create_tap(Some(&PathBuf::from(pod.path())), "tap0", &Default::default()).unwrap();
+    let tap = nl.link_by_name("tap0").await.unwrap().index;
+    nl.set_master(tap, br).await.unwrap();
+    let keep = nl.create_veth("eth0", "peer0", None).await.unwrap();
+    nl.set_master(keep, br).await.unwrap();
+
+    // A missing link: nothing is deleted and the others' groups are restored.
+    assert_eq!(nl.delete_links(&[br, tap, 999_999]).await.unwrap_err().code, ErrorCode::NotFound);
+    for i in [br, tap, keep] {
+        assert_eq!(nl.link_by_index(i).await.unwrap().group, 0);
+    }
+
+    nl.delete_links(&[br, tap]).await.unwrap();
+    let mut names: Vec<String> = nl.links().await.unwrap().into_iter().map(|l| l.name).collect();
+    names.sort();
+    assert_eq!(names, vec!["eth0", "lo", "peer0"]);
+    let eth = nl.link_by_index(keep).await.unwrap();
+    assert_eq!((eth.master, eth.group), (None, 0));
+    assert!(pod.exec("ip", &["-d", "link", "show", "eth0"]).contains("group default"));
+    nl.delete_links(&[]).await.unwrap();
+    nl.delete_links(&[keep]).await.unwrap();
+    assert_eq!(nl.links().await.unwrap().len(), 1);
+}

@@ -154,6 +154,8 @@ pub struct Link {
     pub flags: u32,
     /// The index of its bridge, if it is a bridge port.
     pub master: Option<u32>,
+    /// The device group (0 = default).
+    pub group: u32,
 }
 
 /// An address as `ip addr show` describes it.
@@ -227,6 +229,7 @@ fn link_js(l: nl::LinkInfo) -> Link {
         up: l.up,
         flags: l.flags,
         master: l.master,
+        group: l.group,
     }
 }
 
@@ -413,6 +416,14 @@ impl NetlinkHandle {
     pub fn delete_link<'env>(&self, env: &'env Env, index: u32) -> napi::Result<PromiseRaw<'env, ()>> {
         let h = self.h();
         promise(env, async move { h?.delete_link(index).await })
+    }
+
+    /// Deletes several links in one kernel batch (one set of unregister waits instead of one per link); exactly
+    /// these links or none. `ip link set dev <each> group <g>` + `ip link delete group <g>`.
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn delete_links<'env>(&self, env: &'env Env, indices: Vec<u32>) -> napi::Result<PromiseRaw<'env, ()>> {
+        let h = self.h();
+        promise(env, async move { h?.delete_links(&indices).await })
     }
 
     /// Lists IPv4 and IPv6 addresses, of one link when `index` is given. `ip addr show [dev <link>]`.
