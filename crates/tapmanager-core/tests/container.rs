@@ -505,7 +505,15 @@ fn recover_gives_null_for_a_held_tap_and_reopen_works_once_released() {
     let mut fds = out.fds;
     let held = fds.pop().unwrap(); // tap1 stays held, like a running VM would hold it
     drop(fds);
-    let rec = container::recover_container_side(Path::new(&path), csn.as_bytes()).unwrap();
+    // Another test thread may fork while we hold tap0, so its child holds a copy until it execs: a tap can be
+    // busy for a moment after we closed it. Retry (bounded) until that window has passed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let rec = loop {
+        let rec = container::recover_container_side(Path::new(&path), csn.as_bytes()).unwrap();
+        if rec[0].is_some() || std::time::Instant::now() > deadline {
+            break rec;
+        }
+    };
     assert_eq!(rec.iter().map(Option::is_some).collect::<Vec<_>>(), [true, false]);
     drop(rec);
     let e = container::reopen_container_taps(Path::new(&path), csn.as_bytes()).unwrap_err();
