@@ -199,6 +199,7 @@ pub fn exchange(sock: &UdpSocket, packet: &[u8], xid: u32, wait: Duration) -> Op
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
                 return None
             }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => panic!("recv: {e}"),
         }
     }
