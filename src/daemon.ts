@@ -7,8 +7,8 @@
  * where the runtime must call Recover) and cleans up after every `adding` one (an add interrupted by a
  * crash: CNI DEL, netns deleted), so `kill -9` at any moment leaves nothing behind once it is restarted.
  */
-import { existsSync, readFileSync } from 'node:fs'
-import { join } from 'node:path'
+import { existsSync, mkdirSync, readFileSync } from 'node:fs'
+import { dirname, join } from 'node:path'
 import { ExecCniClient, type CniClient } from './cni'
 import type { FDSource, GetFDsResult } from './fdsource'
 import type { RequestLogger } from './log'
@@ -144,10 +144,17 @@ export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
     onRequest: opts.log ? (e) => opts.log!.request({ ...e, peer: e.peer ? { ...e.peer } : undefined }) : undefined,
   })
 
-  const recovery = await recoverPersisted(source, store, server)
-  if (opts.log) opts.log.logger.info({ recovery }, 'recovered persisted keys')
-  await server.serve()
-  if (opts.log) opts.log.logger.info({ socket: opts.socketPath }, 'serving')
+  let recovery: RecoveryReport
+  try {
+    recovery = await recoverPersisted(source, store, server)
+    if (opts.log) opts.log.logger.info({ recovery }, 'recovered persisted keys')
+    mkdirSync(dirname(opts.socketPath), { recursive: true })
+    await server.serve()
+  } catch (err) {
+    // Nothing may stay open after a failed start (DHCP servers of recovered keys, their fds).
+    await server.stop().catch(() => undefined)
+    throw err
+  }
   return {
     server,
     source,
