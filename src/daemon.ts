@@ -8,11 +8,12 @@
  * crash: CNI DEL, netns deleted), so `kill -9` at any moment leaves nothing behind once it is restarted.
  */
 import { existsSync, mkdirSync, readFileSync } from 'node:fs'
-import { dirname, join } from 'node:path'
+import { basename, dirname, join } from 'node:path'
 import { ExecCniClient, type CniClient } from './cni'
 import type { FDSource, GetFDsResult } from './fdsource'
 import type { RequestLogger } from './log'
 import { encodeContainerSideNetwork, encodeRecoverPayload, parseContainerSideNetwork, parseGetFDPayload, type PodNetworkDesc } from './payloads'
+import { nativePodNetworkOps, type PodNetworkOps } from './podnetwork'
 import { FDServer } from './server'
 import { StateStore } from './state'
 import { TapFDSource } from './tapfdsource'
@@ -39,6 +40,12 @@ export interface DaemonOptions {
   log?: RequestLogger
   /** A CNI client to use instead of executing plugins (tests). */
   cni?: CniClient
+  /**
+   * Test failpoint (default `$TAPMANAGER_TEST_CRASH_AT`): `<point>:<podId>` makes the process SIGKILL itself
+   * during the add of that pod, at `after-cni`, `after-container-side`, `after-dhcp` or `after-ready`
+   * (the state record is then `adding`, `adding`, `adding`, `ready`), for the kill -9 recovery tests.
+   */
+  crashAt?: string
 }
 
 /** What the daemon did with the persisted keys when it started. */
@@ -67,6 +74,7 @@ class PersistingSource implements FDSource {
   constructor(
     private readonly inner: TapFDSource,
     private readonly store: StateStore,
+    private readonly crash?: CrashPoint,
   ) {}
 
   async getFDs(key: string, data: Buffer): Promise<GetFDsResult> {
@@ -81,6 +89,7 @@ class PersistingSource implements FDSource {
     }
     try {
       await this.store.write({ key, status: 'ready', podNetworkDesc, csn: JSON.parse(String(res.data)) })
+      if (this.crash) this.crash.hit('after-ready', podNetworkDesc.podId)
     } catch (err) {
       await this.inner.release(key).catch(() => undefined)
       await this.store.remove(key).catch(() => undefined)
@@ -132,16 +141,24 @@ export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
       cacheDir: opts.cniCacheDir ?? join(opts.stateDir, 'cni'),
       timeoutMs: opts.cniTimeoutMs,
     })
-  const source = new TapFDSource(cni, { enableSriov: opts.sriov, calicoSubnetSize: opts.calicoSubnetSize, netnsDir })
+  const crash = crashPoint(opts.crashAt ?? process.env.TAPMANAGER_TEST_CRASH_AT)
+  const source = new TapFDSource(crash ? crashingCni(cni, crash) : cni, {
+    enableSriov: opts.sriov,
+    calicoSubnetSize: opts.calicoSubnetSize,
+    netnsDir,
+    ops: crash ? crashingOps(nativePodNetworkOps, crash) : undefined,
+  })
   const store = new StateStore(opts.stateDir)
   await store.init()
-  const server = new FDServer(opts.socketPath, new PersistingSource(source, store), {
+  const server = new FDServer(opts.socketPath, new PersistingSource(source, store, crash), {
     socketMode: opts.socketMode,
     socketGid: resolveGroup(opts.socketGroup),
     allowedUids: opts.allowedUids?.length || opts.allowedGids?.length ? opts.allowedUids : undefined,
     allowedGids: opts.allowedUids?.length || opts.allowedGids?.length ? opts.allowedGids : undefined,
     maxDataSize: opts.maxDataSize,
-    onRequest: opts.log ? (e) => opts.log!.request({ ...e, peer: e.peer ? { ...e.peer } : undefined }) : undefined,
+    onRequest: opts.log
+      ? (e) => opts.log!.request({ ...e, durationMs: Math.round(e.durationMs * 1000) / 1000, peer: e.peer ? { ...e.peer } : undefined })
+      : undefined,
   })
 
   let recovery: RecoveryReport
@@ -217,4 +234,57 @@ function resolveGroup(group: string | null | undefined): number | undefined {
 
 function messageOf(err: unknown): string {
   return err instanceof Error ? err.message : String(err)
+}
+
+const CRASH_POINTS = ['after-cni', 'after-container-side', 'after-dhcp', 'after-ready'] as const
+type CrashPointName = (typeof CRASH_POINTS)[number]
+
+/** A kill -9 of this process at one point of one pod's add (a test failpoint). */
+interface CrashPoint {
+  hit(point: CrashPointName, podId: string): void
+}
+
+function crashPoint(spec: string | undefined): CrashPoint | undefined {
+  if (!spec) return undefined
+  const i = spec.indexOf(':')
+  const point = spec.slice(0, i) as CrashPointName
+  const podId = spec.slice(i + 1)
+  if (i < 0 || !CRASH_POINTS.includes(point) || !podId) {
+    throw new Error(`crash point must be <${CRASH_POINTS.join('|')}>:<podId>, not ${JSON.stringify(spec)}`)
+  }
+  return {
+    hit(p, id) {
+      if (p === point && id === podId) process.kill(process.pid, 'SIGKILL')
+    },
+  }
+}
+
+function crashingCni(cni: CniClient, crash: CrashPoint): CniClient {
+  return {
+    addSandboxToNetwork: async (podId, podName, podNs) => {
+      const r = await cni.addSandboxToNetwork(podId, podName, podNs)
+      crash.hit('after-cni', podId)
+      return r
+    },
+    removeSandboxFromNetwork: (podId, podName, podNs) => cni.removeSandboxFromNetwork(podId, podName, podNs),
+    checkSandboxNetwork: (podId, podName, podNs) => cni.checkSandboxNetwork(podId, podName, podNs),
+    getDummyNetwork: () => cni.getDummyNetwork(),
+  }
+}
+
+function crashingOps(ops: PodNetworkOps, crash: CrashPoint): PodNetworkOps {
+  const podOf = (nsPath: string) => basename(nsPath)
+  return {
+    ...ops,
+    setupContainerSide: async (nsPath, resultJson, o) => {
+      const r = await ops.setupContainerSide(nsPath, resultJson, o)
+      crash.hit('after-container-side', podOf(nsPath))
+      return r
+    },
+    startDhcpServer: async (nsPath, csnJson) => {
+      const r = await ops.startDhcpServer(nsPath, csnJson)
+      crash.hit('after-dhcp', podOf(nsPath))
+      return r
+    },
+  }
 }
