@@ -1,0 +1,48 @@
+/**
+ * `npm run demo` (scripts/demo.sh) runs to the end and says what it did: two pods added, a real VM's lease on
+ * pod A (QEMU is installed by setup), a stand-in VM's lease on pod B, pings through the bridge, release, a clean
+ * node; and it leaves nothing: no netns, and the root netns's links and routes are what they were.
+ */
+import test from 'ava'
+import { spawnSync } from 'node:child_process'
+import { requirePrereqs } from './helpers/env'
+import { netnsNames } from './helpers/serve'
+
+function rootNet(): { links: string; routes: string } {
+  const r = (args: string[]) => spawnSync('ip', args, { encoding: 'utf8' }).stdout
+  return { links: r(['-br', 'link']).replace(/\s+(UP|DOWN|UNKNOWN|LOWERLAYERDOWN)\s+/g, ' '), routes: r(['route', 'show', 'table', 'all']) }
+}
+
+test('npm run demo: two pods, leases, pings, release, a clean node, nothing left', (t) => {
+  requirePrereqs(['ip', 'qemu-system-x86_64', '/usr/lib/cni/bridge', '/usr/lib/cni/host-local', '/bin/busybox', '/usr/bin/python3'])
+  const netnsBefore = netnsNames()
+  const rootBefore = rootNet()
+  const r = spawnSync('bash', ['scripts/demo.sh'], { encoding: 'utf8', timeout: 600_000 })
+  t.log(r.stdout)
+  t.is(r.status, 0, r.stderr)
+  const out = r.stdout
+  t.regex(out, /\$ tapmanager add pod-a --pod-id \S+ \.\.\. {2}\(\d+ ms\)/)
+  t.regex(out, /\$ tapmanager add pod-b --pod-id \S+ \.\.\. {2}\(\d+ ms\)/)
+  const cni = [...out.matchAll(/CNI gave (10\.88\.0\.\d+)\/24 via 10\.88\.0\.1/g)].map((m) => m[1])
+  t.is(cni.length, 2)
+  // pod A: the real VM leased its CNI address and pinged the gateway
+  t.regex(out, new RegExp(`pod A: the VM leased by DHCP from tapmanager: ip=${cni[0].replace(/\./g, '\\.')} mask=24 \\S+ router=10\\.88\\.0\\.1`))
+  t.regex(out, /the VM pinged the node's gateway through the bridge: target=10\.88\.0\.1 ok=1/)
+  // pod B: the stand-in's lease, its pings
+  t.regex(out, new RegExp(`pod B: busybox udhcpc leased in \\d+ ms: ip=${cni[1].replace(/\./g, '\\.')} mask=24 router=10\\.88\\.0\\.1`))
+  t.regex(out, /ping 10\.88\.0\.1 \(node gateway\) from the stand-in VM: ok/)
+  t.regex(out, /from pod B, across the node bridge: ok/)
+  t.regex(out, /node -> pod A \(\S+\): ping ok/)
+  t.regex(out, /node -> pod B \(\S+\): ping ok/)
+  t.regex(out, /tapmanager release pod-a: released pod-a/)
+  t.regex(out, /tapmanager release pod-b: released pod-b/)
+  t.regex(out, /server exited with 0/)
+  t.regex(out, /"command":"add","durationMs":[\d.]+,"outcome":"ok"/)
+  t.regex(out, /pod netns left: none\n/)
+  t.regex(out, /IPAM leases left: none\n/)
+  t.regex(out, /state records left: none\n/)
+  t.regex(out, /demo OK in [\d.]+ s/)
+  t.regex(out, /cleaned up: sandbox netns and temp dir removed/)
+  t.deepEqual(netnsNames().sort(), netnsBefore.sort())
+  t.deepEqual(rootNet(), rootBefore)
+})
