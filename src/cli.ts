@@ -87,7 +87,7 @@ export const createCliClient: CliClientFactory = (socketPath) => new FDClient(so
 
 /**
  * Starts the server for `tapmanager serve`: the daemon (FDServer + TapFDSource, persisted state, automatic
- * recovery of the keys recorded in the state dir). Each recovered, cleaned or skipped key is logged.
+ * recovery of the keys recorded in the state dir; each recovered, cleaned or skipped key is logged).
  */
 export async function startServer(opts: ServeOptions): Promise<ServerHandle> {
   const daemon = await startDaemon({
@@ -105,11 +105,6 @@ export async function startServer(opts: ServeOptions): Promise<ServerHandle> {
     maxDataSize: opts.maxDataSize,
     log: opts.log,
   })
-  const { recovered, cleaned, skipped, corrupt } = daemon.recovery
-  for (const key of recovered) opts.log.logger.info({ key }, 'recovered')
-  for (const key of cleaned) opts.log.logger.info({ key }, 'cleaned up an interrupted add')
-  for (const s of skipped) opts.log.logger.warn({ key: s.key, reason: s.reason }, 'skipped: could not recover')
-  for (const file of corrupt) opts.log.logger.warn({ file }, 'corrupt state file quarantined')
   return { close: () => daemon.close() }
 }
 

@@ -12,10 +12,10 @@ import { basename, dirname, join } from 'node:path'
 import { ExecCniClient, type CniClient } from './cni'
 import type { FDSource, GetFDsResult } from './fdsource'
 import type { RequestLogger } from './log'
-import { encodeContainerSideNetwork, encodeRecoverPayload, parseContainerSideNetwork, parseGetFDPayload, type PodNetworkDesc } from './payloads'
+import { encodeContainerSideNetwork, encodeGetFDPayload, encodeRecoverPayload, parseContainerSideNetwork, parseGetFDPayload, type PodNetworkDesc } from './payloads'
 import { nativePodNetworkOps, type PodNetworkOps } from './podnetwork'
 import { FDServer } from './server'
-import { StateStore } from './state'
+import { keyToFileName, StateStore } from './state'
 import { TapFDSource } from './tapfdsource'
 
 /** Options of {@link startDaemon}. */
@@ -78,7 +78,9 @@ class PersistingSource implements FDSource {
   ) {}
 
   async getFDs(key: string, data: Buffer): Promise<GetFDsResult> {
-    const { podNetworkDesc } = parseGetFDPayload(data)
+    const desc = parseGetFDPayload(data).podNetworkDesc
+    // Records keep the pod description in its wire form, so a record is a valid RecoverPayload as it is.
+    const podNetworkDesc = wireDesc(desc)
     await this.store.write({ key, status: 'adding', podNetworkDesc })
     let res: GetFDsResult
     try {
@@ -89,7 +91,7 @@ class PersistingSource implements FDSource {
     }
     try {
       await this.store.write({ key, status: 'ready', podNetworkDesc, csn: JSON.parse(String(res.data)) })
-      if (this.crash) this.crash.hit('after-ready', podNetworkDesc.podId)
+      if (this.crash) this.crash.hit('after-ready', desc.podId)
     } catch (err) {
       await this.inner.release(key).catch(() => undefined)
       await this.store.remove(key).catch(() => undefined)
@@ -116,7 +118,7 @@ class PersistingSource implements FDSource {
     const d = this.inner.describe(key)
     if (d) {
       const csn = JSON.parse(encodeContainerSideNetwork(d.csn))
-      await this.store.write({ key, status: 'ready', podNetworkDesc: d.podNetworkDesc, csn })
+      await this.store.write({ key, status: 'ready', podNetworkDesc: wireDesc(d.podNetworkDesc), csn })
     }
   }
 
@@ -164,7 +166,7 @@ export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
   let recovery: RecoveryReport
   try {
     recovery = await recoverPersisted(source, store, server)
-    if (opts.log) opts.log.logger.info({ recovery }, 'recovered persisted keys')
+    if (opts.log) logRecovery(opts.log, recovery)
     mkdirSync(dirname(opts.socketPath), { recursive: true })
     await server.serve()
   } catch (err) {
@@ -190,15 +192,22 @@ async function recoverPersisted(source: TapFDSource, store: StateStore, server: 
   }
   await Promise.all(
     listing.records.map(async (rec) => {
-      const desc = rec.podNetworkDesc as PodNetworkDesc
+      let desc: PodNetworkDesc
+      try {
+        desc = parseGetFDPayload(JSON.stringify({ podNetworkDesc: rec.podNetworkDesc })).podNetworkDesc
+      } catch (err) {
+        report.skipped.push({ key: rec.key, reason: `bad pod description: ${messageOf(err)}` })
+        await store.quarantine(keyToFileName(rec.key)).catch(() => undefined)
+        return
+      }
       if (rec.status === 'adding') {
         try {
           await source.cleanupPod(desc)
+          report.cleaned.push(rec.key)
         } catch (err) {
           report.skipped.push({ key: rec.key, reason: `cleanup of an interrupted add: ${messageOf(err)}` })
         }
         await store.remove(rec.key)
-        report.cleaned.push(rec.key)
         return
       }
       try {
@@ -287,4 +296,18 @@ function crashingOps(ops: PodNetworkOps, crash: CrashPoint): PodNetworkOps {
       return r
     },
   }
+}
+
+/** One line per persisted key: recovered, cleaned up (interrupted add), skipped (with the reason), corrupt. */
+function logRecovery(log: RequestLogger, r: RecoveryReport): void {
+  for (const key of r.recovered) log.logger.info({ key }, 'recovered')
+  for (const key of r.cleaned) log.logger.info({ key }, 'cleaned up an interrupted add')
+  for (const s of r.skipped) log.logger.warn({ key: s.key, reason: s.reason }, 'skipped: could not recover')
+  for (const file of r.corrupt) log.logger.warn({ file }, 'corrupt state file quarantined')
+  log.logger.info({ recovered: r.recovered.length, cleaned: r.cleaned.length, skipped: r.skipped.length, corrupt: r.corrupt.length }, 'recovery done')
+}
+
+/** A pod description in its wire (Go JSON) form. */
+function wireDesc(desc: PodNetworkDesc): unknown {
+  return (JSON.parse(encodeGetFDPayload({ podNetworkDesc: desc })) as { podNetworkDesc: unknown }).podNetworkDesc
 }

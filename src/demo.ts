@@ -211,9 +211,11 @@ async function main(): Promise<number> {
     detail(`CNI config: bridge "demobr0" + host-local ${SUBNET} (${join(confDir, '10-demo.conflist')})`)
 
     say('starting `tapmanager serve` inside the node netns')
+    // nsenter --net (not `ip netns exec`, which adds a private mount namespace where the pod netns mounts
+    // would be invisible to everyone else and die with the server).
     server = spawn(
-      'ip',
-      ['netns', 'exec', node, process.execPath, CLI, 'serve', '--socket', socket, '--cni-conf-dir', confDir, '--cni-bin-dir', '/usr/lib/cni', '--state-dir', stateDir],
+      'nsenter',
+      [`--net=/var/run/netns/${node}`, process.execPath, CLI, 'serve', '--socket', socket, '--cni-conf-dir', confDir, '--cni-bin-dir', '/usr/lib/cni', '--state-dir', stateDir],
       { stdio: ['ignore', 'ignore', 'pipe'] },
     )
     const serverLog = lines(server, 'stderr')

@@ -1,10 +1,10 @@
 /**
  * The real `tapmanager` command line for end-to-end tests: `node dist/cli.js` (built with tsc when a source is
- * newer), `serve` run inside a CniTestNode's node netns (`ip netns exec <node> node dist/cli.js serve ...`), and
+ * newer), `serve` run inside a CniTestNode's node netns (`nsenter --net=<node> node dist/cli.js serve ...`), and
  * client commands run as separate processes.
  */
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process'
-import { existsSync, readdirSync, statSync } from 'node:fs'
+import { closeSync, existsSync, openSync, readdirSync, readFileSync, readlinkSync, statSync } from 'node:fs'
 import { join } from 'node:path'
 import { FDClient } from '../../src/client'
 import { CNI_FIXTURE_BIN, DEBIAN_CNI_BIN, processAlive, type CniTestNode } from './cni'
@@ -43,8 +43,8 @@ export class ServerProcess {
   readonly socket: string
   readonly stateDir: string
   child: ChildProcess | null = null
-  /** Every JSON log line of every run, in order. */
-  readonly logs: Record<string, unknown>[] = []
+  /** Where every run's log lines go. */
+  readonly logFile: string
   private exit: Promise<{ code: number | null; signal: NodeJS.Signals | null }> | null = null
 
   constructor(
@@ -53,6 +53,22 @@ export class ServerProcess {
   ) {
     this.socket = join(node.dir, 'tapmanager.sock')
     this.stateDir = join(node.dir, 'state')
+    this.logFile = join(node.dir, 'server.log')
+  }
+
+  /** Every JSON log line of every run, in order. */
+  get logs(): Record<string, unknown>[] {
+    if (!existsSync(this.logFile)) return []
+    return readFileSync(this.logFile, 'utf8')
+      .split('\n')
+      .filter(Boolean)
+      .map((line) => {
+        try {
+          return JSON.parse(line) as Record<string, unknown>
+        } catch {
+          return { raw: line }
+        }
+      })
   }
 
   /** Client commands' common flag. */
@@ -68,7 +84,7 @@ export class ServerProcess {
   async start(env: Record<string, string> = {}): Promise<void> {
     ensureDist()
     const args = [
-      'netns', 'exec', this.node.name, process.execPath, CLI_JS, 'serve',
+      `--net=${this.node.node.path}`, process.execPath, CLI_JS, 'serve',
       '--socket', this.socket,
       '--cni-conf-dir', this.node.confDir,
       '--cni-bin-dir', CNI_FIXTURE_BIN,
@@ -77,24 +93,14 @@ export class ServerProcess {
       '--log-level', 'debug',
       ...this.extraArgs,
     ]
-    const child = spawn('ip', args, { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, ...env } })
+    // Logs go to a file, not a pipe: the tests block in spawnSync, and a full pipe would stall the server's writes.
+    const logFd = openSync(this.logFile, 'a')
+    // nsenter --net, not `ip netns exec`: the latter also makes a private mount namespace, where the pod netns
+    // bind mounts the server makes would die with the server (a restart could not recover them).
+    const child = spawn('nsenter', args, { stdio: ['ignore', 'ignore', logFd], env: { ...process.env, ...env } })
+    closeSync(logFd)
     this.child = child
     this.exit = new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })))
-    let buf = ''
-    child.stderr!.setEncoding('utf8')
-    child.stderr!.on('data', (d: string) => {
-      buf += d
-      let i
-      while ((i = buf.indexOf('\n')) >= 0) {
-        const line = buf.slice(0, i)
-        buf = buf.slice(i + 1)
-        try {
-          this.logs.push(JSON.parse(line) as Record<string, unknown>)
-        } catch {
-          this.logs.push({ raw: line })
-        }
-      }
-    })
     const client = this.client()
     const deadline = Date.now() + 30_000
     let exited = false
@@ -137,6 +143,18 @@ export class ServerProcess {
   /** Open fds of the server process. */
   fdCount(): number {
     return readdirSync(`/proc/${this.pid}/fd`).length
+  }
+
+  /** Open /dev/net/tun fds (taps) of the server process. */
+  tapFdCount(): number {
+    const dir = `/proc/${this.pid}/fd`
+    return readdirSync(dir).filter((f) => {
+      try {
+        return readlinkSync(join(dir, f)) === '/dev/net/tun'
+      } catch {
+        return false
+      }
+    }).length
   }
 
   /** Kills the server if it runs. */
