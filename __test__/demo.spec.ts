@@ -41,6 +41,7 @@ test('npm run demo: two pods, leases, pings, release, a clean node, nothing left
   t.regex(out, /pod netns left: none\n/)
   t.regex(out, /IPAM leases left: none\n/)
   t.regex(out, /state records left: none\n/)
+  t.regex(out, /CNI cache entries left: none\n/)
   t.regex(out, /demo OK in [\d.]+ s/)
   t.regex(out, /cleaned up: sandbox netns and temp dir removed/)
   t.deepEqual(netnsNames().sort(), netnsBefore.sort())

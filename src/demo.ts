@@ -341,13 +341,16 @@ async function main(): Promise<number> {
     const leftNs = podIds.filter((id) => existsSync(`/var/run/netns/${id}`))
     const links = nsExec(node, 'ip', ['-br', 'link']).trim().split('\n').map((l) => l.split(/\s+/)[0].split('@')[0])
     const leases = existsSync(join(ipamDir, 'demo-net')) ? readdirSync(join(ipamDir, 'demo-net')).filter((f) => /^\d/.test(f)) : []
-    const state = existsSync(stateDir) ? readdirSync(stateDir).filter((f) => !f.startsWith('.')) : []
+    const state = existsSync(stateDir) ? readdirSync(stateDir).filter((f) => f.endsWith('.json')) : []
+    const cniCache = join(stateDir, 'cni')
+    const cached = existsSync(cniCache) ? readdirSync(cniCache, { recursive: true }).map(String).filter((f) => f.endsWith('.json')) : []
     detail(`pod netns left: ${leftNs.length ? leftNs.join(' ') : 'none'}`)
     detail(`node links: ${links.join(' ')} (the bridge stays, as CNI's bridge plugin leaves it)`)
     detail(`IPAM leases left: ${leases.length ? leases.join(' ') : 'none'}`)
     detail(`state records left: ${state.length ? state.join(' ') : 'none'}`)
+    detail(`CNI cache entries left: ${cached.length ? cached.join(' ') : 'none'}`)
     const veths = links.filter((l) => l.startsWith('veth'))
-    if (leftNs.length || leases.length || state.length || veths.length) throw new Error('something was left behind')
+    if (leftNs.length || leases.length || state.length || cached.length || veths.length) throw new Error('something was left behind')
     say(`demo OK in ${elapsed().trim()} s`)
     return 0
   } catch (err) {
