@@ -6,10 +6,11 @@
  * removed, exit 0, pod netns kept) and a restart recovers; after release nothing is left.
  */
 import test from 'ava'
+import { spawn } from 'node:child_process'
 import { copyFileSync, existsSync, readdirSync, readFileSync, rmSync } from 'node:fs'
 import { join } from 'node:path'
 import { CniTestNode } from './helpers/cni'
-import { netnsNames, runCli, ServerProcess } from './helpers/serve'
+import { CLI_JS, netnsNames, runCli, ServerProcess } from './helpers/serve'
 
 const SUBNET = '10.71.0.0/24'
 
@@ -160,6 +161,7 @@ test.serial('every command against a running server, with human and --json outpu
     t.is(server.tapFdCount(), 0, 'the released tap fd is closed')
     t.log(`server fds: at start ${fdsAtStart}, before release ${fdsBeforeRelease}, after ${server.fdCount()}`)
     t.deepEqual(await server.stop(), { code: 0, signal: null })
+    t.deepEqual(server.messages('the netns dir is not on a shared mount: pod netns will not outlive this process (run in the host mount namespace, e.g. nsenter --net rather than ip netns exec)'), [])
   } finally {
     server.cleanup()
     node.cleanup()
@@ -179,6 +181,34 @@ test.serial('serve: bad flags exit 2; a second server on the same socket fails (
     t.deepEqual(await server.stop(), { code: 0, signal: null })
   } finally {
     server.cleanup()
+    node.cleanup()
+  }
+})
+
+test.serial('serve under `ip netns exec` (a private mount namespace) warns that pod netns would not outlive it', async (t) => {
+  const node = new CniTestNode('tmcw')
+  try {
+    const dir = node.dir
+    const args = ['netns', 'exec', node.name, process.execPath, CLI_JS, 'serve', '--socket', join(dir, 's.sock'), '--state-dir', join(dir, 'st'), '--cni-conf-dir', node.confDir]
+    const child = spawn('ip', args, { stdio: ['ignore', 'ignore', 'pipe'] })
+    let stderr = ''
+    child.stderr.setEncoding('utf8')
+    child.stderr.on('data', (d: string) => (stderr += d))
+    const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)))
+    const deadline = Date.now() + 30_000
+    while (!stderr.includes('"msg":"serving"')) {
+      if (Date.now() > deadline || child.exitCode !== null) throw new Error(`serve did not start: ${stderr}`)
+      await new Promise((r) => setTimeout(r, 20))
+    }
+    child.kill('SIGTERM')
+    t.is(await exited, 0, stderr)
+    const lines = stderr.split('\n').filter(Boolean).map((l) => JSON.parse(l) as { level: number; msg: string; netnsDir?: string })
+    const warn = lines.find((l) => /not on a shared mount/.test(l.msg))
+    t.truthy(warn, stderr)
+    t.is(warn!.level, 40)
+    t.is(warn!.netnsDir, '/var/run/netns')
+    t.is(lines.filter((l) => l.msg === 'stopped').length, 1, 'SIGTERM stops it cleanly')
+  } finally {
     node.cleanup()
   }
 })

@@ -7,7 +7,7 @@
  * where the runtime must call Recover) and cleans up after every `adding` one (an add interrupted by a
  * crash: CNI DEL, netns deleted), so `kill -9` at any moment leaves nothing behind once it is restarted.
  */
-import { existsSync, mkdirSync, readFileSync } from 'node:fs'
+import { existsSync, mkdirSync, readFileSync, realpathSync } from 'node:fs'
 import { basename, dirname, join } from 'node:path'
 import { ExecCniClient, type CniClient } from './cni'
 import type { FDSource, GetFDsResult } from './fdsource'
@@ -163,6 +163,7 @@ export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
       : undefined,
   })
 
+  if (opts.log) warnPrivateMountNs(opts.log, netnsDir)
   let recovery: RecoveryReport
   try {
     recovery = await recoverPersisted(source, store, server)
@@ -310,4 +311,36 @@ function logRecovery(log: RequestLogger, r: RecoveryReport): void {
 /** A pod description in its wire (Go JSON) form. */
 function wireDesc(desc: PodNetworkDesc): unknown {
   return (JSON.parse(encodeGetFDPayload({ podNetworkDesc: desc })) as { podNetworkDesc: unknown }).podNetworkDesc
+}
+
+/**
+ * Warns when the pod netns the daemon bind-mounts under `netnsDir` would not be seen outside this process's
+ * mount namespace (the mount holding the dir is not shared, as under `ip netns exec`, which unshares a slave
+ * mount namespace): such mounts die with the process, so a restart cannot recover the pods. Run the daemon in
+ * the host's mount namespace (`nsenter --net=...` to pick a netns), or with the dir mounted rshared.
+ */
+function warnPrivateMountNs(log: RequestLogger, netnsDir: string): void {
+  let path: string
+  let mountinfo: string
+  try {
+    path = realpathSync(existsSync(netnsDir) ? netnsDir : dirname(netnsDir))
+    mountinfo = readFileSync('/proc/self/mountinfo', 'utf8')
+  } catch {
+    return
+  }
+  let best: { point: string; shared: boolean } | undefined
+  for (const line of mountinfo.split('\n')) {
+    const f = line.split(' ')
+    const point = f[4]?.replace(/\\040/g, ' ')
+    if (!point || !(path === point || path.startsWith(point === '/' ? '/' : `${point}/`))) continue
+    if (best && best.point.length > point.length) continue
+    const optional = f.slice(6, f.indexOf('-'))
+    best = { point, shared: optional.some((o) => o.startsWith('shared:')) }
+  }
+  if (best && !best.shared) {
+    log.logger.warn(
+      { netnsDir, mount: best.point },
+      'the netns dir is not on a shared mount: pod netns will not outlive this process (run in the host mount namespace, e.g. nsenter --net rather than ip netns exec)',
+    )
+  }
 }
