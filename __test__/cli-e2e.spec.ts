@@ -6,8 +6,8 @@
  * removed, exit 0, pod netns kept) and a restart recovers; after release nothing is left.
  */
 import test from 'ava'
-import { spawn } from 'node:child_process'
-import { copyFileSync, existsSync, readdirSync, readFileSync, rmSync } from 'node:fs'
+import { spawn, spawnSync } from 'node:child_process'
+import { chmodSync, copyFileSync, existsSync, statSync, readdirSync, readFileSync, rmSync } from 'node:fs'
 import { join } from 'node:path'
 import { CniTestNode } from './helpers/cni'
 import { CLI_JS, netnsNames, runCli, ServerProcess } from './helpers/serve'
@@ -209,6 +209,43 @@ test.serial('serve under `ip netns exec` (a private mount namespace) warns that 
     t.is(warn!.netnsDir, '/var/run/netns')
     t.is(lines.filter((l) => l.msg === 'stopped').length, 1, 'SIGTERM stops it cleanly')
   } finally {
+    node.cleanup()
+  }
+})
+
+test.serial('serve --socket-mode/--allow-uid: only root and the allowed uids are served', async (t) => {
+  const node = new CniTestNode('tmca')
+  const nobody = ['setpriv', '--reuid', '65534', '--regid', '65534', '--clear-groups', process.execPath, CLI_JS]
+  const asNobody = (server: ServerProcess, args: string[]) => {
+    const r = spawnSync(nobody[0], [...nobody.slice(1), ...args, ...server.sock, '--json'], { encoding: 'utf8', timeout: 30_000 })
+    return { code: r.status, stderr: r.stderr }
+  }
+  let server: ServerProcess | undefined
+  try {
+    chmodSync(node.dir, 0o755) // the socket's dir must be reachable by the unprivileged client
+    server = new ServerProcess(node, ['--socket-mode', '0666'])
+    await server.start()
+    t.is((statSync(server.socket).mode & 0o777).toString(8), '666')
+    // nobody can connect (status) but is refused by the peer check
+    t.is(asNobody(server, ['status']).code, 0)
+    let r = asNobody(server, ['get', 'some-key'])
+    t.is(r.code, 1)
+    t.regex(r.stderr, /permission denied: peer uid 65534/)
+    // root is served (an unknown key: the source's error, not a refusal)
+    const rr = runCli(['get', 'some-key', ...server.sock])
+    t.is(rr.code, 1)
+    t.notRegex(rr.stderr, /permission denied/)
+    t.deepEqual(await server.stop(), { code: 0, signal: null })
+
+    server = new ServerProcess(node, ['--socket-mode', '0666', '--allow-uid', '65534'])
+    await server.start()
+    r = asNobody(server, ['get', 'some-key'])
+    t.is(r.code, 1)
+    t.notRegex(r.stderr, /permission denied/)
+    t.regex(r.stderr, /some-key/)
+    t.deepEqual(await server.stop(), { code: 0, signal: null })
+  } finally {
+    server?.cleanup()
     node.cleanup()
   }
 })

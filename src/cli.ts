@@ -94,7 +94,8 @@ export async function startServer(opts: ServeOptions): Promise<ServerHandle> {
     socketPath: opts.socketPath,
     socketMode: opts.socketMode,
     socketGroup: opts.socketGroup,
-    allowedUids: opts.allowedUids,
+    // Root always may; with no --allow-uid/--allow-gid only root is served.
+    allowedUids: [...new Set([0, ...opts.allowedUids])],
     allowedGids: opts.allowedGids,
     cniConfigDir: opts.cniConfigDir,
     cniPluginDirs: opts.cniPluginDirs,

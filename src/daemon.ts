@@ -24,6 +24,7 @@ export interface DaemonOptions {
   socketMode?: number
   /** Group name or numeric gid of the socket file. */
   socketGroup?: string | null
+  /** Peers served (SO_PEERCRED): with either list non-empty, only listed uids/gids; both empty: anyone who can open the socket. */
   allowedUids?: number[]
   allowedGids?: number[]
   cniConfigDir?: string
