@@ -8,6 +8,7 @@
  * restarted server, and the VM started afterwards gets its fd through the retrieve path.
  */
 import test from 'ava'
+import { spawn } from 'node:child_process'
 import { closeSync } from 'node:fs'
 import { buildQemuNetArgs } from '../src/qemu'
 import { interfaceInfoFromWire } from '../src/cli'
@@ -38,11 +39,50 @@ function nodePing(node: CniTestNode, ip: string): boolean {
 }
 
 interface CsnOut {
-  Result: { ips: { address: string; gateway: string }[] }
+  Result: { ips: { address: string; gateway: string }[]; interfaces: { name: string; sandbox?: string }[] }
+}
+
+/**
+ * tcpdump of DHCP and ICMP on a link of the node; `stop()` counts both (the ICMP count proves the capture sees
+ * the VM's traffic, so a DHCP count of 0 means something).
+ */
+async function dhcpCapture(node: CniTestNode, link: string): Promise<{ stop(): Promise<{ dhcp: number; icmp: number }> }> {
+  const filter = 'udp port 67 or udp port 68 or icmp'
+  const proc = spawn('ip', ['netns', 'exec', node.name, 'tcpdump', '-i', link, '-n', '-l', filter], { stdio: ['ignore', 'pipe', 'pipe'] })
+  let err = ''
+  let out = ''
+  proc.stderr.setEncoding('utf8')
+  proc.stderr.on('data', (d: string) => (err += d))
+  proc.stdout.setEncoding('utf8')
+  proc.stdout.on('data', (d: string) => (out += d))
+  // 'close', not 'exit': the output may still be arriving when the process has exited
+  const exited = new Promise<void>((resolve) => proc.once('close', () => resolve()))
+  const deadline = Date.now() + 20_000
+  while (!/listening on/.test(err)) {
+    if (Date.now() > deadline || proc.exitCode !== null) throw new Error(`tcpdump did not start: ${err}`)
+    await new Promise((r) => setTimeout(r, 20))
+  }
+  return {
+    async stop() {
+      proc.kill('SIGINT')
+      await exited
+      if (!/packets? captured/.test(err)) throw new Error(`tcpdump did not finish: ${err}`)
+      const lines = out.split('\n')
+      return { dhcp: lines.filter((l) => /BOOTP|DHCP/.test(l)).length, icmp: lines.filter((l) => /ICMP echo/.test(l)).length }
+    },
+  }
 }
 
 /** Gets the key's fds, boots the VM on them as vmwrapper would, checks lease and pings both ways. */
-async function vmOnPod(t: import('ava').ExecutionContext, node: CniTestNode, server: ServerProcess, key: string, cidr: string, gateway: string): Promise<void> {
+async function vmOnPod(
+  t: import('ava').ExecutionContext,
+  node: CniTestNode,
+  server: ServerProcess,
+  key: string,
+  cidr: string,
+  gateway: string,
+  hostVeth?: string,
+): Promise<void> {
   const { fds, info } = await server.client().getFDs(key)
   const ifaces = interfaceInfoFromWire(info)
   t.is(ifaces.length, 1)
@@ -50,6 +90,8 @@ async function vmOnPod(t: import('ava').ExecutionContext, node: CniTestNode, ser
   try {
     const netArgs = buildQemuNetArgs(ifaces, fds, 3)
     t.deepEqual(netArgs.slice(0, 2), ['-netdev', 'tap,id=tap0,fd=3'])
+    // DHCP isolation: the VM's DHCP stays inside the pod (tapmanager answers there); none reaches the node.
+    const capture = hostVeth ? await dhcpCapture(node, hostVeth) : undefined
     vm = bootVm({ mac: ifaces[0].mac, netArgs, fds, ping: gateway, stay: true })
     // the VM holds its own copy now; ours would keep the tap open after the VM stops
     for (const fd of fds.splice(0)) closeSync(fd)
@@ -61,6 +103,11 @@ async function vmOnPod(t: import('ava').ExecutionContext, node: CniTestNode, ser
     t.is(lease.router, gateway)
     const ping = await vm.pingResult()
     t.true(ping.ok, `the guest pinged the gateway ${gateway} (${ping.tries} tries)`)
+    if (capture) {
+      const seen = await capture.stop()
+      t.is(seen.dhcp, 0, `no DHCP frame on the node's ${hostVeth}`)
+      t.true(seen.icmp > 0, `the capture saw the VM's pings on ${hostVeth}`)
+    }
     await vm.ready()
     t.true(nodePing(node, lease.ip), 'the node pings the guest')
   } finally {
@@ -85,7 +132,9 @@ test.serial('a QEMU guest on the tap fd from getFDs leases the CNI address, ping
     // the gateway is the bridge's address in the node netns
     t.regex(nsExec(node.name, 'ip', ['-4', 'addr', 'show', 'dev', BRIDGE]), /inet 10\.73\.0\.1\/24/)
 
-    await vmOnPod(t, node, server, 'vm1', address, gateway)
+    const hostVeth = csn.Result.interfaces.find((i) => !i.sandbox && i.name.startsWith('veth'))?.name
+    t.truthy(hostVeth, 'the CNI result names the host-side veth')
+    await vmOnPod(t, node, server, 'vm1', address, gateway, hostVeth)
 
     await server.client().releaseFDs('vm1')
     const after = node.snapshot()

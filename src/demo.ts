@@ -259,7 +259,7 @@ async function main(): Promise<number> {
       detail(`the VM pinged the node's gateway through the bridge: ${ping}`)
       await serial.wait(/^TM_READY$/, 60_000)
     } else {
-      say('pod A: no QEMU or VM assets here (scripts/vm-assets.sh): a stand-in VM instead')
+      say('pod A: a stand-in VM too (no QEMU or VM assets here, or TAPMANAGER_DEMO_VM=0)')
     }
 
     // Pod B (and pod A without QEMU): a stand-in VM, a frame copier between the pod's tap fd and a client tap.
