@@ -10,7 +10,7 @@ import { spawn, spawnSync } from 'node:child_process'
 import { chmodSync, copyFileSync, existsSync, statSync, readdirSync, readFileSync, rmSync } from 'node:fs'
 import { join } from 'node:path'
 import { CniTestNode } from './helpers/cni'
-import { CLI_JS, netnsNames, runCli, ServerProcess } from './helpers/serve'
+import { CLI_JS, netnsNames, removeNetns, runCli, ServerProcess } from './helpers/serve'
 
 const SUBNET = '10.71.0.0/24'
 
@@ -164,6 +164,7 @@ test.serial('every command against a running server, with human and --json outpu
     t.deepEqual(server.messages('the netns dir is not on a shared mount: pod netns will not outlive this process (run in the host mount namespace, e.g. nsenter --net rather than ip netns exec)'), [])
   } finally {
     server.cleanup()
+    removeNetns(podId)
     node.cleanup()
   }
 })

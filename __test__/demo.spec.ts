@@ -10,6 +10,11 @@ import { requirePrereqs } from './helpers/env'
 import { processAlive } from './helpers/cni'
 import { netnsNames } from './helpers/serve'
 
+/** The demo's netns (other test files create their own meanwhile). */
+function demoNetns(names: string[]): string[] {
+  return names.filter((n) => n.startsWith('tmdemo-')).sort()
+}
+
 function commOf(pid: number): string {
   return spawnSync('cat', [`/proc/${pid}/comm`], { encoding: 'utf8' }).stdout.trim()
 }
@@ -55,7 +60,7 @@ test.serial('npm run demo: two pods, leases, pings, release, a clean node, nothi
   t.regex(out, /CNI cache entries left: none\n/)
   t.regex(out, /demo OK in [\d.]+ s/)
   t.regex(out, /cleaned up: sandbox netns and temp dir removed/)
-  t.deepEqual(netnsNames().sort(), netnsBefore.sort())
+  t.deepEqual(demoNetns(netnsNames()), demoNetns(netnsBefore))
   t.deepEqual(rootNet(), rootBefore)
 })
 
@@ -89,7 +94,7 @@ test.serial('the demo cleans up when interrupted in the middle (SIGINT while the
   }
   child.kill('SIGINT')
   t.is(await exited, 130)
-  t.deepEqual(netnsNames().sort(), netnsBefore.sort())
+  t.deepEqual(demoNetns(netnsNames()), demoNetns(netnsBefore))
   t.false(existsSync(node[2]), 'the temp dir is removed')
   t.deepEqual(rootNet(), rootBefore)
   // none of its processes (server, command line, QEMU, frame copier) outlives it
