@@ -6,6 +6,10 @@
  * after a release. On start it recovers every `ready` key by itself (no caller bookkeeping, unlike Virtlet
  * where the runtime must call Recover) and cleans up after every `adding` one (an add interrupted by a
  * crash: CNI DEL, netns deleted), so `kill -9` at any moment leaves nothing behind once it is restarted.
+ *
+ * Pod netns are bind mounts under the netns dir: the daemon must run in the host's mount namespace (or with
+ * that dir on a shared mount), or they die with it. It warns at start when they would (e.g. under
+ * `ip netns exec`, which unshares a mount namespace; use `nsenter --net=...` to run it in another netns).
  */
 import { existsSync, mkdirSync, readFileSync, realpathSync } from 'node:fs'
 import { basename, dirname, join } from 'node:path'
@@ -54,7 +58,10 @@ export interface RecoveryReport {
   recovered: string[]
   /** Keys whose add had been interrupted, cleaned up. */
   cleaned: string[]
-  /** Keys that could not be recovered (e.g. their netns vanished), with the reason; their records are removed. */
+  /**
+   * Keys that could not be recovered or cleaned, with the reason. A key whose netns vanished is released (CNI
+   * DEL) and its record removed; any other failure keeps the record, so the next start tries again.
+   */
   skipped: { key: string; reason: string }[]
   /** State files that could not be read (quarantined). */
   corrupt: string[]
@@ -206,10 +213,11 @@ async function recoverPersisted(source: TapFDSource, store: StateStore, server: 
         try {
           await source.cleanupPod(desc)
           report.cleaned.push(rec.key)
+          await store.remove(rec.key)
         } catch (err) {
+          // The record stays, so the next start tries again (a new add of the key replaces it).
           report.skipped.push({ key: rec.key, reason: `cleanup of an interrupted add: ${messageOf(err)}` })
         }
-        await store.remove(rec.key)
         return
       }
       try {
