@@ -22,6 +22,8 @@ import { constants as osConstants } from 'node:os'
 import { errorCode, TapmanagerError } from './errors'
 import { createRequestLogger, LOG_LEVELS, type LogLevel, type RequestLogger } from './log'
 import { buildQemuNetArgs, spawnWithFds, type InterfaceInfo } from './qemu'
+import { FDClient } from './client'
+import { startDaemon } from './daemon'
 import { DEFAULT_STATE_DIR, StateStore } from './state'
 
 export { createRequestLogger } from './log'
@@ -80,31 +82,31 @@ export interface ServerHandle {
 }
 export type StartServer = (opts: ServeOptions) => Promise<ServerHandle>
 
-/** The command line is not connected to the server/client implementation yet. */
-export class NotWiredError extends TapmanagerError {
-  constructor(what: string) {
-    super('ERR_NOT_WIRED', `not wired: ${what}`)
-  }
-}
+/** The client the command line uses: FDClient over the server's socket. */
+export const createCliClient: CliClientFactory = (socketPath) => new FDClient(socketPath)
 
-// ---------------------------------------------------------------------------------------------------------------
-// WIRING POINTS (lead): replace these two when FDClient and the FDServer + TapFDSource start exist.
-//   createCliClient: `(socketPath) => new FDClient(socketPath)` (import { FDClient } from './client')
-//   startServer: start FDServer with TapFDSource from ServeOptions and return { close }.
-// ---------------------------------------------------------------------------------------------------------------
-
-/** WIRING POINT: the client the command line uses. Until wired, only isRunning works (a connect probe). */
-export const createCliClient: CliClientFactory = (socketPath) => ({
-  isRunning: () => probeSocket(socketPath),
-  addFDs: () => Promise.reject(new NotWiredError('createCliClient in src/cli.ts (FDClient.addFDs)')),
-  getFDs: () => Promise.reject(new NotWiredError('createCliClient in src/cli.ts (FDClient.getFDs)')),
-  releaseFDs: () => Promise.reject(new NotWiredError('createCliClient in src/cli.ts (FDClient.releaseFDs)')),
-  recover: () => Promise.reject(new NotWiredError('createCliClient in src/cli.ts (FDClient.recover)')),
-})
-
-/** WIRING POINT: starts the server for `tapmanager serve`. */
-export async function startServer(_opts: ServeOptions): Promise<ServerHandle> {
-  throw new NotWiredError('startServer in src/cli.ts (FDServer + TapFDSource)')
+/**
+ * Starts the server for `tapmanager serve`: the daemon (FDServer + TapFDSource, persisted state, automatic
+ * recovery of the keys recorded in the state dir; each recovered, cleaned or skipped key is logged).
+ */
+export async function startServer(opts: ServeOptions): Promise<ServerHandle> {
+  const daemon = await startDaemon({
+    socketPath: opts.socketPath,
+    socketMode: opts.socketMode,
+    socketGroup: opts.socketGroup,
+    // Root always may; with no --allow-uid/--allow-gid only root is served.
+    allowedUids: [...new Set([0, ...opts.allowedUids])],
+    allowedGids: opts.allowedGids,
+    cniConfigDir: opts.cniConfigDir,
+    cniPluginDirs: opts.cniPluginDirs,
+    netnsDir: opts.netnsDir,
+    stateDir: opts.stateDir,
+    calicoSubnetSize: opts.calicoSubnetSize,
+    sriov: opts.sriov,
+    maxDataSize: opts.maxDataSize,
+    log: opts.log,
+  })
+  return { close: () => daemon.close() }
 }
 
 /** Connects to a Unix socket and closes it: true if something accepts there (Virtlet's IsRunning). */
@@ -494,9 +496,11 @@ export async function runCli(argv: string[], deps: CliDeps = {}): Promise<number
         const opts = serveOptionsFromFlags(p.values, env)
         const log = createRequestLogger(opts.logLevel, deps.logDestination)
         const start = deps.startServer ?? startServer
+        // Listen for the signals before starting, so one during recovery still stops cleanly.
+        const stop = (deps.stopSignal ?? defaultStopSignal)()
         const server = await start({ ...opts, log })
         log.logger.info({ socket: opts.socketPath, stateDir: opts.stateDir }, 'serving')
-        const sig = await (deps.stopSignal ?? defaultStopSignal)()
+        const sig = await stop
         log.logger.info({ signal: sig }, 'stopping')
         await server.close()
         log.logger.info('stopped')

@@ -6,15 +6,20 @@
  * after a release. On start it recovers every `ready` key by itself (no caller bookkeeping, unlike Virtlet
  * where the runtime must call Recover) and cleans up after every `adding` one (an add interrupted by a
  * crash: CNI DEL, netns deleted), so `kill -9` at any moment leaves nothing behind once it is restarted.
+ *
+ * Pod netns are bind mounts under the netns dir: the daemon must run in the host's mount namespace (or with
+ * that dir on a shared mount), or they die with it. It warns at start when they would (e.g. under
+ * `ip netns exec`, which unshares a mount namespace; use `nsenter --net=...` to run it in another netns).
  */
-import { existsSync, readFileSync } from 'node:fs'
-import { join } from 'node:path'
+import { existsSync, mkdirSync, readFileSync, realpathSync } from 'node:fs'
+import { basename, dirname, join } from 'node:path'
 import { ExecCniClient, type CniClient } from './cni'
 import type { FDSource, GetFDsResult } from './fdsource'
 import type { RequestLogger } from './log'
-import { encodeContainerSideNetwork, encodeRecoverPayload, parseContainerSideNetwork, parseGetFDPayload, type PodNetworkDesc } from './payloads'
+import { encodeContainerSideNetwork, encodeGetFDPayload, encodeRecoverPayload, parseContainerSideNetwork, parseGetFDPayload, type PodNetworkDesc } from './payloads'
+import { nativePodNetworkOps, type PodNetworkOps } from './podnetwork'
 import { FDServer } from './server'
-import { StateStore } from './state'
+import { keyToFileName, StateStore } from './state'
 import { TapFDSource } from './tapfdsource'
 
 /** Options of {@link startDaemon}. */
@@ -23,6 +28,7 @@ export interface DaemonOptions {
   socketMode?: number
   /** Group name or numeric gid of the socket file. */
   socketGroup?: string | null
+  /** Peers served (SO_PEERCRED): with either list non-empty, only listed uids/gids; both empty: anyone who can open the socket. */
   allowedUids?: number[]
   allowedGids?: number[]
   cniConfigDir?: string
@@ -39,6 +45,12 @@ export interface DaemonOptions {
   log?: RequestLogger
   /** A CNI client to use instead of executing plugins (tests). */
   cni?: CniClient
+  /**
+   * Test failpoint (default `$TAPMANAGER_TEST_CRASH_AT`): `<point>:<podId>` makes the process SIGKILL itself
+   * during the add of that pod, at `after-cni`, `after-container-side`, `after-dhcp` or `after-ready`
+   * (the state record is then `adding`, `adding`, `adding`, `ready`), for the kill -9 recovery tests.
+   */
+  crashAt?: string
 }
 
 /** What the daemon did with the persisted keys when it started. */
@@ -46,7 +58,10 @@ export interface RecoveryReport {
   recovered: string[]
   /** Keys whose add had been interrupted, cleaned up. */
   cleaned: string[]
-  /** Keys that could not be recovered (e.g. their netns vanished), with the reason; their records are removed. */
+  /**
+   * Keys that could not be recovered or cleaned, with the reason. A key whose netns vanished is released (CNI
+   * DEL) and its record removed; any other failure keeps the record, so the next start tries again.
+   */
   skipped: { key: string; reason: string }[]
   /** State files that could not be read (quarantined). */
   corrupt: string[]
@@ -67,10 +82,13 @@ class PersistingSource implements FDSource {
   constructor(
     private readonly inner: TapFDSource,
     private readonly store: StateStore,
+    private readonly crash?: CrashPoint,
   ) {}
 
   async getFDs(key: string, data: Buffer): Promise<GetFDsResult> {
-    const { podNetworkDesc } = parseGetFDPayload(data)
+    const desc = parseGetFDPayload(data).podNetworkDesc
+    // Records keep the pod description in its wire form, so a record is a valid RecoverPayload as it is.
+    const podNetworkDesc = wireDesc(desc)
     await this.store.write({ key, status: 'adding', podNetworkDesc })
     let res: GetFDsResult
     try {
@@ -81,6 +99,7 @@ class PersistingSource implements FDSource {
     }
     try {
       await this.store.write({ key, status: 'ready', podNetworkDesc, csn: JSON.parse(String(res.data)) })
+      if (this.crash) this.crash.hit('after-ready', desc.podId)
     } catch (err) {
       await this.inner.release(key).catch(() => undefined)
       await this.store.remove(key).catch(() => undefined)
@@ -107,7 +126,7 @@ class PersistingSource implements FDSource {
     const d = this.inner.describe(key)
     if (d) {
       const csn = JSON.parse(encodeContainerSideNetwork(d.csn))
-      await this.store.write({ key, status: 'ready', podNetworkDesc: d.podNetworkDesc, csn })
+      await this.store.write({ key, status: 'ready', podNetworkDesc: wireDesc(d.podNetworkDesc), csn })
     }
   }
 
@@ -132,22 +151,38 @@ export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
       cacheDir: opts.cniCacheDir ?? join(opts.stateDir, 'cni'),
       timeoutMs: opts.cniTimeoutMs,
     })
-  const source = new TapFDSource(cni, { enableSriov: opts.sriov, calicoSubnetSize: opts.calicoSubnetSize, netnsDir })
+  const crash = crashPoint(opts.crashAt ?? process.env.TAPMANAGER_TEST_CRASH_AT)
+  const source = new TapFDSource(crash ? crashingCni(cni, crash) : cni, {
+    enableSriov: opts.sriov,
+    calicoSubnetSize: opts.calicoSubnetSize,
+    netnsDir,
+    ops: crash ? crashingOps(nativePodNetworkOps, crash) : undefined,
+  })
   const store = new StateStore(opts.stateDir)
   await store.init()
-  const server = new FDServer(opts.socketPath, new PersistingSource(source, store), {
+  const server = new FDServer(opts.socketPath, new PersistingSource(source, store, crash), {
     socketMode: opts.socketMode,
     socketGid: resolveGroup(opts.socketGroup),
     allowedUids: opts.allowedUids?.length || opts.allowedGids?.length ? opts.allowedUids : undefined,
     allowedGids: opts.allowedUids?.length || opts.allowedGids?.length ? opts.allowedGids : undefined,
     maxDataSize: opts.maxDataSize,
-    onRequest: opts.log ? (e) => opts.log!.request({ ...e, peer: e.peer ? { ...e.peer } : undefined }) : undefined,
+    onRequest: opts.log
+      ? (e) => opts.log!.request({ ...e, durationMs: Math.round(e.durationMs * 1000) / 1000, peer: e.peer ? { ...e.peer } : undefined })
+      : undefined,
   })
 
-  const recovery = await recoverPersisted(source, store, server)
-  if (opts.log) opts.log.logger.info({ recovery }, 'recovered persisted keys')
-  await server.serve()
-  if (opts.log) opts.log.logger.info({ socket: opts.socketPath }, 'serving')
+  if (opts.log) warnPrivateMountNs(opts.log, netnsDir)
+  let recovery: RecoveryReport
+  try {
+    recovery = await recoverPersisted(source, store, server)
+    if (opts.log) logRecovery(opts.log, recovery)
+    mkdirSync(dirname(opts.socketPath), { recursive: true })
+    await server.serve()
+  } catch (err) {
+    // Nothing may stay open after a failed start (DHCP servers of recovered keys, their fds).
+    await server.stop().catch(() => undefined)
+    throw err
+  }
   return {
     server,
     source,
@@ -166,15 +201,23 @@ async function recoverPersisted(source: TapFDSource, store: StateStore, server: 
   }
   await Promise.all(
     listing.records.map(async (rec) => {
-      const desc = rec.podNetworkDesc as PodNetworkDesc
+      let desc: PodNetworkDesc
+      try {
+        desc = parseGetFDPayload(JSON.stringify({ podNetworkDesc: rec.podNetworkDesc })).podNetworkDesc
+      } catch (err) {
+        report.skipped.push({ key: rec.key, reason: `bad pod description: ${messageOf(err)}` })
+        await store.quarantine(keyToFileName(rec.key)).catch(() => undefined)
+        return
+      }
       if (rec.status === 'adding') {
         try {
           await source.cleanupPod(desc)
+          report.cleaned.push(rec.key)
+          await store.remove(rec.key)
         } catch (err) {
+          // The record stays, so the next start tries again (a new add of the key replaces it).
           report.skipped.push({ key: rec.key, reason: `cleanup of an interrupted add: ${messageOf(err)}` })
         }
-        await store.remove(rec.key)
-        report.cleaned.push(rec.key)
         return
       }
       try {
@@ -210,4 +253,103 @@ function resolveGroup(group: string | null | undefined): number | undefined {
 
 function messageOf(err: unknown): string {
   return err instanceof Error ? err.message : String(err)
+}
+
+const CRASH_POINTS = ['after-cni', 'after-container-side', 'after-dhcp', 'after-ready'] as const
+type CrashPointName = (typeof CRASH_POINTS)[number]
+
+/** A kill -9 of this process at one point of one pod's add (a test failpoint). */
+interface CrashPoint {
+  hit(point: CrashPointName, podId: string): void
+}
+
+function crashPoint(spec: string | undefined): CrashPoint | undefined {
+  if (!spec) return undefined
+  const i = spec.indexOf(':')
+  const point = spec.slice(0, i) as CrashPointName
+  const podId = spec.slice(i + 1)
+  if (i < 0 || !CRASH_POINTS.includes(point) || !podId) {
+    throw new Error(`crash point must be <${CRASH_POINTS.join('|')}>:<podId>, not ${JSON.stringify(spec)}`)
+  }
+  return {
+    hit(p, id) {
+      if (p === point && id === podId) process.kill(process.pid, 'SIGKILL')
+    },
+  }
+}
+
+function crashingCni(cni: CniClient, crash: CrashPoint): CniClient {
+  return {
+    addSandboxToNetwork: async (podId, podName, podNs) => {
+      const r = await cni.addSandboxToNetwork(podId, podName, podNs)
+      crash.hit('after-cni', podId)
+      return r
+    },
+    removeSandboxFromNetwork: (podId, podName, podNs) => cni.removeSandboxFromNetwork(podId, podName, podNs),
+    checkSandboxNetwork: (podId, podName, podNs) => cni.checkSandboxNetwork(podId, podName, podNs),
+    getDummyNetwork: () => cni.getDummyNetwork(),
+  }
+}
+
+function crashingOps(ops: PodNetworkOps, crash: CrashPoint): PodNetworkOps {
+  const podOf = (nsPath: string) => basename(nsPath)
+  return {
+    ...ops,
+    setupContainerSide: async (nsPath, resultJson, o) => {
+      const r = await ops.setupContainerSide(nsPath, resultJson, o)
+      crash.hit('after-container-side', podOf(nsPath))
+      return r
+    },
+    startDhcpServer: async (nsPath, csnJson) => {
+      const r = await ops.startDhcpServer(nsPath, csnJson)
+      crash.hit('after-dhcp', podOf(nsPath))
+      return r
+    },
+  }
+}
+
+/** One line per persisted key: recovered, cleaned up (interrupted add), skipped (with the reason), corrupt. */
+function logRecovery(log: RequestLogger, r: RecoveryReport): void {
+  for (const key of r.recovered) log.logger.info({ key }, 'recovered')
+  for (const key of r.cleaned) log.logger.info({ key }, 'cleaned up an interrupted add')
+  for (const s of r.skipped) log.logger.warn({ key: s.key, reason: s.reason }, 'skipped: could not recover')
+  for (const file of r.corrupt) log.logger.warn({ file }, 'corrupt state file quarantined')
+  log.logger.info({ recovered: r.recovered.length, cleaned: r.cleaned.length, skipped: r.skipped.length, corrupt: r.corrupt.length }, 'recovery done')
+}
+
+/** A pod description in its wire (Go JSON) form. */
+function wireDesc(desc: PodNetworkDesc): unknown {
+  return (JSON.parse(encodeGetFDPayload({ podNetworkDesc: desc })) as { podNetworkDesc: unknown }).podNetworkDesc
+}
+
+/**
+ * Warns when the pod netns the daemon bind-mounts under `netnsDir` would not be seen outside this process's
+ * mount namespace (the mount holding the dir is not shared, as under `ip netns exec`, which unshares a slave
+ * mount namespace): such mounts die with the process, so a restart cannot recover the pods. Run the daemon in
+ * the host's mount namespace (`nsenter --net=...` to pick a netns), or with the dir mounted rshared.
+ */
+function warnPrivateMountNs(log: RequestLogger, netnsDir: string): void {
+  let path: string
+  let mountinfo: string
+  try {
+    path = realpathSync(existsSync(netnsDir) ? netnsDir : dirname(netnsDir))
+    mountinfo = readFileSync('/proc/self/mountinfo', 'utf8')
+  } catch {
+    return
+  }
+  let best: { point: string; shared: boolean } | undefined
+  for (const line of mountinfo.split('\n')) {
+    const f = line.split(' ')
+    const point = f[4]?.replace(/\\040/g, ' ')
+    if (!point || !(path === point || path.startsWith(point === '/' ? '/' : `${point}/`))) continue
+    if (best && best.point.length > point.length) continue
+    const optional = f.slice(6, f.indexOf('-'))
+    best = { point, shared: optional.some((o) => o.startsWith('shared:')) }
+  }
+  if (best && !best.shared) {
+    log.logger.warn(
+      { netnsDir, mount: best.point },
+      'the netns dir is not on a shared mount: pod netns will not outlive this process (run in the host mount namespace, e.g. nsenter --net rather than ip netns exec)',
+    )
+  }
 }

@@ -1,0 +1,100 @@
+/**
+ * startDaemon in-process (the TypeScript API the command line wraps), on a test node with the Debian bridge +
+ * host-local config: close() closes the DHCP servers and the tap fds but keeps the pod netns and the state, so a
+ * new DHCP server can bind in the pod at once and a second startDaemon recovers the key by itself; a corrupt state
+ * file is quarantined and reported, not fatal; bad options fail the start without leaving anything open.
+ */
+import test from 'ava'
+import { closeSync, readdirSync, readlinkSync, writeFileSync } from 'node:fs'
+import { join } from 'node:path'
+import { FDClient } from '../src/client'
+import { startDaemon } from '../src/daemon'
+import { startDhcpServer, tapFdInfo } from '../src/native'
+import { CniTestNode } from './helpers/cni'
+import { addPayload, netnsNames, removeNetns } from './helpers/serve'
+
+function tapFds(): number {
+  return readdirSync('/proc/self/fd').filter((f) => {
+    try {
+      return readlinkSync(`/proc/self/fd/${f}`) === '/dev/net/tun'
+    } catch {
+      return false
+    }
+  }).length
+}
+
+test.serial('close() stops DHCP and closes fds but keeps netns and state; a new daemon recovers the key', async (t) => {
+  const node = new CniTestNode('tmdd')
+  node.writeConf('10-bridge.conflist', node.bridgeConflist({ subnet: '10.74.0.0/24', bridge: 'tmddbr0' }))
+  const podId = node.podId('tmddp')
+  const stateDir = join(node.dir, 'state')
+  const socketPath = join(node.dir, 'sub', 'dir', 'tm.sock') // the socket's dir is made
+  const opts = { socketPath, stateDir, cni: node.client({ cacheDir: join(stateDir, 'cni') }) }
+  try {
+    const tapsBefore = tapFds()
+    let daemon = await startDaemon(opts)
+    t.deepEqual(daemon.recovery, { recovered: [], cleaned: [], skipped: [], corrupt: [] })
+    const client = new FDClient(socketPath)
+    const csn = JSON.parse((await client.addFDs('k', addPayload(podId))).toString()) as { NsPath: string }
+    t.is(tapFds(), tapsBefore + 1)
+    t.deepEqual((await daemon.store.list()).records.map((r) => [r.key, r.status]), [['k', 'ready']])
+
+    await daemon.close()
+    t.is(tapFds(), tapsBefore, 'the tap fd is closed')
+    t.false(await client.isRunning())
+    t.true(netnsNames().includes(podId), 'the pod netns is kept')
+    t.is((await daemon.store.list()).records.length, 1, 'the state is kept')
+    // The DHCP server let go of its socket: another one binds in the pod at once.
+    const dhcp = await startDhcpServer(csn.NsPath, JSON.stringify(csn))
+    t.true(dhcp.running)
+    await dhcp.stop()
+
+    daemon = await startDaemon(opts)
+    t.deepEqual(daemon.recovery.recovered, ['k'])
+    const { fds } = await client.getFDs('k')
+    t.is(tapFdInfo(fds[0]).name, 'tap0')
+    for (const fd of fds) closeSync(fd)
+    await client.releaseFDs('k')
+    t.false(netnsNames().includes(podId))
+    t.deepEqual(node.leases('tmbridge'), [])
+    t.deepEqual((await daemon.store.list()).records, [])
+    await daemon.close()
+    t.is(tapFds(), tapsBefore)
+  } finally {
+    removeNetns(podId)
+    node.cleanup()
+  }
+})
+
+test.serial('a corrupt state file is quarantined and reported; the daemon still starts', async (t) => {
+  const node = new CniTestNode('tmdc')
+  const stateDir = join(node.dir, 'state')
+  const socketPath = join(node.dir, 'tm.sock')
+  try {
+    const daemon = await startDaemon({ socketPath, stateDir, cni: node.client() })
+    await daemon.close()
+    writeFileSync(join(stateDir, 'broken.json'), '{"key": "broken", "status": "rea')
+    const again = await startDaemon({ socketPath, stateDir, cni: node.client() })
+    t.deepEqual(again.recovery.corrupt, ['broken.json'])
+    t.true((await again.store.list()).quarantined.some((f) => f.startsWith('broken.json.')))
+    t.true(await new FDClient(socketPath).isRunning())
+    await again.close()
+  } finally {
+    node.cleanup()
+  }
+})
+
+test.serial('bad options fail the start and leave nothing open or listening', async (t) => {
+  const node = new CniTestNode('tmdb')
+  const socketPath = join(node.dir, 'tm.sock')
+  try {
+    const fdsBefore = readdirSync('/proc/self/fd').length
+    await t.throwsAsync(startDaemon({ socketPath, stateDir: join(node.dir, 'state'), cni: node.client(), calicoSubnetSize: 40 }), { message: /calicoSubnetSize/ })
+    await t.throwsAsync(startDaemon({ socketPath, stateDir: join(node.dir, 'state'), cni: node.client(), socketGroup: 'no-such-group-xyz' }), { message: /unknown group/ })
+    await t.throwsAsync(startDaemon({ socketPath, stateDir: join(node.dir, 'state'), cni: node.client(), crashAt: 'sometime:pod' }), { message: /crash point/ })
+    t.false(await new FDClient(socketPath).isRunning())
+    t.is(readdirSync('/proc/self/fd').length, fdsBefore)
+  } finally {
+    node.cleanup()
+  }
+})
