@@ -20,10 +20,11 @@ test('npm pack, install in a scratch project, import { FDServer, FDClient } from
     const nodeFile = `${pkg.napi.binaryName}.linux-x64-gnu.node`
     execFileSync('mkdir', ['-p', plat])
     copyFileSync(join(root, nodeFile), join(plat, nodeFile))
-    writeFileSync(
-      join(plat, 'package.json'),
-      JSON.stringify({ name: `${pkg.napi.packageName}-linux-x64-gnu`, version: pkg.version, os: ['linux'], cpu: ['x64'], libc: ['glibc'], main: nodeFile, files: [nodeFile] }),
-    )
+    // The committed platform package manifest, as `napi prepublish` publishes it.
+    const platPkg = JSON.parse(readFileSync(join(root, 'npm/linux-x64-gnu/package.json'), 'utf8'))
+    t.is(platPkg.main, nodeFile)
+    t.is(platPkg.version, pkg.version)
+    writeFileSync(join(plat, 'package.json'), JSON.stringify(platPkg))
     const platOut = execFileSync('npm', ['pack', '--json', '--pack-destination', scratch], { cwd: plat, encoding: 'utf8' })
     const platTarball = join(scratch, JSON.parse(platOut)[0].filename)
     const app = join(scratch, 'app')
