@@ -1,0 +1,287 @@
+/**
+ * TapFDSource end to end, as root, with real parts: an FDServer + TapFDSource in this process, CNI plugins
+ * (Debian bridge + host-local, or our tmtest plugin) acting in a test "node" netns, pods in a temp netns dir,
+ * an FDClient on a temp socket. For each case of the matrix, plain and after a server restart with recover:
+ * the ContainerSideNetwork JSON, the get info JSON, the lease a real `dhcpcd -T` gets through each tap fd (a
+ * "VM" netns with its own tap and a frame copier), a ping from the VM side to a peer outside the pod, zero DHCP
+ * frames on the node side of the CNI link, and after release: no pod netns, no IPAM lease, the node as before.
+ */
+import test, { type ExecutionContext } from 'ava'
+import { existsSync, readdirSync } from 'node:fs'
+import { closeFd, parseFdInfo } from '../src/index'
+import { macToBase64 } from '../src/payloads'
+import { sh } from './helpers/env'
+import { Capture, FakeVm, TapFdHarness, nodePeerOf } from './helpers/tapfd'
+
+/** What one interface of a case must give the VM. */
+interface IfaceExpect {
+  name: string
+  mac: string
+  mtu: number
+  /** dhcpcd's variables that must be exactly so. */
+  lease: Record<string, string>
+  /** An address outside the pod the VM must reach through this interface. */
+  peer: string
+}
+
+interface Case {
+  title: string
+  /** Writes the CNI config; may prepare the node. */
+  configure(h: TapFdHarness): void
+  /** Calico: warm the dummy network before the node snapshot (it lives as long as the CNI client). */
+  dummy?: boolean
+  /** The expected Result.ips/routes of the ContainerSideNetwork, from the add response. */
+  result(csn: any, h: TapFdHarness, podId: string): { ips: unknown[]; routes?: unknown[] }
+  ifaces(csn: any, h: TapFdHarness, podId: string): IfaceExpect[]
+}
+
+const SERVER_ID = '169.254.254.2'
+
+/** The MAC CNI gave the pod link named `name` (from the result's interfaces). */
+function resultMac(csn: any, name: string): string {
+  const i = csn.Result.interfaces.find((x: any) => x.name === name && x.sandbox)
+  if (!i) throw new Error(`no sandbox interface ${name} in ${JSON.stringify(csn.Result)}`)
+  return i.mac
+}
+
+function bridgeCase(title: string, mtu?: number): Case {
+  return {
+    title,
+    configure: (h) => {
+      h.node.writeConf('10-bridge.conflist', h.node.bridgeConflist({ subnet: '10.77.0.0/24', ...(mtu ? { mtu } : {}) }))
+    },
+    result: (csn, h, podId) => {
+      const lease = h.node.leases('tmbridge').filter((l) => l.containerId === podId)
+      if (lease.length !== 1) throw new Error(`host-local leases of ${podId}: ${JSON.stringify(lease)}`)
+      // bridge 1.1.1 reports [bridge, host veth, pod eth0]: the IP points at the pod's entry (index 2)
+      return { ips: [{ version: '4', interface: 2, address: `${lease[0].ip}/24`, gateway: '10.77.0.1' }], routes: [{ dst: '0.0.0.0/0' }] }
+    },
+    ifaces: (csn) => [
+      {
+        name: 'eth0',
+        mac: resultMac(csn, 'eth0'),
+        mtu: mtu ?? 1500,
+        lease: {
+          new_ip_address: csn.Result.ips[0].address.split('/')[0],
+          new_subnet_mask: '255.255.255.0',
+          new_routers: '10.77.0.1',
+          new_interface_mtu: String(mtu ?? 1500),
+          new_dhcp_server_identifier: SERVER_ID,
+          new_dhcp_lease_time: '86400',
+          new_domain_name_servers: '8.8.8.8',
+        },
+        peer: '10.77.0.1',
+      },
+    ],
+  }
+}
+
+const ETH0 = {
+  address: '10.1.90.5/24',
+  gateway: '10.1.90.1',
+  hostAddress: '10.1.90.1/24',
+  mac: '42:a4:a6:22:80:2e',
+  routes: [
+    { dst: '0.0.0.0/0', gw: '10.1.90.1' },
+    { dst: '10.10.42.0/24', gw: '10.1.90.90' },
+  ],
+}
+const ETH1 = { name: 'eth1', address: '10.2.0.7/16', hostAddress: '10.2.0.1/16', mac: '42:a4:a6:22:80:2f', mtu: 9000 }
+const ETH0_LEASE = {
+  new_ip_address: '10.1.90.5',
+  new_subnet_mask: '255.255.255.0',
+  new_classless_static_routes: '10.10.42.0/24 10.1.90.90 0.0.0.0/0 10.1.90.1',
+  new_interface_mtu: '1500',
+  new_dhcp_server_identifier: SERVER_ID,
+  new_domain_name_servers: '10.96.0.10',
+}
+const ETH1_LEASE = {
+  new_ip_address: '10.2.0.7',
+  new_subnet_mask: '255.255.0.0',
+  new_interface_mtu: '9000',
+  new_dhcp_server_identifier: SERVER_ID,
+  new_domain_name_servers: '10.96.0.10',
+}
+
+function twoCase(title: string, reverse: boolean): Case {
+  return {
+    title,
+    configure: (h) => {
+      h.node.writeConf('10-t.conflist', h.node.testConflist([{ links: [ETH0, ETH1], reverse, dns: { nameservers: ['10.96.0.10'] } }]))
+    },
+    result: () => {
+      const ips = [
+        { version: '4', interface: 1, address: ETH0.address, gateway: ETH0.gateway },
+        { version: '4', interface: 3, address: ETH1.address },
+      ]
+      return { ips: reverse ? [ips[1], { ...ips[0], interface: 3 }].map((x, i) => (i === 0 ? { ...x, interface: 1 } : x)) : ips, routes: ETH0.routes }
+    },
+    ifaces: () => {
+      const e0 = { name: 'eth0', mac: ETH0.mac, mtu: 1500, lease: ETH0_LEASE, peer: '10.1.90.1' }
+      const e1 = { name: 'eth1', mac: ETH1.mac, mtu: 9000, lease: ETH1_LEASE, peer: '10.2.0.1' }
+      return reverse ? [e1, e0] : [e0, e1]
+    },
+  }
+}
+
+const CALICO_POD = { address: '192.168.7.9/32', mac: '42:a4:a6:22:81:01' }
+const CALICO_LEASE = {
+  new_ip_address: '192.168.7.9',
+  new_subnet_mask: '255.255.255.0',
+  new_routers: '192.168.7.200',
+  new_interface_mtu: '1500',
+  new_dhcp_server_identifier: SERVER_ID,
+  new_domain_name_servers: '8.8.8.8',
+}
+
+/** Forwarding in the node netns (Calico routes between pods there, via proxy ARP). */
+function nodeForwarding(h: TapFdHarness): void {
+  h.node.node.exec('sysctl', ['-qw', 'net.ipv4.ip_forward=1'])
+}
+
+const CASES: Case[] = [
+  bridgeCase('one interface (Debian bridge + host-local)'),
+  bridgeCase('MTU 9000 on the CNI link', 9000),
+  twoCase('two interfaces', false),
+  twoCase('two interfaces listed in reverse order', true),
+  {
+    title: 'Weave-like result (one IP, no routes, no interfaces)',
+    configure: (h) => {
+      h.node.writeConf(
+        '10-t.conflist',
+        h.node.testConflist(
+          [{ mode: 'weave', links: [{ address: '10.32.0.5/12', gateway: '10.32.0.1', hostAddress: '10.32.0.1/12', mac: '42:a4:a6:22:80:30', routes: [{ dst: '0.0.0.0/0', gw: '10.32.0.1' }] }] }],
+          { cniVersion: '0.3.1' },
+        ),
+      )
+    },
+    result: () => ({ ips: [{ version: '4', interface: 0, address: '10.32.0.5/12', gateway: '10.32.0.1' }], routes: [{ dst: '0.0.0.0/0', gw: '10.32.0.1' }] }),
+    ifaces: () => [
+      {
+        name: 'eth0',
+        mac: '42:a4:a6:22:80:30',
+        mtu: 1500,
+        lease: { new_ip_address: '10.32.0.5', new_subnet_mask: '255.240.0.0', new_routers: '10.32.0.1', new_interface_mtu: '1500', new_dhcp_server_identifier: SERVER_ID },
+        peer: '10.32.0.1',
+      },
+    ],
+  },
+  {
+    title: 'Calico (dummy network provides the gateway)',
+    dummy: true,
+    configure: (h) => {
+      nodeForwarding(h)
+      h.node.writeConf(
+        '10-t.conflist',
+        h.node.testConflist([{ mode: 'calico', links: [CALICO_POD], perContainer: { [h.dummyPodId]: { links: [{ address: '192.168.7.200/32' }] } } }], { cniVersion: '0.3.1' }),
+      )
+    },
+    result: () => ({ ips: [{ version: '4', interface: 1, address: '192.168.7.9/24', gateway: '192.168.7.200' }], routes: [{ dst: '0.0.0.0/0', gw: '192.168.7.200' }] }),
+    ifaces: () => [{ name: 'eth0', mac: CALICO_POD.mac, mtu: 1500, lease: CALICO_LEASE, peer: '192.168.7.200' }],
+  },
+  {
+    title: 'Calico plus a second network',
+    dummy: true,
+    configure: (h) => {
+      nodeForwarding(h)
+      h.node.writeConf(
+        '10-t.conflist',
+        h.node.testConflist([
+          {
+            links: [{ ...CALICO_POD, style: 'calico' }, ETH1],
+            perContainer: { [h.dummyPodId]: { links: [{ address: '192.168.7.200/32', style: 'calico' }] } },
+          },
+        ]),
+      )
+    },
+    result: () => ({
+      ips: [
+        { version: '4', interface: 2, address: '192.168.7.9/24', gateway: '192.168.7.200' },
+        { version: '4', interface: 4, address: ETH1.address },
+      ],
+      routes: [{ dst: '0.0.0.0/0', gw: '192.168.7.200' }],
+    }),
+    ifaces: () => [
+      { name: 'eth0', mac: CALICO_POD.mac, mtu: 1500, lease: CALICO_LEASE, peer: '192.168.7.200' },
+      { name: 'eth1', mac: ETH1.mac, mtu: 9000, lease: { ...ETH1_LEASE, new_domain_name_servers: '8.8.8.8' }, peer: '10.2.0.1' },
+    ],
+  },
+]
+
+/** tmtest's per-attachment state files of a pod (left only when its DEL did not run). */
+function tmtestState(h: TapFdHarness, podId: string): string[] {
+  return existsSync(h.node.stateDir) ? readdirSync(h.node.stateDir).filter((f) => f.includes(podId)) : []
+}
+
+async function runCase(t: ExecutionContext, c: Case, restart: boolean): Promise<void> {
+  const h = new TapFdHarness()
+  const vms: FakeVm[] = []
+  try {
+    c.configure(h)
+    await h.start()
+    if (c.dummy) await h.cni.getDummyNetwork()
+    await h.prime()
+    const before = h.node.snapshot()
+    const podId = h.node.podId('tmpod')
+
+    const csnJson = await h.add(podId)
+    const csn = JSON.parse(csnJson)
+    const want = c.ifaces(csn, h, podId)
+    t.is(csn.NsPath, h.nsPath(podId))
+    t.deepEqual(
+      csn.Interfaces,
+      want.map((w) => ({ Type: 0, Name: w.name, HardwareAddr: macToBase64(w.mac), PCIAddress: '', MTU: w.mtu, VlanID: 0 })),
+    )
+    const wantResult = c.result(csn, h, podId)
+    t.deepEqual(csn.Result.ips, wantResult.ips)
+    if (wantResult.routes) t.deepEqual(csn.Result.routes, wantResult.routes)
+    // the VM gets the original MAC; the pod link itself now has another one
+    for (const w of want) {
+      const link = JSON.parse(sh('nsenter', [`--net=${csn.NsPath}`, 'ip', '-j', 'link', 'show', w.name]))[0]
+      t.not(link.address, w.mac, `${w.name} keeps its CNI MAC`)
+      t.is(link.master, `br${want.indexOf(w)}`)
+    }
+
+    if (restart) {
+      await h.restart()
+      t.deepEqual(h.source.keys(), [])
+      await h.recover(podId, csnJson)
+    }
+
+    const { fds, info } = await h.client.getFDs(podId)
+    t.is(fds.length, want.length)
+    t.is(info.toString(), JSON.stringify(want.map((w, i) => ({ type: 0, mac: macToBase64(w.mac), fdIndex: i, pciAddress: '' }))))
+    t.deepEqual(parseFdInfo(info).map((i) => i.mac), want.map((w) => w.mac))
+
+    for (const [i, w] of want.entries()) {
+      const vm = new FakeVm()
+      vms.push(vm)
+      await vm.attach(fds[i], w.mac, w.mtu)
+      const peer = nodePeerOf(h.node.name, csn.NsPath, w.name)
+      const capture = await Capture.start(h.node.name, peer, 'udp port 67 or udp port 68')
+      const lease = await vm.dhcpcd()
+      for (const [k, v] of Object.entries(w.lease)) t.is(lease[k], v, `${w.name}: ${k}`)
+      if (!w.lease.new_classless_static_routes) t.false('new_classless_static_routes' in lease, `${w.name}: no option 121`)
+      if (!w.lease.new_routers) t.false('new_routers' in lease, `${w.name}: no option 3`)
+      vm.configure(lease)
+      t.true(await vm.ping(w.peer), `${w.name}: ping ${w.peer} from the VM side`)
+      const { captured, lines } = await capture.stop()
+      t.is(captured, 0, `DHCP frames on ${peer} in the node netns: ${lines}`)
+    }
+    for (const fd of fds) closeFd(fd)
+
+    await h.client.releaseFDs(podId)
+    t.false(h.netnsFiles().includes(podId), 'the pod netns is gone')
+    t.deepEqual(tmtestState(h, podId), [], 'tmtest DEL ran')
+    t.deepEqual(h.node.snapshot(), before, 'node links, addresses, routes and IPAM leases as before the add')
+    t.deepEqual(h.source.keys(), [])
+  } finally {
+    for (const vm of vms) vm.cleanup()
+    await h.cleanup()
+  }
+}
+
+for (const c of CASES) {
+  test(`${c.title}`, (t) => runCase(t, c, false))
+  test(`${c.title}, after a server restart with recover`, (t) => runCase(t, c, true))
+}
