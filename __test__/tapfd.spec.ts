@@ -31,7 +31,7 @@ interface Case {
   /** Calico: warm the dummy network before the node snapshot (it lives as long as the CNI client). */
   dummy?: boolean
   /** The expected Result.ips/routes of the ContainerSideNetwork, from the add response. */
-  result(csn: any, h: TapFdHarness, podId: string): { ips: unknown[]; routes?: unknown[] }
+  result(csn: any, h: TapFdHarness, podId: string): { interfaces?: unknown[]; ips: unknown[]; routes?: unknown[] }
   ifaces(csn: any, h: TapFdHarness, podId: string): IfaceExpect[]
 }
 
@@ -110,11 +110,10 @@ function twoCase(title: string, reverse: boolean): Case {
       h.node.writeConf('10-t.conflist', h.node.testConflist([{ links: [ETH0, ETH1], reverse, dns: { nameservers: ['10.96.0.10'] } }]))
     },
     result: () => {
-      const ips = [
-        { version: '4', interface: 1, address: ETH0.address, gateway: ETH0.gateway },
-        { version: '4', interface: 3, address: ETH1.address },
-      ]
-      return { ips: reverse ? [ips[1], { ...ips[0], interface: 3 }].map((x, i) => (i === 0 ? { ...x, interface: 1 } : x)) : ips, routes: ETH0.routes }
+      // tmtest lists [host0, eth0, host1, eth1] (reversed: [host1, eth1, host0, eth0]), each IP pointing at its pod link
+      const e0 = { version: '4', interface: reverse ? 3 : 1, address: ETH0.address, gateway: ETH0.gateway }
+      const e1 = { version: '4', interface: reverse ? 1 : 3, address: ETH1.address }
+      return { ips: reverse ? [e1, e0] : [e0, e1], routes: ETH0.routes }
     },
     ifaces: () => {
       const e0 = { name: 'eth0', mac: ETH0.mac, mtu: 1500, lease: ETH0_LEASE, peer: '10.1.90.1' }
@@ -155,7 +154,12 @@ const CASES: Case[] = [
         ),
       )
     },
-    result: () => ({ ips: [{ version: '4', interface: 0, address: '10.32.0.5/12', gateway: '10.32.0.1' }], routes: [{ dst: '0.0.0.0/0', gw: '10.32.0.1' }] }),
+    // rebuilt from the pod's one veth: its address, its default route; the interface added
+    result: (_csn, h, podId) => ({
+      interfaces: [{ name: 'eth0', mac: '42:a4:a6:22:80:30', sandbox: h.nsPath(podId) }],
+      ips: [{ version: '4', address: '10.32.0.5/12', gateway: '10.32.0.1' }],
+      routes: [{ dst: '0.0.0.0/0', gw: '10.32.0.1' }],
+    }),
     ifaces: () => [
       {
         name: 'eth0',
@@ -176,7 +180,12 @@ const CASES: Case[] = [
         h.node.testConflist([{ mode: 'calico', links: [CALICO_POD], perContainer: { [h.dummyPodId]: { links: [{ address: '192.168.7.200/32' }] } } }], { cniVersion: '0.3.1' }),
       )
     },
-    result: () => ({ ips: [{ version: '4', interface: 1, address: '192.168.7.9/24', gateway: '192.168.7.200' }], routes: [{ dst: '0.0.0.0/0', gw: '192.168.7.200' }] }),
+    // one IP and no routes: rebuilt from the link like Weave, then widened to /24 with the dummy's gateway
+    result: (_csn, h, podId) => ({
+      interfaces: [{ name: 'eth0', mac: CALICO_POD.mac, sandbox: h.nsPath(podId) }],
+      ips: [{ version: '4', address: '192.168.7.9/24', gateway: '192.168.7.200' }],
+      routes: [{ dst: '0.0.0.0/0', gw: '192.168.7.200' }],
+    }),
     ifaces: () => [{ name: 'eth0', mac: CALICO_POD.mac, mtu: 1500, lease: CALICO_LEASE, peer: '192.168.7.200' }],
   },
   {
@@ -195,9 +204,10 @@ const CASES: Case[] = [
       )
     },
     result: () => ({
+      // tmtest lists [calico host, eth1 host, eth1]; the Calico IP gets the appended eth0 entry (3)
       ips: [
-        { version: '4', interface: 2, address: '192.168.7.9/24', gateway: '192.168.7.200' },
-        { version: '4', interface: 4, address: ETH1.address },
+        { version: '4', interface: 3, address: '192.168.7.9/24', gateway: '192.168.7.200' },
+        { version: '4', interface: 2, address: ETH1.address },
       ],
       routes: [{ dst: '0.0.0.0/0', gw: '192.168.7.200' }],
     }),
@@ -226,6 +236,7 @@ async function runCase(t: ExecutionContext, c: Case, restart: boolean): Promise<
 
     const csnJson = await h.add(podId)
     const csn = JSON.parse(csnJson)
+    t.log(csnJson)
     const want = c.ifaces(csn, h, podId)
     t.is(csn.NsPath, h.nsPath(podId))
     t.deepEqual(
@@ -235,6 +246,7 @@ async function runCase(t: ExecutionContext, c: Case, restart: boolean): Promise<
     const wantResult = c.result(csn, h, podId)
     t.deepEqual(csn.Result.ips, wantResult.ips)
     if (wantResult.routes) t.deepEqual(csn.Result.routes, wantResult.routes)
+    if (wantResult.interfaces) t.deepEqual(csn.Result.interfaces, wantResult.interfaces)
     // the VM gets the original MAC; the pod link itself now has another one
     for (const w of want) {
       const link = JSON.parse(sh('nsenter', [`--net=${csn.NsPath}`, 'ip', '-j', 'link', 'show', w.name]))[0]

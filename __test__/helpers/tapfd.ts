@@ -220,6 +220,7 @@ export class TapFdHarness {
     this.sock = join(this.node.dir, 'tapmanager.sock')
     this.dummyPodId = uniqueName('tmdum')
     this.sourceOpts = opts.source ?? {}
+    if (process.env.TMP_NO_DHCP) this.sourceOpts = { ops: { ...nativePodNetworkOps, ...this.sourceOpts.ops, startDhcpServer: async () => ({ stop: async () => undefined }) }, ...this.sourceOpts } // TMPHACK
     this.clientOpts = opts.client ?? {}
     this.client = new FDClient(this.sock)
   }
