@@ -9,6 +9,23 @@
  */
 export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-wasip1'
 
+/** A running per-pod DHCP server. Call `stop()` when done (garbage collection also stops it). */
+export declare class DhcpServer {
+  /** The pod netns path. */
+  get nsPath(): string
+  /** The bridges served. */
+  get bridges(): Array<string>
+  /** True until `stop()` is called (and while every bridge is served). */
+  get running(): boolean
+  /** The counters (frozen at their last values after `stop()`). */
+  stats(): DhcpServerStats
+  /**
+   * Stops serving; resolves once every socket is closed (a new server can start in the same netns at
+   * once). Idempotent.
+   */
+  stop(): Promise<void>
+}
+
 /**
  * A netlink connection to one network namespace; every method is named after the `ip` command it equals.
  * Links are addressed by index (`linkByName` finds one). Call `close()` when done.
@@ -203,6 +220,36 @@ export declare function deleteNetns(name: string, dir?: string | undefined | nul
  */
 export declare function deleteTap(name: string, netns?: string | undefined | null): Promise<void>
 
+/** Which bridge serves which interface (an index into the ContainerSideNetwork's `Interfaces`). */
+export interface DhcpBridgeMapping {
+  /** The bridge's name in the pod netns, e.g. `br0`. */
+  bridge: string
+  /** Index into `Interfaces` of the ContainerSideNetwork. */
+  interface: number
+}
+
+/** Options of `startDhcpServer`. */
+export interface DhcpServerOptions {
+  /** Explicit bridge mapping; default: tap interface `i` is served on `br<i>`. */
+  bridges?: Array<DhcpBridgeMapping>
+  /** Server identifier (option 54); default `169.254.254.2`, the address of every pod bridge. */
+  serverIp?: string
+}
+
+/** Counters of a DHCP server. */
+export interface DhcpServerStats {
+  /** OFFERs sent. */
+  offers: number
+  /** ACKs sent. */
+  acks: number
+  /** NAKs sent. */
+  naks: number
+  /** Datagrams not answered (unknown MAC, garbage, other message types). */
+  ignored: number
+  /** Socket errors and handler faults. */
+  errors: number
+}
+
 /** A link as `ip -d link show` describes it. */
 export interface Link {
   /** The interface index. */
@@ -352,6 +399,14 @@ export interface SetupContainerSideOptions {
   /** The IPv4 address of the dummy network's Calico link: the VM's gateway for a Calico default route. */
   dummyGateway?: string
 }
+
+/**
+ * Starts the DHCP server of a pod: `nsPath` is the pod netns (e.g. `/var/run/netns/<podId>`), `csnJson` the
+ * ContainerSideNetwork in Go's JSON (the add response of TapFDSource). Resolves once every bridge is listening.
+ * Rejections carry `err.code`: `ERR_INVALID` (bad JSON, nothing to serve, bad options), `ERR_NOT_FOUND` (no
+ * such netns or bridge), `ERR_EXISTS` (a server already listens on a bridge of this netns).
+ */
+export declare function startDhcpServer(nsPath: string, csnJson: string, opts?: DhcpServerOptions | undefined | null): Promise<DhcpServer>
 
 /** Describes an open tap fd (`TUNGETIFF`). */
 export declare function tapFdInfo(fd: number): TapFdInfo

@@ -835,6 +835,7 @@ function __napiStampBindingTarget(exportsObject, target) {
 // linked import resolves to `undefined`.
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
+module.exports.DhcpServer = nativeBinding.DhcpServer
 module.exports.NetlinkHandle = nativeBinding.NetlinkHandle
 module.exports.UnixConnection = nativeBinding.UnixConnection
 module.exports.UnixListener = nativeBinding.UnixListener
@@ -855,5 +856,6 @@ module.exports.recoverContainerSide = nativeBinding.recoverContainerSide
 module.exports.removeDhcpIsolation = nativeBinding.removeDhcpIsolation
 module.exports.reopenTaps = nativeBinding.reopenTaps
 module.exports.setupContainerSide = nativeBinding.setupContainerSide
+module.exports.startDhcpServer = nativeBinding.startDhcpServer
 module.exports.tapFdInfo = nativeBinding.tapFdInfo
 module.exports.teardownContainerSide = nativeBinding.teardownContainerSide
