@@ -133,9 +133,19 @@ const CALICO_LEASE = {
   new_domain_name_servers: '8.8.8.8',
 }
 
-/** Forwarding in the node netns (Calico routes between pods there, via proxy ARP). */
-function nodeForwarding(h: TapFdHarness): void {
-  h.node.node.exec('sysctl', ['-qw', 'net.ipv4.ip_forward=1'])
+/**
+ * A Calico node: forwarding on, and a default route (via an "uplink" veth pair kept inside the node netns), so
+ * the host-side proxy ARP answers the pods' 169.254.1.1 (the kernel proxies only addresses it has a route to,
+ * out of another link).
+ */
+function calicoNode(h: TapFdHarness): void {
+  const node = h.node.node
+  node.exec('sysctl', ['-qw', 'net.ipv4.ip_forward=1'])
+  node.exec('ip', ['link', 'add', 'tmup0', 'type', 'veth', 'peer', 'name', 'tmup1'])
+  node.exec('ip', ['addr', 'add', '10.255.0.1/30', 'dev', 'tmup0'])
+  node.exec('ip', ['link', 'set', 'tmup0', 'up'])
+  node.exec('ip', ['link', 'set', 'tmup1', 'up'])
+  node.exec('ip', ['route', 'add', 'default', 'via', '10.255.0.2', 'dev', 'tmup0'])
 }
 
 const CASES: Case[] = [
@@ -174,7 +184,7 @@ const CASES: Case[] = [
     title: 'Calico (dummy network provides the gateway)',
     dummy: true,
     configure: (h) => {
-      nodeForwarding(h)
+      calicoNode(h)
       h.node.writeConf(
         '10-t.conflist',
         h.node.testConflist([{ mode: 'calico', links: [CALICO_POD], perContainer: { [h.dummyPodId]: { links: [{ address: '192.168.7.200/32' }] } } }], { cniVersion: '0.3.1' }),
@@ -192,7 +202,7 @@ const CASES: Case[] = [
     title: 'Calico plus a second network',
     dummy: true,
     configure: (h) => {
-      nodeForwarding(h)
+      calicoNode(h)
       h.node.writeConf(
         '10-t.conflist',
         h.node.testConflist([
@@ -221,6 +231,15 @@ const CASES: Case[] = [
 /** tmtest's per-attachment state files of a pod (left only when its DEL did not run). */
 function tmtestState(h: TapFdHarness, podId: string): string[] {
   return existsSync(h.node.stateDir) ? readdirSync(h.node.stateDir).filter((f) => f.includes(podId)) : []
+}
+
+/** What a failed ping needs to be understood. */
+function diagnostics(h: TapFdHarness, vm: FakeVm): string {
+  const node = (args: string[]) => h.node.node.exec(args[0], args.slice(1))
+  return [
+    'node routes:', node(['ip', 'route']), 'node neigh:', node(['ip', 'neigh']), 'node forwarding:', node(['sysctl', 'net.ipv4.ip_forward']),
+    'vm addr:', vm.ns.exec('ip', ['-br', 'addr']), 'vm routes:', vm.ns.exec('ip', ['route']), 'vm neigh:', vm.ns.exec('ip', ['neigh']),
+  ].join('\n')
 }
 
 async function runCase(t: ExecutionContext, c: Case, restart: boolean): Promise<void> {
@@ -276,7 +295,9 @@ async function runCase(t: ExecutionContext, c: Case, restart: boolean): Promise<
       if (!w.lease.new_classless_static_routes) t.false('new_classless_static_routes' in lease, `${w.name}: no option 121`)
       if (!w.lease.new_routers) t.false('new_routers' in lease, `${w.name}: no option 3`)
       vm.configure(lease)
-      t.true(await vm.ping(w.peer), `${w.name}: ping ${w.peer} from the VM side`)
+      const pinged = await vm.ping(w.peer)
+      if (!pinged) t.log(diagnostics(h, vm))
+      t.true(pinged, `${w.name}: ping ${w.peer} from the VM side`)
       const { captured, lines } = await capture.stop()
       t.is(captured, 0, `DHCP frames on ${peer} in the node netns: ${lines}`)
     }
