@@ -165,12 +165,16 @@ test.serial('a link in the pod that conflicts with our bridge name: setup fails 
   })
 })
 
-/** The pod netns as a VM-less pod sees it: links (name, MAC, MTU, flags, master), IPv4 addresses, routes, nft. */
+/**
+ * The pod netns as CNI left it: links (name, MAC, MTU, flags, master), IPv4 addresses, routes, nft ruleset.
+ * `lo` is left out: setup brings it up (a pod's loopback is up; Virtlet does the same) and teardown keeps it up.
+ */
 function podState(nsPath: string): string {
   const ip = (args: string[]) => JSON.parse(sh('nsenter', [`--net=${nsPath}`, 'ip', '-j', ...args]))
-  const links = ip(['link', 'show']).map((l: any) => ({ name: l.ifname, mac: l.address, mtu: l.mtu, flags: l.flags, master: l.master, operstate: l.operstate }))
-  const addrs = ip(['-4', 'addr', 'show']).map((l: any) => ({ name: l.ifname, addrs: l.addr_info.map((a: any) => `${a.local}/${a.prefixlen} ${a.scope}`) }))
-  const routes = ip(['-4', 'route', 'show', 'table', 'all'])
+  const notLo = (l: any) => l.ifname !== 'lo' && l.dev !== 'lo'
+  const links = ip(['link', 'show']).filter(notLo).map((l: any) => ({ name: l.ifname, mac: l.address, mtu: l.mtu, flags: l.flags, master: l.master, operstate: l.operstate }))
+  const addrs = ip(['-4', 'addr', 'show']).filter(notLo).map((l: any) => ({ name: l.ifname, addrs: l.addr_info.map((a: any) => `${a.local}/${a.prefixlen} ${a.scope}`) }))
+  const routes = ip(['-4', 'route', 'show', 'table', 'all']).filter(notLo)
   const nft = JSON.parse(sh('nsenter', [`--net=${nsPath}`, NFT, '-j', 'list', 'ruleset'])).nftables.filter((o: any) => !o.metainfo)
   return JSON.stringify({ links, addrs, routes, nft }, null, 1)
 }
@@ -201,9 +205,11 @@ for (const [title, conf] of [
         },
       ]),
   ],
-] as const) {
-  test.serial(`teardown on release restores the pod netns exactly as CNI left it (${title})`, async (t) => {
-    const states: { beforeSetup?: string; afterSetup?: string; afterTeardown?: string } = {}
+] as const)
+for (const restart of [false, true]) {
+  const when = restart ? ', released after a server restart with recover' : ''
+  test.serial(`teardown on release restores the pod netns exactly as CNI left it (${title}${when})`, async (t) => {
+    const states: { beforeSetup?: string; afterSetup?: string; afterTeardown?: string; loUp?: boolean } = {}
     const ops: PodNetworkOps = {
       ...nativePodNetworkOps,
       setupContainerSide: async (ns, r, o) => {
@@ -215,17 +221,23 @@ for (const [title, conf] of [
       teardownContainerSide: async (ns, csn) => {
         await nativePodNetworkOps.teardownContainerSide(ns, csn)
         states.afterTeardown = await settledPodState(ns)
+        states.loUp = JSON.parse(sh('nsenter', [`--net=${ns}`, 'ip', '-j', 'link', 'show', 'lo']))[0].flags.includes('UP')
       },
     }
     await withHarness({ source: { ops } }, async (h) => {
       h.node.writeConf('10-net.conflist', conf(h))
       await h.start()
       const podId = h.node.podId()
-      await h.add(podId)
+      const csnJson = await h.add(podId)
+      if (restart) {
+        await h.restart()
+        await h.recover(podId, csnJson)
+      }
       t.truthy(states.beforeSetup)
       t.not(states.afterSetup, states.beforeSetup, 'setup changed the netns')
       await h.client.releaseFDs(podId)
       t.is(states.afterTeardown, states.beforeSetup)
+      t.true(states.loUp)
     })
   })
 }
