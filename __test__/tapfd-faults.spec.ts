@@ -11,7 +11,7 @@ import { existsSync, readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { closeFd, ServerError } from '../src/index'
 import { nativePodNetworkOps, type PodNetworkOps } from '../src/podnetwork'
-import { macToBase64 } from '../src/payloads'
+import { goJsonStringify, macToBase64, toGoCniResult } from '../src/payloads'
 import { createNetns } from '../src/native'
 import { sh } from './helpers/env'
 import { processAlive } from './helpers/cni'
@@ -286,9 +286,11 @@ test.serial('a netns left by a crash (with its CNI attachment) is cleaned and th
     await h.prime()
     const b = baseline(h)
     const podId = h.node.podId()
-    // a previous life: netns created, CNI ADD done, then the process died
+    // a previous life: netns created, CNI ADD done, container side set up, then the process died
     await createNetns(podId, { dir: h.netnsDir })
-    await h.cni.addSandboxToNetwork(podId, 'vm', 'default')
+    const { result } = await h.cni.addSandboxToNetwork(podId, 'vm', 'default')
+    const old = await nativePodNetworkOps.setupContainerSide(h.nsPath(podId), goJsonStringify(toGoCniResult(result)), {})
+    for (const fd of old.fds) closeFd(fd)
     t.is(h.node.leases('tmbridge').length, 1)
     const csn = JSON.parse(await h.add(podId))
     const leases = h.node.leases('tmbridge')

@@ -318,3 +318,27 @@ for (const c of CASES) {
   test(`${c.title}`, (t) => runCase(t, c, false))
   test(`${c.title}, after a server restart with recover`, (t) => runCase(t, c, true))
 }
+
+test('DNS in the add payload replaces the result\'s DNS: in the ContainerSideNetwork and in the lease', async (t) => {
+  const h = new TapFdHarness()
+  const vm = new FakeVm()
+  try {
+    h.node.writeConf('10-t.conflist', h.node.testConflist([{ links: [ETH0], dns: { nameservers: ['10.96.0.10'] } }]))
+    await h.start()
+    const podId = h.node.podId()
+    const dns = { nameservers: ['10.96.0.53', '10.96.0.54'], domain: 'cluster.local', search: ['default.svc.cluster.local', 'svc.cluster.local'] }
+    const csn = JSON.parse(await h.add(podId, 'vm', 'default', dns))
+    t.deepEqual(csn.Result.dns, dns)
+    const { fds } = await h.client.getFDs(podId)
+    await vm.attach(fds[0], ETH0.mac, 1500)
+    for (const fd of fds) closeFd(fd)
+    const lease = await vm.dhcpcd()
+    t.is(lease.new_domain_name_servers, '10.96.0.53 10.96.0.54')
+    t.is(lease.new_domain_search, 'default.svc.cluster.local svc.cluster.local')
+    await h.client.releaseFDs(podId)
+    t.deepEqual(h.netnsFiles(), [])
+  } finally {
+    vm.cleanup()
+    await h.cleanup()
+  }
+})

@@ -12,7 +12,7 @@ import { TapFDSource, type TapFDSourceOptions } from '../../src/tapfdsource'
 import { nativePodNetworkOps } from '../../src/podnetwork'
 import { encodeGetFDPayload, encodeRecoverPayload, parseContainerSideNetwork, base64ToMac } from '../../src/payloads'
 import { createTap, openTap, deleteNetns } from '../../src/native'
-import type { ExecCniClientOptions } from '../../src/cni'
+import type { CniDns, ExecCniClientOptions } from '../../src/cni'
 import { CniTestNode } from './cni'
 import { TestNetns, sh, uniqueName } from './env'
 
@@ -299,8 +299,8 @@ export class TapFdHarness {
   }
 
   /** add through the FDClient: returns the ContainerSideNetwork JSON text. */
-  async add(podId: string, podName = 'vm', podNs = 'default'): Promise<string> {
-    const payload = encodeGetFDPayload({ podNetworkDesc: { podId, podName, podNs, dns: null } })
+  async add(podId: string, podName = 'vm', podNs = 'default', dns: CniDns | null = null): Promise<string> {
+    const payload = encodeGetFDPayload({ podNetworkDesc: { podId, podName, podNs, dns } })
     return (await this.client.addFDs(podId, Buffer.from(payload))).toString()
   }
 
