@@ -12,8 +12,8 @@ import { TapFDSource, type TapFDSourceOptions } from '../../src/tapfdsource'
 import { nativePodNetworkOps } from '../../src/podnetwork'
 import { encodeGetFDPayload, encodeRecoverPayload, parseContainerSideNetwork, base64ToMac } from '../../src/payloads'
 import { createTap, openTap, deleteNetns } from '../../src/native'
-import type { CniDns, ExecCniClientOptions } from '../../src/cni'
-import { CniTestNode } from './cni'
+import type { CniClient, CniDns, ExecCniClientOptions } from '../../src/cni'
+import { CNI_FIXTURE_BIN, CniTestNode, DEBIAN_CNI_BIN } from './cni'
 import { TestNetns, sh, uniqueName } from './env'
 
 /** The frame copier: copies every frame between fds 3 and 4 until one side goes away (tap deleted). */
@@ -232,6 +232,10 @@ export class TapFdHarness {
   /** The CNI client of the current source. */
   cni!: ReturnType<CniTestNode['client']>
   readonly client: FDClient
+  /** Plugin dirs searched before the test plugins and Debian's (benchmarks add their own). */
+  readonly binDirs: string[] = []
+  /** Wraps the CNI client the source gets (benchmarks time it). */
+  wrapCni?: (c: CniClient) => CniClient
   private readonly sourceOpts: TapFDSourceOptions
   private readonly clientOpts: ExecCniClientOptions
 
@@ -254,13 +258,14 @@ export class TapFdHarness {
       dummyPodId: this.dummyPodId,
       createNetns: nativePodNetworkOps.createNetns,
       deleteNetns: nativePodNetworkOps.deleteNetns,
+      ...(this.binDirs.length ? { binDirs: [...this.binDirs, CNI_FIXTURE_BIN, DEBIAN_CNI_BIN] } : {}),
       ...this.clientOpts,
     })
   }
 
   async start(): Promise<void> {
     this.cni = this.cniClient()
-    this.source = new TapFDSource(this.cni, { netnsDir: this.netnsDir, ...this.sourceOpts })
+    this.source = new TapFDSource(this.wrapCni ? this.wrapCni(this.cni) : this.cni, { netnsDir: this.netnsDir, ...this.sourceOpts })
     this.server = new FDServer(this.sock, this.source)
     await this.server.serve()
   }
