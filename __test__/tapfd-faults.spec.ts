@@ -77,6 +77,7 @@ test.serial('a failing plugin: the error carries its message, the earlier plugin
     const b = baseline(h)
     const podId = h.node.podId()
     const err = await t.throwsAsync(h.add(podId), { instanceOf: ServerError })
+    t.log(err!.message)
     t.regex(err!.message, /injected failure/)
     t.regex(err!.message, /tmtest/)
     await assertNoLeak(t, h, b, 'after the failed add')
@@ -96,6 +97,7 @@ test.serial('a hanging plugin: killed at its timeout, the add fails with a timeo
     await h.prime()
     const b = baseline(h)
     const err = await t.throwsAsync(h.add(h.node.podId()), { instanceOf: ServerError })
+    t.log(err!.message)
     t.regex(err!.message, /tim(e|ed) ?out/i)
     await assertNoLeak(t, h, b, 'after the timed-out add')
     const pids = readFileSync(pidFile, 'utf8').trim().split(' ').map(Number)
@@ -111,6 +113,7 @@ test.serial('a plugin printing garbage: a clear parse error, nothing leaks', asy
     await h.prime()
     const b = baseline(h)
     const err = await t.throwsAsync(h.add(h.node.podId()), { instanceOf: ServerError })
+    t.log(err!.message)
     t.regex(err!.message, /JSON|parse|invalid/i)
     await assertNoLeak(t, h, b, 'after the add with a garbage result')
   })
@@ -138,9 +141,33 @@ test.serial('a failure after the taps exist (DHCP server start): everything is r
     await h.prime()
     const b = baseline(h)
     const err = await t.throwsAsync(h.add(h.node.podId()), { instanceOf: ServerError })
+    t.log(err!.message)
     t.regex(err!.message, /injected DHCP failure/)
     t.is(setups, 1)
     await assertNoLeak(t, h, b, 'after the rolled-back add')
+  })
+})
+
+test.serial('a rollback step that fails too: both errors reported, the later steps (CNI DEL, netns) still ran', async (t) => {
+  const ops: PodNetworkOps = {
+    ...nativePodNetworkOps,
+    startDhcpServer: async () => {
+      throw new Error('injected DHCP failure')
+    },
+    teardownContainerSide: async () => {
+      throw new Error('injected teardown failure')
+    },
+  }
+  await withHarness({ source: { ops } }, async (h) => {
+    h.node.writeConf('10-bridge.conflist', h.node.bridgeConflist())
+    await h.start()
+    await h.prime()
+    const b = baseline(h)
+    const err = await t.throwsAsync(h.add(h.node.podId()), { instanceOf: ServerError })
+    t.log(err!.message)
+    t.regex(err!.message, /injected DHCP failure; then rolling back failed: injected teardown failure/)
+    // the container side was never torn down, but CNI DEL and the netns deletion ran: nothing is left
+    await assertNoLeak(t, h, b, 'after the failed rollback')
   })
 })
 
@@ -156,6 +183,7 @@ test.serial('a link in the pod that conflicts with our bridge name: setup fails 
     const b = baseline(h)
     const podId = h.node.podId()
     const err = await t.throwsAsync(h.add(podId), { instanceOf: ServerError })
+    t.log(err!.message)
     t.regex(err!.message, /br0/)
     await assertNoLeak(t, h, b, 'after the failed setup')
     t.deepEqual(
