@@ -342,3 +342,48 @@ test('DNS in the add payload replaces the result\'s DNS: in the ContainerSideNet
     await h.cleanup()
   }
 })
+
+test('a VM holding its tap across a server restart: it gets DHCP from the recovered server; get is busy until it exits, then reopens the tap', async (t) => {
+  const h = new TapFdHarness()
+  const vm = new FakeVm()
+  try {
+    h.node.writeConf('10-bridge.conflist', h.node.bridgeConflist({ subnet: '10.79.0.0/24' }))
+    await h.start()
+    const podId = h.node.podId()
+    const csnJson = await h.add(podId)
+    const mac = JSON.parse(csnJson).Result.interfaces.find((x: any) => x.sandbox).mac
+    const first = await h.client.getFDs(podId)
+    await vm.attach(first.fds[0], mac, 1500)
+    for (const fd of first.fds) closeFd(fd)
+
+    // the VM (its copier) keeps the tap open while the server restarts
+    await h.restart()
+    await h.recover(podId, csnJson)
+    const lease = await vm.dhcpcd()
+    t.is(lease.new_ip_address, JSON.parse(csnJson).Result.ips[0].address.split('/')[0])
+    t.is(lease.new_dhcp_server_identifier, SERVER_ID)
+    const busy = await t.throwsAsync(h.client.getFDs(podId))
+    t.log(busy!.message)
+    t.regex(busy!.message, /held by another process/)
+
+    // the VM exits: the tap can be reopened for its next start
+    vm.cleanup()
+    const deadline = Date.now() + 5000
+    let again: Awaited<ReturnType<typeof h.client.getFDs>> | undefined
+    while (!again) {
+      again = await h.client.getFDs(podId).catch((e) => {
+        if (Date.now() > deadline) throw e
+        return undefined
+      })
+      if (!again) await new Promise((r) => setTimeout(r, 20))
+    }
+    t.is(again.fds.length, 1)
+    for (const fd of again.fds) closeFd(fd)
+    await h.client.releaseFDs(podId)
+    t.deepEqual(h.netnsFiles(), [])
+    t.deepEqual(h.node.leases('tmbridge'), [])
+  } finally {
+    vm.cleanup()
+    await h.cleanup()
+  }
+})
