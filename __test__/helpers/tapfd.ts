@@ -322,10 +322,13 @@ export class TapFdHarness {
   async cleanup(): Promise<void> {
     await this.server?.stop().catch(() => undefined)
     for (const f of readdirSync(this.netnsDir)) await deleteNetns(f, this.netnsDir).catch(() => undefined)
-    // createNetns made the dir a (shared) mount point, as `ip netns add` does with /var/run/netns
-    spawnSync('umount', ['-l', this.netnsDir])
-    rmSync(this.netnsDir, { recursive: true, force: true })
-    this.node.cleanup()
+    try {
+      // createNetns made the dir a (shared) mount point, as `ip netns add` does with /var/run/netns
+      spawnSync('umount', ['-l', this.netnsDir])
+      rmSync(this.netnsDir, { recursive: true, force: true })
+    } finally {
+      this.node.cleanup()
+    }
   }
 }
 
