@@ -17,6 +17,7 @@ import { runInNewContext } from 'node:vm'
 import { setFlagsFromString } from 'node:v8'
 import { closeFd } from '../../src/index'
 import type { CniClient } from '../../src/cni'
+import { nativePodNetworkOps, type PodNetworkOps } from '../../src/podnetwork'
 import { TapFdHarness } from './tapfd'
 
 setFlagsFromString('--expose_gc')
@@ -73,6 +74,34 @@ function timedCni(inner: CniClient, t: { cniAdd: number[]; cniDel: number[] }): 
   }
 }
 
+/** Per-operation times of the native operations (ms), by name. */
+const opTimes = new Map<string, number[]>()
+
+async function timed<T>(name: string, fn: () => Promise<T>): Promise<T> {
+  const s = performance.now()
+  try {
+    return await fn()
+  } finally {
+    const xs = opTimes.get(name) ?? []
+    xs.push(performance.now() - s)
+    opTimes.set(name, xs)
+  }
+}
+
+/** The native operations, timed. */
+const timedOps: PodNetworkOps = {
+  ...nativePodNetworkOps,
+  createNetns: (p) => timed('createNetns', () => nativePodNetworkOps.createNetns(p)),
+  deleteNetns: (p) => timed('deleteNetns', () => nativePodNetworkOps.deleteNetns(p)),
+  needsDummyGateway: (p) => timed('needsDummyGateway', () => nativePodNetworkOps.needsDummyGateway(p)),
+  setupContainerSide: (p, r, o) => timed('setupContainerSide', () => nativePodNetworkOps.setupContainerSide(p, r, o)),
+  teardownContainerSide: (p, c) => timed('teardownContainerSide', () => nativePodNetworkOps.teardownContainerSide(p, c)),
+  startDhcpServer: async (p, c) => {
+    const h = await timed('startDhcpServer', () => nativePodNetworkOps.startDhcpServer(p, c))
+    return { stop: () => timed('dhcp stop', () => h.stop()) }
+  },
+}
+
 function pct(xs: number[], p: number): number {
   const s = [...xs].sort((a, b) => a - b)
   return s[Math.min(s.length - 1, Math.floor(s.length * p))]
@@ -83,7 +112,7 @@ const f = (ms: number) => ms.toFixed(1).padStart(7)
 type Kind = 'noop' | 'bridge'
 
 async function harness(kind: Kind, t: { cniAdd: number[]; cniDel: number[] }): Promise<{ h: TapFdHarness; addressFor: (podId: string) => void }> {
-  const h = new TapFdHarness()
+  const h = new TapFdHarness({ source: { ops: timedOps } })
   let n = 0
   let addressFor = (_podId: string) => undefined as void
   if (kind === 'noop') {
@@ -157,20 +186,25 @@ async function memory(kind: Kind, pods: number): Promise<{ rssPerPod: number; he
   const t = { cniAdd: [] as number[], cniDel: [] as number[] }
   const { h, addressFor } = await harness(kind, t)
   try {
-    const warm = h.node.podId('tmb')
-    addressFor(warm)
-    await h.add(warm)
-    const ids = Array.from({ length: pods }, () => h.node.podId('tmb'))
-    ids.forEach(addressFor)
+    // a first round of N adds and releases warms the allocator and the native runtime's pools
+    const round = async (): Promise<string[]> => {
+      const ids = Array.from({ length: pods }, () => h.node.podId('tmb'))
+      ids.forEach(addressFor)
+      for (let i = 0; i < ids.length; i += 8) await Promise.all(ids.slice(i, i + 8).map((id) => h.add(id)))
+      return ids
+    }
+    const release = async (ids: string[]) => {
+      for (let i = 0; i < ids.length; i += 8) await Promise.all(ids.slice(i, i + 8).map((id) => h.client.releaseFDs(id)))
+    }
+    await release(await round())
     gc()
     const rss0 = process.memoryUsage().rss
     const heap0 = process.memoryUsage().heapUsed
-    for (let i = 0; i < ids.length; i += 8) await Promise.all(ids.slice(i, i + 8).map((id) => h.add(id)))
+    const ids = await round()
     gc()
     const rss1 = process.memoryUsage().rss
     const heap1 = process.memoryUsage().heapUsed
-    for (let i = 0; i < ids.length; i += 8) await Promise.all(ids.slice(i, i + 8).map((id) => h.client.releaseFDs(id)))
-    await h.client.releaseFDs(warm)
+    await release(ids)
     return { rssPerPod: (rss1 - rss0) / pods, heapPerPod: (heap1 - heap0) / pods, rss0 }
   } finally {
     await h.cleanup()
@@ -194,7 +228,9 @@ export async function main(): Promise<void> {
     }
   }
   console.log('("ours p50" = median of add latency minus its own CNI ADD time: the cost of TapFDSource itself)')
-  const n = Number(process.env.TAPFD_BENCH_LIVE ?? 50)
+  console.log('native operations over all runs above (ms): p50 / p90')
+  for (const [name, xs] of opTimes) console.log(`  ${name.padEnd(22)}${f(pct(xs, 0.5))} /${f(pct(xs, 0.9))}  (${xs.length})`)
+  const n = Number(process.env.TAPFD_BENCH_LIVE ?? 100)
   const m = await memory('noop', n)
   console.log(
     `memory per live pod (no-op plugin, ${n} live pods, this process): RSS ${(m.rssPerPod / 1024).toFixed(1)} KiB, JS heap ${(m.heapPerPod / 1024).toFixed(1)} KiB (RSS before: ${(m.rss0 / 1048576).toFixed(1)} MiB)`,
