@@ -7,6 +7,7 @@
  * Serial: the fd-leak checks count this process's open fds.
  */
 import test, { type ExecutionContext } from 'ava'
+import { spawn } from 'node:child_process'
 import { existsSync, readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { closeFd, ServerError } from '../src/index'
@@ -304,6 +305,32 @@ test.serial('20 pods added at once: all succeed with distinct correct leases, a 
     }
     await Promise.all(ids.map((id) => h.client.releaseFDs(id)))
     await assertNoLeak(t, h, b, 'after releasing 20 pods')
+  })
+})
+
+test.serial('adds while this process keeps forking children: a just-created tap held by a forked child for a moment is not "busy"', async (t) => {
+  await withHarness({}, async (h) => {
+    h.node.writeConf('10-bridge.conflist', h.node.bridgeConflist({ subnet: '10.81.0.0/24' }))
+    await h.start()
+    await h.prime()
+    const b = baseline(h)
+    // a stream of forks from this process, as when many CNI plugins are spawned at once
+    let forking = true
+    const forks = (async () => {
+      let n = 0
+      while (forking) {
+        await Promise.all(Array.from({ length: 8 }, () => new Promise((r) => spawn('/bin/true').on('exit', r))))
+        n += 8
+      }
+      return n
+    })()
+    const ids = Array.from({ length: 12 }, () => h.node.podId())
+    const results = await Promise.allSettled(ids.map((id) => h.add(id)))
+    forking = false
+    t.log(`${await forks} children forked during the adds`)
+    t.deepEqual(results.filter((r) => r.status === 'rejected').map((r) => String((r as PromiseRejectedResult).reason)), [])
+    await Promise.all(ids.filter((_, i) => results[i].status === 'fulfilled').map((id) => h.client.releaseFDs(id)))
+    await assertNoLeak(t, h, b, 'after releasing')
   })
 })
 
