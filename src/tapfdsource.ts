@@ -42,9 +42,11 @@ export interface TapFDSourceOptions {
 
 /** Several errors from one operation that kept going past failures (release, rollback). */
 export class AggregateOperationError extends TapmanagerError {
+  /** Every error, the first one first. */
   readonly errors: unknown[]
-  constructor(what: string, errors: unknown[]) {
-    super('ERR_MULTIPLE', `${what}: ${errors.map(messageOf).join('; ')}`)
+  /** `listed`: the errors the message lists after `what` (default all). */
+  constructor(what: string, listed: unknown[], errors: unknown[] = listed) {
+    super('ERR_MULTIPLE', `${what}: ${listed.map(messageOf).join('; ')}`)
     this.errors = errors
   }
 }
@@ -197,7 +199,7 @@ export class TapFDSource implements FDSource {
       return { fds: side.fds, data: Buffer.from(side.csn) }
     } catch (err) {
       const errors = await runAll(undo.reverse())
-      if (errors.length) throw new AggregateOperationError(`${messageOf(err)}; rolling back`, [err, ...errors])
+      if (errors.length) throw new AggregateOperationError(`${messageOf(err)}; then rolling back failed`, errors, [err, ...errors])
       throw err
     }
   }

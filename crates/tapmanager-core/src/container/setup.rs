@@ -155,8 +155,24 @@ fn setup_inner(
             ops.set_up(lo.index, true).map_err(|e| e.context("set lo up"))?;
         }
     }
-    let fds = taps.iter().map(|t| ops.open_tap(t)).collect::<Result<Vec<_>>>()?;
+    let fds = taps.iter().map(|t| open_new_tap(ops, t)).collect::<Result<Vec<_>>>()?;
     Ok(SetupOutput { csn: ContainerSideNetwork { result, ns_path: ns_path.to_string(), interfaces }, fds })
+}
+
+/// Opens a tap this setup has just created. The fd that created it (closed since) can still be attached for a
+/// moment: a child forked by this process (e.g. a CNI plugin being spawned by another pod's add) holds a copy of
+/// every fd until its exec closes the close-on-exec ones, and the tap stays attached (`EBUSY`) until then. No VM
+/// can hold a tap that did not exist a moment ago, so `ERR_BUSY` is retried here for a bounded time.
+fn open_new_tap(ops: &mut impl NetOps, name: &str) -> Result<OwnedFd> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match ops.open_tap(name) {
+            Err(e) if e.code == ErrorCode::Busy && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            r => return r,
+        }
+    }
 }
 
 /// Deletes the link's IPv4 routes (except kernel-protocol ones), then its IPv4 addresses.
