@@ -15,7 +15,8 @@ use tapmanager_core::netns::run_in_netns;
 use tapmanager_core::types::ContainerSideNetwork;
 use tapmanager_core::{Error, ErrorCode, Result};
 
-const TOOLS: &[&str] = &["ip", "nft"];
+// Absolute path: under `npm test`, node_modules/.bin (on PATH) has an unrelated `nft`.
+const TOOLS: &[&str] = &["ip", "/usr/sbin/nft"];
 
 /// A node netns and a pod netns joined by veths, as a bridge plugin leaves them.
 struct Pod {
@@ -61,7 +62,7 @@ impl Pod {
     /// table, the nftables ruleset.
     fn snapshot(&self) -> Value {
         let j = |args: &[&str]| -> Value { serde_json::from_str(&self.pod.exec("ip", args)).unwrap() };
-        let ruleset: Value = serde_json::from_str(&self.pod.exec("nft", &["-j", "list", "ruleset"])).unwrap();
+        let ruleset: Value = serde_json::from_str(&self.pod.exec("/usr/sbin/nft", &["-j", "list", "ruleset"])).unwrap();
         let tables: Vec<Value> =
             ruleset["nftables"].as_array().unwrap().iter().filter(|o| o.get("metainfo").is_none()).cloned().collect();
         json!({
@@ -258,7 +259,7 @@ fn setup_bridges_the_tap_to_the_cni_link_and_teardown_restores_the_netns_exactly
     assert_eq!(v4, ["br0 169.254.254.2/24", "lo 127.0.0.1/8"]);
     let routes = p.pod.exec("ip", &["-4", "route", "show"]);
     assert!(!routes.contains("eth0"), "eth0 keeps no route: {routes}");
-    let rules = p.pod.exec("nft", &["list", "table", "bridge", "tapmanager-dhcp-eth0"]);
+    let rules = p.pod.exec("/usr/sbin/nft", &["list", "table", "bridge", "tapmanager-dhcp-eth0"]);
     assert!(
         rules.contains("oifname \"eth0\"") && rules.contains("udp dport 67") && rules.contains("udp sport 67"),
         "{rules}"
