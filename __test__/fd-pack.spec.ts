@@ -22,7 +22,7 @@ test('npm pack, install in a scratch project, import { FDServer, FDClient } from
     copyFileSync(join(root, nodeFile), join(plat, nodeFile))
     writeFileSync(
       join(plat, 'package.json'),
-      JSON.stringify({ name: `${pkg.napi.packageName}-linux-x64-gnu`, version: pkg.version, os: ['linux'], cpu: ['x64'], libc: ['glibc'], main: nodeFile, files: [nodeFile] }),
+      JSON.stringify({ name: `${pkg.napi.packageName ?? pkg.name}-linux-x64-gnu`, version: pkg.version, os: ['linux'], cpu: ['x64'], libc: ['glibc'], main: nodeFile, files: [nodeFile] }),
     )
     const platOut = execFileSync('npm', ['pack', '--json', '--pack-destination', scratch], { cwd: plat, encoding: 'utf8' })
     const platTarball = join(scratch, JSON.parse(platOut)[0].filename)
