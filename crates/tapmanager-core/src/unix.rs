@@ -536,11 +536,18 @@ struct FastGet {
 #[derive(Debug, Default)]
 pub struct FastGets {
     entries: std::sync::Mutex<std::collections::HashMap<Vec<u8>, Arc<FastGet>>>,
-    allowed: std::sync::Mutex<(Option<Vec<u32>>, Option<Vec<u32>>)>,
+    allowed: std::sync::Mutex<PeerFilter>,
     closed: std::sync::atomic::AtomicBool,
     close_notify: tokio::sync::Notify,
     inflight: std::sync::atomic::AtomicUsize,
     idle: tokio::sync::Notify,
+}
+
+/// Which peers may be answered: when either list is set, a peer whose uid or gid is listed; otherwise every peer.
+#[derive(Debug, Default)]
+struct PeerFilter {
+    uids: Option<Vec<u32>>,
+    gids: Option<Vec<u32>>,
 }
 
 /// The 64 key bytes of `key` as a client sends them: UTF-8, right-padded with spaces.
@@ -564,13 +571,13 @@ impl FastGets {
     /// `gids` is answered here (others go to the application, which refuses them).
     pub fn set_allowed(&self, uids: Option<Vec<u32>>, gids: Option<Vec<u32>>) {
         if let Ok(mut a) = self.allowed.lock() {
-            *a = (uids, gids);
+            *a = PeerFilter { uids, gids };
         }
     }
 
     fn peer_allowed(&self, conn: &UnixConnection) -> bool {
         let Ok(a) = self.allowed.lock() else { return false };
-        let (uids, gids) = &*a;
+        let PeerFilter { uids, gids } = &*a;
         if uids.is_none() && gids.is_none() {
             return true;
         }

@@ -202,9 +202,8 @@ impl UnixListener {
         }
         self.fast.set_allowed(allowed_uids, allowed_gids);
         let fast = Some(self.fast.clone());
-        let rx = within_runtime_if_available(|| {
-            l.incoming_slow_requests(max_data as usize, deadline(timeout_ms), fast)
-        });
+        let rx =
+            within_runtime_if_available(|| l.incoming_slow_requests(max_data as usize, deadline(timeout_ms), fast));
         *slot = Some(rx);
         Ok(())
     }
