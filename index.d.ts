@@ -27,6 +27,24 @@ export declare class DhcpServer {
 }
 
 /**
+ * Runs FDServer requests like `fdRequest`, but reports every completion through one long-lived callback
+ * instead of a Promise per request (a Promise from native code costs a threadsafe function and an event-loop
+ * handle per call). The callback gets an `FdDone`. The port does not keep the process alive unless `hold(true)`
+ * (call it while requests are pending).
+ */
+export declare class FdRequestPort {
+  /** `onDone` is called on the JavaScript thread with each finished request. */
+  constructor(onDone: (done: FdDone) => void)
+  /** Whether the port keeps the event loop alive (`true` while requests are pending). */
+  hold(on: boolean): void
+  /**
+   * One FDServer request on a new connection, exactly as `fdRequest` (connect and send happen before this
+   * returns, when they can without waiting); the outcome goes to `onDone` with `id`.
+   */
+  request(id: number, path: string, request: Buffer, timeoutMs?: number | undefined | null): void
+}
+
+/**
  * A netlink connection to one network namespace; every method is named after the `ip` command it equals.
  * Links are addressed by index (`linkByName` finds one). Call `close()` when done.
  */
@@ -309,6 +327,17 @@ export interface DhcpServerStats {
 
 /** Duplicates fds (`fcntl(F_DUPFD_CLOEXEC)`); the new fds belong to the caller. */
 export declare function dupFds(fds: Array<number>): Array<number>
+
+/**
+ * A finished `FdRequestPort.request`: its id, and either the response frame (fds owned by JavaScript) or the
+ * error's stable `code` and `message`.
+ */
+export interface FdDone {
+  id: number
+  frame?: Frame
+  code?: string
+  message?: string
+}
 
 /**
  * One FDServer request on a new connection: connect to `path`, write `request` (header and payload), read the

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use std::future::Future;
 
-use napi::bindgen_prelude::{within_runtime_if_available, Buffer, PromiseRaw, ToNapiValue};
+use napi::bindgen_prelude::{within_runtime_if_available, Buffer, Function, PromiseRaw, ToNapiValue};
+use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::Env;
 use napi_derive::napi;
 use tapmanager_core::unix::{self, BindOptions};
@@ -118,7 +119,88 @@ pub fn fd_request<'env>(
 ) -> napi::Result<PromiseRaw<'env, Frame>> {
     let req: Vec<u8> = request.to_vec();
     let d = deadline(timeout_ms);
-    promise(env, async move { unix::request(&path, &req, d).await }, to_js_frame)
+    // Connect and send on this thread (never blocking), so the server is already at work while the runtime
+    // picks up the wait for the response.
+    match unix::start_request(&path, &req) {
+        Ok(Some((stream, written))) => {
+            promise(env, async move { unix::finish_request(stream, &req, written, d).await }, to_js_frame)
+        }
+        Ok(None) => promise(env, async move { unix::request(&path, &req, d).await }, to_js_frame),
+        Err(e) => promise(env, async move { Err(e) }, to_js_frame),
+    }
+}
+
+/// A finished `FdRequestPort.request`: its id, and either the response frame (fds owned by JavaScript) or the
+/// error's stable `code` and `message`.
+#[napi(object, object_from_js = false)]
+pub struct FdDone {
+    pub id: u32,
+    pub frame: Option<Frame>,
+    pub code: Option<String>,
+    pub message: Option<String>,
+}
+
+type DoneFn = ThreadsafeFunction<FdDone, (), FdDone, napi::Status, false, true>;
+
+/// Runs FDServer requests like `fdRequest`, but reports every completion through one long-lived callback
+/// instead of a Promise per request (a Promise from native code costs a threadsafe function and an event-loop
+/// handle per call). The callback gets an `FdDone`. The port does not keep the process alive unless `hold(true)`
+/// (call it while requests are pending).
+#[napi]
+pub struct FdRequestPort {
+    done: Arc<DoneFn>,
+}
+
+#[napi]
+impl FdRequestPort {
+    /// `onDone` is called on the JavaScript thread with each finished request.
+    #[napi(constructor)]
+    pub fn new(
+        #[napi(ts_arg_type = "(done: FdDone) => void")] on_done: Function<'_, FdDone, ()>,
+    ) -> napi::Result<Self> {
+        let done = on_done.build_threadsafe_function::<FdDone>().callee_handled::<false>().weak::<true>().build()?;
+        Ok(FdRequestPort { done: Arc::new(done) })
+    }
+
+    /// Whether the port keeps the event loop alive (`true` while requests are pending).
+    #[napi]
+    pub fn hold(&self, env: &Env, on: bool) -> napi::Result<()> {
+        // SAFETY: called on the JavaScript thread with this environment; the threadsafe function lives as long as
+        // self (it is only released when the port is dropped).
+        let status = unsafe {
+            if on {
+                napi::sys::napi_ref_threadsafe_function(env.raw(), self.done.raw())
+            } else {
+                napi::sys::napi_unref_threadsafe_function(env.raw(), self.done.raw())
+            }
+        };
+        if status != napi::sys::Status::napi_ok {
+            return Err(napi::Error::from_reason(format!("FdRequestPort.hold: napi status {status}")));
+        }
+        Ok(())
+    }
+
+    /// One FDServer request on a new connection, exactly as `fdRequest` (connect and send happen before this
+    /// returns, when they can without waiting); the outcome goes to `onDone` with `id`.
+    #[napi]
+    pub fn request(&self, id: u32, path: String, request: Buffer, timeout_ms: Option<u32>) {
+        let req: Vec<u8> = request.to_vec();
+        let d = deadline(timeout_ms);
+        let started = unix::start_request(&path, &req);
+        let done = self.done.clone();
+        napi::bindgen_prelude::spawn(async move {
+            let r = match started {
+                Ok(Some((stream, written))) => unix::finish_request(stream, &req, written, d).await,
+                Ok(None) => unix::request(&path, &req, d).await,
+                Err(e) => Err(e),
+            };
+            let out = match r {
+                Ok(f) => FdDone { id, frame: Some(to_js_frame(f)), code: None, message: None },
+                Err(e) => FdDone { id, frame: None, code: Some(e.code.as_str().to_string()), message: Some(e.message) },
+            };
+            done.call(out, ThreadsafeFunctionCallMode::NonBlocking);
+        });
+    }
 }
 
 /// A connection with its first request frame already read (see `UnixListener.startIncoming`).
