@@ -190,7 +190,7 @@ test('no fast path without stableInfo, nor with an onRequest hook (every get is 
   }
 })
 
-test('stop() closes the native duplicates: the fd count returns to where it was', async (t) => {
+test.serial('stop() closes the native duplicates: the fd count returns to where it was', async (t) => {
   const before = openFdCount()
   const { server, client, cleanup } = setup()
   await server.serve()
@@ -256,5 +256,34 @@ test('authorisation applies to natively answered gets: a registered key is refus
     t.is(source.infoCalls, 1)
   } finally {
     await cleanup()
+  }
+})
+
+test('client requests through the shared completion port: errors keep their code, concurrent ones settle each', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'tm-fdport-'))
+  try {
+    const missing = new FDClient(join(dir, 'none.sock'))
+    const err = await t.throwsAsync(missing.getFDs('k'))
+    t.is((err as Error & { code?: string }).code, 'ERR_NOT_FOUND')
+    t.regex(err!.message, /^connect .*none\.sock: /)
+    // A listener that never answers: the request deadline gives ERR_TIMEOUT; a live server's answers meanwhile
+    // reach their own callers.
+    const { UnixListener } = await import('../src/native')
+    const mute = UnixListener.bind(join(dir, 'mute.sock'))
+    const { server, client, cleanup } = setup()
+    await server.serve()
+    try {
+      await client.addFDs('c', { contents: ['c'] })
+      const slow = new FDClient(join(dir, 'mute.sock'), { timeoutMs: 300 }).getFDs('k')
+      const many = await Promise.all(Array.from({ length: 20 }, () => client.getFDs('c')))
+      for (const r of many) t.deepEqual(r.fds.map(readFd), ['c'])
+      const terr = await t.throwsAsync(slow)
+      t.is((terr as Error & { code?: string }).code, 'ERR_TIMEOUT')
+    } finally {
+      mute.close(true)
+      await cleanup()
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true })
   }
 })
