@@ -112,9 +112,20 @@ export class FDClient implements FDManager {
     }
   }
 
+  /** Encoded get requests of recent keys (a get is a bare header, the same bytes every time). */
+  private readonly getHeads = new Map<string, Buffer>()
+
   private async request(command: number, key: string, payload: Buffer): Promise<Response> {
-    const keyBytes = encodeKey(key) // refuses keys that would not survive the trip, before connecting
-    const head = encodeHeader({ command, dataSize: payload.length, oobSize: 0, key: keyBytes })
+    let head = command === FDCommand.Get ? this.getHeads.get(key) : undefined
+    if (!head) {
+      const keyBytes = encodeKey(key) // refuses keys that would not survive the trip, before connecting
+      head = encodeHeader({ command, dataSize: payload.length, oobSize: 0, key: keyBytes })
+      if (command === FDCommand.Get) {
+        if (this.getHeads.size >= 256) this.getHeads.clear()
+        this.getHeads.set(key, head)
+      }
+    }
+    const keyBytes = head.subarray(13)
     // One native call: connect, write header and payload, read the 77-byte header, then one recvmsg for the
     // payload and the fds (as the Go client does), close.
     const frame = await fdRequest(this.socketPath, payload.length > 0 ? Buffer.concat([head, payload]) : head, this.timeoutMs)
