@@ -6,6 +6,9 @@
  * (crates/tapmanager-core/examples/fd_floor.rs, release build), also in two processes.
  * Cases: GetFDs with 1 and 16 concurrent clients and 1 and 4 fds; add+release cycles with 1 client.
  * Ratio = TypeScript throughput / floor throughput (the target is >= 0.5); p99 target with 1 client: < 1 ms.
+ * The bench source declares `stableInfo`, so after the first get of a key the server answers gets natively
+ * (FDServer's fast path); add+release always runs through the TypeScript server and source.
+ * FD_BENCH_OPS sets the round trips per case (default 4000); on a busy machine larger runs are steadier.
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process'
 import { mkdtempSync, rmSync } from 'node:fs'

@@ -50,7 +50,10 @@ export interface FDServerOptions {
   allowedUids?: number[]
   /** When set, only peers whose gid is listed (or whose uid is in `allowedUids`) are served. */
   allowedGids?: number[]
-  /** Called after every request (never throws into the server). */
+  /**
+   * Called after every request (never throws into the server). Setting it turns off the native answering of
+   * gets for a `stableInfo` source (see {@link FDSource.stableInfo}), so that every get is seen here.
+   */
   onRequest?: (entry: RequestLogEntry) => void
 }
 
