@@ -27,6 +27,24 @@ export declare class DhcpServer {
 }
 
 /**
+ * Runs FDServer requests like `fdRequest`, but reports every completion through one long-lived callback
+ * instead of a Promise per request (a Promise from native code costs a threadsafe function and an event-loop
+ * handle per call). The callback gets an `FdDone`. The port does not keep the process alive unless `hold(true)`
+ * (call it while requests are pending).
+ */
+export declare class FdRequestPort {
+  /** `onDone` is called on the JavaScript thread with each finished request. */
+  constructor(onDone: (done: FdDone) => void)
+  /** Whether the port keeps the event loop alive (`true` while requests are pending). */
+  hold(on: boolean): void
+  /**
+   * One FDServer request on a new connection, exactly as `fdRequest` (connect and send happen before this
+   * returns, when they can without waiting); the outcome goes to `onDone` with `id`.
+   */
+  request(id: number, path: string, request: Buffer, timeoutMs?: number | undefined | null): void
+}
+
+/**
  * A netlink connection to one network namespace; every method is named after the `ip` command it equals.
  * Links are addressed by index (`linkByName` finds one). Call `close()` when done.
  */
@@ -110,6 +128,8 @@ export declare class UnixConnection {
    * A server's turn: writes `head`, sends `data` with the `fds` in one `sendmsg` (nothing when both are
    * empty; data must not be empty when fds are sent), then reads the next request frame like
    * `readRequestFrame`. The fds are duplicated before this returns, so the caller may close its copies at once.
+   * On a connection from `nextIncoming`, the next requests that the listener's native fast path can answer are
+   * answered natively; the frame returned is the first one it cannot.
    */
   respondThenRead(head: Buffer, data: Buffer, fds: Array<number>, maxData: number, timeoutMs?: number | undefined | null): Promise<Frame>
   /** Writes all of `data`. */
@@ -145,14 +165,39 @@ export declare class UnixListener {
   /**
    * Starts accepting in the background, reading each connection's first request frame concurrently (each
    * within `timeoutMs` when > 0; payloads over `maxData` are left unread). Collect them with `nextIncoming`.
+   * Get requests for keys registered with `registerGet` are answered natively, on this connection loop and on
+   * connections' later requests (see `UnixConnection.respondThenRead`), for peers that pass the filter
+   * `allowedUids`/`allowedGids` (when either is given: uid in the first or gid in the second); every other
+   * request is delivered by `nextIncoming` (or `respondThenRead`).
    */
-  startIncoming(maxData: number, timeoutMs?: number | undefined | null): void
+  startIncoming(maxData: number, timeoutMs?: number | undefined | null, allowedUids?: Array<number> | undefined | null, allowedGids?: Array<number> | undefined | null): void
   /**
    * The connections that have their first request frame, at least one and at most `max` (waits for one).
    * Rejects with `ERR_CLOSED` once the listener is closed.
    */
   nextIncoming(max: number): Promise<Array<IncomingRequest>>
-  /** Closes the listener (a pending `accept` rejects) and, when `removeFile` is true, removes the socket file. */
+  /**
+   * Registers the get response of `key` for the native fast path: `info` and duplicates of `fds` (taken now,
+   * owned natively; the caller keeps its own fds). Replaces an earlier registration. Only a request whose 64
+   * key bytes are exactly `key` padded with spaces is answered this way.
+   */
+  registerGet(key: string, info: Buffer, fds: Array<number>): void
+  /**
+   * Unregisters `key`: later gets go to JavaScript. Responses already being sent finish with their own
+   * duplicates, which close afterwards.
+   */
+  unregisterGet(key: string): void
+  /** Whether `key` is registered for the native fast path. */
+  hasFastGet(key: string): boolean
+  /**
+   * Resolves once no natively answered response is being sent; after `close`, every registered duplicate
+   * is then closed.
+   */
+  drainFast(): Promise<void>
+  /**
+   * Closes the listener (a pending `accept` rejects; the native fast path forgets every key and answers
+   * nothing more) and, when `removeFile` is true, removes the socket file.
+   */
   close(removeFile?: boolean | undefined | null): void
 }
 
@@ -282,6 +327,17 @@ export interface DhcpServerStats {
 
 /** Duplicates fds (`fcntl(F_DUPFD_CLOEXEC)`); the new fds belong to the caller. */
 export declare function dupFds(fds: Array<number>): Array<number>
+
+/**
+ * A finished `FdRequestPort.request`: its id, and either the response frame (fds owned by JavaScript) or the
+ * error's stable `code` and `message`.
+ */
+export interface FdDone {
+  id: number
+  frame?: Frame
+  code?: string
+  message?: string
+}
 
 /**
  * One FDServer request on a new connection: connect to `path`, write `request` (header and payload), read the

@@ -836,6 +836,7 @@ function __napiStampBindingTarget(exportsObject, target) {
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
 module.exports.DhcpServer = nativeBinding.DhcpServer
+module.exports.FdRequestPort = nativeBinding.FdRequestPort
 module.exports.NetlinkHandle = nativeBinding.NetlinkHandle
 module.exports.UnixConnection = nativeBinding.UnixConnection
 module.exports.UnixListener = nativeBinding.UnixListener

@@ -4,7 +4,7 @@
  */
 import { ProtocolError, ServerError } from './errors'
 import type { FDManager } from './fdsource'
-import { UnixConnection, closeFd, fdRequest } from './native'
+import { FdRequestPort, UnixConnection, closeFd, type FdDone, type Frame } from './native'
 
 /** Closes an fd received from `getFDs` (the caller owns those). */
 export { closeFd }
@@ -30,6 +30,42 @@ export interface GetFDsResponse {
 interface Response {
   data: Buffer
   fds: number[]
+}
+
+/**
+ * Requests in flight share one native completion callback (cheaper than a native Promise per request); each
+ * waits here under its id. The port keeps the process alive only while something waits.
+ */
+const waiting = new Map<number, { resolve: (f: Frame) => void; reject: (e: Error) => void }>()
+let port: FdRequestPort | null = null
+let lastId = 0
+
+function onDone(d: FdDone): void {
+  const w = waiting.get(d.id)
+  if (!w) return
+  waiting.delete(d.id)
+  if (waiting.size === 0) port!.hold(false)
+  if (d.frame) w.resolve(d.frame)
+  else w.reject(Object.assign(new Error(d.message ?? 'request failed'), { code: d.code }))
+}
+
+/** One request on a new connection (see the native `fdRequest`), resolved through the shared port. */
+function fdRequest(path: string, request: Buffer, timeoutMs: number): Promise<Frame> {
+  port ??= new FdRequestPort(onDone)
+  const p = port
+  lastId = lastId >= 0xffffffff ? 1 : lastId + 1
+  const id = lastId
+  return new Promise<Frame>((resolve, reject) => {
+    waiting.set(id, { resolve, reject })
+    if (waiting.size === 1) p.hold(true)
+    try {
+      p.request(id, path, request, timeoutMs)
+    } catch (err) {
+      waiting.delete(id)
+      if (waiting.size === 0) p.hold(false)
+      reject(err as Error)
+    }
+  })
 }
 
 export class FDClient implements FDManager {
@@ -76,9 +112,20 @@ export class FDClient implements FDManager {
     }
   }
 
+  /** Encoded get requests of recent keys (a get is a bare header, the same bytes every time). */
+  private readonly getHeads = new Map<string, Buffer>()
+
   private async request(command: number, key: string, payload: Buffer): Promise<Response> {
-    const keyBytes = encodeKey(key) // refuses keys that would not survive the trip, before connecting
-    const head = encodeHeader({ command, dataSize: payload.length, oobSize: 0, key: keyBytes })
+    let head = command === FDCommand.Get ? this.getHeads.get(key) : undefined
+    if (!head) {
+      const keyBytes = encodeKey(key) // refuses keys that would not survive the trip, before connecting
+      head = encodeHeader({ command, dataSize: payload.length, oobSize: 0, key: keyBytes })
+      if (command === FDCommand.Get) {
+        if (this.getHeads.size >= 256) this.getHeads.clear()
+        this.getHeads.set(key, head)
+      }
+    }
+    const keyBytes = head.subarray(13)
     // One native call: connect, write header and payload, read the 77-byte header, then one recvmsg for the
     // payload and the fds (as the Go client does), close.
     const frame = await fdRequest(this.socketPath, payload.length > 0 ? Buffer.concat([head, payload]) : head, this.timeoutMs)
@@ -91,7 +138,8 @@ export class FDClient implements FDManager {
       if (hdr.command !== (command | RESPONSE_FLAG)) {
         throw new ProtocolError(`unexpected command ${hdr.command.toString(16).padStart(2, '0')}`)
       }
-      if (decodeKey(hdr.key) !== key) throw new ProtocolError(FD_ERROR_TEXT.keyMismatch)
+      // The server echoes the key bytes it got (a byte comparison settles the usual case without decoding).
+      if (!hdr.key.equals(keyBytes) && decodeKey(hdr.key) !== key) throw new ProtocolError(FD_ERROR_TEXT.keyMismatch)
       if (command !== FDCommand.Get && received.length > 0) throw new ProtocolError(`unexpected fds in a ${command} response`)
       if (command === FDCommand.Get && hdr.oobSize > 0 && received.length === 0) {
         throw new ProtocolError('unexpected number of socket control messages: 0 instead of 1')

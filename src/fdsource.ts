@@ -17,6 +17,13 @@ type MaybePromise<T> = T | Promise<T>
  * `release(key)` (the server sends duplicates to clients and never closes them itself).
  */
 export interface FDSource {
+  /**
+   * Optional promise that `getInfo(key)` always returns the same bytes for a key between the `getFDs` (or
+   * `retrieveFDs`) that made its fds and its `release`. A server may then answer later gets of the key from a
+   * cache, natively, without calling `getInfo` again (FDServer does so when no `onRequest` hook is set; this is
+   * what makes gets fast). TapFDSource's info depends only on the key's ContainerSideNetwork, so it qualifies.
+   */
+  readonly stableInfo?: boolean
   /** Sets up the fds for `key` from the add request's payload; `data` goes back to the client. */
   getFDs(key: string, data: Buffer): MaybePromise<GetFDsResult>
   /** Destroys (closes) the fds of `key` and everything that goes with them. */

@@ -50,7 +50,10 @@ export interface FDServerOptions {
   allowedUids?: number[]
   /** When set, only peers whose gid is listed (or whose uid is in `allowedUids`) are served. */
   allowedGids?: number[]
-  /** Called after every request (never throws into the server). */
+  /**
+   * Called after every request (never throws into the server). Setting it turns off the native answering of
+   * gets for a `stableInfo` source (see {@link FDSource.stableInfo}), so that every get is seen here.
+   */
   onRequest?: (entry: RequestLogEntry) => void
 }
 
@@ -60,6 +63,8 @@ class RequestError extends Error {}
 interface Entry {
   /** null for a recovered key whose fds have not been retrieved yet. */
   fds: number[] | null
+  /** Whether the key's get response is registered with the native fast path. */
+  fast?: boolean
 }
 
 const DEFAULT_MAX_DATA = 64 * 1024
@@ -82,6 +87,12 @@ export class FDServer {
   private readonly dispatching = new Set<Promise<unknown>>()
   private acceptLoop: Promise<void> | null = null
   private stopping = false
+  /**
+   * Whether gets are answered natively once a key's fds and info are known: only for a source that declares
+   * `stableInfo` (its info never changes for a key), and only without an `onRequest` hook (the native path
+   * does not call back into JavaScript, so it could not log).
+   */
+  private readonly fastGets: boolean
 
   constructor(socketPath: string, source: FDSource, options: FDServerOptions = {}) {
     this.socketPath = socketPath
@@ -92,6 +103,7 @@ export class FDServer {
       readTimeoutMs: options.readTimeoutMs ?? DEFAULT_READ_TIMEOUT,
       socketMode: options.socketMode ?? 0o600,
     }
+    this.fastGets = source.stableInfo === true && !options.onRequest
   }
 
   /** Binds the socket and starts serving; resolves once the socket accepts connections. */
@@ -101,7 +113,8 @@ export class FDServer {
     const listener = UnixListener.bind(this.socketPath, { mode: this.opts.socketMode, gid: this.opts.socketGid })
     this.listener = listener
     // Native side: accepts and reads each connection's first request frame concurrently, each within the deadline.
-    listener.startIncoming(this.opts.maxDataSize, this.opts.readTimeoutMs)
+    // Gets for registered keys (see `get`) are answered there too, for peers that pass the same uid/gid filter.
+    listener.startIncoming(this.opts.maxDataSize, this.opts.readTimeoutMs, this.opts.allowedUids, this.opts.allowedGids)
     this.acceptLoop = (async () => {
       for (;;) {
         let batch: IncomingRequest[]
@@ -131,9 +144,12 @@ export class FDServer {
     if (this.stopping) return
     this.stopping = true
     const listener = this.listener
+    // Closing also empties the native fast path, which answers nothing more.
     if (listener) listener.close(true)
     await this.acceptLoop
     while (this.dispatching.size > 0) await Promise.allSettled([...this.dispatching])
+    // Natively answered gets being sent finish; then every fd duplicate the native side held is closed.
+    if (listener) await listener.drainFast()
     // Every response is now on its way: stop reading so that each connection ends after its last write.
     for (const c of this.conns) {
       try {
@@ -354,6 +370,16 @@ export class FDServer {
     // synchronous step, so a release from now on cannot close them (or let their numbers be reused) before they
     // are sent. The caller closes the duplicates once the native side has its own.
     if (this.entries.get(key) !== entry || entry.fds === null) throw new RequestError(FD_ERROR_TEXT.badKey(key))
+    // With a source whose info is stable, later gets of this key are answered natively (same bytes). Registered
+    // in this same synchronous step, so a release (which unregisters first) cannot slip in between.
+    if (this.fastGets && !entry.fast && this.listener && !this.stopping) {
+      try {
+        this.listener.registerGet(key, info, entry.fds)
+        entry.fast = true
+      } catch {
+        // not representable natively (e.g. a key that re-encodes to more than 64 bytes): stays on this path
+      }
+    }
     return { fds: dupFds(entry.fds), data: info, owned: true }
   }
 
@@ -361,6 +387,12 @@ export class FDServer {
     if (!this.entries.has(key)) throw new RequestError(FD_ERROR_TEXT.badKey(key))
     const entry = this.entries.get(key)!
     // Forget the key first, so a concurrent get or release sees it gone; put it back if the source fails.
+    // The native fast path forgets it too: gets from now on come here and get "bad fd key" (a native get already
+    // being sent uses the native side's own duplicates, so the source may close its fds at once).
+    if (entry.fast) {
+      this.listener?.unregisterGet(key)
+      entry.fast = false
+    }
     this.entries.delete(key)
     try {
       await this.source.release(key)

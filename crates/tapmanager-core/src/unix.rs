@@ -177,22 +177,40 @@ impl UnixListener {
         max_data: usize,
         deadline: Option<Duration>,
     ) -> tokio::sync::mpsc::UnboundedReceiver<(UnixConnection, Frame)> {
+        self.incoming_slow_requests(max_data, deadline, None)
+    }
+
+    /// Like [`incoming_requests`](Self::incoming_requests), but when `fast` is given, the get requests it can
+    /// answer (see [`FastGets`]) are answered here, on the connection's own task, and only the first request it
+    /// cannot answer is delivered (connections that end before such a request are never delivered).
+    pub fn incoming_slow_requests(
+        self: &Arc<Self>,
+        max_data: usize,
+        deadline: Option<Duration>,
+        fast: Option<Arc<FastGets>>,
+    ) -> tokio::sync::mpsc::UnboundedReceiver<(UnixConnection, Frame)> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let listener = self.clone();
         tokio::spawn(async move {
             while let Ok(conn) = listener.accept().await {
                 let tx = tx.clone();
                 let listener = listener.clone();
+                let fast = fast.clone();
                 tokio::spawn(async move {
                     // Closing the listener also abandons first frames still being read.
-                    tokio::select! {
-                        r = conn.read_request_frame(max_data, deadline) => {
-                            if let Ok(frame) = r {
-                                let _ = tx.send((conn, frame));
-                            }
-                        }
-                        _ = listener.closed() => {}
-                    }
+                    let first = tokio::select! {
+                        r = conn.read_request_frame(max_data, deadline) => r,
+                        _ = listener.closed() => return,
+                    };
+                    let Ok(frame) = first else { return };
+                    let frame = match &fast {
+                        Some(fast) => match conn.serve_fast_gets(frame, fast, max_data, deadline).await {
+                            Ok(f) => f,
+                            Err(_) => return,
+                        },
+                        None => frame,
+                    };
+                    let _ = tx.send((conn, frame));
                 });
             }
         });
@@ -490,6 +508,234 @@ impl UnixConnection {
     }
 }
 
+/// One get response ready to send: the header (with the key as the request carries it), the payload (or the
+/// dummy byte) and owned duplicates of the fds.
+#[derive(Debug)]
+struct FastGet {
+    head: Vec<u8>,
+    body: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
+/// Get responses a server answers natively, without a round trip to its application code.
+///
+/// The application registers a key once it knows the key's fds and info ([`register`](Self::register) duplicates
+/// the fds and owns the duplicates) and unregisters it before it releases the key. A connection task
+/// ([`UnixConnection::serve_fast_gets`]) then answers a get request for that key itself, with exactly the bytes
+/// the application would send: the 77-byte header (command `0x82`, DataSize = info length, OobSize =
+/// `CMSG_SPACE(4 * nfds)`, the request's key echoed), then one `sendmsg` with the info (or one `0x00` byte when
+/// the info is empty) and the fds. Only a request the application would answer the same way qualifies: good
+/// magic, command get, DataSize 0, the key bytes exactly the registered key right-padded with spaces, and a peer
+/// allowed by the uid/gid filter ([`set_allowed`](Self::set_allowed), the same rule as the application's). Anything
+/// else goes to the application as before.
+///
+/// A response in flight holds its own reference to the duplicates, so unregistering never closes fds under a
+/// `sendmsg`: a get racing a release either gets the fds (still the source's open files) or, once unregistered,
+/// goes to the application, which answers "bad fd key". After [`close`](Self::close) nothing is answered, and
+/// [`drained`](Self::drained) resolves once the last response in flight is out and every duplicate is closed.
+#[derive(Debug, Default)]
+pub struct FastGets {
+    entries: std::sync::Mutex<std::collections::HashMap<Vec<u8>, Arc<FastGet>>>,
+    allowed: std::sync::Mutex<PeerFilter>,
+    closed: std::sync::atomic::AtomicBool,
+    close_notify: tokio::sync::Notify,
+    inflight: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// Which peers may be answered: when either list is set, a peer whose uid or gid is listed; otherwise every peer.
+#[derive(Debug, Default)]
+struct PeerFilter {
+    uids: Option<Vec<u32>>,
+    gids: Option<Vec<u32>>,
+}
+
+/// The 64 key bytes of `key` as a client sends them: UTF-8, right-padded with spaces.
+fn padded_key(key: &str) -> Result<Vec<u8>> {
+    let b = key.as_bytes();
+    if b.is_empty() || b.len() > 64 {
+        return Err(Error::invalid(format!("fd key of {} bytes: 1 to 64 fit", b.len())));
+    }
+    let mut k = b.to_vec();
+    k.resize(64, b' ');
+    Ok(k)
+}
+
+impl FastGets {
+    /// An empty table that lets every peer through.
+    pub fn new() -> FastGets {
+        FastGets::default()
+    }
+
+    /// Sets the peer filter: when either list is given, only a peer whose uid is in `uids` or whose gid is in
+    /// `gids` is answered here (others go to the application, which refuses them).
+    pub fn set_allowed(&self, uids: Option<Vec<u32>>, gids: Option<Vec<u32>>) {
+        if let Ok(mut a) = self.allowed.lock() {
+            *a = PeerFilter { uids, gids };
+        }
+    }
+
+    fn peer_allowed(&self, conn: &UnixConnection) -> bool {
+        let Ok(a) = self.allowed.lock() else { return false };
+        let PeerFilter { uids, gids } = &*a;
+        if uids.is_none() && gids.is_none() {
+            return true;
+        }
+        match conn.peer_cred() {
+            Ok(p) => {
+                uids.as_ref().is_some_and(|u| u.contains(&p.uid)) || gids.as_ref().is_some_and(|g| g.contains(&p.gid))
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Registers (or replaces) the get response of `key` (1 to 64 bytes, as the server decoded it): `info` and
+    /// duplicates of `fds` (at most [`MAX_FDS`]), which the table owns from now on. `ERR_CLOSED` after
+    /// [`close`](Self::close).
+    pub fn register(&self, key: &str, info: &[u8], fds: &[RawFd]) -> Result<()> {
+        let k = padded_key(key)?;
+        if fds.len() > MAX_FDS {
+            return Err(Error::invalid(format!("{} fds, at most {MAX_FDS}", fds.len())));
+        }
+        let size = u32::try_from(info.len()).map_err(|_| Error::invalid("info too large"))?;
+        let dups = dup_fds(fds)?;
+        let mut head = Vec::with_capacity(FRAME_HEADER_LEN);
+        head.extend_from_slice(&FRAME_MAGIC.to_be_bytes());
+        head.push(0x82);
+        head.extend_from_slice(&size.to_be_bytes());
+        head.extend_from_slice(&(cmsg_space(fds.len()) as u32).to_be_bytes());
+        head.extend_from_slice(&k);
+        let body = if info.is_empty() && !fds.is_empty() { vec![0] } else { info.to_vec() };
+        let entry = Arc::new(FastGet { head, body, fds: dups });
+        let mut map = self.entries.lock().map_err(|_| Error::invalid("fast get table poisoned"))?;
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::new(ErrorCode::Closed, "fast get table is closed"));
+        }
+        map.insert(k, entry);
+        Ok(())
+    }
+
+    /// Forgets `key`: from now on its gets go to the application. Responses already being sent finish; the
+    /// duplicates close after the last one.
+    pub fn unregister(&self, key: &str) {
+        let Ok(k) = padded_key(key) else { return };
+        let removed = self.entries.lock().ok().and_then(|mut m| m.remove(&k));
+        drop(removed);
+    }
+
+    /// Whether `key` is registered.
+    pub fn contains(&self, key: &str) -> bool {
+        let Ok(k) = padded_key(key) else { return false };
+        self.entries.lock().map(|m| m.contains_key(&k)).unwrap_or(false)
+    }
+
+    /// Forgets every key and answers nothing from now on; reads waiting in
+    /// [`UnixConnection::serve_fast_gets`] end with `ERR_CLOSED`.
+    pub fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let all = self.entries.lock().map(|mut m| std::mem::take(&mut *m)).unwrap_or_default();
+        drop(all);
+        self.close_notify.notify_waiters();
+        if self.inflight.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    async fn closed(&self) {
+        let notified = self.close_notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        notified.await;
+    }
+
+    /// Resolves when no response is being sent (after [`close`](Self::close): every duplicate is closed).
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.inflight.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Answers `frame` on `conn` if it qualifies (see the type's doc); returns whether it did.
+    async fn answer(&self, conn: &UnixConnection, frame: &Frame) -> Result<bool> {
+        let h = &frame.header;
+        let qualifies = h.len() == FRAME_HEADER_LEN
+            && u32::from_be_bytes([h[0], h[1], h[2], h[3]]) == FRAME_MAGIC
+            && h[4] == 2
+            && frame_sizes(h).0 == 0
+            && frame.data.as_ref().is_some_and(|d| d.is_empty());
+        if !qualifies {
+            return Ok(false);
+        }
+        let guard = InFlight::enter(self);
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(false);
+        }
+        let entry = match self.entries.lock() {
+            Ok(m) => m.get(&h[13..FRAME_HEADER_LEN]).cloned(),
+            Err(_) => None,
+        };
+        let Some(entry) = entry else { return Ok(false) };
+        if !self.peer_allowed(conn) {
+            return Ok(false);
+        }
+        conn.write_all(&entry.head).await?;
+        let borrowed: Vec<BorrowedFd<'_>> = entry.fds.iter().map(|f| f.as_fd()).collect();
+        conn.send_with_fds(&entry.body, &borrowed).await?;
+        drop(borrowed);
+        drop(entry);
+        drop(guard);
+        Ok(true)
+    }
+}
+
+/// Counts a response in flight for [`FastGets::drained`], also when its future is dropped half way.
+struct InFlight<'a>(&'a FastGets);
+
+impl<'a> InFlight<'a> {
+    fn enter(f: &'a FastGets) -> InFlight<'a> {
+        f.inflight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        InFlight(f)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.0.inflight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl UnixConnection {
+    /// Answers `frame` and the request frames after it while `fast` can (see [`FastGets`]), reading each next
+    /// frame like [`read_request_frame`](Self::read_request_frame); returns the first frame `fast` cannot answer.
+    /// Ends with an error at EOF, a deadline, a failed write, or once `fast` is closed while waiting for a frame.
+    pub async fn serve_fast_gets(
+        &self,
+        mut frame: Frame,
+        fast: &FastGets,
+        max_data: usize,
+        deadline: Option<Duration>,
+    ) -> Result<Frame> {
+        while fast.answer(self, &frame).await? {
+            frame = tokio::select! {
+                r = self.read_request_frame(max_data, deadline) => r?,
+                _ = fast.closed() => return Err(Error::new(ErrorCode::Closed, "server is closed")),
+            };
+        }
+        Ok(frame)
+    }
+}
+
 /// Duplicates fds (`fcntl(F_DUPFD_CLOEXEC)`) into owned ones, e.g. to send them later while the original owner
 /// is free to close its copies.
 pub fn dup_fds(fds: &[RawFd]) -> Result<Vec<OwnedFd>> {
@@ -512,6 +758,69 @@ pub async fn request(path: impl AsRef<Path>, request: &[u8], deadline: Option<Du
     let fut = async {
         let conn = UnixConnection::connect(path).await?;
         conn.write_all(request).await?;
+        conn.read_response_frame(None).await
+    };
+    with_deadline(deadline, "request", fut).await
+}
+
+/// The first half of [`request`], done at once on the calling thread without blocking: a non-blocking
+/// `connect` to `path` and as much of `request` as one non-blocking `write` takes. Returns the connected
+/// (non-blocking) stream and the number of bytes written, or `None` when the connect would have to wait (the
+/// listener's backlog is full; then use [`request`]). Finish with [`finish_request`]. Starting the exchange on the
+/// caller's thread lets the server work while the runtime picks up the rest.
+pub fn start_request(
+    path: impl AsRef<Path>,
+    request: &[u8],
+) -> Result<Option<(std::os::unix::net::UnixStream, usize)>> {
+    let path = path.as_ref();
+    let connect_err = |e: io::Error| Error::io(format!("connect {}", path.display()), e);
+    let bytes = path.as_os_str().as_encoded_bytes();
+    // SAFETY: sockaddr_un is plain old data; all-zero is a valid empty value.
+    let mut addr: libc::sockaddr_un = unsafe { mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(connect_err(io::Error::from_raw_os_error(libc::EINVAL)));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, &b) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = b as libc::c_char;
+    }
+    // SAFETY: plain socket(2); the result is checked and owned at once.
+    let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(connect_err(io::Error::last_os_error()));
+    }
+    // SAFETY: raw is a fresh socket that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let len = (mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+    // SAFETY: addr is a valid sockaddr_un of at least len bytes; fd is a valid socket.
+    let rc = unsafe { libc::connect(fd.as_raw_fd(), (&addr as *const libc::sockaddr_un).cast(), len) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EINPROGRESS) => Ok(None),
+            _ => Err(connect_err(e)),
+        };
+    }
+    let stream = std::os::unix::net::UnixStream::from(fd);
+    let written = match io::Write::write(&mut &stream, request) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => 0,
+        Err(e) => return Err(Error::io(format!("write {} bytes", request.len()), e)),
+    };
+    Ok(Some((stream, written)))
+}
+
+/// The second half of [`request`] after [`start_request`]: writes the rest of `request` (from byte `written`),
+/// reads the response frame, closes. Bounded by `deadline`. Must run inside a tokio runtime.
+pub async fn finish_request(
+    stream: std::os::unix::net::UnixStream,
+    request: &[u8],
+    written: usize,
+    deadline: Option<Duration>,
+) -> Result<Frame> {
+    let fut = async {
+        let conn = UnixConnection::from_std(stream)?;
+        conn.write_all(&request[written..]).await?;
         conn.read_response_frame(None).await
     };
     with_deadline(deadline, "request", fut).await

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use std::future::Future;
 
-use napi::bindgen_prelude::{within_runtime_if_available, Buffer, PromiseRaw, ToNapiValue};
+use napi::bindgen_prelude::{within_runtime_if_available, Buffer, Function, PromiseRaw, ToNapiValue};
+use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::Env;
 use napi_derive::napi;
 use tapmanager_core::unix::{self, BindOptions};
@@ -118,7 +119,88 @@ pub fn fd_request<'env>(
 ) -> napi::Result<PromiseRaw<'env, Frame>> {
     let req: Vec<u8> = request.to_vec();
     let d = deadline(timeout_ms);
-    promise(env, async move { unix::request(&path, &req, d).await }, to_js_frame)
+    // Connect and send on this thread (never blocking), so the server is already at work while the runtime
+    // picks up the wait for the response.
+    match unix::start_request(&path, &req) {
+        Ok(Some((stream, written))) => {
+            promise(env, async move { unix::finish_request(stream, &req, written, d).await }, to_js_frame)
+        }
+        Ok(None) => promise(env, async move { unix::request(&path, &req, d).await }, to_js_frame),
+        Err(e) => promise(env, async move { Err(e) }, to_js_frame),
+    }
+}
+
+/// A finished `FdRequestPort.request`: its id, and either the response frame (fds owned by JavaScript) or the
+/// error's stable `code` and `message`.
+#[napi(object, object_from_js = false)]
+pub struct FdDone {
+    pub id: u32,
+    pub frame: Option<Frame>,
+    pub code: Option<String>,
+    pub message: Option<String>,
+}
+
+type DoneFn = ThreadsafeFunction<FdDone, (), FdDone, napi::Status, false, true>;
+
+/// Runs FDServer requests like `fdRequest`, but reports every completion through one long-lived callback
+/// instead of a Promise per request (a Promise from native code costs a threadsafe function and an event-loop
+/// handle per call). The callback gets an `FdDone`. The port does not keep the process alive unless `hold(true)`
+/// (call it while requests are pending).
+#[napi]
+pub struct FdRequestPort {
+    done: Arc<DoneFn>,
+}
+
+#[napi]
+impl FdRequestPort {
+    /// `onDone` is called on the JavaScript thread with each finished request.
+    #[napi(constructor)]
+    pub fn new(
+        #[napi(ts_arg_type = "(done: FdDone) => void")] on_done: Function<'_, FdDone, ()>,
+    ) -> napi::Result<Self> {
+        let done = on_done.build_threadsafe_function::<FdDone>().callee_handled::<false>().weak::<true>().build()?;
+        Ok(FdRequestPort { done: Arc::new(done) })
+    }
+
+    /// Whether the port keeps the event loop alive (`true` while requests are pending).
+    #[napi]
+    pub fn hold(&self, env: &Env, on: bool) -> napi::Result<()> {
+        // SAFETY: called on the JavaScript thread with this environment; the threadsafe function lives as long as
+        // self (it is only released when the port is dropped).
+        let status = unsafe {
+            if on {
+                napi::sys::napi_ref_threadsafe_function(env.raw(), self.done.raw())
+            } else {
+                napi::sys::napi_unref_threadsafe_function(env.raw(), self.done.raw())
+            }
+        };
+        if status != napi::sys::Status::napi_ok {
+            return Err(napi::Error::from_reason(format!("FdRequestPort.hold: napi status {status}")));
+        }
+        Ok(())
+    }
+
+    /// One FDServer request on a new connection, exactly as `fdRequest` (connect and send happen before this
+    /// returns, when they can without waiting); the outcome goes to `onDone` with `id`.
+    #[napi]
+    pub fn request(&self, id: u32, path: String, request: Buffer, timeout_ms: Option<u32>) {
+        let req: Vec<u8> = request.to_vec();
+        let d = deadline(timeout_ms);
+        let started = unix::start_request(&path, &req);
+        let done = self.done.clone();
+        napi::bindgen_prelude::spawn(async move {
+            let r = match started {
+                Ok(Some((stream, written))) => unix::finish_request(stream, &req, written, d).await,
+                Ok(None) => unix::request(&path, &req, d).await,
+                Err(e) => Err(e),
+            };
+            let out = match r {
+                Ok(f) => FdDone { id, frame: Some(to_js_frame(f)), code: None, message: None },
+                Err(e) => FdDone { id, frame: None, code: Some(e.code.as_str().to_string()), message: Some(e.message) },
+            };
+            done.call(out, ThreadsafeFunctionCallMode::NonBlocking);
+        });
+    }
 }
 
 /// A connection with its first request frame already read (see `UnixListener.startIncoming`).
@@ -136,6 +218,7 @@ pub struct UnixListener {
     inner: Mutex<Option<Arc<unix::UnixListener>>>,
     path: String,
     incoming: Arc<tokio::sync::Mutex<Option<Incoming>>>,
+    fast: Arc<unix::FastGets>,
 }
 
 #[napi]
@@ -152,7 +235,12 @@ impl UnixListener {
             o.gid = opts.gid;
         }
         let l = within_runtime_if_available(|| unix::UnixListener::bind(&path, o)).map_err(to_js)?;
-        Ok(UnixListener { inner: Mutex::new(Some(Arc::new(l))), path, incoming: Arc::default() })
+        Ok(UnixListener {
+            inner: Mutex::new(Some(Arc::new(l))),
+            path,
+            incoming: Arc::default(),
+            fast: Arc::new(unix::FastGets::new()),
+        })
     }
 
     /// The socket path.
@@ -177,14 +265,27 @@ impl UnixListener {
 
     /// Starts accepting in the background, reading each connection's first request frame concurrently (each
     /// within `timeoutMs` when > 0; payloads over `maxData` are left unread). Collect them with `nextIncoming`.
+    /// Get requests for keys registered with `registerGet` are answered natively, on this connection loop and on
+    /// connections' later requests (see `UnixConnection.respondThenRead`), for peers that pass the filter
+    /// `allowedUids`/`allowedGids` (when either is given: uid in the first or gid in the second); every other
+    /// request is delivered by `nextIncoming` (or `respondThenRead`).
     #[napi]
-    pub fn start_incoming(&self, max_data: u32, timeout_ms: Option<u32>) -> Result<(), JsError> {
+    pub fn start_incoming(
+        &self,
+        max_data: u32,
+        timeout_ms: Option<u32>,
+        allowed_uids: Option<Vec<u32>>,
+        allowed_gids: Option<Vec<u32>>,
+    ) -> Result<(), JsError> {
         let l = self.get_or_closed().map_err(to_js)?;
         let mut slot = self.incoming.try_lock().map_err(|_| invalid("startIncoming: busy"))?;
         if slot.is_some() {
             return Err(invalid("startIncoming: already started"));
         }
-        let rx = within_runtime_if_available(|| l.incoming_requests(max_data as usize, deadline(timeout_ms)));
+        self.fast.set_allowed(allowed_uids, allowed_gids);
+        let fast = Some(self.fast.clone());
+        let rx =
+            within_runtime_if_available(|| l.incoming_slow_requests(max_data as usize, deadline(timeout_ms), fast));
         *slot = Some(rx);
         Ok(())
     }
@@ -198,6 +299,7 @@ impl UnixListener {
         max: u32,
     ) -> napi::Result<PromiseRaw<'env, Vec<IncomingRequest>>> {
         let incoming = self.incoming.clone();
+        let fast = self.fast.clone();
         promise(
             env,
             async move {
@@ -216,17 +318,58 @@ impl UnixListener {
                 }
                 Ok(out)
             },
-            |v| {
+            move |v| {
                 v.into_iter()
-                    .map(|(c, f)| IncomingRequest { conn: UnixConnection::wrap(c), frame: to_js_frame(f) })
+                    .map(|(c, f)| IncomingRequest {
+                        conn: UnixConnection::wrap_fast(c, fast.clone()),
+                        frame: to_js_frame(f),
+                    })
                     .collect()
             },
         )
     }
 
-    /// Closes the listener (a pending `accept` rejects) and, when `removeFile` is true, removes the socket file.
+    /// Registers the get response of `key` for the native fast path: `info` and duplicates of `fds` (taken now,
+    /// owned natively; the caller keeps its own fds). Replaces an earlier registration. Only a request whose 64
+    /// key bytes are exactly `key` padded with spaces is answered this way.
+    #[napi]
+    pub fn register_get(&self, key: String, info: Buffer, fds: Vec<i32>) -> Result<(), JsError> {
+        self.fast.register(&key, &info, &fds).map_err(to_js)
+    }
+
+    /// Unregisters `key`: later gets go to JavaScript. Responses already being sent finish with their own
+    /// duplicates, which close afterwards.
+    #[napi]
+    pub fn unregister_get(&self, key: String) {
+        self.fast.unregister(&key);
+    }
+
+    /// Whether `key` is registered for the native fast path.
+    #[napi]
+    pub fn has_fast_get(&self, key: String) -> bool {
+        self.fast.contains(&key)
+    }
+
+    /// Resolves once no natively answered response is being sent; after `close`, every registered duplicate
+    /// is then closed.
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn drain_fast<'env>(&self, env: &'env Env) -> napi::Result<PromiseRaw<'env, ()>> {
+        let fast = self.fast.clone();
+        promise(
+            env,
+            async move {
+                fast.drained().await;
+                Ok(())
+            },
+            |()| (),
+        )
+    }
+
+    /// Closes the listener (a pending `accept` rejects; the native fast path forgets every key and answers
+    /// nothing more) and, when `removeFile` is true, removes the socket file.
     #[napi]
     pub fn close(&self, remove_file: Option<bool>) -> Result<(), JsError> {
+        self.fast.close();
         let taken = self.inner.lock().map_err(|_| invalid("listener lock poisoned"))?.take();
         if let Some(l) = taken {
             l.close();
@@ -242,11 +385,17 @@ impl UnixListener {
 #[napi]
 pub struct UnixConnection {
     inner: Mutex<Option<Arc<unix::UnixConnection>>>,
+    /// The native fast path of the listener this connection came from.
+    fast: Option<Arc<unix::FastGets>>,
 }
 
 impl UnixConnection {
     fn wrap(c: unix::UnixConnection) -> UnixConnection {
-        UnixConnection { inner: Mutex::new(Some(Arc::new(c))) }
+        UnixConnection { inner: Mutex::new(Some(Arc::new(c))), fast: None }
+    }
+
+    fn wrap_fast(c: unix::UnixConnection, fast: Arc<unix::FastGets>) -> UnixConnection {
+        UnixConnection { inner: Mutex::new(Some(Arc::new(c))), fast: Some(fast) }
     }
 
     fn get_or_closed(&self) -> tapmanager_core::Result<Arc<unix::UnixConnection>> {
@@ -325,6 +474,8 @@ impl UnixConnection {
     /// A server's turn: writes `head`, sends `data` with the `fds` in one `sendmsg` (nothing when both are
     /// empty; data must not be empty when fds are sent), then reads the next request frame like
     /// `readRequestFrame`. The fds are duplicated before this returns, so the caller may close its copies at once.
+    /// On a connection from `nextIncoming`, the next requests that the listener's native fast path can answer are
+    /// answered natively; the frame returned is the first one it cannot.
     #[napi(ts_return_type = "Promise<Frame>")]
     pub fn respond_then_read<'env>(
         &self,
@@ -340,7 +491,19 @@ impl UnixConnection {
         let head: Vec<u8> = head.to_vec();
         let data: Vec<u8> = data.to_vec();
         let d = deadline(timeout_ms);
-        promise(env, async move { c?.respond_then_read(&head, &data, dups?, max_data as usize, d).await }, to_js_frame)
+        let fast = self.fast.clone();
+        promise(
+            env,
+            async move {
+                let c = c?;
+                let frame = c.respond_then_read(&head, &data, dups?, max_data as usize, d).await?;
+                match fast {
+                    Some(fast) => c.serve_fast_gets(frame, &fast, max_data as usize, d).await,
+                    None => Ok(frame),
+                }
+            },
+            to_js_frame,
+        )
     }
 
     /// Writes all of `data`.

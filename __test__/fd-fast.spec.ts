@@ -1,0 +1,289 @@
+// The native fast path for get: with a source that declares `stableInfo`, the first get of a key goes through
+// JavaScript and registers the key's response natively; later gets are answered natively with the same bytes.
+// Release unregisters first; authorisation applies; stop() closes every native duplicate.
+import test from 'ava'
+import { execFile } from 'node:child_process'
+import { chmodSync, mkdtempSync, readSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { FDServer, FDClient, closeFd } from '../src/index'
+import { UnixConnection } from '../src/native'
+import { encodeHeader, encodeKey, FDCommand } from '../src/protocol'
+import { FileFDSource } from '../examples/file-fd-source'
+import { openFdCount, requirePrereqs } from './helpers/env'
+
+/** FileFDSource's info depends only on the key's files, which never change until release. */
+class StableFileSource extends FileFDSource {
+  readonly stableInfo = true
+  infoCalls = 0
+  override getInfo(key: string): Buffer {
+    this.infoCalls++
+    return super.getInfo(key)
+  }
+}
+
+function setup(opts: ConstructorParameters<typeof FDServer>[2] = {}) {
+  const dir = mkdtempSync(join(tmpdir(), 'tm-fdfast-'))
+  chmodSync(dir, 0o755)
+  const source = new StableFileSource(join(dir, 'files'))
+  const sock = join(dir, 'fd.sock')
+  const server = new FDServer(sock, source, opts)
+  const client = new FDClient(sock)
+  const cleanup = async () => {
+    await server.stop()
+    rmSync(dir, { recursive: true, force: true })
+  }
+  return { dir, source, sock, server, client, cleanup }
+}
+
+function readFd(fd: number): string {
+  const buf = Buffer.alloc(4096)
+  const n = readSync(fd, buf, 0, buf.length, 0)
+  closeFd(fd)
+  return buf.subarray(0, n).toString('utf8')
+}
+
+function fast(server: FDServer, key: string): boolean {
+  return server['listener']!.hasFastGet(key)
+}
+
+/** One raw get on its own connection, read as the Go client does; returns header, data and fds. */
+async function rawGet(sock: string, key: string) {
+  const c = await UnixConnection.connect(sock)
+  try {
+    await c.write(encodeHeader({ command: FDCommand.Get, dataSize: 0, oobSize: 0, key: encodeKey(key) }))
+    return await c.readResponseFrame(5000)
+  } finally {
+    c.close()
+  }
+}
+
+test('a stable-info source: later gets are answered natively with byte-identical responses, several per connection', async (t) => {
+  const { server, client, source, sock, cleanup } = setup()
+  await server.serve()
+  try {
+    await client.addFDs('k', { contents: ['one', 'two', 'three'] })
+    t.false(fast(server, 'k'))
+    const first = await rawGet(sock, 'k') // through JavaScript: registers the key
+    t.true(fast(server, 'k'))
+    t.is(source.infoCalls, 1)
+    const second = await rawGet(sock, 'k') // native
+    t.is(source.infoCalls, 1, 'the native path did not call back into JavaScript')
+    t.deepEqual(second.header, first.header)
+    t.deepEqual(second.data, first.data)
+    t.is(second.header[4], 0x82)
+    t.is(second.header.readUInt32BE(5), first.data!.length)
+    t.is(second.header.readUInt32BE(9), 32) // CMSG_SPACE(4 * 3)
+    t.deepEqual(second.header.subarray(13), encodeKey('k'))
+    t.deepEqual(first.fds.map(readFd), ['one', 'two', 'three'])
+    t.deepEqual(second.fds.map(readFd), ['one', 'two', 'three'])
+
+    // Several gets on one connection, mixed with JavaScript-served requests (an unknown key, a bad command).
+    const c = await UnixConnection.connect(sock)
+    try {
+      const get = (key: string) => encodeHeader({ command: FDCommand.Get, dataSize: 0, oobSize: 0, key: encodeKey(key) })
+      for (const h of [get('k'), get('nope'), get('k'), encodeHeader({ command: 9, dataSize: 0, oobSize: 0, key: encodeKey('k') }), get('k')]) {
+        await c.write(h)
+        const f = await c.readResponseFrame(5000)
+        if (h[4] === 9) t.is(f.data!.toString(), 'bad command')
+        else if (h.subarray(13).equals(encodeKey('nope'))) t.is(f.data!.toString(), 'bad fd key: "nope"')
+        else {
+          t.deepEqual(f.header, first.header)
+          t.deepEqual(f.fds.map(readFd), ['one', 'two', 'three'])
+        }
+      }
+    } finally {
+      c.close()
+    }
+    t.is(source.infoCalls, 1)
+
+    // A key sent with other padding (a tab before the spaces) decodes to the same key but is not the canonical
+    // encoding: JavaScript answers it and echoes those bytes, as before.
+    const odd = encodeKey('k')
+    odd[1] = 0x09
+    const c2 = await UnixConnection.connect(sock)
+    try {
+      await c2.write(encodeHeader({ command: FDCommand.Get, dataSize: 0, oobSize: 0, key: odd }))
+      const f = await c2.readResponseFrame(5000)
+      t.deepEqual(f.header.subarray(13), odd)
+      t.deepEqual(f.fds.map(readFd), ['one', 'two', 'three'])
+      t.is(source.infoCalls, 2)
+    } finally {
+      c2.close()
+    }
+
+    // A get with a payload is not a fast get: JavaScript consumes the payload and answers.
+    const c3 = await UnixConnection.connect(sock)
+    try {
+      await c3.write(Buffer.concat([encodeHeader({ command: FDCommand.Get, dataSize: 3, oobSize: 0, key: encodeKey('k') }), Buffer.from('xyz')]))
+      const f = await c3.readResponseFrame(5000)
+      t.deepEqual(f.fds.map(readFd), ['one', 'two', 'three'])
+      t.is(source.infoCalls, 3)
+    } finally {
+      c3.close()
+    }
+  } finally {
+    await cleanup()
+  }
+})
+
+test('release unregisters before the source closes the fds; gets racing it read correct content or "bad fd key"', async (t) => {
+  const { server, client, source, cleanup } = setup()
+  await server.serve()
+  try {
+    for (let round = 0; round < 20; round++) {
+      await client.addFDs('r', { contents: ['A', 'B'] })
+      const warm = await client.getFDs('r')
+      warm.fds.forEach(closeFd)
+      t.true(fast(server, 'r'))
+      const gets = Array.from({ length: 6 }, () => client.getFDs('r'))
+      const rels = [client.releaseFDs('r'), client.releaseFDs('r')]
+      const [g, r] = await Promise.all([Promise.allSettled(gets), Promise.allSettled(rels)])
+      for (const res of g) {
+        if (res.status === 'fulfilled') t.deepEqual(res.value.fds.map(readFd), ['A', 'B'])
+        else t.is((res.reason as Error).message, 'server returned error: bad fd key: "r"')
+      }
+      t.is(r.filter((x) => x.status === 'fulfilled').length, 1)
+      t.false(fast(server, 'r'))
+      await t.throwsAsync(client.getFDs('r'), { message: 'server returned error: bad fd key: "r"' })
+      t.is(source.size, 0)
+    }
+    // A key added again after release is registered afresh with its new files.
+    await client.addFDs('r', { contents: ['new'] })
+    ;(await client.getFDs('r')).fds.forEach(closeFd)
+    t.deepEqual((await client.getFDs('r')).fds.map(readFd), ['new'])
+  } finally {
+    await cleanup()
+  }
+})
+
+test('recovered keys: the first get retrieves the fds in JavaScript, later ones are native', async (t) => {
+  const { server, client, source, cleanup } = setup()
+  await server.serve()
+  try {
+    // The add response of FileFDSource is its recover data: recover a second key onto the same files.
+    const resp = await client.addFDs('v', { contents: ['recovered'] })
+    await client.recover('w', resp)
+    t.false(fast(server, 'w'))
+    t.deepEqual((await client.getFDs('w')).fds.map(readFd), ['recovered'])
+    t.true(fast(server, 'w'))
+    const calls = source.infoCalls
+    t.deepEqual((await client.getFDs('w')).fds.map(readFd), ['recovered'])
+    t.is(source.infoCalls, calls)
+  } finally {
+    await cleanup()
+  }
+})
+
+test('no fast path without stableInfo, nor with an onRequest hook (every get is logged)', async (t) => {
+  const log: string[] = []
+  const { server, client, source, cleanup } = setup({ onRequest: (e) => log.push(`${e.command} ${e.key}`) })
+  await server.serve()
+  try {
+    await client.addFDs('h', { contents: ['x'] })
+    for (let i = 0; i < 3; i++) (await client.getFDs('h')).fds.forEach(closeFd)
+    t.false(fast(server, 'h'))
+    t.is(source.infoCalls, 3)
+    t.deepEqual(log, ['add h', 'get h', 'get h', 'get h'])
+  } finally {
+    await cleanup()
+  }
+})
+
+test.serial('stop() closes the native duplicates: the fd count returns to where it was', async (t) => {
+  const before = openFdCount()
+  const { server, client, cleanup } = setup()
+  await server.serve()
+  await client.addFDs('s', { contents: ['1', '2', '3', '4'] })
+  ;(await client.getFDs('s')).fds.forEach(closeFd)
+  const gets = Array.from({ length: 8 }, () => client.getFDs('s').then((r) => r.fds.forEach(closeFd), () => undefined))
+  await Promise.all(gets)
+  t.true(fast(server, 's'))
+  await cleanup()
+  let n = openFdCount()
+  for (let i = 0; i < 400 && n !== before; i++) {
+    await new Promise((r) => setTimeout(r, 5))
+    n = openFdCount()
+  }
+  t.is(n, before)
+})
+
+/** Runs a tiny client as uid/gid 65534 that gets `key` and prints the outcome. */
+function getAsNobody(sock: string, key: string): Promise<string> {
+  const script = `
+    import { FDClient, closeFd } from ${JSON.stringify(join(process.cwd(), 'src/index.ts'))}
+    try { const r = await new FDClient(${JSON.stringify(sock)}).getFDs(${JSON.stringify(key)}); r.fds.forEach(closeFd); console.log('OK ' + r.fds.length) }
+    catch (e) { console.log('ERR ' + e.message) }`
+  return new Promise((resolve, reject) => {
+    execFile(
+      process.execPath,
+      ['--import', '@oxc-node/core/register', '--input-type=module', '-e', script],
+      { uid: 65534, gid: 65534, cwd: process.cwd(), timeout: 60_000, env: { ...process.env, OXC_TSCONFIG_PATH: './__test__/tsconfig.json' } },
+      (err, stdout, stderr) => (err ? reject(new Error(`${err.message}\n${stderr}`)) : resolve(stdout.trim())),
+    )
+  })
+}
+
+test('authorisation applies to natively answered gets: a registered key is refused to a peer not allowed', async (t) => {
+  requirePrereqs()
+  for (const opts of [{ allowedUids: [0] }, { allowedGids: [0] }, { allowedUids: [] as number[] }]) {
+    const { server, client, source, sock, cleanup } = setup({ ...opts, socketMode: 0o666 })
+    await server.serve()
+    try {
+      if (opts.allowedUids?.length === 0) {
+        // nobody is allowed, root included
+        await t.throwsAsync(client.addFDs('p', { contents: ['secret'] }), { message: /permission denied: peer uid 0 gid 0 is not allowed/ })
+        continue
+      }
+      await client.addFDs('p', { contents: ['secret'] })
+      t.deepEqual((await client.getFDs('p')).fds.map(readFd), ['secret'])
+      t.true(fast(server, 'p'))
+      const out = await getAsNobody(sock, 'p')
+      t.is(out, 'ERR server returned error: permission denied: peer uid 65534 gid 65534 is not allowed')
+      t.deepEqual((await client.getFDs('p')).fds.map(readFd), ['secret'])
+      t.is(source.infoCalls, 1)
+    } finally {
+      await cleanup()
+    }
+  }
+  // Without a filter the same other user is served natively.
+  const { server, client, source, sock, cleanup } = setup({ socketMode: 0o666 })
+  await server.serve()
+  try {
+    await client.addFDs('p', { contents: ['open'] })
+    ;(await client.getFDs('p')).fds.forEach(closeFd)
+    t.is(await getAsNobody(sock, 'p'), 'OK 1')
+    t.is(source.infoCalls, 1)
+  } finally {
+    await cleanup()
+  }
+})
+
+test('client requests through the shared completion port: errors keep their code, concurrent ones settle each', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'tm-fdport-'))
+  try {
+    const missing = new FDClient(join(dir, 'none.sock'))
+    const err = await t.throwsAsync(missing.getFDs('k'))
+    t.is((err as Error & { code?: string }).code, 'ERR_NOT_FOUND')
+    t.regex(err!.message, /^connect .*none\.sock: /)
+    // A listener that never answers: the request deadline gives ERR_TIMEOUT; a live server's answers meanwhile
+    // reach their own callers.
+    const { UnixListener } = await import('../src/native')
+    const mute = UnixListener.bind(join(dir, 'mute.sock'))
+    const { server, client, cleanup } = setup()
+    await server.serve()
+    try {
+      await client.addFDs('c', { contents: ['c'] })
+      const slow = new FDClient(join(dir, 'mute.sock'), { timeoutMs: 300 }).getFDs('k')
+      const many = await Promise.all(Array.from({ length: 20 }, () => client.getFDs('c')))
+      for (const r of many) t.deepEqual(r.fds.map(readFd), ['c'])
+      const terr = await t.throwsAsync(slow)
+      t.is((terr as Error & { code?: string }).code, 'ERR_TIMEOUT')
+    } finally {
+      mute.close(true)
+      await cleanup()
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true })
+  }
+})
