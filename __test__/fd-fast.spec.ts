@@ -14,7 +14,7 @@ import { openFdCount, requirePrereqs } from './helpers/env'
 
 /** FileFDSource's info depends only on the key's files, which never change until release. */
 class StableFileSource extends FileFDSource {
-  readonly stableInfo = true
+  override readonly stableInfo = true
   infoCalls = 0
   override getInfo(key: string): Buffer {
     this.infoCalls++

@@ -14,6 +14,8 @@ interface KeyState {
 }
 
 export class FileFDSource implements FDSource {
+  /** getInfo depends only on the key's files, fixed from add to release. */
+  readonly stableInfo = true
   readonly dir: string
   private readonly keys = new Map<string, KeyState>()
   private seq = 0

@@ -79,6 +79,7 @@ export interface Daemon {
 
 /** Records each key's recovery data around the TapFDSource calls. */
 class PersistingSource implements FDSource {
+  readonly stableInfo = true
   constructor(
     private readonly inner: TapFDSource,
     private readonly store: StateStore,

@@ -62,6 +62,8 @@ interface PodNetwork {
 }
 
 export class TapFDSource implements FDSource {
+  /** getInfo depends only on a key's ContainerSideNetwork, fixed from add (or recover) to release. */
+  readonly stableInfo = true
   private readonly cni: CniClient
   private readonly ops: PodNetworkOps
   private readonly netnsDir: string
