@@ -334,11 +334,12 @@ test('serve passes every flag (and the defaults) to startServer and closes it on
     sriov: false,
     logLevel: 'info',
     maxDataSize: 65536,
+    cniTimeoutMs: 60000,
   })
   const f = await run(
     ['serve', '--socket', '/tmp/x.sock', '--socket-mode', '0600', '--socket-group', 'kvm', '--allow-uid', '0,1000', '--allow-uid', '107', '--allow-gid', '36',
       '--cni-conf-dir', '/c', '--cni-bin-dir', '/b1', '--cni-bin-dir', '/b2', '--netns-dir', '/n', '--state-dir', '/s', '--calico-subnet-size', '26', '--sriov',
-      '--log-level', 'silent', '--max-data-size', '4096'],
+      '--log-level', 'silent', '--max-data-size', '4096', '--cni-timeout', '5000'],
     deps,
   )
   t.is(f.code, EXIT_OK, f.stderr)
@@ -357,6 +358,7 @@ test('serve passes every flag (and the defaults) to startServer and closes it on
     sriov: true,
     logLevel: 'silent',
     maxDataSize: 4096,
+    cniTimeoutMs: 5000,
   })
   t.is(closed, 2)
   const failing = await run(['serve', '--log-level', 'silent'], { startServer: async () => Promise.reject(new Error('EADDRINUSE')) })

@@ -40,6 +40,7 @@ export const DEFAULT_CNI_PLUGIN_DIRS = ['/opt/cni/bin', '/usr/lib/cni']
 export const DEFAULT_NETNS_DIR = '/var/run/netns'
 export const DEFAULT_CALICO_SUBNET_SIZE = 24
 export const DEFAULT_MAX_DATA_SIZE = 64 * 1024
+export const DEFAULT_CNI_TIMEOUT_MS = 60_000
 
 /** The client calls the command line needs; FDClient from './client' satisfies it. */
 export interface CliClient {
@@ -71,6 +72,8 @@ export interface ServeOptions {
   logLevel: LogLevel
   /** The largest request payload accepted (DataSize cap). */
   maxDataSize: number
+  /** How long one CNI plugin run may take before its process group is killed. */
+  cniTimeoutMs: number
   /** The request logger the server must use (one line per request). */
   log: RequestLogger
 }
@@ -104,6 +107,7 @@ export async function startServer(opts: ServeOptions): Promise<ServerHandle> {
     calicoSubnetSize: opts.calicoSubnetSize,
     sriov: opts.sriov,
     maxDataSize: opts.maxDataSize,
+    cniTimeoutMs: opts.cniTimeoutMs,
     log: opts.log,
   })
   return { close: () => daemon.close() }
@@ -186,6 +190,7 @@ const COMMAND_OPTIONS = {
     sriov: { type: 'boolean' },
     'log-level': { type: 'string' },
     'max-data-size': { type: 'string' },
+    'cni-timeout': { type: 'string' },
   },
   add: {
     'pod-id': { type: 'string' },
@@ -222,6 +227,7 @@ Commands:
       --sriov                   enable SR-IOV VF passthrough
       --log-level LEVEL         ${LOG_LEVELS.join('|')} (default info)
       --max-data-size BYTES     largest request payload (default ${DEFAULT_MAX_DATA_SIZE})
+      --cni-timeout MS          time limit of one CNI plugin run (default ${DEFAULT_CNI_TIMEOUT_MS})
   add KEY --pod-id ID --pod-name NAME --pod-ns NS
       --dns JSON|NS[,NS]        CNI DNS object, or nameservers
       --dns-search D            search domain (repeatable)   --dns-domain D   --dns-option OPT (repeatable)
@@ -341,6 +347,7 @@ export function serveOptionsFromFlags(values: Parsed['values'], env: NodeJS.Proc
     sriov: values.sriov === true,
     logLevel: level as LogLevel,
     maxDataSize: intFlag(values['max-data-size'], 'max-data-size', DEFAULT_MAX_DATA_SIZE, 1, 0xffffffff),
+    cniTimeoutMs: intFlag(values['cni-timeout'], 'cni-timeout', DEFAULT_CNI_TIMEOUT_MS, 1, 3_600_000),
   }
 }
 
