@@ -70,7 +70,7 @@ impl FromStr for MacAddr {
     /// Parses `42:a4:a6:22:80:2e` or `42-a4-a6-22-80-2e` (case-insensitive), as Go's `net.ParseMAC` does for
     /// 6-byte addresses.
     fn from_str(s: &str) -> Result<MacAddr> {
-        let bad = || Error::invalid(format!("bad MAC address {s:?}"));
+        let bad = || Error::invalid(format!("invalid MAC address {s:?}"));
         let sep = if s.contains(':') { ':' } else { '-' };
         let mut out = [0u8; 6];
         let mut n = 0;

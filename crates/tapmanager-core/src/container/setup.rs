@@ -5,7 +5,7 @@ use std::os::fd::OwnedFd;
 
 use ipnet::{IpNet, Ipv4Net};
 
-use super::fix::{container_links, fix_result, ipv4_of, parse_mac, CalicoOptions, NetSnapshot};
+use super::fix::{container_links, fix_result, ipv4_of, CalicoOptions, NetSnapshot};
 use super::ops::{Addr, Link, NetOps, Route, RTPROT_KERNEL};
 use crate::error::{Error, ErrorCode, Result};
 use crate::types::{CniResult, ContainerSideNetwork, InterfaceDescription, InterfaceType, MacAddr};
@@ -309,8 +309,10 @@ pub fn teardown(ops: &mut impl NetOps, csn: &ContainerSideNetwork) -> Result<()>
 /// Re-adds the link's IPs from the result (the link found by MAC in `interfaces`) and the routes whose gateway
 /// lies in an address's subnet.
 fn restore_ips(ops: &mut impl NetOps, result: &CniResult, link: &Link) -> Result<()> {
-    let Some(iface) =
-        result.interfaces.iter().position(|i| !i.sandbox.is_empty() && parse_mac(&i.mac) == Some(link.mac))
+    let Some(iface) = result
+        .interfaces
+        .iter()
+        .position(|i| !i.sandbox.is_empty() && i.mac.parse::<MacAddr>().ok() == Some(MacAddr(link.mac)))
     else {
         return Ok(());
     };
