@@ -389,25 +389,22 @@ impl UnixConnection {
 
     /// Shuts the reading side down (`shutdown(SHUT_RD)`): a pending or later read sees EOF, writes still go out.
     pub fn shutdown_read(&self) -> Result<()> {
-        // SAFETY: the fd is valid for the lifetime of self; shutdown does not close it.
-        let rc = unsafe { libc::shutdown(self.inner.as_raw_fd(), libc::SHUT_RD) };
-        if rc < 0 {
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::ENOTCONN) {
-                return Err(Error::io("shutdown read", err));
-            }
-        }
-        Ok(())
+        self.shutdown_how(libc::SHUT_RD, "shutdown read")
     }
 
     /// Shuts both directions down (`shutdown(2)`), waking any pending read or write; the fd closes on drop.
     pub fn shutdown(&self) -> Result<()> {
+        self.shutdown_how(libc::SHUT_RDWR, "shutdown")
+    }
+
+    /// `shutdown(2)` with `how`; a socket that is not connected (`ENOTCONN`) is fine.
+    fn shutdown_how(&self, how: libc::c_int, what: &str) -> Result<()> {
         // SAFETY: the fd is valid for the lifetime of self; shutdown does not close it.
-        let rc = unsafe { libc::shutdown(self.inner.as_raw_fd(), libc::SHUT_RDWR) };
+        let rc = unsafe { libc::shutdown(self.inner.as_raw_fd(), how) };
         if rc < 0 {
             let err = io::Error::last_os_error();
             if err.raw_os_error() != Some(libc::ENOTCONN) {
-                return Err(Error::io("shutdown", err));
+                return Err(Error::io(what, err));
             }
         }
         Ok(())
