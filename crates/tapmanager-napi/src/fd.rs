@@ -423,8 +423,8 @@ impl UnixConnection {
         timeout_ms: Option<u32>,
     ) -> napi::Result<PromiseRaw<'env, Buffer>> {
         let c = self.get_or_closed();
-        let deadline = timeout_ms.filter(|&t| t > 0).map(|t| Duration::from_millis(t as u64));
-        spawn_future_promise(env, async move { c?.read_exact(n as usize, deadline).await }, Buffer::from)
+        let d = deadline(timeout_ms);
+        spawn_future_promise(env, async move { c?.read_exact(n as usize, d).await }, Buffer::from)
     }
 
     /// Reads a request frame: the header and its payload, within `timeoutMs` (when > 0). `data` is absent when

@@ -27,6 +27,11 @@ fn u8_of(v: u32, what: &str) -> CoreResult<u8> {
     u8::try_from(v).map_err(|_| CoreError::invalid(format!("{what} {v} is out of range (0-255)")))
 }
 
+/// An address and its prefix length from JavaScript (`address`, `prefixLen`).
+fn address_of(address: &str, prefix_len: u32) -> CoreResult<(IpAddr, u8)> {
+    Ok((parse_ip(address)?, u8_of(prefix_len, "prefixLen")?))
+}
+
 // ---------------------------------------------------------------- namespaces
 
 /// Options of `createNetns`.
@@ -428,8 +433,7 @@ impl NetlinkHandle {
     ) -> napi::Result<PromiseRaw<'env, ()>> {
         let h = self.h();
         future_promise(env, async move {
-            let ip = parse_ip(&address)?;
-            let len = u8_of(prefix_len, "prefixLen")?;
+            let (ip, len) = address_of(&address, prefix_len)?;
             h?.add_address(index, ip, len).await
         })
     }
@@ -445,8 +449,7 @@ impl NetlinkHandle {
     ) -> napi::Result<PromiseRaw<'env, ()>> {
         let h = self.h();
         future_promise(env, async move {
-            let ip = parse_ip(&address)?;
-            let len = u8_of(prefix_len, "prefixLen")?;
+            let (ip, len) = address_of(&address, prefix_len)?;
             h?.delete_address(index, ip, len).await
         })
     }
