@@ -11,7 +11,7 @@ use crate::error::{Error, ErrorCode, Result};
 use crate::types::{CniResult, ContainerSideNetwork, InterfaceDescription, InterfaceType, MacAddr};
 
 /// The address of every pod bridge: the DHCP server's address, `169.254.254.2/24`.
-pub const BRIDGE_ADDR: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(169, 254, 254, 2), 24);
+pub const BRIDGE_ADDR: Ipv4Net = Ipv4Net::new_assert(crate::dhcp::SERVER_IP, 24);
 
 /// The tap of the `i`-th container link.
 pub fn tap_name(i: usize) -> String {
