@@ -152,13 +152,7 @@ impl UnixListener {
 
     /// Resolves once [`close`](Self::close) has been called.
     pub async fn closed(&self) {
-        let notified = self.close_notify.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
-            return;
-        }
-        notified.await;
+        wait_closed(&self.closed, &self.close_notify).await
     }
 
     /// Stops accepting: pending and later [`accept`](Self::accept) calls fail with `ERR_CLOSED`. The fd itself
@@ -411,6 +405,18 @@ impl UnixConnection {
     }
 }
 
+/// Resolves once `closed` is set. The waiter registers with `notify` before it checks the flag, so a close
+/// (`closed.store(true)` then `notify.notify_waiters()`) in between is never missed.
+async fn wait_closed(closed: &std::sync::atomic::AtomicBool, notify: &tokio::sync::Notify) {
+    let notified = notify.notified();
+    tokio::pin!(notified);
+    notified.as_mut().enable();
+    if closed.load(std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    notified.await;
+}
+
 /// Length of an FDServer protocol header (PROTOCOL.md): magic(4) command(1) DataSize(4) OobSize(4) key(64).
 pub const FRAME_HEADER_LEN: usize = 77;
 const FRAME_MAGIC: u32 = 0x4242_4242;
@@ -639,13 +645,7 @@ impl FastGets {
     }
 
     async fn closed(&self) {
-        let notified = self.close_notify.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
-            return;
-        }
-        notified.await;
+        wait_closed(&self.closed, &self.close_notify).await
     }
 
     /// Resolves when no response is being sent (after [`close`](Self::close): every duplicate is closed).
