@@ -388,10 +388,7 @@ impl UnixConnection {
     }
 
     fn get(&self) -> Result<Arc<unix::UnixConnection>, JsError> {
-        let guard = self.inner.lock().map_err(|_| invalid("connection lock poisoned"))?;
-        guard.clone().ok_or_else(|| {
-            to_js(tapmanager_core::Error::new(tapmanager_core::ErrorCode::Closed, "connection is closed"))
-        })
+        self.get_or_closed().map_err(to_js)
     }
 }
 
