@@ -23,30 +23,19 @@ use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth};
 
 use crate::error::{Error, ErrorCode, Result};
+use crate::types::MacAddr;
 
 /// A MAC address.
 pub type Mac = [u8; 6];
 
-/// Formats a MAC as `aa:bb:cc:dd:ee:ff` (lower case).
-pub fn format_mac(mac: &[u8]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+/// Formats a MAC as `aa:bb:cc:dd:ee:ff` (lower case): [`MacAddr`]'s `Display`.
+pub fn format_mac(mac: &Mac) -> String {
+    MacAddr(*mac).to_string()
 }
 
-/// Parses `aa:bb:cc:dd:ee:ff` (or with `-`); `ERR_INVALID` otherwise.
+/// Parses `aa:bb:cc:dd:ee:ff` (or with `-`) as [`MacAddr`]'s `FromStr` does; `ERR_INVALID` otherwise.
 pub fn parse_mac(s: &str) -> Result<Mac> {
-    let parts: Vec<&str> = s.split([':', '-']).collect();
-    let bad = || Error::invalid(format!("invalid MAC address {s:?}"));
-    if parts.len() != 6 {
-        return Err(bad());
-    }
-    let mut mac = [0u8; 6];
-    for (i, p) in parts.iter().enumerate() {
-        if p.len() != 2 {
-            return Err(bad());
-        }
-        mac[i] = u8::from_str_radix(p, 16).map_err(|_| bad())?;
-    }
-    Ok(mac)
+    s.parse::<MacAddr>().map(|m| m.0)
 }
 
 /// Checks a link name: 1..=15 bytes, no `/`, no whitespace, not `.`/`..` (the kernel's `dev_valid_name`).

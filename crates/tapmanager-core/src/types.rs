@@ -19,7 +19,7 @@ use std::str::FromStr;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use ipnet::IpNet;
-use serde::de::Error as _;
+use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Error, Result};
@@ -70,7 +70,7 @@ impl FromStr for MacAddr {
     /// Parses `42:a4:a6:22:80:2e` or `42-a4-a6-22-80-2e` (case-insensitive), as Go's `net.ParseMAC` does for
     /// 6-byte addresses.
     fn from_str(s: &str) -> Result<MacAddr> {
-        let bad = || Error::invalid(format!("bad MAC address {s:?}"));
+        let bad = || Error::invalid(format!("invalid MAC address {s:?}"));
         let sep = if s.contains(':') { ':' } else { '-' };
         let mut out = [0u8; 6];
         let mut n = 0;
@@ -227,8 +227,7 @@ impl CniDns {
 impl CniResult {
     /// Parses a CNI result of any supported spec version (see the module docs) and normalises it.
     pub fn from_json(bytes: &[u8]) -> Result<CniResult> {
-        require_object(bytes, "bad CNI result")?;
-        serde_json::from_slice(bytes).map_err(|e| Error::invalid(format!("bad CNI result: {e}")))
+        from_go_json(bytes, "bad CNI result")
     }
 
     /// Go's JSON of the normalised result.
@@ -242,12 +241,14 @@ impl CniResult {
     }
 }
 
-/// Go decodes only a JSON object into a struct; serde would also take an array.
-fn require_object(bytes: &[u8], what: &str) -> Result<()> {
+/// Decodes a JSON object into a struct as Go does: only an object is taken (serde would also take an array).
+/// Errors are `ERR_INVALID` and start with `what`.
+fn from_go_json<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
     match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
-        Some(b'{') => Ok(()),
-        _ => Err(Error::invalid(format!("{what}: not a JSON object"))),
+        Some(b'{') => {}
+        _ => return Err(Error::invalid(format!("{what}: not a JSON object"))),
     }
+    serde_json::from_slice(bytes).map_err(|e| Error::invalid(format!("{what}: {e}")))
 }
 
 fn is_zero(v: &usize) -> bool {
@@ -476,8 +477,7 @@ fn ser_nil_slice<T: Serialize, S: Serializer>(v: &[T], s: S) -> std::result::Res
 impl ContainerSideNetwork {
     /// Parses Go's JSON (CNI result of any supported spec, normalised).
     pub fn from_json(bytes: &[u8]) -> Result<ContainerSideNetwork> {
-        require_object(bytes, "bad ContainerSideNetwork")?;
-        serde_json::from_slice(bytes).map_err(|e| Error::invalid(format!("bad ContainerSideNetwork: {e}")))
+        from_go_json(bytes, "bad ContainerSideNetwork")
     }
 
     /// Go's JSON bytes.

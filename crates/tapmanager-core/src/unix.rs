@@ -152,13 +152,7 @@ impl UnixListener {
 
     /// Resolves once [`close`](Self::close) has been called.
     pub async fn closed(&self) {
-        let notified = self.close_notify.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
-            return;
-        }
-        notified.await;
+        wait_closed(&self.closed, &self.close_notify).await
     }
 
     /// Stops accepting: pending and later [`accept`](Self::accept) calls fail with `ERR_CLOSED`. The fd itself
@@ -389,29 +383,38 @@ impl UnixConnection {
 
     /// Shuts the reading side down (`shutdown(SHUT_RD)`): a pending or later read sees EOF, writes still go out.
     pub fn shutdown_read(&self) -> Result<()> {
-        // SAFETY: the fd is valid for the lifetime of self; shutdown does not close it.
-        let rc = unsafe { libc::shutdown(self.inner.as_raw_fd(), libc::SHUT_RD) };
-        if rc < 0 {
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::ENOTCONN) {
-                return Err(Error::io("shutdown read", err));
-            }
-        }
-        Ok(())
+        self.shutdown_how(libc::SHUT_RD, "shutdown read")
     }
 
     /// Shuts both directions down (`shutdown(2)`), waking any pending read or write; the fd closes on drop.
     pub fn shutdown(&self) -> Result<()> {
+        self.shutdown_how(libc::SHUT_RDWR, "shutdown")
+    }
+
+    /// `shutdown(2)` with `how`; a socket that is not connected (`ENOTCONN`) is fine.
+    fn shutdown_how(&self, how: libc::c_int, what: &str) -> Result<()> {
         // SAFETY: the fd is valid for the lifetime of self; shutdown does not close it.
-        let rc = unsafe { libc::shutdown(self.inner.as_raw_fd(), libc::SHUT_RDWR) };
+        let rc = unsafe { libc::shutdown(self.inner.as_raw_fd(), how) };
         if rc < 0 {
             let err = io::Error::last_os_error();
             if err.raw_os_error() != Some(libc::ENOTCONN) {
-                return Err(Error::io("shutdown", err));
+                return Err(Error::io(what, err));
             }
         }
         Ok(())
     }
+}
+
+/// Resolves once `closed` is set. The waiter registers with `notify` before it checks the flag, so a close
+/// (`closed.store(true)` then `notify.notify_waiters()`) in between is never missed.
+async fn wait_closed(closed: &std::sync::atomic::AtomicBool, notify: &tokio::sync::Notify) {
+    let notified = notify.notified();
+    tokio::pin!(notified);
+    notified.as_mut().enable();
+    if closed.load(std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    notified.await;
 }
 
 /// Length of an FDServer protocol header (PROTOCOL.md): magic(4) command(1) DataSize(4) OobSize(4) key(64).
@@ -642,13 +645,7 @@ impl FastGets {
     }
 
     async fn closed(&self) {
-        let notified = self.close_notify.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
-            return;
-        }
-        notified.await;
+        wait_closed(&self.closed, &self.close_notify).await
     }
 
     /// Resolves when no response is being sent (after [`close`](Self::close): every duplicate is closed).

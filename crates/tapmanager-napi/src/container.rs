@@ -2,18 +2,17 @@
 //! taps in a pod netns. Each call runs on a blocking thread that enters the netns (never a tokio worker) and
 //! returns a Promise; a failure rejects it with an `Error` whose `code` is the core's stable code.
 
-use std::future::Future;
 use std::net::Ipv4Addr;
 use std::os::fd::IntoRawFd;
 use std::path::PathBuf;
 
-use napi::bindgen_prelude::{PromiseRaw, ToNapiValue};
-use napi::{Env, JsError};
+use napi::bindgen_prelude::PromiseRaw;
+use napi::Env;
 use napi_derive::napi;
 use tapmanager_core::container::{self, CalicoOptions, SetupOptions};
 use tapmanager_core::{Error as CoreError, Result as CoreResult};
 
-use crate::error::to_js;
+use crate::error::spawn_blocking_promise;
 
 /// Options of `setupContainerSide`.
 #[napi(object)]
@@ -64,41 +63,6 @@ fn setup_options(o: Option<SetupContainerSideOptions>) -> CoreResult<SetupOption
     })
 }
 
-/// Runs `work` on a blocking thread and settles a Promise with `done(result)`, rejecting with the core error's
-/// code when either fails.
-fn spawn<'env, T, V>(
-    env: &'env Env,
-    work: impl FnOnce() -> CoreResult<T> + Send + 'static,
-    done: impl FnOnce(T) -> V + 'static,
-) -> napi::Result<PromiseRaw<'env, V>>
-where
-    T: Send + 'static,
-    V: ToNapiValue,
-{
-    let fut = async move {
-        tokio::task::spawn_blocking(work)
-            .await
-            .map_err(|e| napi::Error::from_reason(format!("container side task failed: {e}")))
-    };
-    spawn_settle(env, fut, done)
-}
-
-fn spawn_settle<'env, T, V>(
-    env: &'env Env,
-    fut: impl Future<Output = napi::Result<CoreResult<T>>> + Send + 'static,
-    done: impl FnOnce(T) -> V + 'static,
-) -> napi::Result<PromiseRaw<'env, V>>
-where
-    T: Send + 'static,
-    V: ToNapiValue,
-{
-    env.spawn_future_with_callback(fut, move |env, r| match r {
-        Ok(v) => Ok(done(v)),
-        // A JS Error object carrying `code` (napi's own `Error` could only carry a napi status as code).
-        Err(e) => Err(napi::Error::from(JsError::from(to_js(e)).into_unknown(*env))),
-    })
-}
-
 /// Sets up the container side in the pod netns at `nsPath` for a CNI result (any spec version): fixes the
 /// result (Weave, Calico, `interfaces`), then per container link strips its IPv4 routes and addresses, swaps
 /// its MAC, and bridges it (`br<i>`, 169.254.254.2/24, MAC learning off, DHCP isolation) with a new tap
@@ -111,7 +75,7 @@ pub fn setup_container_side<'env>(
     cni_result_json: String,
     opts: Option<SetupContainerSideOptions>,
 ) -> napi::Result<PromiseRaw<'env, ContainerSideSetup>> {
-    spawn(
+    spawn_blocking_promise(
         env,
         move || {
             let opts = setup_options(opts)?;
@@ -132,7 +96,11 @@ pub fn teardown_container_side<'env>(
     ns_path: String,
     csn_json: String,
 ) -> napi::Result<PromiseRaw<'env, ()>> {
-    spawn(env, move || container::teardown_container_side(&PathBuf::from(ns_path), csn_json.as_bytes()), |()| ())
+    spawn_blocking_promise(
+        env,
+        move || container::teardown_container_side(&PathBuf::from(ns_path), csn_json.as_bytes()),
+        |()| (),
+    )
 }
 
 /// Reopens the taps of `csnJson` after a restart. A tap held by a running VM gives `null` (not an error).
@@ -142,7 +110,7 @@ pub fn recover_container_side<'env>(
     ns_path: String,
     csn_json: String,
 ) -> napi::Result<PromiseRaw<'env, ContainerSideRecovery>> {
-    spawn(
+    spawn_blocking_promise(
         env,
         move || container::recover_container_side(&PathBuf::from(ns_path), csn_json.as_bytes()),
         |fds| ContainerSideRecovery { fds: fds.into_iter().map(|f| f.map(IntoRawFd::into_raw_fd)).collect() },
@@ -156,7 +124,7 @@ pub fn reopen_taps<'env>(
     ns_path: String,
     csn_json: String,
 ) -> napi::Result<PromiseRaw<'env, Vec<i32>>> {
-    spawn(
+    spawn_blocking_promise(
         env,
         move || container::reopen_container_taps(&PathBuf::from(ns_path), csn_json.as_bytes()),
         |fds| fds.into_iter().map(IntoRawFd::into_raw_fd).collect(),
@@ -167,5 +135,5 @@ pub fn reopen_taps<'env>(
 /// needs `dummyGateway` (the IPv4 address of the dummy network's Calico link).
 #[napi(ts_return_type = "Promise<boolean>")]
 pub fn needs_dummy_gateway<'env>(env: &'env Env, ns_path: String) -> napi::Result<PromiseRaw<'env, bool>> {
-    spawn(env, move || container::pod_needs_dummy_gateway(&PathBuf::from(ns_path)), |b| b)
+    spawn_blocking_promise(env, move || container::pod_needs_dummy_gateway(&PathBuf::from(ns_path)), |b| b)
 }

@@ -11,7 +11,7 @@ use tapmanager_core::dhcp::{DhcpConfig, DhcpServer as CoreServer, DhcpStats};
 use tapmanager_core::types::ContainerSideNetwork;
 use tapmanager_core::Error as CoreError;
 
-use crate::error::to_js;
+use crate::error::future_promise;
 
 /// Which bridge serves which interface (an index into the ContainerSideNetwork's `Interfaces`).
 #[napi(object)]
@@ -138,12 +138,7 @@ pub fn start_dhcp_server<'env>(
             state: Mutex::new(State { server: Some(server), last_stats: DhcpStats::default() }),
         })
     };
-    // A core error becomes a JavaScript Error carrying `code`, built on the JavaScript thread (async exports
-    // cannot return `napi::Error<Code>` directly).
-    env.spawn_future_with_callback(async move { Ok(fut.await) }, move |env, r| match r {
-        Ok(server) => Ok(server),
-        Err(e) => Err(napi::Error::from(napi::JsError::from(to_js(e)).into_unknown(*env))),
-    })
+    future_promise(env, fut)
 }
 
 fn config_from(csn_json: &str, opts: Option<DhcpServerOptions>) -> tapmanager_core::Result<DhcpConfig> {

@@ -7,31 +7,13 @@ use std::os::fd::{BorrowedFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use std::future::Future;
-
-use napi::bindgen_prelude::{within_runtime_if_available, Buffer, Function, PromiseRaw, ToNapiValue};
+use napi::bindgen_prelude::{within_runtime_if_available, Buffer, Function, PromiseRaw};
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::Env;
 use napi_derive::napi;
 use tapmanager_core::unix::{self, BindOptions};
 
-use crate::error::{invalid, to_js, JsError};
-
-/// Runs a core future on napi's tokio runtime and returns its Promise. A core error rejects the Promise with a
-/// JavaScript error whose `code` is the core's stable code (async exports cannot return `napi::Error<Code>`
-/// directly, so the error object is built on the JavaScript thread in the completion callback).
-fn promise<'env, T, V, F, C>(env: &'env Env, fut: F, conv: C) -> napi::Result<PromiseRaw<'env, V>>
-where
-    T: Send + 'static,
-    V: ToNapiValue,
-    F: Future<Output = tapmanager_core::Result<T>> + Send + 'static,
-    C: FnOnce(T) -> V + 'static,
-{
-    env.spawn_future_with_callback(async move { Ok(fut.await) }, move |env, r| match r {
-        Ok(t) => Ok(conv(t)),
-        Err(e) => Err(napi::Error::from(napi::JsError::from(to_js(e)).into_unknown(*env))),
-    })
-}
+use crate::error::{invalid, spawn_future_promise, to_js, JsError};
 
 /// Returns the version of the native addon (a smoke test of the binding).
 #[napi]
@@ -123,10 +105,10 @@ pub fn fd_request<'env>(
     // picks up the wait for the response.
     match unix::start_request(&path, &req) {
         Ok(Some((stream, written))) => {
-            promise(env, async move { unix::finish_request(stream, &req, written, d).await }, to_js_frame)
+            spawn_future_promise(env, async move { unix::finish_request(stream, &req, written, d).await }, to_js_frame)
         }
-        Ok(None) => promise(env, async move { unix::request(&path, &req, d).await }, to_js_frame),
-        Err(e) => promise(env, async move { Err(e) }, to_js_frame),
+        Ok(None) => spawn_future_promise(env, async move { unix::request(&path, &req, d).await }, to_js_frame),
+        Err(e) => spawn_future_promise(env, async move { Err(e) }, to_js_frame),
     }
 }
 
@@ -260,7 +242,7 @@ impl UnixListener {
     #[napi(ts_return_type = "Promise<UnixConnection>")]
     pub fn accept<'env>(&self, env: &'env Env) -> napi::Result<PromiseRaw<'env, UnixConnection>> {
         let l = self.get_or_closed();
-        promise(env, async move { l?.accept().await }, UnixConnection::wrap)
+        spawn_future_promise(env, async move { l?.accept().await }, UnixConnection::wrap)
     }
 
     /// Starts accepting in the background, reading each connection's first request frame concurrently (each
@@ -300,7 +282,7 @@ impl UnixListener {
     ) -> napi::Result<PromiseRaw<'env, Vec<IncomingRequest>>> {
         let incoming = self.incoming.clone();
         let fast = self.fast.clone();
-        promise(
+        spawn_future_promise(
             env,
             async move {
                 let closed = || tapmanager_core::Error::new(tapmanager_core::ErrorCode::Closed, "listener is closed");
@@ -355,7 +337,7 @@ impl UnixListener {
     #[napi(ts_return_type = "Promise<void>")]
     pub fn drain_fast<'env>(&self, env: &'env Env) -> napi::Result<PromiseRaw<'env, ()>> {
         let fast = self.fast.clone();
-        promise(
+        spawn_future_promise(
             env,
             async move {
                 fast.drained().await;
@@ -406,10 +388,7 @@ impl UnixConnection {
     }
 
     fn get(&self) -> Result<Arc<unix::UnixConnection>, JsError> {
-        let guard = self.inner.lock().map_err(|_| invalid("connection lock poisoned"))?;
-        guard.clone().ok_or_else(|| {
-            to_js(tapmanager_core::Error::new(tapmanager_core::ErrorCode::Closed, "connection is closed"))
-        })
+        self.get_or_closed().map_err(to_js)
     }
 }
 
@@ -422,7 +401,7 @@ impl UnixConnection {
     /// Connects to the socket at `path`.
     #[napi(ts_return_type = "Promise<UnixConnection>")]
     pub fn connect<'env>(env: &'env Env, path: String) -> napi::Result<PromiseRaw<'env, UnixConnection>> {
-        promise(env, async move { unix::UnixConnection::connect(&path).await }, UnixConnection::wrap)
+        spawn_future_promise(env, async move { unix::UnixConnection::connect(&path).await }, UnixConnection::wrap)
     }
 
     /// The peer's credentials (`SO_PEERCRED`).
@@ -441,8 +420,8 @@ impl UnixConnection {
         timeout_ms: Option<u32>,
     ) -> napi::Result<PromiseRaw<'env, Buffer>> {
         let c = self.get_or_closed();
-        let deadline = timeout_ms.filter(|&t| t > 0).map(|t| Duration::from_millis(t as u64));
-        promise(env, async move { c?.read_exact(n as usize, deadline).await }, Buffer::from)
+        let d = deadline(timeout_ms);
+        spawn_future_promise(env, async move { c?.read_exact(n as usize, d).await }, Buffer::from)
     }
 
     /// Reads a request frame: the header and its payload, within `timeoutMs` (when > 0). `data` is absent when
@@ -456,7 +435,7 @@ impl UnixConnection {
     ) -> napi::Result<PromiseRaw<'env, Frame>> {
         let c = self.get_or_closed();
         let d = deadline(timeout_ms);
-        promise(env, async move { c?.read_request_frame(max_data as usize, d).await }, to_js_frame)
+        spawn_future_promise(env, async move { c?.read_request_frame(max_data as usize, d).await }, to_js_frame)
     }
 
     /// Reads a response frame as the Go client does (see `fdRequest`), within `timeoutMs` (when > 0).
@@ -468,7 +447,7 @@ impl UnixConnection {
     ) -> napi::Result<PromiseRaw<'env, Frame>> {
         let c = self.get_or_closed();
         let d = deadline(timeout_ms);
-        promise(env, async move { c?.read_response_frame(d).await }, to_js_frame)
+        spawn_future_promise(env, async move { c?.read_response_frame(d).await }, to_js_frame)
     }
 
     /// A server's turn: writes `head`, sends `data` with the `fds` in one `sendmsg` (nothing when both are
@@ -492,7 +471,7 @@ impl UnixConnection {
         let data: Vec<u8> = data.to_vec();
         let d = deadline(timeout_ms);
         let fast = self.fast.clone();
-        promise(
+        spawn_future_promise(
             env,
             async move {
                 let c = c?;
@@ -511,7 +490,7 @@ impl UnixConnection {
     pub fn write<'env>(&self, env: &'env Env, data: Buffer) -> napi::Result<PromiseRaw<'env, ()>> {
         let c = self.get_or_closed();
         let data: Vec<u8> = data.to_vec();
-        promise(env, async move { c?.write_all(&data).await }, |()| ())
+        spawn_future_promise(env, async move { c?.write_all(&data).await }, |()| ())
     }
 
     /// Writes `head` with a plain write, then sends `data` with the `fds` in one `sendmsg` (skipped when both are
@@ -528,7 +507,7 @@ impl UnixConnection {
         let c = self.get_or_closed();
         let head: Vec<u8> = head.to_vec();
         let data: Vec<u8> = data.to_vec();
-        promise(
+        spawn_future_promise(
             env,
             async move {
                 let c = c?;
@@ -556,9 +535,11 @@ impl UnixConnection {
         control_len: u32,
     ) -> napi::Result<PromiseRaw<'env, Received>> {
         let c = self.get_or_closed();
-        promise(env, async move { c?.recv_with_fds(data_len as usize, control_len as usize).await }, |(data, fds)| {
-            Received { data: data.into(), fds: to_js_fds(fds) }
-        })
+        spawn_future_promise(
+            env,
+            async move { c?.recv_with_fds(data_len as usize, control_len as usize).await },
+            |(data, fds)| Received { data: data.into(), fds: to_js_fds(fds) },
+        )
     }
 
     /// Stops reading: a pending or later read sees EOF (`ERR_CLOSED`), while writes in progress still complete.

@@ -7,41 +7,13 @@ use std::net::IpAddr;
 use std::os::fd::{AsFd, IntoRawFd};
 use std::path::{Path, PathBuf};
 
-use std::future::Future;
-
-use napi::bindgen_prelude::{PromiseRaw, ToNapiValue};
+use napi::bindgen_prelude::PromiseRaw;
 use napi::Env;
 use napi_derive::napi;
 use tapmanager_core::netlink::{self as nl, NetlinkHandle as CoreHandle};
 use tapmanager_core::{isolation, netns, tap, Error as CoreError, ErrorCode, Result as CoreResult};
 
-use crate::error::{to_js, JsError};
-
-/// Runs a core future on napi's tokio runtime and returns its Promise; a core error rejects it with a
-/// JavaScript error whose `code` is the core's code (built on the JavaScript thread: async exports cannot
-/// return `napi::Error<Code>` directly).
-fn promise<'env, V, F>(env: &'env Env, fut: F) -> napi::Result<PromiseRaw<'env, V>>
-where
-    V: ToNapiValue + Send + 'static,
-    F: Future<Output = CoreResult<V>> + Send + 'static,
-{
-    env.spawn_future_with_callback(async move { Ok(fut.await) }, move |env, r| match r {
-        Ok(v) => Ok(v),
-        Err(e) => Err(napi::Error::from(napi::JsError::from(to_js(e)).into_unknown(*env))),
-    })
-}
-
-/// Runs blocking core work (a thread entering a netns, ioctls, an nf_tables batch) on tokio's blocking pool.
-async fn blocking<T, F>(f: F) -> CoreResult<T>
-where
-    T: Send + 'static,
-    F: FnOnce() -> CoreResult<T> + Send + 'static,
-{
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r,
-        Err(e) => Err(CoreError::new(ErrorCode::Io, format!("blocking task failed: {e}"))),
-    }
-}
+use crate::error::{blocking, future_promise, to_js, JsError};
 
 fn dir_of(dir: Option<String>) -> PathBuf {
     PathBuf::from(dir.unwrap_or_else(|| netns::DEFAULT_NETNS_DIR.to_string()))
@@ -53,6 +25,11 @@ fn parse_ip(s: &str) -> CoreResult<IpAddr> {
 
 fn u8_of(v: u32, what: &str) -> CoreResult<u8> {
     u8::try_from(v).map_err(|_| CoreError::invalid(format!("{what} {v} is out of range (0-255)")))
+}
+
+/// An address and its prefix length from JavaScript (`address`, `prefixLen`).
+fn address_of(address: &str, prefix_len: u32) -> CoreResult<(IpAddr, u8)> {
+    Ok((parse_ip(address)?, u8_of(prefix_len, "prefixLen")?))
 }
 
 // ---------------------------------------------------------------- namespaces
@@ -87,7 +64,7 @@ pub fn create_netns<'env>(
     name: String,
     options: Option<CreateNetnsOptions>,
 ) -> napi::Result<PromiseRaw<'env, NetnsInfo>> {
-    promise(env, async move {
+    future_promise(env, async move {
         let (dir, mode) = match options {
             Some(o) => (dir_of(o.dir), o.if_exists),
             None => (dir_of(None), None),
@@ -111,7 +88,7 @@ pub fn create_netns<'env>(
 /// Deletes a named namespace (unmount and remove; a missing one is fine). Equivalent to `ip netns delete <name>`.
 #[napi(ts_return_type = "Promise<void>")]
 pub fn delete_netns<'env>(env: &'env Env, name: String, dir: Option<String>) -> napi::Result<PromiseRaw<'env, ()>> {
-    promise(env, async move {
+    future_promise(env, async move {
         let dir = dir_of(dir);
         blocking(move || netns::delete_netns(&dir, &name)).await
     })
@@ -120,7 +97,7 @@ pub fn delete_netns<'env>(env: &'env Env, name: String, dir: Option<String>) -> 
 /// Lists the live named namespaces, sorted. Equivalent to `ip netns list`.
 #[napi(ts_return_type = "Promise<Array<string>>")]
 pub fn list_netns<'env>(env: &'env Env, dir: Option<String>) -> napi::Result<PromiseRaw<'env, Vec<String>>> {
-    promise(env, async move {
+    future_promise(env, async move {
         let dir = dir_of(dir);
         blocking(move || netns::list_netns(&dir)).await
     })
@@ -296,21 +273,21 @@ impl NetlinkHandle {
     #[napi(ts_return_type = "Promise<Array<Link>>")]
     pub fn links<'env>(&self, env: &'env Env) -> napi::Result<PromiseRaw<'env, Vec<Link>>> {
         let h = self.h();
-        promise(env, async move { Ok(h?.links().await?.into_iter().map(link_js).collect()) })
+        future_promise(env, async move { Ok(h?.links().await?.into_iter().map(link_js).collect()) })
     }
 
     /// The link named `name`; `ERR_NOT_FOUND` when missing. `ip -d link show dev <name>`.
     #[napi(ts_return_type = "Promise<Link>")]
     pub fn link_by_name<'env>(&self, env: &'env Env, name: String) -> napi::Result<PromiseRaw<'env, Link>> {
         let h = self.h();
-        promise(env, async move { Ok(link_js(h?.link_by_name(&name).await?)) })
+        future_promise(env, async move { Ok(link_js(h?.link_by_name(&name).await?)) })
     }
 
     /// The link with index `index`. `ip -d link show` filtered on the index.
     #[napi(ts_return_type = "Promise<Link>")]
     pub fn link_by_index<'env>(&self, env: &'env Env, index: u32) -> napi::Result<PromiseRaw<'env, Link>> {
         let h = self.h();
-        promise(env, async move { Ok(link_js(h?.link_by_index(index).await?)) })
+        future_promise(env, async move { Ok(link_js(h?.link_by_index(index).await?)) })
     }
 
     /// Creates a veth pair (both down), the peer directly in the netns at `peerNetns` when given; returns the
@@ -324,7 +301,7 @@ impl NetlinkHandle {
         peer_netns: Option<String>,
     ) -> napi::Result<PromiseRaw<'env, u32>> {
         let h = self.h();
-        promise(env, async move {
+        future_promise(env, async move {
             let h = h?;
             match peer_netns {
                 Some(p) => {
@@ -346,28 +323,28 @@ impl NetlinkHandle {
         mtu: Option<u32>,
     ) -> napi::Result<PromiseRaw<'env, u32>> {
         let h = self.h();
-        promise(env, async move { h?.create_bridge(&name, mtu).await })
+        future_promise(env, async move { h?.create_bridge(&name, mtu).await })
     }
 
     /// `ip link set dev <link> up`.
     #[napi(ts_return_type = "Promise<void>")]
     pub fn set_up<'env>(&self, env: &'env Env, index: u32) -> napi::Result<PromiseRaw<'env, ()>> {
         let h = self.h();
-        promise(env, async move { h?.set_up(index).await })
+        future_promise(env, async move { h?.set_up(index).await })
     }
 
     /// `ip link set dev <link> down`.
     #[napi(ts_return_type = "Promise<void>")]
     pub fn set_down<'env>(&self, env: &'env Env, index: u32) -> napi::Result<PromiseRaw<'env, ()>> {
         let h = self.h();
-        promise(env, async move { h?.set_down(index).await })
+        future_promise(env, async move { h?.set_down(index).await })
     }
 
     /// `ip link set dev <link> address <mac>`.
     #[napi(ts_return_type = "Promise<void>")]
     pub fn set_mac<'env>(&self, env: &'env Env, index: u32, mac: String) -> napi::Result<PromiseRaw<'env, ()>> {
         let h = self.h();
-        promise(env, async move {
+        future_promise(env, async move {
             let mac = nl::parse_mac(&mac)?;
             h?.set_mac(index, mac).await
         })
@@ -377,35 +354,35 @@ impl NetlinkHandle {
     #[napi(ts_return_type = "Promise<void>")]
     pub fn set_mtu<'env>(&self, env: &'env Env, index: u32, mtu: u32) -> napi::Result<PromiseRaw<'env, ()>> {
         let h = self.h();
-        promise(env, async move { h?.set_mtu(index, mtu).await })
+        future_promise(env, async move { h?.set_mtu(index, mtu).await })
     }
 
     /// `ip link set dev <link> name <name>` (the link must be down).
     #[napi(ts_return_type = "Promise<void>")]
     pub fn set_name<'env>(&self, env: &'env Env, index: u32, name: String) -> napi::Result<PromiseRaw<'env, ()>> {
         let h = self.h();
-        promise(env, async move { h?.set_name(index, &name).await })
+        future_promise(env, async move { h?.set_name(index, &name).await })
     }
 
     /// `ip link set dev <link> master <bridge>`.
     #[napi(ts_return_type = "Promise<void>")]
     pub fn set_master<'env>(&self, env: &'env Env, index: u32, master: u32) -> napi::Result<PromiseRaw<'env, ()>> {
         let h = self.h();
-        promise(env, async move { h?.set_master(index, master).await })
+        future_promise(env, async move { h?.set_master(index, master).await })
     }
 
     /// `ip link set dev <link> nomaster`.
     #[napi(ts_return_type = "Promise<void>")]
     pub fn set_nomaster<'env>(&self, env: &'env Env, index: u32) -> napi::Result<PromiseRaw<'env, ()>> {
         let h = self.h();
-        promise(env, async move { h?.set_nomaster(index).await })
+        future_promise(env, async move { h?.set_nomaster(index).await })
     }
 
     /// Moves a link into the netns at `netns` (a namespace file). `ip link set dev <link> netns <ns>`.
     #[napi(ts_return_type = "Promise<void>")]
     pub fn set_netns<'env>(&self, env: &'env Env, index: u32, netns: String) -> napi::Result<PromiseRaw<'env, ()>> {
         let h = self.h();
-        promise(env, async move {
+        future_promise(env, async move {
             let f = netns::open_netns(Path::new(&netns))?;
             h?.set_netns(index, f.as_fd()).await
         })
@@ -415,7 +392,7 @@ impl NetlinkHandle {
     #[napi(ts_return_type = "Promise<void>")]
     pub fn delete_link<'env>(&self, env: &'env Env, index: u32) -> napi::Result<PromiseRaw<'env, ()>> {
         let h = self.h();
-        promise(env, async move { h?.delete_link(index).await })
+        future_promise(env, async move { h?.delete_link(index).await })
     }
 
     /// Deletes several links in one kernel batch (one set of unregister waits instead of one per link); exactly
@@ -423,14 +400,14 @@ impl NetlinkHandle {
     #[napi(ts_return_type = "Promise<void>")]
     pub fn delete_links<'env>(&self, env: &'env Env, indices: Vec<u32>) -> napi::Result<PromiseRaw<'env, ()>> {
         let h = self.h();
-        promise(env, async move { h?.delete_links(&indices).await })
+        future_promise(env, async move { h?.delete_links(&indices).await })
     }
 
     /// Lists IPv4 and IPv6 addresses, of one link when `index` is given. `ip addr show [dev <link>]`.
     #[napi(ts_return_type = "Promise<Array<Address>>")]
     pub fn addresses<'env>(&self, env: &'env Env, index: Option<u32>) -> napi::Result<PromiseRaw<'env, Vec<Address>>> {
         let h = self.h();
-        promise(env, async move {
+        future_promise(env, async move {
             let list = h?.addresses(index).await?;
             Ok(list
                 .into_iter()
@@ -455,9 +432,8 @@ impl NetlinkHandle {
         prefix_len: u32,
     ) -> napi::Result<PromiseRaw<'env, ()>> {
         let h = self.h();
-        promise(env, async move {
-            let ip = parse_ip(&address)?;
-            let len = u8_of(prefix_len, "prefixLen")?;
+        future_promise(env, async move {
+            let (ip, len) = address_of(&address, prefix_len)?;
             h?.add_address(index, ip, len).await
         })
     }
@@ -472,9 +448,8 @@ impl NetlinkHandle {
         prefix_len: u32,
     ) -> napi::Result<PromiseRaw<'env, ()>> {
         let h = self.h();
-        promise(env, async move {
-            let ip = parse_ip(&address)?;
-            let len = u8_of(prefix_len, "prefixLen")?;
+        future_promise(env, async move {
+            let (ip, len) = address_of(&address, prefix_len)?;
             h?.delete_address(index, ip, len).await
         })
     }
@@ -483,7 +458,7 @@ impl NetlinkHandle {
     #[napi(ts_return_type = "Promise<Array<Route>>")]
     pub fn routes<'env>(&self, env: &'env Env) -> napi::Result<PromiseRaw<'env, Vec<Route>>> {
         let h = self.h();
-        promise(env, async move {
+        future_promise(env, async move {
             let list = h?.routes().await?;
             Ok(list
                 .into_iter()
@@ -507,7 +482,7 @@ impl NetlinkHandle {
     #[napi(ts_return_type = "Promise<void>")]
     pub fn add_route<'env>(&self, env: &'env Env, route: RouteSpec) -> napi::Result<PromiseRaw<'env, ()>> {
         let h = self.h();
-        promise(env, async move {
+        future_promise(env, async move {
             let spec = route_spec(route)?;
             h?.add_route(&spec).await
         })
@@ -517,7 +492,7 @@ impl NetlinkHandle {
     #[napi(ts_return_type = "Promise<void>")]
     pub fn delete_route<'env>(&self, env: &'env Env, route: RouteSpec) -> napi::Result<PromiseRaw<'env, ()>> {
         let h = self.h();
-        promise(env, async move {
+        future_promise(env, async move {
             let spec = route_spec(route)?;
             h?.delete_route(&spec).await
         })
@@ -571,7 +546,7 @@ pub fn create_tap<'env>(
     name: String,
     options: Option<CreateTapOptions>,
 ) -> napi::Result<PromiseRaw<'env, ()>> {
-    promise(env, async move {
+    future_promise(env, async move {
         let o = options.unwrap_or(CreateTapOptions { netns: None, mtu: None, multi_queue: None, up: None });
         let opts = tap::TapCreateOptions {
             mtu: o.mtu,
@@ -592,7 +567,7 @@ pub fn open_tap<'env>(
     name: String,
     options: Option<OpenTapOptions>,
 ) -> napi::Result<PromiseRaw<'env, Vec<i32>>> {
-    promise(env, async move {
+    future_promise(env, async move {
         let o = options.unwrap_or(OpenTapOptions { netns: None, vnet_hdr: None, queues: None });
         let opts = tap::TapOpenOptions { vnet_hdr: o.vnet_hdr.unwrap_or(false), queues: o.queues.unwrap_or(1) };
         let ns = o.netns.map(PathBuf::from);
@@ -605,7 +580,7 @@ pub fn open_tap<'env>(
 /// a VM holds it (`NetlinkHandle.deleteLink` removes it even then).
 #[napi(ts_return_type = "Promise<void>")]
 pub fn delete_tap<'env>(env: &'env Env, name: String, netns: Option<String>) -> napi::Result<PromiseRaw<'env, ()>> {
-    promise(env, async move {
+    future_promise(env, async move {
         let ns = netns.map(PathBuf::from);
         blocking(move || tap::delete_tap(ns.as_deref(), &name)).await
     })
@@ -629,7 +604,7 @@ pub fn add_dhcp_isolation<'env>(
     netns: Option<String>,
     link: String,
 ) -> napi::Result<PromiseRaw<'env, ()>> {
-    promise(env, async move {
+    future_promise(env, async move {
         let ns = netns.map(PathBuf::from);
         blocking(move || isolation::add_dhcp_isolation(ns.as_deref(), &link)).await
     })
@@ -642,7 +617,7 @@ pub fn remove_dhcp_isolation<'env>(
     netns: Option<String>,
     link: String,
 ) -> napi::Result<PromiseRaw<'env, ()>> {
-    promise(env, async move {
+    future_promise(env, async move {
         let ns = netns.map(PathBuf::from);
         blocking(move || isolation::remove_dhcp_isolation(ns.as_deref(), &link)).await
     })
@@ -651,7 +626,7 @@ pub fn remove_dhcp_isolation<'env>(
 /// The links isolated in a netns, sorted.
 #[napi(ts_return_type = "Promise<Array<string>>")]
 pub fn list_dhcp_isolation<'env>(env: &'env Env, netns: Option<String>) -> napi::Result<PromiseRaw<'env, Vec<String>>> {
-    promise(env, async move {
+    future_promise(env, async move {
         let ns = netns.map(PathBuf::from);
         blocking(move || isolation::list_dhcp_isolation(ns.as_deref())).await
     })

@@ -7,7 +7,7 @@ use ipnet::{IpNet, Ipv4Net};
 
 use super::ops::{Addr, Link, Route, RTPROT_KERNEL, RT_SCOPE_LINK};
 use crate::error::{Error, ErrorCode, Result};
-use crate::types::{CniInterface, CniIpConfig, CniResult, CniRoute};
+use crate::types::{CniInterface, CniIpConfig, CniResult, CniRoute, MacAddr};
 
 /// Calico's link-local gateway: a pod's link with a `169.254.1.1/32 scope link` route is Calico's.
 pub const CALICO_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
@@ -61,21 +61,6 @@ impl Default for CalicoOptions {
     }
 }
 
-/// Formats a MAC the way CNI results carry it (`42:a4:a6:22:80:2e`).
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
-}
-
-/// Parses a MAC in CNI form (`42:a4:a6:22:80:2e`, any case); `None` when malformed.
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = s.split([':', '-']);
-    for b in mac.iter_mut() {
-        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
-}
-
 /// The IPv4 address and prefix of an IP config, `None` for IPv6.
 pub fn ipv4_of(ip: &CniIpConfig) -> Option<Ipv4Net> {
     match ip.address {
@@ -108,7 +93,7 @@ pub fn fix_result(result: &mut CniResult, ns_path: &str, snap: &NetSnapshot, cal
         let link = snap
             .link_by_index(addr.link)
             .ok_or_else(|| Error::new(ErrorCode::NotFound, format!("the link holding {} vanished", net.addr())))?;
-        let mac = format_mac(&link.mac);
+        let mac = MacAddr(link.mac).to_string();
         let iface = match result.interfaces.iter().position(|i| i.name == link.name && !i.sandbox.is_empty()) {
             Some(i) => {
                 // Teardown finds the link by this MAC: make it the real one.
@@ -191,8 +176,11 @@ fn rebuild_weave_like(result: &mut CniResult, ns_path: &str, snap: &NetSnapshot)
         }
         routes.push(CniRoute { dst: IpNet::V4(r.dst), gw: Some(IpAddr::V4(gw)) });
     }
-    result.interfaces =
-        vec![CniInterface { name: veth.name.clone(), mac: format_mac(&veth.mac), sandbox: ns_path.to_string() }];
+    result.interfaces = vec![CniInterface {
+        name: veth.name.clone(),
+        mac: MacAddr(veth.mac).to_string(),
+        sandbox: ns_path.to_string(),
+    }];
     result.ips = vec![CniIpConfig { version: "4".into(), interface: 0, address: IpNet::V4(addr.net), gateway }];
     result.routes = routes;
     Ok(())

@@ -10,15 +10,16 @@ use std::os::fd::OwnedFd;
 use ipnet::Ipv4Net;
 
 use crate::error::Result;
+use crate::netlink::{rtprot, rtscope};
 
 /// Route protocol `kernel` (routes the kernel adds for an address's subnet; never stripped).
-pub const RTPROT_KERNEL: u8 = 2;
+pub const RTPROT_KERNEL: u8 = rtprot::KERNEL;
 /// Route protocol `boot` (the default of `ip route add` and of CNI plugins).
-pub const RTPROT_BOOT: u8 = 3;
+pub const RTPROT_BOOT: u8 = rtprot::BOOT;
 /// Route scope `universe` (`global`).
-pub const RT_SCOPE_UNIVERSE: u8 = 0;
+pub const RT_SCOPE_UNIVERSE: u8 = rtscope::UNIVERSE;
 /// Route scope `link`.
-pub const RT_SCOPE_LINK: u8 = 253;
+pub const RT_SCOPE_LINK: u8 = rtscope::LINK;
 /// The main routing table.
 pub const RT_TABLE_MAIN: u32 = 254;
 

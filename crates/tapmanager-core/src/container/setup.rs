@@ -5,13 +5,13 @@ use std::os::fd::OwnedFd;
 
 use ipnet::{IpNet, Ipv4Net};
 
-use super::fix::{container_links, fix_result, ipv4_of, parse_mac, CalicoOptions, NetSnapshot};
+use super::fix::{container_links, fix_result, ipv4_of, CalicoOptions, NetSnapshot};
 use super::ops::{Addr, Link, NetOps, Route, RTPROT_KERNEL};
 use crate::error::{Error, ErrorCode, Result};
 use crate::types::{CniResult, ContainerSideNetwork, InterfaceDescription, InterfaceType, MacAddr};
 
 /// The address of every pod bridge: the DHCP server's address, `169.254.254.2/24`.
-pub const BRIDGE_ADDR: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(169, 254, 254, 2), 24);
+pub const BRIDGE_ADDR: Ipv4Net = Ipv4Net::new_assert(crate::dhcp::SERVER_IP, 24);
 
 /// The tap of the `i`-th container link.
 pub fn tap_name(i: usize) -> String {
@@ -309,8 +309,10 @@ pub fn teardown(ops: &mut impl NetOps, csn: &ContainerSideNetwork) -> Result<()>
 /// Re-adds the link's IPs from the result (the link found by MAC in `interfaces`) and the routes whose gateway
 /// lies in an address's subnet.
 fn restore_ips(ops: &mut impl NetOps, result: &CniResult, link: &Link) -> Result<()> {
-    let Some(iface) =
-        result.interfaces.iter().position(|i| !i.sandbox.is_empty() && parse_mac(&i.mac) == Some(link.mac))
+    let Some(iface) = result
+        .interfaces
+        .iter()
+        .position(|i| !i.sandbox.is_empty() && i.mac.parse::<MacAddr>().ok() == Some(MacAddr(link.mac)))
     else {
         return Ok(());
     };

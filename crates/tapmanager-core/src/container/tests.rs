@@ -3,7 +3,7 @@
 use std::net::Ipv4Addr;
 
 use super::fake::FakeNet;
-use super::fix::{format_mac, CalicoOptions};
+use super::fix::CalicoOptions;
 use super::setup::*;
 use crate::error::ErrorCode;
 use crate::types::{CniResult, InterfaceType, MacAddr};
@@ -42,7 +42,7 @@ fn view(net: &FakeNet) -> (Vec<String>, Vec<String>, Vec<String>) {
     let mut links: Vec<String> = net
         .links
         .iter()
-        .map(|l| format!("{} {} mtu {} up {} master {:?}", l.name, format_mac(&l.mac), l.mtu, l.up, name(l.master)))
+        .map(|l| format!("{} {} mtu {} up {} master {:?}", l.name, MacAddr(l.mac), l.mtu, l.up, name(l.master)))
         .collect();
     let mut addrs: Vec<String> =
         net.addrs.iter().map(|a| format!("{:?} {} brd {:?}", name(Some(a.link)), a.net, a.broadcast)).collect();
