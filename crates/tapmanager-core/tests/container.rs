@@ -549,3 +549,68 @@ fn bad_input_is_refused_cleanly() {
     assert_eq!(e.code, ErrorCode::NotFound, "{}", e.message);
     p.assert_restored(&before);
 }
+
+/// The snapshot without the links named `br*`/`tap*` and their addresses (what a keep-devices teardown leaves).
+fn without_bridges_and_taps(mut v: Value) -> Value {
+    let ours = |l: &Value| {
+        let n = l["ifname"].as_str().unwrap_or("");
+        n.starts_with("br") || n.starts_with("tap")
+    };
+    for key in ["links", "addrs"] {
+        v[key].as_array_mut().unwrap().retain(|l| !ours(l));
+    }
+    v
+}
+
+/// The node netns's links other than `lo`.
+fn node_links(p: &Pod) -> Vec<String> {
+    let v: Value = serde_json::from_str(&p.node.exec("ip", &["-j", "link", "show"])).unwrap();
+    v.as_array().unwrap().iter().map(|l| l["ifname"].as_str().unwrap().to_string()).filter(|n| n != "lo").collect()
+}
+
+#[test]
+fn a_teardown_keeping_devices_restores_what_cni_needs_and_the_netns_deletion_removes_the_rest() {
+    let (p, result) = two_links();
+    let before = settled(&p);
+    let path = p.path();
+    let out = container::setup_container_side(Path::new(&path), result.as_bytes(), SetupOptions::default()).unwrap();
+    drop(out.fds);
+    let opts = container::TeardownOptions { delete_devices: false };
+    container::teardown_container_side_with(Path::new(&path), out.csn.to_json().as_bytes(), opts).unwrap();
+
+    // eth0/eth1 have their MACs, addresses and routes back, no master; the isolation tables are gone; no route
+    // (of any table) goes through a bridge.
+    let want = without_bridges_and_taps(before.clone());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = without_bridges_and_taps(p.snapshot());
+        if got == want {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pod netns not restored.\nwant: {want:#}\ngot:  {got:#}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for (link, mac) in [("eth0", "42:a4:a6:22:80:2e"), ("eth1", "42:a4:a6:22:80:3f")] {
+        let j = p.link_json(link);
+        assert_eq!((j["address"].as_str(), j.get("master")), (Some(mac), None), "{link}: {j:#}");
+    }
+    // The bridges and taps are still there, down and empty.
+    for dev in ["br0", "br1", "tap0", "tap1"] {
+        let j = p.link_json(dev);
+        let flags = j["flags"].as_array().unwrap();
+        assert!(!flags.contains(&json!("UP")), "{dev} is down: {j:#}");
+        assert_eq!(j.get("master"), None, "{dev} is no port: {j:#}");
+    }
+
+    // CNI DEL (the bridge plugin deletes the veth from inside the pod netns) works.
+    p.pod.exec("ip", &["link", "del", "eth0"]);
+    assert_eq!(node_links(&p), [p.peers[1].clone()], "eth0's peer went with it");
+
+    // Deleting the pod netns leaves nothing in the node netns (the kernel destroys the netns asynchronously).
+    common::sh("ip", &["netns", "del", &p.pod.name]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !node_links(&p).is_empty() {
+        assert!(Instant::now() < deadline, "node netns still has {:?}", node_links(&p));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

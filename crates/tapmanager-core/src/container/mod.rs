@@ -22,7 +22,7 @@ mod tests;
 pub use fix::{needs_dummy_gateway, CalicoOptions, NetSnapshot};
 pub use ops::{Addr, Link, NetOps, Route};
 pub use real::RealNet;
-pub use setup::{recover, reopen_taps, setup, teardown, SetupOptions, SetupOutput};
+pub use setup::{recover, reopen_taps, setup, teardown, teardown_with, SetupOptions, SetupOutput, TeardownOptions};
 
 use std::os::fd::OwnedFd;
 use std::path::Path;
@@ -50,6 +50,14 @@ pub fn teardown_container_side(ns_path: &Path, csn_json: &[u8]) -> Result<()> {
     let csn = ContainerSideNetwork::from_json(csn_json)?;
     let path = ns_path.to_path_buf();
     run_in_netns(ns_path, move || teardown(&mut RealNet::here(&path)?, &csn))
+}
+
+/// [`teardown_container_side`] with options: `delete_devices: false` leaves the emptied bridges and taps (down)
+/// for a netns that is deleted right after.
+pub fn teardown_container_side_with(ns_path: &Path, csn_json: &[u8], opts: TeardownOptions) -> Result<()> {
+    let csn = ContainerSideNetwork::from_json(csn_json)?;
+    let path = ns_path.to_path_buf();
+    run_in_netns(ns_path, move || teardown_with(&mut RealNet::here(&path)?, &csn, &opts))
 }
 
 /// Reopens the taps of `csn_json` after a restart; a tap held by a running VM gives `None`.

@@ -396,3 +396,37 @@ fn lo_is_brought_up_and_put_down_again_when_setup_fails() {
     assert_eq!(view(&net), before);
     assert!(!net.link("lo").up);
 }
+
+#[test]
+fn teardown_keeping_devices_restores_the_links_and_leaves_the_bridges_and_taps_down_and_empty() {
+    let (mut net, r) = two_interfaces();
+    let before = view(&net);
+    let out = setup(&mut net, NS, r, &opts()).unwrap();
+    drop(out.fds);
+    // Nothing is deleted: a delete would fail the teardown.
+    net.fail_ops.insert("delete_link");
+    teardown_with(&mut net, &out.csn, &TeardownOptions { delete_devices: false }).unwrap();
+    assert!(net.isolations.is_empty());
+    let mut kept: Vec<(String, bool, Option<u32>)> = net
+        .links
+        .iter()
+        .filter(|l| l.name.starts_with("br") || l.name.starts_with("tap"))
+        .map(|l| (l.name.clone(), l.up, l.master))
+        .collect();
+    kept.sort();
+    let down = |n: &str| (n.to_string(), false, None);
+    assert_eq!(kept, [down("br0"), down("br1"), down("tap0"), down("tap1")]);
+    // Without the bridges and taps, the netns is what CNI left (the bridges' address and routes are gone).
+    let (links, addrs, routes) = view(&net);
+    let links: Vec<String> = links.into_iter().filter(|s| !s.starts_with("br") && !s.starts_with("tap")).collect();
+    assert_eq!((links, addrs, routes), before);
+    // The default (deleting) teardown afterwards removes what was left.
+    net.fail_ops.clear();
+    teardown(&mut net, &out.csn).unwrap();
+    assert_eq!(view(&net), before);
+}
+
+#[test]
+fn teardown_options_default_to_deleting_the_devices() {
+    assert!(TeardownOptions::default().delete_devices);
+}
