@@ -540,5 +540,16 @@ export interface TapFdInfo {
 /**
  * Tears the container side of `csnJson` down in the pod netns at `nsPath`, restoring what CNI left (close the
  * tap fds first). Every step runs; when some fail, the Promise rejects with all their errors in the message.
+ * With `keepDevices` the bridges and taps are left (down, empty) for the netns deletion that follows.
  */
-export declare function teardownContainerSide(nsPath: string, csnJson: string): Promise<void>
+export declare function teardownContainerSide(nsPath: string, csnJson: string, opts?: TeardownContainerSideOptions | undefined | null): Promise<void>
+
+/** Options of `teardownContainerSide`. */
+export interface TeardownContainerSideOptions {
+  /**
+   * Leave the emptied bridges and taps in the netns, down and without the bridge address, instead of
+   * deleting them (default false). Only for a netns that is deleted right after: its deletion destroys them
+   * asynchronously, saving ~20-45 ms per device. Everything CNI DEL needs is restored either way.
+   */
+  keepDevices?: boolean
+}

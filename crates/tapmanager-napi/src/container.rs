@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use napi::bindgen_prelude::PromiseRaw;
 use napi::Env;
 use napi_derive::napi;
-use tapmanager_core::container::{self, CalicoOptions, SetupOptions};
+use tapmanager_core::container::{self, CalicoOptions, SetupOptions, TeardownOptions};
 use tapmanager_core::{Error as CoreError, Result as CoreResult};
 
 use crate::error::spawn_blocking_promise;
@@ -88,17 +88,31 @@ pub fn setup_container_side<'env>(
     )
 }
 
+/// Options of `teardownContainerSide`.
+#[napi(object)]
+#[derive(Debug, Clone, Default)]
+pub struct TeardownContainerSideOptions {
+    /// Leave the emptied bridges and taps in the netns, down and without the bridge address, instead of
+    /// deleting them (default false). Only for a netns that is deleted right after: its deletion destroys them
+    /// asynchronously, saving ~20-45 ms per device. Everything CNI DEL needs is restored either way.
+    pub keep_devices: Option<bool>,
+}
+
 /// Tears the container side of `csnJson` down in the pod netns at `nsPath`, restoring what CNI left (close the
 /// tap fds first). Every step runs; when some fail, the Promise rejects with all their errors in the message.
+/// With `keepDevices` the bridges and taps are left (down, empty) for the netns deletion that follows.
 #[napi(ts_return_type = "Promise<void>")]
 pub fn teardown_container_side<'env>(
     env: &'env Env,
     ns_path: String,
     csn_json: String,
+    opts: Option<TeardownContainerSideOptions>,
 ) -> napi::Result<PromiseRaw<'env, ()>> {
+    let keep = opts.and_then(|o| o.keep_devices).unwrap_or(false);
+    let opts = TeardownOptions { delete_devices: !keep };
     spawn_blocking_promise(
         env,
-        move || container::teardown_container_side(&PathBuf::from(ns_path), csn_json.as_bytes()),
+        move || container::teardown_container_side_with(&PathBuf::from(ns_path), csn_json.as_bytes(), opts),
         |()| (),
     )
 }
