@@ -208,6 +208,22 @@ function podState(nsPath: string): string {
   return JSON.stringify({ links, addrs, routes, nft }, null, 1)
 }
 
+/** Whether a link is one of setup's bridges or taps. */
+const ourDevice = (name: string) => /^(br|tap)\d+$/.test(name)
+
+/**
+ * A pod state split in two: without setup's bridges and taps (what a release's teardown, which leaves them to
+ * the netns deletion, must restore exactly), and those devices with their IPv4 addresses.
+ */
+function splitOurDevices(state: string): { rest: string; ours: { name: string; flags: string[]; master?: string; addrs: string[] }[] } {
+  const s = JSON.parse(state)
+  const addrsOf = (name: string) => s.addrs.find((a: any) => a.name === name)?.addrs ?? []
+  return {
+    rest: JSON.stringify({ ...s, links: s.links.filter((l: any) => !ourDevice(l.name)), addrs: s.addrs.filter((a: any) => !ourDevice(a.name)) }, null, 1),
+    ours: s.links.filter((l: any) => ourDevice(l.name)).map((l: any) => ({ name: l.name, flags: l.flags, master: l.master, addrs: addrsOf(l.name) })),
+  }
+}
+
 /** The pod state once every UP link's operstate has settled (carrier follows a moment after "up"). */
 async function settledPodState(nsPath: string): Promise<string> {
   const deadline = Date.now() + 5000
@@ -237,8 +253,8 @@ for (const [title, conf] of [
 ] as const)
 for (const restart of [false, true]) {
   const when = restart ? ', released after a server restart with recover' : ''
-  test.serial(`teardown on release restores the pod netns exactly as CNI left it (${title}${when})`, async (t) => {
-    const states: { beforeSetup?: string; afterSetup?: string; afterTeardown?: string; loUp?: boolean } = {}
+  test.serial(`teardown on release restores the pod netns exactly as CNI left it, but for the emptied bridges and taps left to the netns deletion (${title}${when})`, async (t) => {
+    const states: { beforeSetup?: string; afterSetup?: string; afterTeardown?: string; loUp?: boolean; keepDevices?: boolean } = {}
     const ops: PodNetworkOps = {
       ...nativePodNetworkOps,
       setupContainerSide: async (ns, r, o) => {
@@ -247,8 +263,9 @@ for (const restart of [false, true]) {
         states.afterSetup = podState(ns)
         return out
       },
-      teardownContainerSide: async (ns, csn) => {
-        await nativePodNetworkOps.teardownContainerSide(ns, csn)
+      teardownContainerSide: async (ns, csn, o) => {
+        await nativePodNetworkOps.teardownContainerSide(ns, csn, o)
+        states.keepDevices = o?.keepDevices
         states.afterTeardown = await settledPodState(ns)
         states.loUp = JSON.parse(sh('nsenter', [`--net=${ns}`, 'ip', '-j', 'link', 'show', 'lo']))[0].flags.includes('UP')
       },
@@ -265,7 +282,17 @@ for (const restart of [false, true]) {
       t.truthy(states.beforeSetup)
       t.not(states.afterSetup, states.beforeSetup, 'setup changed the netns')
       await h.client.releaseFDs(podId)
-      t.is(states.afterTeardown, states.beforeSetup)
+      // Release deletes the netns right after, so its teardown leaves the bridges and taps to that deletion:
+      // everything else is exactly as CNI left it, and those devices are down, no ports, without addresses.
+      t.true(states.keepDevices)
+      t.is(splitOurDevices(states.beforeSetup!).ours.length, 0)
+      const after = splitOurDevices(states.afterTeardown!)
+      t.is(after.rest, states.beforeSetup!)
+      const ifaces = JSON.parse(states.afterSetup!).links.filter((l: any) => ourDevice(l.name)).length
+      t.true(ifaces >= 2, 'setup made a bridge and a tap per interface')
+      t.is(after.ours.length, ifaces)
+      for (const d of after.ours) t.deepEqual({ ...d, up: d.flags.includes('UP') }, { ...d, up: false, master: undefined, addrs: [] }, d.name)
+      t.false(existsSync(h.nsPath(podId)), 'release deleted the netns')
       t.true(states.loUp)
     })
   })

@@ -55,7 +55,7 @@ function fakes(opts: { fail?: string[]; gate?: Promise<void> } = {}) {
       fds.push(fd)
       return { csn: CSN(p), fds: [fd] }
     },
-    teardownContainerSide: async (p) => step(`teardownContainerSide ${p}`),
+    teardownContainerSide: async (p, _csn, o) => step(`teardownContainerSide ${p}${o?.keepDevices ? ' keepDevices' : ''}`),
     recoverContainerSide: async (p) => {
       step(`recoverContainerSide ${p}`)
       return { fds: [null] }
@@ -93,7 +93,8 @@ test('add runs netns, CNI, container side, DHCP in order; release undoes them in
   t.is(JSON.parse(source.getInfo('p1').toString())[0].mac, 'QqSmIoAu')
   calls.length = 0
   await source.release('p1')
-  t.deepEqual(calls, ['dhcpStop /ns/p1', 'teardownContainerSide /ns/p1', 'cniDel p1', 'deleteNetns /ns/p1'])
+  // The netns is deleted last, so the teardown leaves the bridges and taps to its deletion.
+  t.deepEqual(calls, ['dhcpStop /ns/p1', 'teardownContainerSide /ns/p1 keepDevices', 'cniDel p1', 'deleteNetns /ns/p1'])
   t.false(isOpen(fds[0]))
   t.deepEqual(source.keys(), [])
 })
@@ -111,7 +112,7 @@ test('release keeps going past failing steps and reports every error', async (t)
   await source.getFDs('p1', payload('p1'))
   calls.length = 0
   const err = await t.throwsAsync(source.release('p1'), { instanceOf: AggregateOperationError })
-  t.deepEqual(calls, ['dhcpStop /ns/p1', 'teardownContainerSide /ns/p1', 'cniDel p1', 'deleteNetns /ns/p1'])
+  t.deepEqual(calls, ['dhcpStop /ns/p1', 'teardownContainerSide /ns/p1 keepDevices', 'cniDel p1', 'deleteNetns /ns/p1'])
   t.is(err!.errors.length, 2)
   t.regex(err!.message, /teardownContainerSide failed; cniDel failed/)
   t.deepEqual(source.keys(), [])

@@ -11,6 +11,16 @@ export interface DhcpServerHandle {
   stop(): Promise<void>
 }
 
+/** Options of the container-side teardown. */
+export interface TeardownOptions {
+  /**
+   * Leave the emptied bridges and taps (down, the bridge's address removed) instead of deleting them: only for
+   * a netns deleted right after, whose deletion destroys them (the kernel takes ~20-45 ms per device to
+   * unregister one). What CNI DEL needs is restored either way. Default false.
+   */
+  keepDevices?: boolean
+}
+
 /** Options of the container-side setup. */
 export interface ContainerSideOptions {
   enableSriov?: boolean
@@ -30,8 +40,8 @@ export interface PodNetworkOps {
   needsDummyGateway(nsPath: string): Promise<boolean>
   /** Rewires the netns for a VM; returns the ContainerSideNetwork JSON and one tap fd per interface. */
   setupContainerSide(nsPath: string, cniResultJson: string, opts: ContainerSideOptions): Promise<{ csn: string; fds: number[] }>
-  /** Restores the netns to what CNI left. */
-  teardownContainerSide(nsPath: string, csnJson: string): Promise<void>
+  /** Restores the netns to what CNI left (with `keepDevices`, but for the emptied bridges and taps). */
+  teardownContainerSide(nsPath: string, csnJson: string, opts?: TeardownOptions): Promise<void>
   /** Reopens the taps after a restart; a tap a running VM holds gives null. */
   recoverContainerSide(nsPath: string, csnJson: string): Promise<{ fds: (number | null)[] }>
   /** Reopens the taps of a recovered pod (ERR_BUSY while a VM holds one). */
@@ -49,7 +59,7 @@ export const nativePodNetworkOps: PodNetworkOps = {
   deleteNetns: (nsPath) => native.deleteNetns(basename(nsPath), dirname(nsPath)),
   needsDummyGateway: (nsPath) => native.needsDummyGateway(nsPath),
   setupContainerSide: (nsPath, resultJson, opts) => native.setupContainerSide(nsPath, resultJson, opts),
-  teardownContainerSide: (nsPath, csnJson) => native.teardownContainerSide(nsPath, csnJson),
+  teardownContainerSide: (nsPath, csnJson, opts) => native.teardownContainerSide(nsPath, csnJson, opts),
   recoverContainerSide: async (nsPath, csnJson) => {
     const { fds } = await native.recoverContainerSide(nsPath, csnJson)
     return { fds: fds.map((fd) => fd ?? null) }

@@ -4,7 +4,8 @@
  * add (getFDs): netns -> CNI ADD -> DNS override -> container side (taps, bridges, isolation) -> DHCP server
  * bound -> ContainerSideNetwork JSON back, one tap fd per interface. Any failure rolls back every step done
  * so far (DHCP stopped, container side torn down, CNI DEL, netns deleted), so nothing is leaked.
- * release: every step runs even when one fails; all errors are reported together.
+ * release: every step runs even when one fails; all errors are reported together. The netns is deleted last, so
+ * the teardown leaves the emptied bridges and taps to that deletion (`keepDevices`) instead of deleting each.
  * recover/retrieveFDs: after a server restart, from the saved ContainerSideNetwork, without CNI or a new netns.
  * stop: DHCP servers stopped, fds closed, netns and links kept so a later recover works.
  *
@@ -134,7 +135,8 @@ export class TapFDSource implements FDSource {
       const errors: unknown[] = []
       const nsPath = this.nsPath(desc.podId)
       if (csnJson && this.ops.netnsExists(nsPath)) {
-        await this.ops.teardownContainerSide(nsPath, csnJson).catch((e) => errors.push(e))
+        // The netns at nsPath is deleted below: its deletion takes the bridges and taps.
+        await this.ops.teardownContainerSide(nsPath, csnJson, { keepDevices: true }).catch((e) => errors.push(e))
       }
       await this.cni.removeSandboxFromNetwork(desc.podId, desc.podName, desc.podNs).catch((e) => errors.push(e))
       await this.ops.deleteNetns(nsPath).catch((e) => errors.push(e))
@@ -220,7 +222,8 @@ export class TapFDSource implements FDSource {
         for (const fd of pod.fds) if (fd !== null) closeQuietly(fd)
         pod.fds = pod.fds.map(() => null)
       },
-      () => this.ops.teardownContainerSide(nsPath, pod.csnJson),
+      // The netns at nsPath is deleted two steps below: its deletion takes the bridges and taps, asynchronously.
+      () => this.ops.teardownContainerSide(nsPath, pod.csnJson, { keepDevices: true }),
       () => this.cni.removeSandboxFromNetwork(desc.podId, desc.podName, desc.podNs),
       () => this.ops.deleteNetns(nsPath),
     ])

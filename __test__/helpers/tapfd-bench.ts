@@ -95,7 +95,7 @@ const timedOps: PodNetworkOps = {
   deleteNetns: (p) => timed('deleteNetns', () => nativePodNetworkOps.deleteNetns(p)),
   needsDummyGateway: (p) => timed('needsDummyGateway', () => nativePodNetworkOps.needsDummyGateway(p)),
   setupContainerSide: (p, r, o) => timed('setupContainerSide', () => nativePodNetworkOps.setupContainerSide(p, r, o)),
-  teardownContainerSide: (p, c) => timed('teardownContainerSide', () => nativePodNetworkOps.teardownContainerSide(p, c)),
+  teardownContainerSide: (p, c, o) => timed('teardownContainerSide', () => nativePodNetworkOps.teardownContainerSide(p, c, o)),
   startDhcpServer: async (p, c) => {
     const h = await timed('startDhcpServer', () => nativePodNetworkOps.startDhcpServer(p, c))
     return { stop: () => timed('dhcp stop', () => h.stop()) }
