@@ -6,6 +6,14 @@
 //! create `tap0` (MTU, up), create bridge `br0` (MTU, ageing 0), enslave `eth0` and `tap0`, bridge up, bridge
 //! address 169.254.254.2/24, DHCP isolation of `eth0`, open the tap fd; then tear it all down: close the
 //! fd, remove the isolation, delete the address, `eth0` nomaster, delete the bridge, delete the tap.
+//!
+//! The release-path cases (group `release_path`) do the same setup in a fresh pod netns per iteration (made,
+//! with its veth, untimed) and end as a release does, where the netns is deleted right after the teardown:
+//! - `full_teardown_fresh_netns`: the teardown above (bridge and tap deleted); the netns delete is untimed.
+//! - `keep_devices`: the release-path teardown (`TeardownOptions { delete_devices: false }`): remove the
+//!   isolation, `eth0` and `tap0` nomaster, bridge down, delete its address, tap down; the bridge and tap are
+//!   left to the netns deletion (untimed), which the kernel finishes asynchronously.
+//! - `keep_devices_plus_netns_delete`: the same with the netns delete (umount + unlink) timed too.
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -24,6 +32,7 @@ struct Env {
     pod: String,
     node: String,
     pod_path: PathBuf,
+    node_path: PathBuf,
     rt: tokio::runtime::Runtime,
     nl: NetlinkHandle,
     eth: u32,
@@ -49,7 +58,7 @@ impl Env {
                 Ok::<_, tapmanager_core::Error>(eth)
             })
             .unwrap();
-        Env { pod, node, pod_path, rt, nl, eth }
+        Env { pod, node, pod_path, node_path, rt, nl, eth }
     }
 
     /// Our way: one iteration of setup + teardown.
@@ -120,6 +129,74 @@ impl Env {
             .unwrap();
     }
 
+    /// A fresh pod netns `<pod>r<k>` with `eth0` (up; peer `hr<k>` in the node netns), as CNI leaves one.
+    fn fresh_pod(&self, k: u32) -> FreshPod {
+        let name = format!("{}r{k}", self.pod);
+        let path = create_netns(Path::new(DEFAULT_NETNS_DIR), &name, IfExists::Recreate).unwrap().path;
+        let node_fd = open_netns(&self.node_path).unwrap();
+        let (nl, eth) = self
+            .rt
+            .block_on(async {
+                let nl = NetlinkHandle::open(Some(&path))?;
+                let eth = nl.create_veth("eth0", &format!("hr{k}"), Some(node_fd.as_fd())).await?;
+                nl.set_up(eth).await?;
+                nl.set_up(1).await?;
+                Ok::<_, tapmanager_core::Error>((nl, eth))
+            })
+            .unwrap();
+        FreshPod { name, path, nl, eth }
+    }
+
+    /// One release-path iteration in the fresh pod netns `k`: setup, the teardown of `mode`, the netns delete.
+    /// Returns the timed part (see the module doc).
+    fn release_path(&self, k: u32, mode: ReleaseMode) -> Duration {
+        let pod = self.fresh_pod(k);
+        let (nl, eth, ns) = (&pod.nl, pod.eth, pod.path.as_path());
+        let mut timed = self
+            .rt
+            .block_on(async {
+                let t = Instant::now();
+                tap::create_tap(
+                    Some(ns),
+                    "tap0",
+                    &tap::TapCreateOptions { mtu: Some(1500), multi_queue: false, up: true },
+                )?;
+                let br = nl.create_bridge("br0", Some(1500)).await?;
+                let tapi = nl.link_by_name("tap0").await?.index;
+                nl.set_master(eth, br).await?;
+                nl.set_master(tapi, br).await?;
+                nl.set_up(br).await?;
+                nl.add_address(br, "169.254.254.2".parse().unwrap(), 24).await?;
+                isolation::add_dhcp_isolation(Some(ns), "eth0")?;
+                let fds = tap::open_tap(Some(ns), "tap0", &tap::TapOpenOptions::default())?;
+                drop(fds);
+                isolation::remove_dhcp_isolation(Some(ns), "eth0")?;
+                if mode == ReleaseMode::FullTeardown {
+                    nl.delete_address(br, "169.254.254.2".parse().unwrap(), 24).await?;
+                    nl.set_nomaster(eth).await?;
+                    nl.delete_links(&[br, tapi]).await?;
+                } else {
+                    // What teardown_with(.., TeardownOptions { delete_devices: false }) does to the devices.
+                    nl.set_nomaster(eth).await?;
+                    nl.set_nomaster(tapi).await?;
+                    nl.set_down(br).await?;
+                    nl.delete_address(br, "169.254.254.2".parse().unwrap(), 24).await?;
+                    nl.set_down(tapi).await?;
+                }
+                Ok::<_, tapmanager_core::Error>(t.elapsed())
+            })
+            .unwrap();
+        // The handle's socket would keep the netns alive: close it (its task ends on the next poll).
+        drop(pod.nl);
+        self.rt.block_on(tokio::task::yield_now());
+        let t = Instant::now();
+        delete_netns(Path::new(DEFAULT_NETNS_DIR), &pod.name).unwrap();
+        if mode == ReleaseMode::KeepDevicesAndDeleteNetns {
+            timed += t.elapsed();
+        }
+        timed
+    }
+
     fn ip(&self, args: &[&str]) {
         let mut full = vec!["-n", self.pod.as_str()];
         full.extend_from_slice(args);
@@ -151,6 +228,22 @@ impl Env {
         self.ip(&["link", "del", "br0"]);
         self.ip(&["tuntap", "del", "dev", "tap0", "mode", "tap"]);
     }
+}
+
+/// A pod netns made for one release-path iteration.
+struct FreshPod {
+    name: String,
+    path: PathBuf,
+    nl: NetlinkHandle,
+    eth: u32,
+}
+
+/// How a release-path iteration ends (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReleaseMode {
+    FullTeardown,
+    KeepDevices,
+    KeepDevicesAndDeleteNetns,
 }
 
 impl Drop for Env {
@@ -237,6 +330,50 @@ fn bench(c: &mut Criterion) {
     println!("  tapmanager setup     median {:>8.3} ms   p90 {:>8.3} ms   ({n} iterations)", ms(sm), ms(sp));
     println!("  tapmanager teardown  median {:>8.3} ms   p90 {:>8.3} ms   (same iterations)", ms(tm), ms(tp));
     breakdown(&env);
+    release_path(c, &env);
+}
+
+/// The release-path cases (module doc), each iteration in a fresh pod netns. Run after the others: the
+/// deleted netns are destroyed by the kernel in the background, which the cases above should not share.
+fn release_path(c: &mut Criterion, env: &Env) {
+    let cases: [(&str, ReleaseMode); 3] = [
+        ("full_teardown_fresh_netns", ReleaseMode::FullTeardown),
+        ("keep_devices", ReleaseMode::KeepDevices),
+        ("keep_devices_plus_netns_delete", ReleaseMode::KeepDevicesAndDeleteNetns),
+    ];
+    let samples: [Mutex<Vec<Duration>>; 3] = Default::default();
+    let next = std::sync::atomic::AtomicU32::new(0);
+    let mut g = c.benchmark_group("release_path");
+    g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    for (i, (name, mode)) in cases.iter().enumerate() {
+        g.bench_function(*name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let d = env.release_path(k, *mode);
+                    samples[i].lock().unwrap().push(d);
+                    total += d;
+                }
+                total
+            })
+        });
+    }
+    g.finish();
+    println!(
+        "\nper-interface setup + release-path teardown, fresh pod netns each (every iteration, warm-up included):"
+    );
+    let labels = [
+        "setup + full teardown (devices deleted one by one; netns delete untimed)",
+        "setup + release-path teardown (devices left to the netns deletion, untimed)",
+        "setup + release-path teardown + netns delete (umount + unlink; kernel cleanup async)",
+    ];
+    for (i, label) in labels.iter().enumerate() {
+        let mut v = samples[i].lock().unwrap().clone();
+        let n = v.len();
+        let (med, p90) = median_and_p90(&mut v);
+        println!("  {label}\n      median {:>8.3} ms   p90 {:>8.3} ms   ({n} iterations)", ms(med), ms(p90));
+    }
 }
 
 fn ms(d: Duration) -> f64 {
