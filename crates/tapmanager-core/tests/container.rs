@@ -562,9 +562,9 @@ fn without_bridges_and_taps(mut v: Value) -> Value {
     v
 }
 
-/// The node netns's links other than `lo`.
-fn node_links(p: &Pod) -> Vec<String> {
-    let v: Value = serde_json::from_str(&p.node.exec("ip", &["-j", "link", "show"])).unwrap();
+/// The links of a netns other than `lo`.
+fn links_but_lo(ns: &TestNetns) -> Vec<String> {
+    let v: Value = serde_json::from_str(&ns.exec("ip", &["-j", "link", "show"])).unwrap();
     v.as_array().unwrap().iter().map(|l| l["ifname"].as_str().unwrap().to_string()).filter(|n| n != "lo").collect()
 }
 
@@ -604,13 +604,15 @@ fn a_teardown_keeping_devices_restores_what_cni_needs_and_the_netns_deletion_rem
 
     // CNI DEL (the bridge plugin deletes the veth from inside the pod netns) works.
     p.pod.exec("ip", &["link", "del", "eth0"]);
-    assert_eq!(node_links(&p), [p.peers[1].clone()], "eth0's peer went with it");
+    assert_eq!(links_but_lo(&p.node), [p.peers[1].clone()], "eth0's peer went with it");
 
-    // Deleting the pod netns leaves nothing in the node netns (the kernel destroys the netns asynchronously).
-    common::sh("ip", &["netns", "del", &p.pod.name]);
+    // Deleting the pod netns (`ip netns del`, what dropping it does) leaves nothing in the node netns: the
+    // kernel destroys the netns, with eth1, the bridges and the taps, asynchronously.
+    let Pod { node, pod, .. } = p;
+    drop(pod);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !node_links(&p).is_empty() {
-        assert!(Instant::now() < deadline, "node netns still has {:?}", node_links(&p));
+    while !links_but_lo(&node).is_empty() {
+        assert!(Instant::now() < deadline, "node netns still has {:?}", links_but_lo(&node));
         std::thread::sleep(Duration::from_millis(20));
     }
 }
