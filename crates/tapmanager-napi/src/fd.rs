@@ -365,7 +365,8 @@ impl UnixListener {
         capacity: u32,
         #[napi(ts_arg_type = "() => void")] on_ready: Function<'_, (), ()>,
     ) -> napi::Result<()> {
-        let wake: WakeFn = on_ready.build_threadsafe_function::<()>().callee_handled::<false>().weak::<true>().build()?;
+        let wake: WakeFn =
+            on_ready.build_threadsafe_function::<()>().callee_handled::<false>().weak::<true>().build()?;
         let wake = Arc::new(wake);
         self.fast.enable_log(
             capacity as usize,
