@@ -190,13 +190,27 @@ export declare class UnixListener {
   /** Whether `key` is registered for the native fast path. */
   hasFastGet(key: string): boolean
   /**
+   * Reports the gets the native fast path answers: after each response is handed to the socket (never before),
+   * an entry is queued natively, at most `capacity` of them (at least 1); entries beyond that are dropped and
+   * counted (`takeFastLog().dropped`, `fastLogDropped`). `onReady` is called on the JavaScript thread when the
+   * queue goes from empty to not empty: call `takeFastLog` then (it takes everything). The callback does not
+   * keep the process alive and is forgotten on `close` (entries can still be taken). Calling it again replaces
+   * the capacity and the callback.
+   */
+  enableFastLog(capacity: number, onReady: () => void): void
+  /** Takes every queued fast-path entry (see `enableFastLog`) and the count dropped since the previous take. */
+  takeFastLog(): FastGetLog
+  /** How many fast-path entries were dropped in all because the queue was full. */
+  get fastLogDropped(): number
+  /**
    * Resolves once no natively answered response is being sent; after `close`, every registered duplicate
    * is then closed.
    */
   drainFast(): Promise<void>
   /**
    * Closes the listener (a pending `accept` rejects; the native fast path forgets every key and answers
-   * nothing more) and, when `removeFile` is true, removes the socket file.
+   * nothing more, and forgets the `enableFastLog` callback) and, when `removeFile` is true, removes the socket
+   * file.
    */
   close(removeFile?: boolean | undefined | null): void
 }
@@ -327,6 +341,25 @@ export interface DhcpServerStats {
 
 /** Duplicates fds (`fcntl(F_DUPFD_CLOEXEC)`); the new fds belong to the caller. */
 export declare function dupFds(fds: Array<number>): Array<number>
+
+/** One get the native fast path answered (see `UnixListener.enableFastLog`). */
+export interface FastGetEntry {
+  /** The key, as registered. */
+  key: string
+  /** From having the request frame to the response handed to the socket, in ms. */
+  durationMs: number
+  /** The peer's credentials (absent when `SO_PEERCRED` failed). */
+  peer?: PeerCredentials
+}
+
+/**
+ * What `UnixListener.takeFastLog` returns: the queued entries, oldest first, and how many entries were dropped
+ * since the previous take because the queue was full (all of them answered after every entry returned).
+ */
+export interface FastGetLog {
+  entries: Array<FastGetEntry>
+  dropped: number
+}
 
 /**
  * A finished `FdRequestPort.request`: its id, and either the response frame (fds owned by JavaScript) or the

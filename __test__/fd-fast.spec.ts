@@ -3,11 +3,11 @@
 // Release unregisters first; authorisation applies; stop() closes every native duplicate.
 import test from 'ava'
 import { execFile } from 'node:child_process'
-import { chmodSync, mkdtempSync, readSync, rmSync } from 'node:fs'
+import { chmodSync, closeSync, mkdtempSync, openSync, readSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { FDServer, FDClient, closeFd } from '../src/index'
-import { UnixConnection } from '../src/native'
+import { FDServer, FDClient, closeFd, type RequestLogEntry } from '../src/index'
+import { UnixConnection, UnixListener } from '../src/native'
 import { encodeHeader, encodeKey, FDCommand } from '../src/protocol'
 import { FileFDSource } from '../examples/file-fd-source'
 import { openFdCount, requirePrereqs } from './helpers/env'
@@ -22,10 +22,11 @@ class StableFileSource extends FileFDSource {
   }
 }
 
-function setup(opts: ConstructorParameters<typeof FDServer>[2] = {}) {
+function setup(opts: ConstructorParameters<typeof FDServer>[2] = {}, stable = true) {
   const dir = mkdtempSync(join(tmpdir(), 'tm-fdfast-'))
   chmodSync(dir, 0o755)
   const source = new StableFileSource(join(dir, 'files'))
+  if (!stable) Object.defineProperty(source, 'stableInfo', { value: false })
   const sock = join(dir, 'fd.sock')
   const server = new FDServer(sock, source, opts)
   const client = new FDClient(sock)
@@ -45,6 +46,12 @@ function readFd(fd: number): string {
 
 function fast(server: FDServer, key: string): boolean {
   return server['listener']!.hasFastGet(key)
+}
+
+/** Waits (bounded, polling) until `cond()` holds; returns whether it did. */
+async function until(cond: () => boolean): Promise<boolean> {
+  for (let i = 0; i < 1000 && !cond(); i++) await new Promise((r) => setTimeout(r, 5))
+  return cond()
 }
 
 /** One raw get on its own connection, read as the Go client does; returns header, data and fds. */
@@ -175,9 +182,9 @@ test('recovered keys: the first get retrieves the fds in JavaScript, later ones 
   }
 })
 
-test('no fast path without stableInfo, nor with an onRequest hook (every get is logged)', async (t) => {
+test('no fast path without stableInfo (every get is logged)', async (t) => {
   const log: string[] = []
-  const { server, client, source, cleanup } = setup({ onRequest: (e) => log.push(`${e.command} ${e.key}`) })
+  const { server, client, source, cleanup } = setup({ onRequest: (e) => log.push(`${e.command} ${e.key}`) }, false)
   await server.serve()
   try {
     await client.addFDs('h', { contents: ['x'] })
@@ -187,6 +194,122 @@ test('no fast path without stableInfo, nor with an onRequest hook (every get is 
     t.deepEqual(log, ['add h', 'get h', 'get h', 'get h'])
   } finally {
     await cleanup()
+  }
+})
+
+test('with an onRequest hook the fast path stays on, and every get is still logged exactly once', async (t) => {
+  const log: RequestLogEntry[] = []
+  const { server, client, source, cleanup } = setup({ onRequest: (e) => log.push(e) })
+  await server.serve()
+  try {
+    await client.addFDs('h', { contents: ['x'] })
+    for (let i = 0; i < 3; i++) (await client.getFDs('h')).fds.forEach(closeFd)
+    t.true(fast(server, 'h'))
+    t.is(source.infoCalls, 1, 'the second and third gets were answered natively')
+    // Native entries arrive shortly after their responses, without stop().
+    t.true(await until(() => log.length >= 4))
+    t.deepEqual(log.map((e) => `${e.command} ${e.key}`), ['add h', 'get h', 'get h', 'get h'])
+  } finally {
+    await cleanup()
+  }
+  t.is(log.length, 4, 'nothing logged twice')
+  for (const e of log) {
+    t.is(e.outcome, 'ok')
+    t.is(e.peer?.uid, process.getuid!())
+    t.true(e.durationMs >= 0)
+    t.is(e.dropped, undefined)
+  }
+})
+
+test('with onRequest, N gets (mostly native, several per connection, concurrent) give exactly N get entries', async (t) => {
+  const log: RequestLogEntry[] = []
+  const { server, client, source, sock, cleanup } = setup({ onRequest: (e) => log.push(e) })
+  await server.serve()
+  const expected: string[] = []
+  try {
+    await client.addFDs('a', { contents: ['A'] })
+    await client.addFDs('b', { contents: ['B1', 'B2'] })
+    // The first get of each key goes through JavaScript and registers it.
+    for (const k of ['a', 'b']) {
+      ;(await client.getFDs(k)).fds.forEach(closeFd)
+      expected.push(k)
+      t.true(fast(server, k))
+    }
+    // Concurrent gets on their own connections, all native.
+    const keys = Array.from({ length: 30 }, (_, i) => (i % 3 === 0 ? 'b' : 'a'))
+    const got = await Promise.all(keys.map((k) => client.getFDs(k)))
+    got.forEach((r, i) => t.deepEqual(r.fds.map(readFd), keys[i] === 'a' ? ['A'] : ['B1', 'B2']))
+    expected.push(...keys)
+    // Several gets on one connection, native, with an unknown key in between (JavaScript answers it).
+    const c = await UnixConnection.connect(sock)
+    try {
+      for (const k of ['a', 'b', 'nope', 'a', 'b', 'a']) {
+        await c.write(encodeHeader({ command: FDCommand.Get, dataSize: 0, oobSize: 0, key: encodeKey(k) }))
+        const f = await c.readResponseFrame(5000)
+        f.fds.forEach(closeFd)
+        if (k !== 'nope') expected.push(k)
+      }
+    } finally {
+      c.close()
+    }
+    t.is(source.infoCalls, 2, 'only the first get of each key reached the source')
+    const gets = () => log.filter((e) => e.command === 'get')
+    t.true(await until(() => gets().length >= expected.length + 1))
+  } finally {
+    await cleanup()
+  }
+  const gets = log.filter((e) => e.command === 'get')
+  t.is(gets.length, expected.length + 1, 'one entry per get, the unknown key included, none twice')
+  const ok = gets.filter((e) => e.outcome === 'ok')
+  t.deepEqual(ok.map((e) => e.key).sort(), [...expected].sort())
+  for (const e of ok) {
+    t.deepEqual(Object.keys(e).sort(), ['command', 'durationMs', 'key', 'outcome', 'peer'])
+    t.deepEqual(e.peer, { pid: process.pid, uid: process.getuid!(), gid: process.getgid!() })
+    t.true(e.durationMs >= 0 && e.durationMs < 60_000)
+  }
+  const bad = gets.filter((e) => e.outcome === 'error')
+  t.deepEqual(bad.map((e) => [e.key, e.error]), [['nope', 'bad fd key: "nope"']])
+  t.is(server.droppedLogEntries, 0)
+})
+
+test('native fast log: a full queue drops and counts entries, one wake-up per empty-to-not-empty', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'tm-fdlog-'))
+  const sock = join(dir, 'l.sock')
+  const file = join(dir, 'f')
+  writeFileSync(file, 'data')
+  const fd = openSync(file, 'r')
+  const listener = UnixListener.bind(sock)
+  try {
+    listener.startIncoming(1024, 5000)
+    listener.registerGet('k', Buffer.from('info'), [fd])
+    let wakes = 0
+    listener.enableFastLog(2, () => wakes++)
+    // Nobody takes: two entries wait, the next three are dropped.
+    for (let i = 0; i < 5; i++) {
+      const f = await rawGet(sock, 'k')
+      t.is(f.data!.toString(), 'info')
+      t.deepEqual(f.fds.map(readFd), ['data'])
+    }
+    // An entry is queued before its response stops counting as in flight.
+    await listener.drainFast()
+    t.true(await until(() => wakes >= 1))
+    t.is(wakes, 1)
+    t.is(listener.fastLogDropped, 3)
+    const first = listener.takeFastLog()
+    t.is(first.dropped, 3)
+    t.deepEqual(first.entries.map((e) => e.key), ['k', 'k'])
+    t.is(first.entries[0].peer?.uid, process.getuid!())
+    t.deepEqual(listener.takeFastLog(), { entries: [], dropped: 0 })
+    // The queue is empty again: the next entry wakes again.
+    readFd((await rawGet(sock, 'k')).fds[0])
+    await listener.drainFast()
+    t.true(await until(() => wakes === 2))
+    const second = listener.takeFastLog()
+    t.deepEqual([second.entries.length, second.dropped, listener.fastLogDropped], [1, 0, 3])
+  } finally {
+    listener.close(true)
+    closeSync(fd)
+    rmSync(dir, { recursive: true, force: true })
   }
 })
 

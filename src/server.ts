@@ -34,6 +34,11 @@ export interface RequestLogEntry {
   error?: string
   /** The peer's credentials. */
   peer?: PeerCredentials
+  /**
+   * Only on a get answered natively, and only when log entries were lost: how many natively answered gets after
+   * this one went unlogged because the native log queue was full (see {@link FDServer.droppedLogEntries}).
+   */
+  dropped?: number
 }
 
 /** Options of {@link FDServer}. */
@@ -51,8 +56,11 @@ export interface FDServerOptions {
   /** When set, only peers whose gid is listed (or whose uid is in `allowedUids`) are served. */
   allowedGids?: number[]
   /**
-   * Called after every request (never throws into the server). Setting it turns off the native answering of
-   * gets for a `stableInfo` source (see {@link FDSource.stableInfo}), so that every get is seen here.
+   * Called once per request (a throw is ignored). A get answered natively (a `stableInfo` source, see
+   * {@link FDSource.stableInfo}) is reported too, with the same fields, shortly after its response went out: it
+   * may arrive after entries of requests that came later. Such entries wait in a native queue of
+   * {@link FAST_LOG_CAPACITY} entries until the event loop takes them; if it falls that far behind, further
+   * entries are counted instead ({@link RequestLogEntry.dropped}, {@link FDServer.droppedLogEntries}).
    */
   onRequest?: (entry: RequestLogEntry) => void
 }
@@ -69,6 +77,8 @@ interface Entry {
 
 const DEFAULT_MAX_DATA = 64 * 1024
 const DEFAULT_READ_TIMEOUT = 10_000
+/** How many log entries of natively answered gets may wait for the event loop before they are dropped (counted). */
+export const FAST_LOG_CAPACITY = 65_536
 
 export class FDServer {
   readonly socketPath: string
@@ -89,10 +99,11 @@ export class FDServer {
   private stopping = false
   /**
    * Whether gets are answered natively once a key's fds and info are known: only for a source that declares
-   * `stableInfo` (its info never changes for a key), and only without an `onRequest` hook (the native path
-   * does not call back into JavaScript, so it could not log).
+   * `stableInfo` (its info never changes for a key). With an `onRequest` hook the native path reports each get
+   * it answered, after the response (see `takeFastLog`).
    */
   private readonly fastGets: boolean
+  private droppedLogs = 0
 
   constructor(socketPath: string, source: FDSource, options: FDServerOptions = {}) {
     this.socketPath = socketPath
@@ -103,7 +114,12 @@ export class FDServer {
       readTimeoutMs: options.readTimeoutMs ?? DEFAULT_READ_TIMEOUT,
       socketMode: options.socketMode ?? 0o600,
     }
-    this.fastGets = source.stableInfo === true && !options.onRequest
+    this.fastGets = source.stableInfo === true
+  }
+
+  /** How many log entries of natively answered gets were lost in all (the native queue was full); 0 without `onRequest`. */
+  get droppedLogEntries(): number {
+    return this.droppedLogs
   }
 
   /** Binds the socket and starts serving; resolves once the socket accepts connections. */
@@ -112,6 +128,8 @@ export class FDServer {
     if (this.stopping) throw new TapmanagerError('ERR_CLOSED', 'server was stopped')
     const listener = UnixListener.bind(this.socketPath, { mode: this.opts.socketMode, gid: this.opts.socketGid })
     this.listener = listener
+    // Gets answered natively are reported to onRequest too (only registered when there is a hook: no cost otherwise).
+    if (this.fastGets && this.opts.onRequest) listener.enableFastLog(FAST_LOG_CAPACITY, () => this.takeFastLog(listener))
     // Native side: accepts and reads each connection's first request frame concurrently, each within the deadline.
     // Gets for registered keys (see `get`) are answered there too, for peers that pass the same uid/gid filter.
     listener.startIncoming(this.opts.maxDataSize, this.opts.readTimeoutMs, this.opts.allowedUids, this.opts.allowedGids)
@@ -150,6 +168,8 @@ export class FDServer {
     while (this.dispatching.size > 0) await Promise.allSettled([...this.dispatching])
     // Natively answered gets being sent finish; then every fd duplicate the native side held is closed.
     if (listener) await listener.drainFast()
+    // Every natively answered get is now in the native log queue: report the ones not taken yet.
+    if (listener && this.fastGets && this.opts.onRequest) this.takeFastLog(listener)
     // Every response is now on its way: stop reading so that each connection ends after its last write.
     for (const c of this.conns) {
       try {
@@ -278,17 +298,38 @@ export class FDServer {
   }
 
   private log(key: string, command: number, started: number, error: string | undefined, peer?: PeerCredentials): void {
-    const hook = this.opts.onRequest
-    if (!hook) return
+    if (!this.opts.onRequest) return
+    this.emit({
+      key,
+      command: commandName(command),
+      durationMs: performance.now() - started,
+      outcome: error === undefined ? 'ok' : 'error',
+      ...(error === undefined ? {} : { error }),
+      ...(peer ? { peer } : {}),
+    })
+  }
+
+  /** Reports the gets the native fast path answered since the last take (oldest first), one entry each. */
+  private takeFastLog(listener: UnixListener): void {
+    const { entries, dropped } = listener.takeFastLog()
+    this.droppedLogs += dropped
+    const last = entries.length - 1
+    entries.forEach((e, i) =>
+      this.emit({
+        key: e.key,
+        command: 'get',
+        durationMs: e.durationMs,
+        outcome: 'ok',
+        ...(e.peer ? { peer: e.peer } : {}),
+        // The dropped entries all came after the queued ones.
+        ...(dropped > 0 && i === last ? { dropped } : {}),
+      }),
+    )
+  }
+
+  private emit(entry: RequestLogEntry): void {
     try {
-      hook({
-        key,
-        command: commandName(command),
-        durationMs: performance.now() - started,
-        outcome: error === undefined ? 'ok' : 'error',
-        ...(error === undefined ? {} : { error }),
-        ...(peer ? { peer } : {}),
-      })
+      this.opts.onRequest?.(entry)
     } catch {
       // a logging hook must not break serving
     }

@@ -16,7 +16,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::Interest;
 
@@ -515,9 +515,68 @@ impl UnixConnection {
 /// dummy byte) and owned duplicates of the fds.
 #[derive(Debug)]
 struct FastGet {
+    /// The key as registered (what the application's own log would show).
+    key: Arc<str>,
     head: Vec<u8>,
     body: Vec<u8>,
     fds: Vec<OwnedFd>,
+}
+
+/// One get answered by [`FastGets`], for the application's request log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FastGetRecord {
+    /// The key, as registered.
+    pub key: Arc<str>,
+    /// The peer's credentials (`None` when `SO_PEERCRED` failed).
+    pub peer: Option<PeerCred>,
+    /// From having the request frame to the response handed to the socket.
+    pub duration: Duration,
+}
+
+/// What [`FastGets::take_log`] returns: the queued records, oldest first, and how many records were dropped
+/// since the previous take because the queue was full (all of them newer than every record returned).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct FastGetLog {
+    /// The records, oldest first.
+    pub records: Vec<FastGetRecord>,
+    /// Records lost since the previous take (the queue was full).
+    pub dropped: u64,
+}
+
+/// Called (on the runtime thread that answered a get) when the log queue goes from empty to not empty.
+pub type FastLogWake = Arc<dyn Fn() + Send + Sync>;
+
+/// The bounded log queue of [`FastGets`].
+struct FastLogQueue {
+    records: std::collections::VecDeque<FastGetRecord>,
+    capacity: usize,
+    /// Dropped since the last take.
+    dropped: u64,
+    /// Dropped in all.
+    dropped_total: u64,
+    wake: Option<FastLogWake>,
+}
+
+impl std::fmt::Debug for FastLogQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FastLogQueue")
+            .field("queued", &self.records.len())
+            .field("capacity", &self.capacity)
+            .field("dropped", &self.dropped)
+            .field("dropped_total", &self.dropped_total)
+            .field("wake", &self.wake.is_some())
+            .finish()
+    }
+}
+
+/// The peer's credentials, asked for at most once per connection turn (`None` inside: `SO_PEERCRED` failed).
+#[derive(Default)]
+struct PeerSlot(Option<Option<PeerCred>>);
+
+impl PeerSlot {
+    fn get(&mut self, conn: &UnixConnection) -> Option<PeerCred> {
+        *self.0.get_or_insert_with(|| conn.peer_cred().ok())
+    }
 }
 
 /// Get responses a server answers natively, without a round trip to its application code.
@@ -536,6 +595,13 @@ struct FastGet {
 /// `sendmsg`: a get racing a release either gets the fds (still the source's open files) or, once unregistered,
 /// goes to the application, which answers "bad fd key". After [`close`](Self::close) nothing is answered, and
 /// [`drained`](Self::drained) resolves once the last response in flight is out and every duplicate is closed.
+///
+/// Logging ([`enable_log`](Self::enable_log)): the application cannot see these requests, so when it wants to log
+/// every request it turns the log on, and each answered get then adds a [`FastGetRecord`] to a bounded queue,
+/// after its response was handed to the socket (the get never waits for the log). The application collects them
+/// with [`take_log`](Self::take_log) when woken; records over the capacity are counted, not kept. A record is
+/// queued before its response stops counting as in flight, so after [`drained`](Self::drained) the queue holds
+/// every answered get that was not taken yet. Without the log nothing is measured or queued.
 #[derive(Debug, Default)]
 pub struct FastGets {
     entries: std::sync::Mutex<std::collections::HashMap<Vec<u8>, Arc<FastGet>>>,
@@ -544,6 +610,8 @@ pub struct FastGets {
     close_notify: tokio::sync::Notify,
     inflight: std::sync::atomic::AtomicUsize,
     idle: tokio::sync::Notify,
+    logging: std::sync::atomic::AtomicBool,
+    log: std::sync::Mutex<Option<FastLogQueue>>,
 }
 
 /// Which peers may be answered: when either list is set, a peer whose uid or gid is listed; otherwise every peer.
@@ -578,17 +646,83 @@ impl FastGets {
         }
     }
 
-    fn peer_allowed(&self, conn: &UnixConnection) -> bool {
+    fn peer_allowed(&self, conn: &UnixConnection, peer: &mut PeerSlot) -> bool {
         let Ok(a) = self.allowed.lock() else { return false };
         let PeerFilter { uids, gids } = &*a;
         if uids.is_none() && gids.is_none() {
             return true;
         }
-        match conn.peer_cred() {
-            Ok(p) => {
+        match peer.get(conn) {
+            Some(p) => {
                 uids.as_ref().is_some_and(|u| u.contains(&p.uid)) || gids.as_ref().is_some_and(|g| g.contains(&p.gid))
             }
-            Err(_) => false,
+            None => false,
+        }
+    }
+
+    /// Turns the log on (see the type's doc): at most `capacity` (at least 1) records wait to be taken, more are
+    /// dropped and counted; `wake` is called, from the thread that answered the get, each time a record goes into
+    /// an empty queue (take everything at each wake-up, and no record waits unseen). Calling it again replaces
+    /// the capacity and `wake` and keeps the queue.
+    pub fn enable_log(&self, capacity: usize, wake: FastLogWake) {
+        if let Ok(mut g) = self.log.lock() {
+            match g.as_mut() {
+                Some(q) => {
+                    q.capacity = capacity.max(1);
+                    q.wake = Some(wake);
+                }
+                None => {
+                    *g = Some(FastLogQueue {
+                        records: std::collections::VecDeque::new(),
+                        capacity: capacity.max(1),
+                        dropped: 0,
+                        dropped_total: 0,
+                        wake: Some(wake),
+                    })
+                }
+            }
+            self.logging.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Forgets the wake-up callback (e.g. before the application goes away); records are still queued and taken.
+    pub fn clear_log_wake(&self) {
+        let old = self.log.lock().ok().and_then(|mut g| g.as_mut().and_then(|q| q.wake.take()));
+        drop(old);
+    }
+
+    /// Takes every queued record and the count dropped since the previous take. Empty when the log is off.
+    pub fn take_log(&self) -> FastGetLog {
+        let Ok(mut g) = self.log.lock() else { return FastGetLog::default() };
+        let Some(q) = g.as_mut() else { return FastGetLog::default() };
+        let records = Vec::from(std::mem::take(&mut q.records));
+        FastGetLog { records, dropped: std::mem::take(&mut q.dropped) }
+    }
+
+    /// How many records were dropped in all because the queue was full.
+    pub fn log_dropped_total(&self) -> u64 {
+        self.log.lock().ok().and_then(|g| g.as_ref().map(|q| q.dropped_total)).unwrap_or(0)
+    }
+
+    /// Queues `rec` (or counts it as dropped) and wakes the application when the queue was empty.
+    fn push_log(&self, rec: FastGetRecord) {
+        let wake = {
+            let Ok(mut g) = self.log.lock() else { return };
+            let Some(q) = g.as_mut() else { return };
+            if q.records.len() >= q.capacity {
+                q.dropped += 1;
+                q.dropped_total += 1;
+                return;
+            }
+            q.records.push_back(rec);
+            if q.records.len() == 1 {
+                q.wake.clone()
+            } else {
+                None
+            }
+        };
+        if let Some(w) = wake {
+            w();
         }
     }
 
@@ -609,7 +743,7 @@ impl FastGets {
         head.extend_from_slice(&(cmsg_space(fds.len()) as u32).to_be_bytes());
         head.extend_from_slice(&k);
         let body = if info.is_empty() && !fds.is_empty() { vec![0] } else { info.to_vec() };
-        let entry = Arc::new(FastGet { head, body, fds: dups });
+        let entry = Arc::new(FastGet { key: Arc::from(key), head, body, fds: dups });
         let mut map = self.entries.lock().map_err(|_| Error::invalid("fast get table poisoned"))?;
         if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::new(ErrorCode::Closed, "fast get table is closed"));
@@ -661,8 +795,10 @@ impl FastGets {
         }
     }
 
-    /// Answers `frame` on `conn` if it qualifies (see the type's doc); returns whether it did.
-    async fn answer(&self, conn: &UnixConnection, frame: &Frame) -> Result<bool> {
+    /// Answers `frame` on `conn` if it qualifies (see the type's doc); returns whether it did. With the log on,
+    /// queues a record once the response is out.
+    async fn answer(&self, conn: &UnixConnection, frame: &Frame, peer: &mut PeerSlot) -> Result<bool> {
+        let started = self.logging.load(std::sync::atomic::Ordering::Relaxed).then(Instant::now);
         let h = &frame.header;
         let qualifies = h.len() == FRAME_HEADER_LEN
             && u32::from_be_bytes([h[0], h[1], h[2], h[3]]) == FRAME_MAGIC
@@ -681,13 +817,17 @@ impl FastGets {
             Err(_) => None,
         };
         let Some(entry) = entry else { return Ok(false) };
-        if !self.peer_allowed(conn) {
+        if !self.peer_allowed(conn, peer) {
             return Ok(false);
         }
         conn.write_all(&entry.head).await?;
         let borrowed: Vec<BorrowedFd<'_>> = entry.fds.iter().map(|f| f.as_fd()).collect();
         conn.send_with_fds(&entry.body, &borrowed).await?;
         drop(borrowed);
+        if let Some(t) = started {
+            let duration = t.elapsed();
+            self.push_log(FastGetRecord { key: entry.key.clone(), peer: peer.get(conn), duration });
+        }
         drop(entry);
         drop(guard);
         Ok(true)
@@ -723,7 +863,8 @@ impl UnixConnection {
         max_data: usize,
         deadline: Option<Duration>,
     ) -> Result<Frame> {
-        while fast.answer(self, &frame).await? {
+        let mut peer = PeerSlot::default();
+        while fast.answer(self, &frame, &mut peer).await? {
             frame = tokio::select! {
                 r = self.read_request_frame(max_data, deadline) => r?,
                 _ = fast.closed() => return Err(Error::new(ErrorCode::Closed, "server is closed")),
@@ -926,5 +1067,97 @@ mod tests {
         assert_eq!(cmsg_space(2), 24);
         assert_eq!(cmsg_space(3), 32);
         assert_eq!(cmsg_space(4), 32);
+    }
+
+    fn record(key: &str) -> FastGetRecord {
+        FastGetRecord { key: Arc::from(key), peer: None, duration: Duration::from_micros(1) }
+    }
+
+    fn counting_wake() -> (FastLogWake, Arc<std::sync::atomic::AtomicUsize>) {
+        let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let m = n.clone();
+        (Arc::new(move || _ = m.fetch_add(1, std::sync::atomic::Ordering::SeqCst)), n)
+    }
+
+    #[test]
+    fn fast_log_off_queues_nothing() {
+        let f = FastGets::new();
+        f.push_log(record("a"));
+        assert_eq!(f.take_log(), FastGetLog::default());
+        assert_eq!(f.log_dropped_total(), 0);
+    }
+
+    #[test]
+    fn fast_log_wakes_on_empty_to_not_empty_and_counts_drops() {
+        let f = FastGets::new();
+        let (wake, woken) = counting_wake();
+        f.enable_log(2, wake);
+        f.push_log(record("a"));
+        assert_eq!(woken.load(std::sync::atomic::Ordering::SeqCst), 1);
+        f.push_log(record("b"));
+        f.push_log(record("c"));
+        f.push_log(record("d"));
+        assert_eq!(woken.load(std::sync::atomic::Ordering::SeqCst), 1, "no wake-up while the queue is not empty");
+        let got = f.take_log();
+        assert_eq!(got.records.iter().map(|r| &*r.key).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(got.dropped, 2);
+        assert_eq!(f.log_dropped_total(), 2);
+        // The drop count is reported once; an empty queue wakes again on the next record.
+        assert_eq!(f.take_log(), FastGetLog::default());
+        f.push_log(record("e"));
+        assert_eq!(woken.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(f.take_log().records, vec![record("e")]);
+        assert_eq!(f.log_dropped_total(), 2);
+        // Without a wake-up callback records still queue.
+        f.clear_log_wake();
+        f.push_log(record("f"));
+        assert_eq!(woken.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(f.take_log().records, vec![record("f")]);
+    }
+
+    /// A get frame for `key` as a client sends it.
+    fn get_frame(key: &str) -> Frame {
+        let mut header = Vec::with_capacity(FRAME_HEADER_LEN);
+        header.extend_from_slice(&FRAME_MAGIC.to_be_bytes());
+        header.push(2);
+        header.extend_from_slice(&[0; 8]);
+        header.extend_from_slice(&padded_key(key).unwrap());
+        Frame { header, data: Some(Vec::new()), fds: Vec::new() }
+    }
+
+    #[test]
+    fn answered_gets_are_logged_after_the_response_with_key_and_peer() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+            let server = UnixConnection::from_std(a).unwrap();
+            let client = UnixConnection::from_std(b).unwrap();
+            let fast = FastGets::new();
+            let file = tempfile::tempfile().unwrap();
+            fast.register("k", b"info", &[file.as_raw_fd()]).unwrap();
+            let (wake, woken) = counting_wake();
+            fast.enable_log(16, wake);
+            // Two registered gets are answered and logged; the unknown key is handed back, unlogged.
+            client.write_all(&get_frame("k").header).await.unwrap();
+            client.write_all(&get_frame("other").header).await.unwrap();
+            let back = server.serve_fast_gets(get_frame("k"), &fast, 1024, Some(Duration::from_secs(5))).await.unwrap();
+            assert_eq!(&back.header[13..], &padded_key("other").unwrap()[..]);
+            for _ in 0..2 {
+                let r = client.read_response_frame(Some(Duration::from_secs(5))).await.unwrap();
+                assert_eq!(r.header[4], 0x82);
+                assert_eq!(r.data.as_deref(), Some(&b"info"[..]));
+                assert_eq!(r.fds.len(), 1);
+            }
+            assert_eq!(woken.load(std::sync::atomic::Ordering::SeqCst), 1);
+            let log = fast.take_log();
+            assert_eq!(log.dropped, 0);
+            assert_eq!(log.records.len(), 2);
+            // SAFETY: getuid/getgid/getpid cannot fail.
+            let (uid, gid, pid) = unsafe { (libc::getuid(), libc::getgid(), libc::getpid()) };
+            for r in &log.records {
+                assert_eq!(&*r.key, "k");
+                assert_eq!(r.peer, Some(PeerCred { pid, uid, gid }));
+            }
+        });
     }
 }

@@ -194,6 +194,27 @@ pub struct IncomingRequest {
 
 type Incoming = tokio::sync::mpsc::UnboundedReceiver<(unix::UnixConnection, unix::Frame)>;
 
+type WakeFn = ThreadsafeFunction<(), (), (), napi::Status, false, true>;
+
+/// One get the native fast path answered (see `UnixListener.enableFastLog`).
+#[napi(object, object_from_js = false)]
+pub struct FastGetEntry {
+    /// The key, as registered.
+    pub key: String,
+    /// From having the request frame to the response handed to the socket, in ms.
+    pub duration_ms: f64,
+    /// The peer's credentials (absent when `SO_PEERCRED` failed).
+    pub peer: Option<PeerCredentials>,
+}
+
+/// What `UnixListener.takeFastLog` returns: the queued entries, oldest first, and how many entries were dropped
+/// since the previous take because the queue was full (all of them answered after every entry returned).
+#[napi(object, object_from_js = false)]
+pub struct FastGetLog {
+    pub entries: Vec<FastGetEntry>,
+    pub dropped: i64,
+}
+
 /// A listening Unix stream socket.
 #[napi]
 pub struct UnixListener {
@@ -332,6 +353,55 @@ impl UnixListener {
         self.fast.contains(&key)
     }
 
+    /// Reports the gets the native fast path answers: after each response is handed to the socket (never before),
+    /// an entry is queued natively, at most `capacity` of them (at least 1); entries beyond that are dropped and
+    /// counted (`takeFastLog().dropped`, `fastLogDropped`). `onReady` is called on the JavaScript thread when the
+    /// queue goes from empty to not empty: call `takeFastLog` then (it takes everything). The callback does not
+    /// keep the process alive and is forgotten on `close` (entries can still be taken). Calling it again replaces
+    /// the capacity and the callback.
+    #[napi]
+    pub fn enable_fast_log(
+        &self,
+        capacity: u32,
+        #[napi(ts_arg_type = "() => void")] on_ready: Function<'_, (), ()>,
+    ) -> napi::Result<()> {
+        let wake: WakeFn =
+            on_ready.build_threadsafe_function::<()>().callee_handled::<false>().weak::<true>().build()?;
+        let wake = Arc::new(wake);
+        self.fast.enable_log(
+            capacity as usize,
+            Arc::new(move || {
+                // Non-blocking on an unbounded napi queue: only fails while the environment shuts down.
+                wake.call((), ThreadsafeFunctionCallMode::NonBlocking);
+            }),
+        );
+        Ok(())
+    }
+
+    /// Takes every queued fast-path entry (see `enableFastLog`) and the count dropped since the previous take.
+    #[napi]
+    pub fn take_fast_log(&self) -> FastGetLog {
+        let log = self.fast.take_log();
+        FastGetLog {
+            entries: log
+                .records
+                .into_iter()
+                .map(|r| FastGetEntry {
+                    key: r.key.to_string(),
+                    duration_ms: r.duration.as_secs_f64() * 1000.0,
+                    peer: r.peer.map(|p| PeerCredentials { pid: p.pid, uid: p.uid, gid: p.gid }),
+                })
+                .collect(),
+            dropped: i64::try_from(log.dropped).unwrap_or(i64::MAX),
+        }
+    }
+
+    /// How many fast-path entries were dropped in all because the queue was full.
+    #[napi(getter)]
+    pub fn fast_log_dropped(&self) -> i64 {
+        i64::try_from(self.fast.log_dropped_total()).unwrap_or(i64::MAX)
+    }
+
     /// Resolves once no natively answered response is being sent; after `close`, every registered duplicate
     /// is then closed.
     #[napi(ts_return_type = "Promise<void>")]
@@ -348,10 +418,12 @@ impl UnixListener {
     }
 
     /// Closes the listener (a pending `accept` rejects; the native fast path forgets every key and answers
-    /// nothing more) and, when `removeFile` is true, removes the socket file.
+    /// nothing more, and forgets the `enableFastLog` callback) and, when `removeFile` is true, removes the socket
+    /// file.
     #[napi]
     pub fn close(&self, remove_file: Option<bool>) -> Result<(), JsError> {
         self.fast.close();
+        self.fast.clear_log_wake();
         let taken = self.inner.lock().map_err(|_| invalid("listener lock poisoned"))?.take();
         if let Some(l) = taken {
             l.close();
