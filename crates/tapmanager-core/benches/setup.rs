@@ -28,6 +28,33 @@ use tapmanager_core::{isolation, tap};
 
 const NFT: &str = "/usr/sbin/nft";
 
+/// Our per-interface setup: `tap0` (MTU, up), `br0` (MTU, ageing 0), `eth0` and `tap0` enslaved, bridge up,
+/// 169.254.254.2/24, DHCP isolation of `eth0`, the tap opened. Returns the bridge and tap indexes and the fds.
+async fn setup_interface(
+    nl: &NetlinkHandle,
+    eth: u32,
+    ns: &Path,
+) -> tapmanager_core::Result<(u32, u32, Vec<std::os::fd::OwnedFd>)> {
+    tap::create_tap(Some(ns), "tap0", &tap::TapCreateOptions { mtu: Some(1500), multi_queue: false, up: true })?;
+    let br = nl.create_bridge("br0", Some(1500)).await?;
+    let tapi = nl.link_by_name("tap0").await?.index;
+    nl.set_master(eth, br).await?;
+    nl.set_master(tapi, br).await?;
+    nl.set_up(br).await?;
+    nl.add_address(br, "169.254.254.2".parse().unwrap(), 24).await?;
+    isolation::add_dhcp_isolation(Some(ns), "eth0")?;
+    let fds = tap::open_tap(Some(ns), "tap0", &tap::TapOpenOptions::default())?;
+    Ok((br, tapi, fds))
+}
+
+/// The device half of a full teardown (after the fds are closed and the isolation removed): bridge address
+/// deleted, `eth0` nomaster, bridge and tap deleted in one kernel batch (one set of unregister grace periods).
+async fn full_teardown(nl: &NetlinkHandle, eth: u32, br: u32, tapi: u32) -> tapmanager_core::Result<()> {
+    nl.delete_address(br, "169.254.254.2".parse().unwrap(), 24).await?;
+    nl.set_nomaster(eth).await?;
+    nl.delete_links(&[br, tapi]).await
+}
+
 struct Env {
     pod: String,
     node: String,
@@ -72,28 +99,13 @@ impl Env {
         self.rt
             .block_on(async {
                 let t = Instant::now();
-                tap::create_tap(
-                    Some(ns),
-                    "tap0",
-                    &tap::TapCreateOptions { mtu: Some(1500), multi_queue: false, up: true },
-                )?;
-                let br = nl.create_bridge("br0", Some(1500)).await?;
-                let tapi = nl.link_by_name("tap0").await?.index;
-                nl.set_master(eth, br).await?;
-                nl.set_master(tapi, br).await?;
-                nl.set_up(br).await?;
-                nl.add_address(br, "169.254.254.2".parse().unwrap(), 24).await?;
-                isolation::add_dhcp_isolation(Some(ns), "eth0")?;
-                let fds = tap::open_tap(Some(ns), "tap0", &tap::TapOpenOptions::default())?;
+                let (br, tapi, fds) = setup_interface(nl, eth, ns).await?;
                 let setup = t.elapsed();
                 // teardown
                 let t = Instant::now();
                 drop(fds);
                 isolation::remove_dhcp_isolation(Some(ns), "eth0")?;
-                nl.delete_address(br, "169.254.254.2".parse().unwrap(), 24).await?;
-                nl.set_nomaster(eth).await?;
-                // Bridge and tap in one kernel batch: one set of unregister grace periods instead of two.
-                nl.delete_links(&[br, tapi]).await?;
+                full_teardown(nl, eth, br, tapi).await?;
                 Ok::<_, tapmanager_core::Error>((setup, t.elapsed()))
             })
             .unwrap()
@@ -156,25 +168,11 @@ impl Env {
             .rt
             .block_on(async {
                 let t = Instant::now();
-                tap::create_tap(
-                    Some(ns),
-                    "tap0",
-                    &tap::TapCreateOptions { mtu: Some(1500), multi_queue: false, up: true },
-                )?;
-                let br = nl.create_bridge("br0", Some(1500)).await?;
-                let tapi = nl.link_by_name("tap0").await?.index;
-                nl.set_master(eth, br).await?;
-                nl.set_master(tapi, br).await?;
-                nl.set_up(br).await?;
-                nl.add_address(br, "169.254.254.2".parse().unwrap(), 24).await?;
-                isolation::add_dhcp_isolation(Some(ns), "eth0")?;
-                let fds = tap::open_tap(Some(ns), "tap0", &tap::TapOpenOptions::default())?;
+                let (br, tapi, fds) = setup_interface(nl, eth, ns).await?;
                 drop(fds);
                 isolation::remove_dhcp_isolation(Some(ns), "eth0")?;
                 if mode == ReleaseMode::FullTeardown {
-                    nl.delete_address(br, "169.254.254.2".parse().unwrap(), 24).await?;
-                    nl.set_nomaster(eth).await?;
-                    nl.delete_links(&[br, tapi]).await?;
+                    full_teardown(nl, eth, br, tapi).await?;
                 } else {
                     // What teardown_with(.., TeardownOptions { delete_devices: false }) does to the devices.
                     nl.set_nomaster(eth).await?;
