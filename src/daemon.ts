@@ -13,6 +13,7 @@
  */
 import { existsSync, mkdirSync, readFileSync, realpathSync } from 'node:fs'
 import { basename, dirname, join } from 'node:path'
+import { messageOf } from './errors'
 import { ExecCniClient, type CniClient } from './cni'
 import type { FDSource, GetFDsResult } from './fdsource'
 import type { RequestLogger } from './log'
@@ -252,9 +253,6 @@ function resolveGroup(group: string | null | undefined): number | undefined {
   throw new Error(`unknown group ${JSON.stringify(group)}`)
 }
 
-function messageOf(err: unknown): string {
-  return err instanceof Error ? err.message : String(err)
-}
 
 const CRASH_POINTS = ['after-cni', 'after-container-side', 'after-dhcp', 'after-ready'] as const
 type CrashPointName = (typeof CRASH_POINTS)[number]

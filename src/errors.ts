@@ -56,3 +56,8 @@ export class ProtocolError extends TapmanagerError {
     super('ERR_PROTOCOL', message, options)
   }
 }
+
+/** The message of an error, or the value as a string for anything thrown that is not an Error. */
+export function messageOf(err: unknown): string {
+  return err instanceof Error ? err.message : String(err)
+}

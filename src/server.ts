@@ -3,7 +3,7 @@
  * with Virtlet's Go FDServer, without its defects (bounded payloads, read deadlines, no desynchronisation,
  * no leaks on duplicate or concurrent adds, optional peer authorisation by uid/gid).
  */
-import { TapmanagerError } from './errors'
+import { TapmanagerError, messageOf } from './errors'
 import type { FDSource } from './fdsource'
 import { UnixConnection, UnixListener, closeFd, dupFds, type Frame, type IncomingRequest, type PeerCredentials } from './native'
 import {
@@ -467,6 +467,3 @@ export class FDServer {
   }
 }
 
-function messageOf(err: unknown): string {
-  return err instanceof Error ? err.message : String(err)
-}

@@ -13,7 +13,7 @@
  */
 import { closeSync } from 'node:fs'
 import { join } from 'node:path'
-import { TapmanagerError, InvalidInputError, NotFoundError } from './errors'
+import { TapmanagerError, InvalidInputError, NotFoundError, messageOf } from './errors'
 import type { FDSource, GetFDsResult } from './fdsource'
 import type { CniClient } from './cni'
 import {
@@ -294,6 +294,3 @@ function closeQuietly(fd: number): void {
   }
 }
 
-function messageOf(err: unknown): string {
-  return err instanceof Error ? err.message : String(err)
-}
