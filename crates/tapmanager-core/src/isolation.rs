@@ -427,6 +427,28 @@ fn rule_attrs(table: &str, chain: &str, exprs: Attrs) -> Attrs {
     a
 }
 
+fn add_batch(link: &str, seq: u32) -> Batch {
+    let table = table_name(link);
+    let mut b = Batch::new(seq);
+    let mut t = Attrs::default();
+    t.str(NFTA_TABLE_NAME, &table).be32(NFTA_TABLE_FLAGS, 0);
+    b.nft(NFT_MSG_NEWTABLE, NLM_F_CREATE | NLM_F_EXCL, &t);
+    b.nft(NFT_MSG_NEWCHAIN, NLM_F_CREATE | NLM_F_EXCL, &chain_attrs(&table, "forward", NF_BR_FORWARD));
+    b.nft(NFT_MSG_NEWCHAIN, NLM_F_CREATE | NLM_F_EXCL, &chain_attrs(&table, "output", NF_BR_LOCAL_OUT));
+    // udp dport is at offset 2 of the UDP header, sport at 0.
+    b.nft(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, &rule_attrs(&table, "forward", udp_port_drop_rule(link, 2)));
+    b.nft(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, &rule_attrs(&table, "output", udp_port_drop_rule(link, 0)));
+    b
+}
+
+fn remove_batch(link: &str, seq: u32) -> Batch {
+    let mut b = Batch::new(seq);
+    let mut t = Attrs::default();
+    t.str(NFTA_TABLE_NAME, &table_name(link));
+    b.nft(NFT_MSG_DELTABLE, 0, &t);
+    b
+}
+
 /// Adds the DHCP isolation of `link` in the calling thread's netns, atomically (all rules or none).
 /// Equivalent to `nft -f -` with
 /// `table bridge tapmanager-dhcp-<link> { chain forward { type filter hook forward priority filter;
@@ -436,15 +458,7 @@ fn rule_attrs(table: &str, chain: &str, exprs: Attrs) -> Attrs {
 pub fn add_dhcp_isolation_here(link: &str) -> Result<()> {
     validate_link_name(link)?;
     let table = table_name(link);
-    let mut b = Batch::new(next_seq());
-    let mut t = Attrs::default();
-    t.str(NFTA_TABLE_NAME, &table).be32(NFTA_TABLE_FLAGS, 0);
-    b.nft(NFT_MSG_NEWTABLE, NLM_F_CREATE | NLM_F_EXCL, &t);
-    b.nft(NFT_MSG_NEWCHAIN, NLM_F_CREATE | NLM_F_EXCL, &chain_attrs(&table, "forward", NF_BR_FORWARD));
-    b.nft(NFT_MSG_NEWCHAIN, NLM_F_CREATE | NLM_F_EXCL, &chain_attrs(&table, "output", NF_BR_LOCAL_OUT));
-    // udp dport is at offset 2 of the UDP header, sport at 0.
-    b.nft(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, &rule_attrs(&table, "forward", udp_port_drop_rule(link, 2)));
-    b.nft(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, &rule_attrs(&table, "output", udp_port_drop_rule(link, 0)));
+    let b = add_batch(link, next_seq());
     let sock = NfSocket::open()?;
     sock.transact(b).map_err(|(errno, _)| {
         let ctx = format!("add DHCP isolation of link {link:?}");
@@ -460,10 +474,7 @@ pub fn add_dhcp_isolation_here(link: &str) -> Result<()> {
 /// rules. Equivalent to `nft delete table bridge tapmanager-dhcp-<link>`. Idempotent.
 pub fn remove_dhcp_isolation_here(link: &str) -> Result<()> {
     validate_link_name(link)?;
-    let mut b = Batch::new(next_seq());
-    let mut t = Attrs::default();
-    t.str(NFTA_TABLE_NAME, &table_name(link));
-    b.nft(NFT_MSG_DELTABLE, 0, &t);
+    let b = remove_batch(link, next_seq());
     let sock = NfSocket::open()?;
     match sock.transact(b) {
         Ok(()) => Ok(()),
@@ -472,11 +483,7 @@ pub fn remove_dhcp_isolation_here(link: &str) -> Result<()> {
     }
 }
 
-/// Lists the links isolated in the calling thread's netns (from the table names), sorted. Equivalent to
-/// `nft list tables bridge` filtered on the prefix.
-pub fn list_dhcp_isolation_here() -> Result<Vec<String>> {
-    let sock = NfSocket::open()?;
-    let seq = next_seq();
+fn list_request(seq: u32) -> Vec<u8> {
     let mut buf = Vec::new();
     let len: u32 = 16 + 4;
     buf.extend_from_slice(&len.to_ne_bytes());
@@ -485,7 +492,14 @@ pub fn list_dhcp_isolation_here() -> Result<Vec<String>> {
     buf.extend_from_slice(&seq.to_ne_bytes());
     buf.extend_from_slice(&0u32.to_ne_bytes());
     buf.extend_from_slice(&[NFPROTO_BRIDGE, 0, 0, 0]);
-    sock.send(&buf)?;
+    buf
+}
+
+/// Lists the links isolated in the calling thread's netns (from the table names), sorted. Equivalent to
+/// `nft list tables bridge` filtered on the prefix.
+pub fn list_dhcp_isolation_here() -> Result<Vec<String>> {
+    let sock = NfSocket::open()?;
+    sock.send(&list_request(next_seq()))?;
     let mut links = Vec::new();
     let mut rbuf = vec![0u8; 65536];
     'outer: loop {
@@ -552,4 +566,139 @@ pub fn remove_dhcp_isolation(netns: Option<&Path>, link: &str) -> Result<()> {
 /// [`list_dhcp_isolation_here`] inside the netns at `netns` (`None`: the calling thread's). Blocking.
 pub fn list_dhcp_isolation(netns: Option<&Path>) -> Result<Vec<String>> {
     in_netns(netns, list_dhcp_isolation_here)
+}
+
+/// Golden bytes of the nf_tables messages, captured from the hand-written encoder before it moved onto
+/// `netlink-packet-core`: the wire stays byte for byte the same. Rootless (no socket is opened). Netlink
+/// headers and attribute headers are in host byte order: these are the little-endian bytes.
+#[cfg(all(test, target_endian = "little"))]
+mod golden {
+    use super::*;
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    const ADD_ETH0: &[&str] = &[
+        // BATCH_BEGIN, seq 1000, 20 bytes
+        "1400000010000100e8030000000000000000000a",
+        // NEWTABLE, seq 1001, 56 bytes
+        "38000000000a0506e90300000000000007000000190001007461706d616e616765722d646863702d6574683000000000",
+        "0800020000000000",
+        // NEWCHAIN, seq 1002, 100 bytes
+        "64000000030a0506ea0300000000000007000000190001007461706d616e616765722d646863702d6574683000000000",
+        "0c000300666f72776172640014000480080001000000000208000200ffffff3808000500000000010b00070066696c74",
+        "65720000",
+        // NEWCHAIN, seq 1003, 100 bytes
+        "64000000030a0506eb0300000000000007000000190001007461706d616e616765722d646863702d6574683000000000",
+        "0b0003006f7574707574000014000480080001000000000308000200ffffff3808000500000000010b00070066696c74",
+        "65720000",
+        // NEWRULE, seq 1004, 396 bytes
+        "8c010000060a050cec0300000000000007000000190001007461706d616e616765722d646863702d6574683000000000",
+        "0c000200666f7277617264005001048024000180090001006d6574610000000014000280080001000000000108000200",
+        "000000073800018008000100636d70002c00028008000100000000010800020000000000180003801400010065746830",
+        "00000000000000000000000024000180090001006d657461000000001400028008000100000000010800020000000010",
+        "2c00018008000100636d700020000280080001000000000108000200000000000c000380050001001100000034000180",
+        "0c0001007061796c6f616400240002800800010000000001080002000000000208000300000000020800040000000002",
+        "2c00018008000100636d700020000280080001000000000108000200000000000c000380060001000043000010000180",
+        "0c000100636f756e74657200300001800e000100696d6d6564696174650000001c000280080001000000000010000280",
+        "0c0002800800010000000000",
+        // NEWRULE, seq 1005, 396 bytes
+        "8c010000060a050ced0300000000000007000000190001007461706d616e616765722d646863702d6574683000000000",
+        "0b0002006f757470757400005001048024000180090001006d6574610000000014000280080001000000000108000200",
+        "000000073800018008000100636d70002c00028008000100000000010800020000000000180003801400010065746830",
+        "00000000000000000000000024000180090001006d657461000000001400028008000100000000010800020000000010",
+        "2c00018008000100636d700020000280080001000000000108000200000000000c000380050001001100000034000180",
+        "0c0001007061796c6f616400240002800800010000000001080002000000000208000300000000000800040000000002",
+        "2c00018008000100636d700020000280080001000000000108000200000000000c000380060001000043000010000180",
+        "0c000100636f756e74657200300001800e000100696d6d6564696174650000001c000280080001000000000010000280",
+        "0c0002800800010000000000",
+        // BATCH_END, seq 1006, 20 bytes
+        "1400000011000100ee030000000000000000000a",
+    ];
+
+    const DEL_ETH0: &[&str] = &[
+        // BATCH_BEGIN, seq 2000, 20 bytes
+        "1400000010000100d0070000000000000000000a",
+        // DELTABLE, seq 2001, 48 bytes
+        "30000000020a0500d10700000000000007000000190001007461706d616e616765722d646863702d6574683000000000",
+        // BATCH_END, seq 2002, 20 bytes
+        "1400000011000100d2070000000000000000000a",
+    ];
+
+    const ADD_LONG: &[&str] = &[
+        // BATCH_BEGIN, seq 1000, 20 bytes
+        "1400000010000100e8030000000000000000000a",
+        // NEWTABLE, seq 1001, 64 bytes
+        "40000000000a0506e90300000000000007000000240001007461706d616e616765722d646863702d766574682d616263",
+        "6465666768696a000800020000000000",
+        // NEWCHAIN, seq 1002, 108 bytes
+        "6c000000030a0506ea0300000000000007000000240001007461706d616e616765722d646863702d766574682d616263",
+        "6465666768696a000c000300666f72776172640014000480080001000000000208000200ffffff380800050000000001",
+        "0b00070066696c7465720000",
+        // NEWCHAIN, seq 1003, 108 bytes
+        "6c000000030a0506eb0300000000000007000000240001007461706d616e616765722d646863702d766574682d616263",
+        "6465666768696a000b0003006f7574707574000014000480080001000000000308000200ffffff380800050000000001",
+        "0b00070066696c7465720000",
+        // NEWRULE, seq 1004, 404 bytes
+        "94010000060a050cec0300000000000007000000240001007461706d616e616765722d646863702d766574682d616263",
+        "6465666768696a000c000200666f7277617264005001048024000180090001006d657461000000001400028008000100",
+        "0000000108000200000000073800018008000100636d70002c0002800800010000000001080002000000000018000380",
+        "14000100766574682d6162636465666768696a0024000180090001006d65746100000000140002800800010000000001",
+        "08000200000000102c00018008000100636d700020000280080001000000000108000200000000000c00038005000100",
+        "11000000340001800c0001007061796c6f61640024000280080001000000000108000200000000020800030000000002",
+        "08000400000000022c00018008000100636d700020000280080001000000000108000200000000000c00038006000100",
+        "00430000100001800c000100636f756e74657200300001800e000100696d6d6564696174650000001c00028008000100",
+        "00000000100002800c0002800800010000000000",
+        // NEWRULE, seq 1005, 404 bytes
+        "94010000060a050ced0300000000000007000000240001007461706d616e616765722d646863702d766574682d616263",
+        "6465666768696a000b0002006f757470757400005001048024000180090001006d657461000000001400028008000100",
+        "0000000108000200000000073800018008000100636d70002c0002800800010000000001080002000000000018000380",
+        "14000100766574682d6162636465666768696a0024000180090001006d65746100000000140002800800010000000001",
+        "08000200000000102c00018008000100636d700020000280080001000000000108000200000000000c00038005000100",
+        "11000000340001800c0001007061796c6f61640024000280080001000000000108000200000000020800030000000000",
+        "08000400000000022c00018008000100636d700020000280080001000000000108000200000000000c00038006000100",
+        "00430000100001800c000100636f756e74657200300001800e000100696d6d6564696174650000001c00028008000100",
+        "00000000100002800c0002800800010000000000",
+        // BATCH_END, seq 1006, 20 bytes
+        "1400000011000100ee030000000000000000000a",
+    ];
+
+    const DEL_LONG: &[&str] = &[
+        // BATCH_BEGIN, seq 2000, 20 bytes
+        "1400000010000100d0070000000000000000000a",
+        // DELTABLE, seq 2001, 56 bytes
+        "38000000020a0500d10700000000000007000000240001007461706d616e616765722d646863702d766574682d616263",
+        "6465666768696a00",
+        // BATCH_END, seq 2002, 20 bytes
+        "1400000011000100d2070000000000000000000a",
+    ];
+
+    const LIST: &[&str] = &[
+        // GETTABLE dump, seq 3000, 20 bytes
+        "14000000010a0103b80b00000000000007000000",
+    ];
+
+    #[test]
+    fn add_batch_is_byte_identical() {
+        for (link, want) in [("eth0", ADD_ETH0), ("veth-abcdefghij", ADD_LONG)] {
+            let (buf, acked) = add_batch(link, 1000).finish();
+            assert_eq!(hex(&buf), want.concat(), "add batch of {link}");
+            assert_eq!(acked, [1001, 1002, 1003, 1004, 1005], "acked messages of {link}");
+        }
+    }
+
+    #[test]
+    fn remove_batch_is_byte_identical() {
+        for (link, want) in [("eth0", DEL_ETH0), ("veth-abcdefghij", DEL_LONG)] {
+            let (buf, acked) = remove_batch(link, 2000).finish();
+            assert_eq!(hex(&buf), want.concat(), "delete batch of {link}");
+            assert_eq!(acked, [2001], "acked messages of {link}");
+        }
+    }
+
+    #[test]
+    fn list_request_is_byte_identical() {
+        assert_eq!(hex(&list_request(3000)), LIST.concat());
+    }
 }
