@@ -6,7 +6,8 @@
 //! - [`netns`]: named network namespaces (`ip netns` compatible) and running work inside one on a thread made for it.
 //! - [`netlink`]: links, addresses and routes over rtnetlink, each named after the `ip` command it equals.
 //! - [`tap`]: tap devices through `/dev/net/tun`.
-//! - [`isolation`]: DHCP isolation of a CNI link on a pod bridge.
+//! - [`isolation`]: DHCP isolation of a CNI link on a pod bridge (the policy).
+//! - [`nftables`]: nf_tables over netlink: the message encoding and the socket that [`isolation`] uses.
 //! - [`types`]: the Go-compatible JSON payload types (CNI result, ContainerSideNetwork, interface descriptions).
 //! - [`dhcp`]: the per-pod DHCP server.
 //! - [`container`]: setup, teardown and recovery of the container side of a pod network.
@@ -18,6 +19,7 @@ pub mod error;
 pub mod isolation;
 pub mod netlink;
 pub mod netns;
+pub mod nftables;
 pub mod tap;
 pub mod types;
 pub mod unix;

@@ -187,6 +187,27 @@ where
     handle.join().map_err(|_| Error::new(ErrorCode::Io, "the thread running in the netns panicked"))?
 }
 
+/// [`run_in_netns`] when `netns` is `Some(path)`; `f` on the calling thread (in its netns) when `None`, for
+/// callers already on a netns thread. The one switch behind every `*_here` function's netns-taking form.
+pub fn in_netns<T, F>(netns: Option<&Path>, f: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T> + Send + 'static,
+{
+    match netns {
+        Some(p) => run_in_netns(p, f),
+        None => f(),
+    }
+}
+
+/// Moves the calling thread into the process's own netns (`/proc/self/ns/net`: the main thread's). For a
+/// long-lived helper thread spawned from a netns thread, so it never keeps a pod namespace alive. Call it
+/// only on a thread made for it.
+pub fn enter_process_netns() -> Result<()> {
+    let ns = open_netns(Path::new("/proc/self/ns/net"))?;
+    setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|e| Error::errno("setns to the process's netns", e))
+}
+
 /// Like [`run_in_netns`], but the thread also gets a private mount namespace in which `/sys` is a fresh sysfs
 /// of the target netns, so `/sys/class/net` lists the pod's links (needed for SR-IOV detection). The recipe of
 /// `ip netns exec`: `setns(net)`, `unshare(CLONE_NEWNS)`, `mount / MS_SLAVE|MS_REC`, `umount2 /sys MNT_DETACH`,

@@ -16,7 +16,7 @@ use std::path::Path;
 
 use crate::error::{Error, ErrorCode, Result};
 use crate::netlink::validate_link_name;
-use crate::netns::run_in_netns;
+use crate::netns::in_netns;
 
 const TUN_PATH: &str = "/dev/net/tun";
 
@@ -291,13 +291,6 @@ pub fn tap_fd_info(fd: RawFd) -> Result<TapFdInfo> {
         multi_queue: flags & IFF_MULTI_QUEUE != 0,
         vnet_hdr: flags & IFF_VNET_HDR != 0,
     })
-}
-
-fn in_netns<T: Send + 'static>(netns: Option<&Path>, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    match netns {
-        Some(p) => run_in_netns(p, f),
-        None => f(),
-    }
 }
 
 /// [`create_tap_here`] inside the netns at `netns` (`None`: the calling thread's). Blocking.

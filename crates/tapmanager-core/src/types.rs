@@ -1,6 +1,6 @@
-//! The Go-compatible JSON payload types: the CNI result, `ContainerSideNetwork`, interface descriptions,
-//! the get-info entries and the add/recover payloads, with exactly the bytes Virtlet's Go code emits
-//! (see `shared/PROTOCOL.md`).
+//! The Go-compatible JSON types the core reads and writes: the CNI result, `ContainerSideNetwork` and its
+//! interface descriptions, with exactly the bytes Virtlet's Go code emits (see `shared/PROTOCOL.md`). The
+//! get-info entries and the add/recover payloads are TypeScript's alone (`src/payloads.ts`).
 //!
 //! Go quirks kept on output:
 //! - `net.HardwareAddr` is base64 of the 6 bytes (`"QqSmIoAu"`), a missing one `null` ([`MacAddr`]);
@@ -120,16 +120,6 @@ mod opt_mac {
             Some(s) => MacAddr::from_base64(&s).map(Some).map_err(|e| D::Error::custom(e.message)),
         }
     }
-}
-
-/// Converts a MAC in `42:a4:a6:22:80:2e` form into Go's base64 JSON form.
-pub fn mac_to_base64(mac: &str) -> Result<String> {
-    Ok(mac.parse::<MacAddr>()?.to_base64())
-}
-
-/// Converts Go's base64 JSON form of a MAC into `42:a4:a6:22:80:2e` form.
-pub fn mac_from_base64(b64: &str) -> Result<String> {
-    Ok(MacAddr::from_base64(b64)?.to_string())
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -484,80 +474,6 @@ impl ContainerSideNetwork {
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("a ContainerSideNetwork always serialises")
     }
-
-    /// The get-info entries for this network, one per interface in fd order.
-    pub fn fd_info(&self) -> Vec<FdInfo> {
-        self.interfaces
-            .iter()
-            .enumerate()
-            .map(|(i, d)| FdInfo {
-                kind: d.kind,
-                mac: d.hardware_addr,
-                fd_index: i,
-                pci_address: d.pci_address.clone(),
-            })
-            .collect()
-    }
-}
-
-/// One entry of TapFDSource's get info: `{"type":0,"mac":"QqSmIoAu","fdIndex":0,"pciAddress":""}`.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct FdInfo {
-    /// Tap or VF.
-    #[serde(rename = "type", default)]
-    pub kind: InterfaceType,
-    /// The MAC the VM gets (base64), `null` when missing.
-    #[serde(default, with = "opt_mac")]
-    pub mac: Option<MacAddr>,
-    /// The index of this interface's fd among the fds of the get response.
-    #[serde(rename = "fdIndex", default)]
-    pub fd_index: usize,
-    /// The VF's PCI address, empty for taps.
-    #[serde(rename = "pciAddress", default, deserialize_with = "null_as_default")]
-    pub pci_address: String,
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// add / recover payloads
-// ---------------------------------------------------------------------------------------------------------
-
-/// Virtlet's `PodNetworkDesc`.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct PodNetworkDesc {
-    /// The pod sandbox id (also the netns name and the CNI container id).
-    #[serde(rename = "podId", default)]
-    pub pod_id: String,
-    /// The pod's Kubernetes namespace.
-    #[serde(rename = "podNs", default)]
-    pub pod_ns: String,
-    /// The pod's name.
-    #[serde(rename = "podName", default)]
-    pub pod_name: String,
-    /// DNS settings that replace the CNI result's; `null` when missing.
-    #[serde(rename = "DNS", default)]
-    pub dns: Option<CniDns>,
-}
-
-/// The add payload of TapFDSource: `{"podNetworkDesc":{...}}`.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct GetFdPayload {
-    /// The pod.
-    #[serde(rename = "podNetworkDesc", default)]
-    pub pod_network_desc: PodNetworkDesc,
-}
-
-/// The recover payload of TapFDSource.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct RecoverPayload {
-    /// The pod.
-    #[serde(rename = "podNetworkDesc", default)]
-    pub pod_network_desc: PodNetworkDesc,
-    /// The saved network; `null` in Go when nil.
-    #[serde(default)]
-    pub csn: Option<ContainerSideNetwork>,
-    /// Whether a VM of the pod is still running (then VFs are not reconstructed).
-    #[serde(rename = "HaveRunningContainers", default)]
-    pub have_running_containers: bool,
 }
 
 #[cfg(test)]
@@ -578,8 +494,8 @@ mod tests {
 
     #[test]
     fn mac_base64_both_ways() {
-        assert_eq!(mac_to_base64(MAC).unwrap(), MAC_B64);
-        assert_eq!(mac_from_base64(MAC_B64).unwrap(), MAC);
+        assert_eq!(MAC.parse::<MacAddr>().unwrap().to_base64(), MAC_B64);
+        assert_eq!(MacAddr::from_base64(MAC_B64).unwrap().to_string(), MAC);
         assert_eq!("42-A4-A6-22-80-2E".parse::<MacAddr>().unwrap().to_string(), MAC);
         for bad in [
             "",
@@ -706,30 +622,5 @@ mod tests {
         assert!(e.message.contains("unknown interface type 7"), "{}", e.message);
         let e = ContainerSideNetwork::from_json(br#"{"Interfaces":[{"HardwareAddr":"AAEC"}]}"#).unwrap_err();
         assert!(e.message.contains("6 bytes"), "{}", e.message);
-    }
-
-    #[test]
-    fn fd_info_and_payloads() {
-        let csn = ContainerSideNetwork::from_json(CSN_GO.as_bytes()).unwrap();
-        let info = serde_json::to_string(&csn.fd_info()).unwrap();
-        assert_eq!(info, r#"[{"type":0,"mac":"QqSmIoAu","fdIndex":0,"pciAddress":""}]"#);
-        let back: Vec<FdInfo> = serde_json::from_str(&info).unwrap();
-        assert_eq!(back, csn.fd_info());
-
-        let add = r#"{"podNetworkDesc":{"podId":"69f5f1b6-1b6d-4b8a-bb8c-4a4d66d0d7e1","podNs":"default","podName":"cirros-vm","DNS":null}}"#;
-        let p: GetFdPayload = serde_json::from_str(add).unwrap();
-        assert_eq!(p.pod_network_desc.pod_name, "cirros-vm");
-        assert_eq!(serde_json::to_string(&p).unwrap(), add);
-        let add_dns = r#"{"podNetworkDesc":{"podId":"p","podNs":"ns","podName":"n","DNS":{"nameservers":["10.96.0.10"],"search":["ns.svc.cluster.local"],"options":["ndots:5"]}}}"#;
-        let p: GetFdPayload = serde_json::from_str(add_dns).unwrap();
-        assert_eq!(p.pod_network_desc.dns.as_ref().unwrap().nameservers, ["10.96.0.10"]);
-        assert_eq!(serde_json::to_string(&p).unwrap(), add_dns);
-
-        let rec = format!(
-            r#"{{"podNetworkDesc":{{"podId":"p","podNs":"ns","podName":"n","DNS":null}},"csn":{CSN_GO},"HaveRunningContainers":true}}"#
-        );
-        let r: RecoverPayload = serde_json::from_str(&rec).unwrap();
-        assert!(r.have_running_containers);
-        assert_eq!(serde_json::to_string(&r).unwrap(), rec);
     }
 }

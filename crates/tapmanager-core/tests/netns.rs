@@ -8,8 +8,8 @@ use std::path::Path;
 
 use common::{require_prereqs, sh, unique_name};
 use tapmanager_core::netns::{
-    create_netns, delete_netns, is_netns_mount, list_netns, run_in_netns, run_in_netns_with_sysfs, IfExists,
-    DEFAULT_NETNS_DIR,
+    create_netns, delete_netns, enter_process_netns, in_netns, is_netns_mount, list_netns, run_in_netns,
+    run_in_netns_with_sysfs, IfExists, DEFAULT_NETNS_DIR,
 };
 use tapmanager_core::ErrorCode;
 
@@ -159,4 +159,33 @@ fn sysfs_variant_shows_the_pods_links_and_leaves_the_callers_sys_alone() {
     let l = link.clone();
     let plain = run_in_netns(&ns.path, move || Ok(Path::new(&format!("/sys/class/net/{l}")).exists())).unwrap();
     assert!(!plain);
+}
+
+#[test]
+fn in_netns_switches_only_when_asked_and_a_thread_can_return_to_the_process_netns() {
+    require_prereqs(&["ip"]);
+    let dir = Path::new(DEFAULT_NETNS_DIR);
+    let name = unique_name("tmns");
+    let _c = Cleanup(name.clone());
+    let created = create_netns(dir, &name, IfExists::Fail).unwrap();
+    let pod_ino = ns_inode(&created.path);
+    let root_ino = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
+    let here = || Ok(std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino());
+    let me = std::thread::current().id();
+
+    // Some(path): on a thread inside the pod netns; None: on the calling thread, in its netns.
+    assert_eq!(in_netns(Some(&created.path), here).unwrap(), pod_ino);
+    let (ino, tid) = in_netns(None, move || Ok((here()?, std::thread::current().id()))).unwrap();
+    assert_eq!((ino, tid), (root_ino, me));
+
+    // A thread inside the pod netns moves back to the process's (what nf_tables' closer thread does).
+    let back = run_in_netns(&created.path, move || {
+        let before = here()?;
+        enter_process_netns()?;
+        Ok((before, here()?))
+    })
+    .unwrap();
+    assert_eq!(back, (pod_ino, root_ino));
+    assert_eq!(sh("ip", &["netns", "pids", &name]).trim(), "");
+    delete_netns(dir, &name).unwrap();
 }
