@@ -7,6 +7,12 @@ import { access, constants } from 'node:fs/promises'
 import { join } from 'node:path'
 import { CniError, type CniCommand } from './errors'
 
+/**
+ * After the plugin exited, how long its pipes may stay open (held by a child it left behind) before they are
+ * closed and its output used as it is.
+ */
+const PIPE_GRACE_MS = 1000
+
 /** The most stdout/stderr we keep from a plugin; more is an error (a result is a few hundred bytes). */
 export const MAX_PLUGIN_OUTPUT = 1 << 20
 
@@ -92,24 +98,43 @@ export async function execPlugin(run: PluginRun): Promise<Record<string, unknown
     // a plugin that exits without reading its stdin: its exit status tells what happened
   })
   child.stdin.end(JSON.stringify(run.stdin))
-  const timer = setTimeout(() => {
-    timedOut = true
-    killGroup()
-  }, run.timeoutMs)
+  let timer: NodeJS.Timeout | undefined
+  let grace: NodeJS.Timeout | undefined
   const { code, signal, spawnError } = await new Promise<{ code: number | null; signal: string | null; spawnError?: Error }>(
     (resolve) => {
+      let exited: { code: number | null; signal: string | null } | undefined
+      const stopReading = () => {
+        // A descendant (possibly one that left the process group with setsid) may hold the pipes open for
+        // ever: stop waiting for them.
+        child.stdout.destroy()
+        child.stderr.destroy()
+      }
       child.once('error', (e) => resolve({ code: null, signal: null, spawnError: e }))
       child.once('close', (c, s) => resolve({ code: c, signal: s }))
-      child.once('exit', () => {
-        // After a kill, a descendant that left the process group may still hold the pipes: stop waiting for them.
+      child.once('exit', (c, s) => {
+        exited = { code: c, signal: s }
         if (timedOut || overflow) {
-          child.stdout.destroy()
-          child.stderr.destroy()
+          stopReading()
+          resolve(exited)
+          return
         }
+        // The plugin is done; what it printed is in the pipes already. Give them a moment to drain, then stop
+        // waiting for a child of it that keeps them open (bounded by the timeout either way).
+        grace = setTimeout(() => {
+          stopReading()
+          resolve(exited!)
+        }, PIPE_GRACE_MS)
       })
+      timer = setTimeout(() => {
+        timedOut = exited === undefined
+        killGroup()
+        stopReading()
+        resolve(exited ?? { code: null, signal: 'SIGKILL' })
+      }, run.timeoutMs)
     },
   )
   clearTimeout(timer)
+  clearTimeout(grace)
   const stdout = Buffer.concat(out).toString('utf8')
   const stderr = clip(Buffer.concat(err).toString('utf8'))
   const more = { ...info, exitCode: code, signal, stderr }
