@@ -3,7 +3,7 @@
  * helpers/dhcpfuzz.ts) written into the pod's tap fd, as a hostile VM would send them; then a real client
  * (dhcpcd, through a stand-in VM joined to the same fd) still gets its lease from the same server, and the
  * server process kept its fd count. Reproducible: `TAPMANAGER_FUZZ_SEED` and `TAPMANAGER_FUZZ_COUNT` pick the
- * seed and the number of packets (default 20000, a few seconds).
+ * seed and the number of packets (default 10000, a few seconds).
  */
 import test from 'ava'
 import { closeSync } from 'node:fs'
@@ -11,7 +11,7 @@ import { FakeVm, TapFdHarness, openFds } from './helpers/tapfd'
 import { runDhcpFuzz } from './helpers/dhcpfuzz'
 
 const SEED = Number(process.env.TAPMANAGER_FUZZ_SEED ?? 0x5eed8)
-const COUNT = Number(process.env.TAPMANAGER_FUZZ_COUNT ?? 20_000)
+const COUNT = Number(process.env.TAPMANAGER_FUZZ_COUNT ?? 10_000)
 
 test.serial(`fuzzed DHCP packets into a pod's tap (seed ${SEED}, ${COUNT} packets): the DHCP server still answers a real client`, async (t) => {
   const h = new TapFdHarness()

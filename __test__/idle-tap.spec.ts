@@ -101,7 +101,7 @@ async function leaseAfterIdle(h: TapFdHarness, podId: string, mac: string): Prom
     const { out, err } = await run('ip', ['netns', 'exec', vm.name, 'timeout', '30', 'busybox', 'udhcpc', '-i', 'vm0', '-f', '-n', '-q', '-T', '2', '-t', '6', '-s', '/bin/true'])
     const text = out + err
     return {
-      discovers: (text.match(/sending discover/g) ?? []).length,
+      discovers: (text.match(/(sending|broadcasting) discover/g) ?? []).length,
       lease: /lease of ([0-9.]+) obtained/.exec(text)?.[1] ?? null,
       out: text,
     }

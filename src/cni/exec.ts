@@ -7,12 +7,6 @@ import { access, constants } from 'node:fs/promises'
 import { join } from 'node:path'
 import { CniError, type CniCommand } from './errors'
 
-/**
- * After the plugin exited, how long its pipes may stay open (held by a child it left behind) before they are
- * closed and its output used as it is.
- */
-const PIPE_GRACE_MS = 1000
-
 /** The most stdout/stderr we keep from a plugin; more is an error (a result is a few hundred bytes). */
 export const MAX_PLUGIN_OUTPUT = 1 << 20
 
@@ -99,7 +93,6 @@ export async function execPlugin(run: PluginRun): Promise<Record<string, unknown
   })
   child.stdin.end(JSON.stringify(run.stdin))
   let timer: NodeJS.Timeout | undefined
-  let grace: NodeJS.Timeout | undefined
   const { code, signal, spawnError } = await new Promise<{ code: number | null; signal: string | null; spawnError?: Error }>(
     (resolve) => {
       let exited: { code: number | null; signal: string | null } | undefined
@@ -118,12 +111,8 @@ export async function execPlugin(run: PluginRun): Promise<Record<string, unknown
           resolve(exited)
           return
         }
-        // The plugin is done; what it printed is in the pipes already. Give them a moment to drain, then stop
-        // waiting for a child of it that keeps them open (bounded by the timeout either way).
-        grace = setTimeout(() => {
-          stopReading()
-          resolve(exited!)
-        }, PIPE_GRACE_MS)
+        // The plugin is done. A child of it may still hold the pipes: then the timer below ends the wait (and the
+        // output printed is used: the plugin itself did not time out).
       })
       timer = setTimeout(() => {
         timedOut = exited === undefined
@@ -134,7 +123,6 @@ export async function execPlugin(run: PluginRun): Promise<Record<string, unknown
     },
   )
   clearTimeout(timer)
-  clearTimeout(grace)
   const stdout = Buffer.concat(out).toString('utf8')
   const stderr = clip(Buffer.concat(err).toString('utf8'))
   const more = { ...info, exitCode: code, signal, stderr }
