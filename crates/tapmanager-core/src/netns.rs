@@ -63,7 +63,11 @@ pub fn netns_path(dir: &Path, name: &str) -> PathBuf {
 /// it, a directory or a missing path are all "no namespace".
 pub fn is_netns_mount(path: &Path) -> bool {
     use std::os::unix::fs::OpenOptionsExt;
-    let f = match OpenOptions::new().read(true).custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path) {
+    let f = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+    {
         Ok(f) => f,
         Err(_) => return false,
     };
