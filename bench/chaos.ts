@@ -64,7 +64,8 @@ function resources(node: CniTestNode, server: ServerProcess): Record<string, num
     fds: server.fdCount(),
     threads: field('Threads'),
     rssKiB: field('VmRSS'),
-    netns: netnsNames().length,
+    // only this campaign's pods: other netns on the machine come and go
+    netns: netnsNames().filter((n) => n.startsWith('tmch')).length,
     links: node.nodeLinks().length,
     leases: node.allLeases().length,
     stateFiles: existsSync(server.stateDir) ? readdirSync(server.stateDir).length : 0,
@@ -200,14 +201,15 @@ async function main(): Promise<void> {
         await vm.attach(fds[0], mac, 1500)
         const lease = await vm.dhcpcd().catch((e: Error) => ({ error: e.message }) as Record<string, string>)
         if (!lease.new_ip_address) problem = `no lease after the fuzz: ${lease.error}`
-        const after = resources(node, server)
-        figures = `${written} written, ${Math.round(written / secs)} pkts/s; lease after: ${lease.new_ip_address ?? 'none'}; RSS ${before.rssKiB}->${after.rssKiB} KiB`
-        const leaks = diff(before, after, { rssKiB: 64 * 1024, threads: 4, fds: 4 })
-        if (leaks.length) problem = [problem, ...leaks].filter(Boolean).join(', ')
+        figures = `${written} written, ${Math.round(written / secs)} pkts/s; lease after: ${lease.new_ip_address ?? 'none'}`
       } finally {
         for (const fd of fds) closeSync(fd)
         vm.cleanup()
       }
+      const after = resources(node, server)
+      figures += `; RSS ${before.rssKiB}->${after.rssKiB} KiB, fds ${before.fds}->${after.fds}`
+      const leaks = diff(before, after, { rssKiB: 64 * 1024, threads: 4, fds: 4 })
+      if (leaks.length) problem = [problem, ...leaks].filter(Boolean).join(', ')
       await client.releaseFDs('dhcp')
       rows.push({ campaign: 'DHCP packets into a tap', size: SIZES.dhcp, figures, ok: !problem, problem })
     }
@@ -264,7 +266,7 @@ async function main(): Promise<void> {
           () => true,
           () => false,
         )
-        await sleep(Math.floor(rand() * addMs * 1.3))
+        await sleep(Math.floor(rand() * addMs * 2))
         await server.kill9()
         await adding
         killNetnsProcesses(node.name, [])
