@@ -339,6 +339,12 @@ export interface DhcpServerStats {
   errors: number
 }
 
+/**
+ * Discards the frames queued on a tap fd (at most `maxFrames`, default 65536) without blocking; returns how
+ * many. Call it right before handing the fd to a VM, while no one else reads it (see the core's `drain_tap_fd`).
+ */
+export declare function drainTapFd(fd: number, maxFrames?: number | undefined | null): number
+
 /** Duplicates fds (`fcntl(F_DUPFD_CLOEXEC)`); the new fds belong to the caller. */
 export declare function dupFds(fds: Array<number>): Array<number>
 
@@ -394,6 +400,12 @@ export interface IncomingRequest {
   conn: UnixConnection
   frame: Frame
 }
+
+/**
+ * True when `path` is a live namespace mount (nsfs), checked with `fstatfs` on an `O_PATH|O_NOFOLLOW` open:
+ * a symlink, a plain file (a crash between creating the file and mounting), a dir or a missing path is false.
+ */
+export declare function isNetnsMount(path: string): boolean
 
 /** A link as `ip -d link show` describes it. */
 export interface Link {

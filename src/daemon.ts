@@ -12,6 +12,7 @@
  * `ip netns exec`, which unshares a mount namespace; use `nsenter --net=...` to run it in another netns).
  */
 import { existsSync, mkdirSync, readFileSync, realpathSync } from 'node:fs'
+import { isNetnsMount } from './native'
 import { basename, dirname, join } from 'node:path'
 import { messageOf } from './errors'
 import { ExecCniClient, type CniClient } from './cni'
@@ -96,7 +97,9 @@ class PersistingSource implements FDSource {
     try {
       res = await this.inner.getFDs(key, data)
     } catch (err) {
-      await this.store.remove(key)
+      // An add whose CNI ADD and rollback DEL both failed keeps its `adding` record (and the CNI cache entry
+      // a DEL needs), so the next start runs the DEL again; any other failure left nothing behind.
+      if (!(err as { cniLeftover?: boolean } | null)?.cniLeftover) await this.store.remove(key)
       throw err
     }
     try {
@@ -144,7 +147,7 @@ class PersistingSource implements FDSource {
 /** Starts the daemon: recovers persisted keys, then serves. */
 export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
   const netnsDir = opts.netnsDir ?? '/var/run/netns'
-  const cni =
+  const execCni =
     opts.cni ??
     new ExecCniClient({
       confDir: opts.cniConfigDir,
@@ -153,6 +156,7 @@ export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
       cacheDir: opts.cniCacheDir ?? join(opts.stateDir, 'cni'),
       timeoutMs: opts.cniTimeoutMs,
     })
+  const cni: CniClient = execCni
   const crash = crashPoint(opts.crashAt ?? process.env.TAPMANAGER_TEST_CRASH_AT)
   const source = new TapFDSource(crash ? crashingCni(cni, crash) : cni, {
     enableSriov: opts.sriov,
@@ -161,7 +165,9 @@ export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
     ops: crash ? crashingOps(nativePodNetworkOps, crash) : undefined,
   })
   const store = new StateStore(opts.stateDir)
-  await store.init()
+  // Both sweep the temp files a kill between write and rename left (state records, CNI cache entries).
+  const { removedTemps } = await store.init()
+  const cniTemps = execCni instanceof ExecCniClient ? await execCni.sweepTempFiles() : []
   const server = new FDServer(opts.socketPath, new PersistingSource(source, store, crash), {
     socketMode: opts.socketMode,
     socketGid: resolveGroup(opts.socketGroup),
@@ -173,7 +179,12 @@ export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
       : undefined,
   })
 
-  if (opts.log) warnPrivateMountNs(opts.log, netnsDir)
+  if (opts.log) {
+    warnPrivateMountNs(opts.log, netnsDir)
+    if (removedTemps.length || cniTemps.length) {
+      opts.log.logger.info({ stateTemps: removedTemps.length, cniCacheTemps: cniTemps.length }, 'removed temp files of interrupted writes')
+    }
+  }
   let recovery: RecoveryReport
   try {
     recovery = await recoverPersisted(source, store, server)
@@ -201,44 +212,49 @@ async function recoverPersisted(source: TapFDSource, store: StateStore, server: 
     await store.quarantine(c.file).catch(() => undefined)
     report.corrupt.push(c.file)
   }
-  await Promise.all(
-    listing.records.map(async (rec) => {
-      let desc: PodNetworkDesc
+  // Ready keys first: they claim their pod ids, so the cleanup of an interrupted add that tried to take a pod id
+  // a live key holds (a second key's failed claim) drops that record and touches nothing of the live pod.
+  const ready = listing.records.filter((r) => r.status === 'ready')
+  const adding = listing.records.filter((r) => r.status !== 'ready')
+  const recoverOne = async (rec: (typeof listing.records)[number]): Promise<void> => {
+    let desc: PodNetworkDesc
+    try {
+      desc = parseGetFDPayload(JSON.stringify({ podNetworkDesc: rec.podNetworkDesc })).podNetworkDesc
+    } catch (err) {
+      report.skipped.push({ key: rec.key, reason: `bad pod description: ${messageOf(err)}` })
+      await store.quarantine(keyToFileName(rec.key)).catch(() => undefined)
+      return
+    }
+    if (rec.status === 'adding') {
       try {
-        desc = parseGetFDPayload(JSON.stringify({ podNetworkDesc: rec.podNetworkDesc })).podNetworkDesc
+        await source.cleanupPod(desc)
+        report.cleaned.push(rec.key)
+        await store.remove(rec.key)
       } catch (err) {
-        report.skipped.push({ key: rec.key, reason: `bad pod description: ${messageOf(err)}` })
-        await store.quarantine(keyToFileName(rec.key)).catch(() => undefined)
-        return
+        // The record stays, so the next start tries again (a new add of the key replaces it).
+        report.skipped.push({ key: rec.key, reason: `cleanup of an interrupted add: ${messageOf(err)}` })
       }
-      if (rec.status === 'adding') {
-        try {
-          await source.cleanupPod(desc)
-          report.cleaned.push(rec.key)
-          await store.remove(rec.key)
-        } catch (err) {
-          // The record stays, so the next start tries again (a new add of the key replaces it).
-          report.skipped.push({ key: rec.key, reason: `cleanup of an interrupted add: ${messageOf(err)}` })
-        }
-        return
+      return
+    }
+    try {
+      const csn = parseContainerSideNetwork(JSON.stringify(rec.csn))
+      const payload = encodeRecoverPayload({ podNetworkDesc: desc, csn, haveRunningContainers: false })
+      await server.restore(rec.key, Buffer.from(payload))
+      report.recovered.push(rec.key)
+    } catch (err) {
+      report.skipped.push({ key: rec.key, reason: messageOf(err) })
+      // A pod whose netns vanished can never come back: release its IPAM lease and forget it. Any other
+      // failure keeps the record, so a later start can try again.
+      // "Vanished" means no live netns mount at the path (a plain file or a symlink there is none).
+      const nsPath = (rec.csn as { NsPath?: unknown } | undefined)?.NsPath
+      if (typeof nsPath !== 'string' || !isNetnsMount(nsPath)) {
+        await source.cleanupPod(desc).catch(() => undefined)
+        await store.remove(rec.key)
       }
-      try {
-        const csn = parseContainerSideNetwork(JSON.stringify(rec.csn))
-        const payload = encodeRecoverPayload({ podNetworkDesc: desc, csn, haveRunningContainers: false })
-        await server.restore(rec.key, Buffer.from(payload))
-        report.recovered.push(rec.key)
-      } catch (err) {
-        report.skipped.push({ key: rec.key, reason: messageOf(err) })
-        // A pod whose netns vanished can never come back: release its IPAM lease and forget it. Any other
-        // failure keeps the record, so a later start can try again.
-        const nsPath = (rec.csn as { NsPath?: unknown } | undefined)?.NsPath
-        if (typeof nsPath !== 'string' || !existsSync(nsPath)) {
-          await source.cleanupPod(desc).catch(() => undefined)
-          await store.remove(rec.key)
-        }
-      }
-    }),
-  )
+    }
+  }
+  await Promise.all(ready.map(recoverOne))
+  await Promise.all(adding.map(recoverOne))
   return report
 }
 

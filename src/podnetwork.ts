@@ -2,7 +2,6 @@
  * The native operations TapFDSource orchestrates, behind one interface so its logic (ordering, rollback,
  * serialisation) can be unit-tested with fakes, while the real implementation calls the Rust core.
  */
-import { existsSync } from 'node:fs'
 import { basename, dirname } from 'node:path'
 import * as native from './native'
 
@@ -30,7 +29,10 @@ export interface ContainerSideOptions {
 }
 
 export interface PodNetworkOps {
-  /** True when a netns file exists at the path. */
+  /**
+   * True when a live netns is mounted at the path (nsfs, checked natively without following a symlink). A plain
+   * file left by a kill -9 between creating the file and mounting onto it, or a symlink, is not a netns.
+   */
   netnsExists(nsPath: string): boolean
   /** Creates the named netns at `nsPath` (`ip netns add`); fails with ERR_EXISTS when it exists. */
   createNetns(nsPath: string): Promise<void>
@@ -48,11 +50,13 @@ export interface PodNetworkOps {
   reopenTaps(nsPath: string, csnJson: string): Promise<number[]>
   /** Starts the pod's DHCP server; it is bound when this resolves. */
   startDhcpServer(nsPath: string, csnJson: string): Promise<DhcpServerHandle>
+  /** Discards the frames queued on a tap fd (non-blocking); returns how many. Optional (fakes may leave it out). */
+  drainTapFd?(fd: number): number
 }
 
 /** The real operations, in the Rust core. */
 export const nativePodNetworkOps: PodNetworkOps = {
-  netnsExists: (nsPath) => existsSync(nsPath),
+  netnsExists: (nsPath) => native.isNetnsMount(nsPath),
   createNetns: async (nsPath) => {
     await native.createNetns(basename(nsPath), { dir: dirname(nsPath) })
   },
@@ -66,4 +70,5 @@ export const nativePodNetworkOps: PodNetworkOps = {
   },
   reopenTaps: (nsPath, csnJson) => native.reopenTaps(nsPath, csnJson),
   startDhcpServer: (nsPath, csnJson) => native.startDhcpServer(nsPath, csnJson),
+  drainTapFd: (fd) => native.drainTapFd(fd),
 }

@@ -7,10 +7,12 @@
  * A crash can leave a temp file (`.<name>.tmp-*`): readers ignore it, `init()` removes it.
  * A record that does not parse is reported (in `list()`, as a StateCorruptError from `read()`), never dropped
  * silently; `quarantine()` moves it aside for an operator to look at.
+ * Symlinks are never followed: records are opened O_NOFOLLOW (a symlink, or anything not a regular file, named
+ * like a record is reported as corrupt), and unlink/rename act on the entry itself.
  */
 import { randomBytes } from 'node:crypto'
 import { constants as fsc } from 'node:fs'
-import { mkdir, open, readdir, readFile, rename, unlink } from 'node:fs/promises'
+import { mkdir, open, readdir, rename, unlink } from 'node:fs/promises'
 import { join } from 'node:path'
 import { InvalidInputError, TapmanagerError } from './errors'
 
@@ -139,6 +141,22 @@ function validate(value: unknown, expectedKey: string | null): StateRecord {
   }
 }
 
+/** The largest record read (a real one is a few KiB). */
+const MAX_RECORD_SIZE = 1 << 20
+
+/** Reads a record file: never follows a symlink (ELOOP), never blocks on a FIFO, regular files only. */
+async function readRecordFile(path: string): Promise<string> {
+  const fh = await open(path, fsc.O_RDONLY | fsc.O_NOFOLLOW | fsc.O_NONBLOCK | fsc.O_NOCTTY)
+  try {
+    const st = await fh.stat()
+    if (!st.isFile()) throw new Error('not a regular file')
+    if (st.size > MAX_RECORD_SIZE) throw new Error(`too large (${st.size} bytes)`)
+    return await fh.readFile('utf8')
+  } finally {
+    await fh.close()
+  }
+}
+
 function isErrno(err: unknown, code: string): boolean {
   return (err as NodeJS.ErrnoException | null)?.code === code
 }
@@ -214,9 +232,11 @@ export class StateStore {
     const name = keyToFileName(key)
     let text: string
     try {
-      text = await readFile(join(this.dir, name), 'utf8')
+      text = await readRecordFile(join(this.dir, name))
     } catch (err) {
       if (isErrno(err, 'ENOENT')) return null
+      if (isErrno(err, 'ELOOP')) throw new StateCorruptError(name, 'a symlink (never followed)', { cause: err })
+      if (err instanceof Error && !(err as NodeJS.ErrnoException).code) throw new StateCorruptError(name, err.message, { cause: err })
       throw err
     }
     return this.parse(name, key, text)
@@ -264,10 +284,11 @@ export class StateStore {
       }
       let text: string
       try {
-        text = await readFile(join(this.dir, name), 'utf8')
+        text = await readRecordFile(join(this.dir, name))
       } catch (err) {
         if (isErrno(err, 'ENOENT')) continue // removed meanwhile
-        listing.corrupt.push({ file: name, key, reason: (err as Error).message })
+        const reason = isErrno(err, 'ELOOP') ? 'a symlink (never followed)' : (err as Error).message
+        listing.corrupt.push({ file: name, key, reason })
         continue
       }
       try {

@@ -9,9 +9,15 @@
  * recover/retrieveFDs: after a server restart, from the saved ContainerSideNetwork, without CNI or a new netns.
  * stop: DHCP servers stopped, fds closed, netns and links kept so a later recover works.
  *
- * Operations on one key are serialised; different keys run in parallel.
+ * Operations on one key are serialised; different keys run in parallel. A pod id belongs to one key from the
+ * start of its add (or recover) to its release: an add or recover of the same pod id under another key fails at
+ * once with ERR_EXISTS and touches nothing of the first key's pod.
+ *
+ * get (getInfo): the frames a pod's bridge flooded to a tap while no VM read it (up to txqlen, 1000) are
+ * discarded from the tap fds before they are handed out, so a VM starts on an empty queue and its first DHCP
+ * OFFER is not dropped behind a stale backlog (see `drainTapFd`).
  */
-import { closeSync } from 'node:fs'
+import { closeSync, lstatSync } from 'node:fs'
 import { join } from 'node:path'
 import { TapmanagerError, InvalidInputError, NotFoundError, messageOf } from './errors'
 import type { FDSource, GetFDsResult } from './fdsource'
@@ -71,6 +77,10 @@ export class TapFDSource implements FDSource {
   private readonly enableSriov: boolean
   private readonly calicoSubnetSize: number
   private readonly pods = new Map<string, PodNetwork>()
+  /** pod id -> the key whose add or recover holds it (set synchronously when the add starts). */
+  private readonly owners = new Map<string, string>()
+  /** Frames discarded from idle taps on get, in all (see the class comment). */
+  framesDrained = 0
   private readonly locks = new Map<string, Promise<unknown>>()
 
   constructor(cni: CniClient, options: TapFDSourceOptions = {}) {
@@ -106,6 +116,8 @@ export class TapFDSource implements FDSource {
   getInfo(key: string): Buffer {
     const pod = this.pods.get(key)
     if (!pod) throw new NotFoundError(`no pod network for key ${JSON.stringify(key)}`)
+    // getInfo answers a get, which hands the fds out: drop the backlog an idle tap collected meanwhile.
+    this.drainTaps(pod)
     const info = pod.csn.interfaces.map((i, fdIndex) => ({ type: i.type, mac: i.hardwareAddr, fdIndex, pciAddress: i.pciAddress }))
     return Buffer.from(encodeFdInfo(info))
   }
@@ -126,12 +138,20 @@ export class TapFDSource implements FDSource {
     })
   }
 
+  /** The key holding a pod id (from the start of its add or recover to its release), if any. */
+  ownerOf(podId: string): string | undefined {
+    return this.owners.get(podId)
+  }
+
   /**
    * Cleans what an interrupted add left for a pod (after a crash): its container side if a saved
-   * ContainerSideNetwork is given, its CNI attachment (DEL, from the CNI cache) and its netns.
+   * ContainerSideNetwork is given, its CNI attachment (DEL, from the CNI cache; with no netns when the path is
+   * not a live netns mount) and its netns file. Resolves to false, touching nothing, when the pod id belongs to
+   * a live key (the leftover record was a second key's failed claim on it).
    */
-  cleanupPod(desc: PodNetworkDesc, csnJson?: string): Promise<void> {
+  cleanupPod(desc: PodNetworkDesc, csnJson?: string): Promise<boolean> {
     return this.serialised(`cleanup:${desc.podId}`, async () => {
+      if (this.owners.has(desc.podId)) return false
       const errors: unknown[] = []
       const nsPath = this.nsPath(desc.podId)
       if (csnJson && this.ops.netnsExists(nsPath)) {
@@ -141,6 +161,7 @@ export class TapFDSource implements FDSource {
       await this.cni.removeSandboxFromNetwork(desc.podId, desc.podName, desc.podNs).catch((e) => errors.push(e))
       await this.ops.deleteNetns(nsPath).catch((e) => errors.push(e))
       if (errors.length) throw new AggregateOperationError(`cleaning up pod ${desc.podId}`, errors)
+      return true
     })
   }
 
@@ -154,6 +175,7 @@ export class TapFDSource implements FDSource {
       pod.fds = pod.fds.map(() => null)
     }
     this.pods.clear()
+    this.owners.clear()
     if (errors.length) throw new AggregateOperationError('stopping TapFDSource', errors)
   }
 
@@ -164,13 +186,24 @@ export class TapFDSource implements FDSource {
   private async add(key: string, data: Buffer): Promise<GetFDsResult> {
     if (this.pods.has(key)) throw new TapmanagerError('ERR_EXISTS', `pod network for key ${JSON.stringify(key)} exists`)
     const { podNetworkDesc: desc } = parseGetFDPayload(data)
+    // Claimed here, before the first await, so of concurrent adds of one pod id exactly one goes on.
+    this.claim(desc.podId, key)
     const nsPath = this.nsPath(desc.podId)
     const undo: (() => Promise<void>)[] = []
     try {
-      // A netns left by a crash is cleaned (CNI DEL from the cache, then deleted) rather than failing forever.
+      // A netns left by a crash (no live key holds this pod id) is cleaned (CNI DEL from the cache, then
+      // deleted) rather than failing forever; a plain file or a symlink at the path is just removed (never
+      // followed).
       if (this.ops.netnsExists(nsPath)) {
         await this.cni.removeSandboxFromNetwork(desc.podId, desc.podName, desc.podNs).catch(() => undefined)
         await this.ops.deleteNetns(nsPath)
+      } else {
+        if (entryExists(nsPath)) await this.ops.deleteNetns(nsPath)
+        // An earlier add whose ADD and rollback DEL both failed left its CNI cache entry: DEL it first, or the
+        // plugins (host-local) refuse to allocate twice for the same container id.
+        if (this.cni.hasLeftover && (await this.cni.hasLeftover(desc.podId))) {
+          await this.cni.removeSandboxFromNetwork(desc.podId, desc.podName, desc.podNs).catch(() => undefined)
+        }
       }
       await this.ops.createNetns(nsPath)
       undo.push(() => this.ops.deleteNetns(nsPath))
@@ -202,9 +235,38 @@ export class TapFDSource implements FDSource {
       this.pods.set(key, { desc, csn, csnJson: side.csn, fds: [...side.fds], dhcp })
       return { fds: side.fds, data: Buffer.from(side.csn) }
     } catch (err) {
+      this.unclaim(desc.podId, key)
       const errors = await runAll(undo.reverse())
-      if (errors.length) throw new AggregateOperationError(`${messageOf(err)}; then rolling back failed`, errors, [err, ...errors])
-      throw err
+      // A failed ADD whose own rollback DEL failed too leaves its CNI cache entry: a later DEL needs it.
+      const cniLeftover = ((err as { cleanupErrors?: unknown[] }).cleanupErrors?.length ?? 0) > 0
+      const out = errors.length ? new AggregateOperationError(`${messageOf(err)}; then rolling back failed`, errors, [err, ...errors]) : err
+      if (cniLeftover && out && typeof out === 'object') (out as { cniLeftover?: boolean }).cniLeftover = true
+      throw out
+    }
+  }
+
+  /** Takes `podId` for `key`; ERR_EXISTS when another key holds it. */
+  private claim(podId: string, key: string): void {
+    const owner = this.owners.get(podId)
+    if (owner !== undefined && owner !== key) {
+      throw new TapmanagerError('ERR_EXISTS', `pod id ${JSON.stringify(podId)} is in use by another key (${JSON.stringify(owner)})`)
+    }
+    this.owners.set(podId, key)
+  }
+
+  private unclaim(podId: string, key: string): void {
+    if (this.owners.get(podId) === key) this.owners.delete(podId)
+  }
+
+  private drainTaps(pod: PodNetwork): void {
+    if (!this.ops.drainTapFd) return
+    for (const fd of pod.fds) {
+      if (fd === null) continue
+      try {
+        this.framesDrained += this.ops.drainTapFd(fd)
+      } catch {
+        // a tap that cannot be read (down, detached) has no backlog to drop; the get goes on
+      }
     }
   }
 
@@ -223,11 +285,15 @@ export class TapFDSource implements FDSource {
         pod.fds = pod.fds.map(() => null)
       },
       // The netns at nsPath is deleted two steps below: its deletion takes the bridges and taps, asynchronously.
-      () => this.ops.teardownContainerSide(nsPath, pod.csnJson, { keepDevices: true }),
+      // No live netns at the path (a file or a symlink there): nothing to tear down, and nothing is entered.
+      async () => {
+        if (this.ops.netnsExists(nsPath)) await this.ops.teardownContainerSide(nsPath, pod.csnJson, { keepDevices: true })
+      },
       () => this.cni.removeSandboxFromNetwork(desc.podId, desc.podName, desc.podNs),
       () => this.ops.deleteNetns(nsPath),
     ])
     this.pods.delete(key)
+    this.unclaim(desc.podId, key)
     if (errors.length) throw new AggregateOperationError(`releasing pod network ${desc.podId}`, errors)
   }
 
@@ -237,17 +303,19 @@ export class TapFDSource implements FDSource {
     const desc = payload.podNetworkDesc
     const csn = payload.csn
     const nsPath = csn.nsPath || this.nsPath(desc.podId)
-    if (!this.ops.netnsExists(nsPath)) throw new NotFoundError(`netns ${nsPath} of pod ${desc.podId} is gone`)
-    const csnJson = encodeContainerSideNetwork(csn)
-    const { fds } = await this.ops.recoverContainerSide(nsPath, csnJson)
-    let dhcp: DhcpServerHandle
+    this.claim(desc.podId, key)
+    let fds: (number | null)[] = []
     try {
-      dhcp = await this.ops.startDhcpServer(nsPath, csnJson)
+      if (!this.ops.netnsExists(nsPath)) throw new NotFoundError(`netns ${nsPath} of pod ${desc.podId} is gone`)
+      const csnJson = encodeContainerSideNetwork(csn)
+      fds = (await this.ops.recoverContainerSide(nsPath, csnJson)).fds
+      const dhcp = await this.ops.startDhcpServer(nsPath, csnJson)
+      this.pods.set(key, { desc, csn, csnJson, fds, dhcp })
     } catch (err) {
       for (const fd of fds) if (fd !== null) closeQuietly(fd)
+      this.unclaim(desc.podId, key)
       throw err
     }
-    this.pods.set(key, { desc, csn, csnJson, fds, dhcp })
   }
 
   /** The IPv4 address of the dummy network's (Calico) link: the gateway Calico pods get. */
@@ -284,6 +352,16 @@ async function runAll(steps: (() => Promise<void>)[]): Promise<unknown[]> {
     }
   }
   return errors
+}
+
+/** True when anything (a file, a symlink, even a dangling one) is at `path`, never following a symlink. */
+function entryExists(path: string): boolean {
+  try {
+    lstatSync(path)
+    return true
+  } catch {
+    return false
+  }
 }
 
 function closeQuietly(fd: number): void {

@@ -4,9 +4,15 @@
  * written atomically (temporary file + rename).
  *
  * The entry is written before the first plugin runs (with `result: null`), so a crash in the middle of ADD
- * still leaves what DEL needs; it gets the result when ADD succeeds, and is removed when DEL succeeds.
+ * still leaves what DEL needs; it gets the result when ADD succeeds, and is removed when DEL succeeds. When an
+ * ADD fails and its rollback DEL fails too, the entry stays: the plugins may still hold something (an IPAM
+ * lease) that only a later DEL with this config releases; the next DEL of the pod removes it.
+ *
+ * Entries are read with O_NOFOLLOW (a symlink planted in the dir is never followed). A kill between writing a
+ * temp file and renaming it leaves `<entry>.<pid>.<random>.tmp`: {@link CniCache.sweepTemps} removes them.
  */
-import { mkdir, readFile, rename, unlink, writeFile } from 'node:fs/promises'
+import { constants as fsc } from 'node:fs'
+import { mkdir, open, readdir, rename, unlink, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 
 /** What is kept per attachment. */
@@ -23,6 +29,11 @@ export interface CniCacheEntry {
   result: Record<string, unknown> | null
 }
 
+/** An entry is a few KiB; anything bigger is not ours. */
+const MAX_ENTRY_SIZE = 1 << 20
+/** The temp files of {@link CniCache.put}. */
+const TEMP_RE = /\.json\.\d+\.[0-9a-z]*\.tmp$/
+
 /** Reads and writes cache entries in one directory. */
 export class CniCache {
   constructor(readonly dir: string) {}
@@ -34,9 +45,18 @@ export class CniCache {
   async get(containerId: string, ifName: string): Promise<CniCacheEntry | undefined> {
     let text: string
     try {
-      text = await readFile(this.path(containerId, ifName), 'utf8')
+      const fh = await open(this.path(containerId, ifName), fsc.O_RDONLY | fsc.O_NOFOLLOW | fsc.O_NONBLOCK)
+      try {
+        const st = await fh.stat()
+        if (!st.isFile() || st.size > MAX_ENTRY_SIZE) return undefined
+        text = await fh.readFile('utf8')
+      } finally {
+        await fh.close()
+      }
     } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined
+      const code = (e as NodeJS.ErrnoException).code
+      // ELOOP: a symlink, never followed; treated as absent like any foreign file
+      if (code === 'ENOENT' || code === 'ELOOP') return undefined
       throw e
     }
     try {
@@ -55,6 +75,36 @@ export class CniCache {
     const tmp = `${file}.${process.pid}.${Math.random().toString(36).slice(2)}.tmp`
     await writeFile(tmp, JSON.stringify(entry), { mode: 0o600 })
     await rename(tmp, file)
+  }
+
+  /** Whether an entry file exists for the attachment (an earlier ADD may have left something to DEL). */
+  async has(containerId: string, ifName: string): Promise<boolean> {
+    return (await this.get(containerId, ifName)) !== undefined
+  }
+
+  /**
+   * Removes the temp files interrupted writes left (`*.json.<pid>.<random>.tmp`); returns their names. Call it
+   * at start, before any write of this process (one owner per dir).
+   */
+  async sweepTemps(): Promise<string[]> {
+    let names: string[]
+    try {
+      names = await readdir(this.dir)
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return []
+      throw e
+    }
+    const removed: string[] = []
+    for (const name of names) {
+      if (!TEMP_RE.test(name)) continue
+      try {
+        await unlink(join(this.dir, name))
+        removed.push(name)
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e
+      }
+    }
+    return removed
   }
 
   async remove(containerId: string, ifName: string): Promise<void> {

@@ -7,10 +7,11 @@
  * (`getDummyNetwork`) creates and deletes its own netns, through the injected `createNetns`/`deleteNetns`.
  */
 import { execFile } from 'node:child_process'
-import { access, mkdir, rm, stat } from 'node:fs/promises'
+import { mkdir, rm, stat } from 'node:fs/promises'
 import { basename, dirname, join } from 'node:path'
 import { promisify } from 'node:util'
 import { InvalidInputError } from '../errors'
+import { isNetnsMount } from '../native'
 import { CniCache, type CniCacheEntry } from './cache'
 import { CNI_NAME_RE, loadNetworkConfig, type CniNetworkConfig } from './config'
 import { CniError, type CniCommand } from './errors'
@@ -45,6 +46,8 @@ export interface CniClient {
   removeSandboxFromNetwork(podId: string, podName: string, podNs: string): Promise<void>
   checkSandboxNetwork(podId: string, podName: string, podNs: string): Promise<void>
   getDummyNetwork(): Promise<CniAttachment>
+  /** Whether an earlier ADD of the pod left something a DEL still has to undo (its cache entry). Optional. */
+  hasLeftover?(podId: string): Promise<boolean>
 }
 
 /** Creates or deletes a named network namespace at a path (injected so the native ones can be used). */
@@ -112,6 +115,12 @@ export interface ExecCniClientOptions {
   deleteNetns?: NetnsFn
   /** The container id (and netns name) of the dummy pod. Default `tapmanager-dummy`. */
   dummyPodId?: string
+  /**
+   * Whether a path is a live netns (default: natively, an nsfs mount, never following a symlink). DEL of a pod
+   * whose netns path is not one runs with an empty CNI_NETNS, as the CNI spec allows (plugins then release what
+   * they hold outside the netns, e.g. IPAM leases).
+   */
+  isNetns?: (path: string) => boolean
 }
 
 /** Validates an interface name the way libcni does. */
@@ -130,6 +139,7 @@ export class ExecCniClient implements CniClient {
   readonly execWrapper: string[]
   readonly dummyPodId: string
   private readonly netns: NetnsOps
+  private readonly isNetns: (path: string) => boolean
   private readonly cache: CniCache
   private dummy: Promise<CniAttachment> | undefined
 
@@ -143,6 +153,7 @@ export class ExecCniClient implements CniClient {
     this.execWrapper = options.execWrapper ?? []
     this.netns = { create: options.createNetns ?? ipNetnsOps.create, delete: options.deleteNetns ?? ipNetnsOps.delete }
     this.dummyPodId = options.dummyPodId ?? 'tapmanager-dummy'
+    this.isNetns = options.isNetns ?? isNetnsMount
     if (!validIfName(this.ifName)) throw new InvalidInputError(`invalid CNI interface name ${JSON.stringify(this.ifName)}`)
     if (!CNI_NAME_RE.test(this.dummyPodId)) throw new InvalidInputError(`invalid dummy pod id ${JSON.stringify(this.dummyPodId)}`)
     if (!(this.timeoutMs > 0)) throw new InvalidInputError(`timeoutMs must be positive, got ${this.timeoutMs}`)
@@ -239,10 +250,8 @@ export class ExecCniClient implements CniClient {
     this.validate(podId, podName, podNs)
     const nsPath = this.nsPath(podId)
     const config = await this.loadConfig()
-    try {
-      await access(nsPath)
-    } catch {
-      throw new CniError('ERR_NOT_FOUND', `the pod netns ${nsPath} does not exist (the caller creates it before CNI ADD)`, {
+    if (!this.isNetns(nsPath)) {
+      throw new CniError('ERR_NOT_FOUND', `the pod netns ${nsPath} does not exist (no netns is mounted there; the caller creates it before CNI ADD)`, {
         network: config.name,
         command: 'ADD',
       })
@@ -306,8 +315,19 @@ export class ExecCniClient implements CniClient {
       conf = { name: c.name, cniVersion: c.cniVersion, disableCheck: c.disableCheck, plugins: c.plugins.map((p) => p.raw) }
     }
     const env = this.env('DEL', podId, podName, podNs)
+    // No live netns at the path (gone, or a plain file a crash left before the mount): DEL without one.
+    if (!this.isNetns(env.CNI_NETNS)) env.CNI_NETNS = ''
     await this.delChain(conf, env, entry?.result ?? undefined)
     await this.cache.remove(podId, this.ifName)
+  }
+
+  async hasLeftover(podId: string): Promise<boolean> {
+    return this.cache.has(podId, this.ifName)
+  }
+
+  /** Removes the temp files of cache writes a kill interrupted (call at start); returns their names. */
+  sweepTempFiles(): Promise<string[]> {
+    return this.cache.sweepTemps()
   }
 
   async checkSandboxNetwork(podId: string, podName: string, podNs: string): Promise<void> {

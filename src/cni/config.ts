@@ -2,8 +2,13 @@
  * CNI network configuration loading, as libcni-based runtimes do it: the first valid file, sorted by name,
  * among `*.conf`, `*.json` (one plugin) and `*.conflist` (a list) in the config dir. A single-plugin file
  * becomes a one-plugin list. Invalid files are skipped, and their reasons are reported when nothing is valid.
+ *
+ * Only regular files (or symlinks to one) are read, at most {@link MAX_CONFIG_SIZE} bytes: a FIFO, a device, a
+ * socket, a dir (or a symlink to one of those) is skipped with its reason, never opened; a file is opened
+ * O_NONBLOCK and fstat'ed again before the read, so a swap between the check and the open cannot block the daemon.
  */
-import { readdir, readFile } from 'node:fs/promises'
+import { constants as fsc } from 'node:fs'
+import { lstat, open, readdir, stat } from 'node:fs/promises'
 import { join } from 'node:path'
 import { CniError } from './errors'
 import { SUPPORTED_CNI_VERSIONS, isSupportedCniVersion } from './result'
@@ -31,6 +36,49 @@ export interface CniNetworkConfig {
 export interface SkippedConfig {
   file: string
   reason: string
+}
+
+/** The largest config file read (a real one is a few hundred bytes). */
+export const MAX_CONFIG_SIZE = 1 << 20
+
+/** What kind of file a stat describes, for skip reasons. */
+function kindOf(st: import('node:fs').Stats): string {
+  if (st.isFIFO()) return 'a FIFO'
+  if (st.isCharacterDevice()) return 'a character device'
+  if (st.isBlockDevice()) return 'a block device'
+  if (st.isSocket()) return 'a socket'
+  if (st.isDirectory()) return 'a directory'
+  if (st.isSymbolicLink()) return 'a symlink'
+  return 'not a regular file'
+}
+
+/**
+ * Reads one config file without ever blocking on it: lstat (and stat through a symlink) must show a regular
+ * file of at most {@link MAX_CONFIG_SIZE} bytes; it is then opened O_NONBLOCK|O_NOCTTY and fstat'ed again (the
+ * same file, still regular and small) before the read. Throws an Error with the reason to skip it.
+ */
+export async function readConfigFile(file: string): Promise<string> {
+  let st = await lstat(file)
+  if (st.isSymbolicLink()) st = await stat(file)
+  if (!st.isFile()) throw new Error(`not a regular file (${kindOf(st)})`)
+  if (st.size > MAX_CONFIG_SIZE) throw new Error(`too large (${st.size} bytes > ${MAX_CONFIG_SIZE})`)
+  const fh = await open(file, fsc.O_RDONLY | fsc.O_NONBLOCK | fsc.O_NOCTTY)
+  try {
+    const fst = await fh.stat()
+    if (!fst.isFile() || fst.ino !== st.ino || fst.dev !== st.dev) throw new Error('changed while being opened (not the regular file checked)')
+    if (fst.size > MAX_CONFIG_SIZE) throw new Error(`too large (${fst.size} bytes > ${MAX_CONFIG_SIZE})`)
+    const buf = Buffer.alloc(Math.min(fst.size, MAX_CONFIG_SIZE) + 1)
+    let n = 0
+    while (n < buf.length) {
+      const { bytesRead } = await fh.read(buf, n, buf.length - n, n)
+      if (bytesRead === 0) break
+      n += bytesRead
+    }
+    if (n > MAX_CONFIG_SIZE) throw new Error(`too large (more than ${MAX_CONFIG_SIZE} bytes)`)
+    return buf.subarray(0, n).toString('utf8')
+  } finally {
+    await fh.close()
+  }
 }
 
 /** The rule libcni applies to network names and container ids. */
@@ -88,7 +136,7 @@ export async function loadNetworkConfig(confDir: string): Promise<{ config: CniN
     if (!kind) continue
     const file = join(confDir, name)
     try {
-      const text = await readFile(file, 'utf8')
+      const text = await readConfigFile(file)
       return { config: parseNetworkConfig(text, kind, file), skipped }
     } catch (e) {
       skipped.push({ file, reason: (e as Error).message })

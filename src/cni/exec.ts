@@ -92,21 +92,34 @@ export async function execPlugin(run: PluginRun): Promise<Record<string, unknown
     // a plugin that exits without reading its stdin: its exit status tells what happened
   })
   child.stdin.end(JSON.stringify(run.stdin))
-  const timer = setTimeout(() => {
-    timedOut = true
-    killGroup()
-  }, run.timeoutMs)
+  let timer: NodeJS.Timeout | undefined
   const { code, signal, spawnError } = await new Promise<{ code: number | null; signal: string | null; spawnError?: Error }>(
     (resolve) => {
+      let exited: { code: number | null; signal: string | null } | undefined
+      const stopReading = () => {
+        // A descendant (possibly one that left the process group with setsid) may hold the pipes open for
+        // ever: stop waiting for them.
+        child.stdout.destroy()
+        child.stderr.destroy()
+      }
       child.once('error', (e) => resolve({ code: null, signal: null, spawnError: e }))
       child.once('close', (c, s) => resolve({ code: c, signal: s }))
-      child.once('exit', () => {
-        // After a kill, a descendant that left the process group may still hold the pipes: stop waiting for them.
+      child.once('exit', (c, s) => {
+        exited = { code: c, signal: s }
         if (timedOut || overflow) {
-          child.stdout.destroy()
-          child.stderr.destroy()
+          stopReading()
+          resolve(exited)
+          return
         }
+        // The plugin is done. A child of it may still hold the pipes: then the timer below ends the wait (and the
+        // output printed is used: the plugin itself did not time out).
       })
+      timer = setTimeout(() => {
+        timedOut = exited === undefined
+        killGroup()
+        stopReading()
+        resolve(exited ?? { code: null, signal: 'SIGKILL' })
+      }, run.timeoutMs)
     },
   )
   clearTimeout(timer)

@@ -57,13 +57,31 @@ pub fn netns_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
 }
 
-/// True when `path` is a mounted namespace file (its filesystem is nsfs), i.e. a live named namespace.
+/// True when `path` is a mounted namespace file (its filesystem is nsfs, `NSFS_MAGIC`), i.e. a live named
+/// namespace. Never follows a symlink: the path is opened `O_PATH|O_NOFOLLOW` and `fstatfs`ed, so a symlink (even
+/// one pointing at a live namespace), a plain file left by a crash between creating the file and mounting onto
+/// it, a directory or a missing path are all "no namespace".
 pub fn is_netns_mount(path: &Path) -> bool {
-    match nix::sys::statfs::statfs(path) {
-        // nsfs: the filesystem of a bound namespace file.
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(_) => return false,
+    };
+    match nix::sys::statfs::fstatfs(&f) {
+        // nsfs: the filesystem of a bound namespace file. A symlink opened O_PATH|O_NOFOLLOW is the link
+        // itself, on the directory's filesystem, never nsfs.
         Ok(st) => st.filesystem_type() == nix::sys::statfs::NSFS_MAGIC,
         Err(_) => false,
     }
+}
+
+/// True when anything (a file, a symlink, even a dangling one) is at `path`, without following a symlink.
+fn entry_exists(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok()
 }
 
 /// Makes `dir` exist and be a shared mount point, as `ip netns add` does (bind it onto itself when it is not a
@@ -92,7 +110,7 @@ pub fn create_netns(dir: &Path, name: &str, if_exists: IfExists) -> Result<Netns
     validate_netns_name(name)?;
     let path = netns_path(dir, name);
     prepare_netns_dir(dir)?;
-    if path.exists() {
+    if entry_exists(&path) {
         match if_exists {
             IfExists::Fail => {
                 return Err(Error::new(
@@ -132,10 +150,13 @@ pub fn create_netns(dir: &Path, name: &str, if_exists: IfExists) -> Result<Netns
 /// Deletes the named namespace `name` under `dir`: lazily unmounts it (`MNT_DETACH`) and removes the file.
 /// Equivalent to `ip netns delete <name>`. Idempotent: a missing namespace is not an error. The namespace
 /// itself lives on while a process or an open fd still holds it.
+///
+/// Never follows a symlink (`UMOUNT_NOFOLLOW`): a symlink planted at the path is removed, and whatever it points
+/// at (another namespace, a mount elsewhere) is left alone. A plain file (nothing mounted) is just removed.
 pub fn delete_netns(dir: &Path, name: &str) -> Result<()> {
     validate_netns_name(name)?;
     let path = netns_path(dir, name);
-    match umount2(&path, MntFlags::MNT_DETACH) {
+    match umount2(&path, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
         Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
         Err(e) => return Err(Error::errno(format!("unmount netns {}", path.display()), e)),
     }

@@ -310,3 +310,57 @@ pub fn delete_tap(netns: Option<&Path>, name: &str) -> Result<()> {
     let name = name.to_string();
     in_netns(netns, move || delete_tap_here(&name))
 }
+
+/// Discards the frames queued on an open tap fd (up to `max_frames`) without blocking, and returns how many.
+///
+/// While no VM reads a tap, the kernel queues what the pod's bridge floods to it (broadcast, unknown unicast), up
+/// to the tap's txqlen (1000 by default), and drops what comes next. A VM handed that fd late would first read
+/// the stale backlog, and the replies to its own first requests (the DHCP OFFER) would be among the frames
+/// dropped meanwhile. Draining right before the fd is handed out gives it an empty queue.
+///
+/// The fd's file status flags are shared by every duplicate: `O_NONBLOCK` is set for the drain and the
+/// previous flags are put back afterwards, so call it only while no one else reads the fd (before handing it
+/// out). `ERR_INVALID` when `fd` is not open.
+pub fn drain_tap_fd(fd: RawFd, max_frames: usize) -> Result<u32> {
+    // SAFETY: F_GETFL on a caller-given fd number; an invalid fd gives EBADF, which is checked.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(Error::io("fcntl(F_GETFL) on the tap fd", std::io::Error::last_os_error()));
+    }
+    if flags & libc::O_NONBLOCK == 0 {
+        // SAFETY: F_SETFL with the fd's own flags plus O_NONBLOCK.
+        if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+            return Err(Error::io("fcntl(F_SETFL) on the tap fd", std::io::Error::last_os_error()));
+        }
+    }
+    let mut buf = vec![0u8; 65_536 + 64];
+    let mut drained = 0u32;
+    let mut failure = None;
+    while (drained as usize) < max_frames {
+        // SAFETY: reads into a buffer we own, of the length given.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n > 0 {
+            drained += 1;
+            continue;
+        }
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EAGAIN) => {}
+                Some(libc::EINTR) => continue,
+                // EIO: the tap is down or detached; nothing to drain then.
+                Some(libc::EIO) => {}
+                _ => failure = Some(e),
+            }
+        }
+        break;
+    }
+    if flags & libc::O_NONBLOCK == 0 {
+        // SAFETY: puts back the flags read above.
+        unsafe { libc::fcntl(fd, libc::F_SETFL, flags) };
+    }
+    match failure {
+        Some(e) => Err(Error::io("read the tap fd", e)),
+        None => Ok(drained),
+    }
+}

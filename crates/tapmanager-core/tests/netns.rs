@@ -189,3 +189,42 @@ fn in_netns_switches_only_when_asked_and_a_thread_can_return_to_the_process_netn
     assert_eq!(sh("ip", &["netns", "pids", &name]).trim(), "");
     delete_netns(dir, &name).unwrap();
 }
+
+/// Issue 8 (defects 4 and 9): a plain file (a crash between creating the netns file and mounting onto it) and
+/// a symlink (even to a live netns) are not namespaces; deleting either never follows the link, so the netns
+/// behind a planted symlink stays mounted.
+#[test]
+fn plain_files_and_symlinks_are_no_netns_and_delete_never_follows_a_symlink() {
+    require_prereqs(&["ip"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("netns");
+    let live = unique_name("tmnsl");
+    let created = create_netns(&dir, &live, IfExists::Fail).unwrap();
+    assert!(is_netns_mount(&created.path));
+
+    let plain = unique_name("tmnsp");
+    std::fs::write(dir.join(&plain), b"").unwrap();
+    assert!(!is_netns_mount(&dir.join(&plain)), "a plain file is no netns");
+    let link = unique_name("tmnss");
+    std::os::unix::fs::symlink(&created.path, dir.join(&link)).unwrap();
+    assert!(!is_netns_mount(&dir.join(&link)), "a symlink is never followed, even to a live netns");
+    assert!(!is_netns_mount(&dir.join("missing")));
+    assert_eq!(list_netns(&dir).unwrap(), vec![live.clone()]);
+
+    delete_netns(&dir, &link).unwrap();
+    assert!(std::fs::symlink_metadata(dir.join(&link)).is_err(), "the symlink itself is removed");
+    assert!(is_netns_mount(&created.path), "the netns behind the symlink is still mounted");
+    delete_netns(&dir, &plain).unwrap();
+    assert!(!dir.join(&plain).exists());
+
+    // A symlink where a netns is to be created is replaced (Reuse), never followed.
+    std::os::unix::fs::symlink(&created.path, dir.join(&link)).unwrap();
+    let again = create_netns(&dir, &link, IfExists::Reuse).unwrap();
+    assert!(again.created, "a new netns, not the one behind the symlink");
+    assert_ne!(ns_inode(&again.path), ns_inode(&created.path));
+    assert!(is_netns_mount(&created.path));
+
+    delete_netns(&dir, &link).unwrap();
+    delete_netns(&dir, &live).unwrap();
+    nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH).unwrap();
+}

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 
 use common::{require_prereqs, TestNetns};
 use tapmanager_core::netlink::NetlinkHandle;
-use tapmanager_core::tap::{create_tap, delete_tap, open_tap, tap_fd_info, TapCreateOptions, TapOpenOptions};
+use tapmanager_core::tap::{
+    create_tap, delete_tap, drain_tap_fd, open_tap, tap_fd_info, TapCreateOptions, TapOpenOptions,
+};
 use tapmanager_core::ErrorCode;
 
 /// The tests run one at a time: two of them count the whole process's fds.
@@ -141,4 +143,38 @@ async fn errors_are_clear_and_netlink_sees_taps() {
     nl.delete_link(link.index).await.unwrap();
     assert_eq!(nl.link_by_name("tap1").await.unwrap_err().code, ErrorCode::NotFound);
     drop(held);
+}
+
+/// Issue 8 (defect 12): the frames queued on an unread tap are discarded by `drain_tap_fd` without blocking,
+/// and the fd's blocking mode is put back.
+#[test]
+fn drain_discards_the_queued_frames_without_blocking() {
+    require_prereqs(&["ip", "/usr/bin/python3"]);
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let pod = TestNetns::new("tmdr");
+    let ns = PathBuf::from(pod.path());
+    let name = "tmdrain0";
+    create_tap(Some(&ns), name, &TapCreateOptions { mtu: None, multi_queue: false, up: true }).unwrap();
+    let fds = open_tap(Some(&ns), name, &TapOpenOptions { vnet_hdr: false, queues: 1 }).unwrap();
+    let fd = fds[0].as_raw_fd();
+    // Nothing queued: returns at once with 0.
+    assert_eq!(drain_tap_fd(fd, 4096).unwrap(), 0);
+    // Queue 20 frames: UDP broadcasts sent out of the tap, which no one reads.
+    pod.exec("ip", &["addr", "add", "10.123.0.1/24", "dev", name]);
+    pod.exec(
+        "/usr/bin/python3",
+        &[
+            "-c",
+            "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.setsockopt(socket.SOL_SOCKET,socket.SO_BROADCAST,1)\ns.setsockopt(socket.SOL_SOCKET,socket.SO_BINDTODEVICE,b'tmdrain0')\nfor i in range(20): s.sendto(b'x'*64,('10.123.0.255',9))",
+        ],
+    );
+    let queued = drain_tap_fd(fd, 4096).unwrap();
+    assert!(queued >= 20, "drained {queued} frames");
+    assert_eq!(drain_tap_fd(fd, 4096).unwrap(), 0, "the queue is empty after a drain");
+    // SAFETY: F_GETFL on an fd we own.
+    let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    assert_eq!(fl & libc::O_NONBLOCK, 0, "the fd is blocking again");
+    assert!(drain_tap_fd(-1, 1).is_err());
+    drop(fds);
+    delete_tap(Some(&ns), name).unwrap();
 }

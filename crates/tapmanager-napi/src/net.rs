@@ -631,3 +631,19 @@ pub fn list_dhcp_isolation<'env>(env: &'env Env, netns: Option<String>) -> napi:
         blocking(move || isolation::list_dhcp_isolation(ns.as_deref())).await
     })
 }
+
+// ---------------------------------------------------------------- hardening helpers
+
+/// True when `path` is a live namespace mount (nsfs), checked with `fstatfs` on an `O_PATH|O_NOFOLLOW` open:
+/// a symlink, a plain file (a crash between creating the file and mounting), a dir or a missing path is false.
+#[napi]
+pub fn is_netns_mount(path: String) -> bool {
+    netns::is_netns_mount(Path::new(&path))
+}
+
+/// Discards the frames queued on a tap fd (at most `maxFrames`, default 65536) without blocking; returns how
+/// many. Call it right before handing the fd to a VM, while no one else reads it (see the core's `drain_tap_fd`).
+#[napi]
+pub fn drain_tap_fd(fd: i32, max_frames: Option<u32>) -> Result<u32, JsError> {
+    tap::drain_tap_fd(fd, max_frames.unwrap_or(65_536) as usize).map_err(to_js)
+}
