@@ -10,7 +10,7 @@ import { execFile } from 'node:child_process'
 import { access, mkdir, rm, stat } from 'node:fs/promises'
 import { basename, dirname, join } from 'node:path'
 import { promisify } from 'node:util'
-import { InvalidInputError } from '../errors'
+import { errorCode, InvalidInputError } from '../errors'
 import { CniCache, type CniCacheEntry } from './cache'
 import { CNI_NAME_RE, loadNetworkConfig, type CniNetworkConfig } from './config'
 import { CniError, type CniCommand } from './errors'
@@ -112,6 +112,18 @@ export interface ExecCniClientOptions {
   deleteNetns?: NetnsFn
   /** The container id (and netns name) of the dummy pod. Default `tapmanager-dummy`. */
   dummyPodId?: string
+  /** Called after every plugin run, ok or not (metrics); a throw is ignored. */
+  onPluginRun?: (run: CniPluginRunEvent) => void
+}
+
+/** One finished plugin run, for {@link ExecCniClientOptions.onPluginRun}. */
+export interface CniPluginRunEvent {
+  /** Plugin type (binary name). */
+  plugin: string
+  command: CniCommand
+  durationMs: number
+  /** Absent when the run succeeded; else the error's code (`ERR_CNI`, `ERR_TIMEOUT`, `ERR_NOT_FOUND`, ...). */
+  errorCode?: string
 }
 
 /** Validates an interface name the way libcni does. */
@@ -129,6 +141,7 @@ export class ExecCniClient implements CniClient {
   readonly ifName: string
   readonly execWrapper: string[]
   readonly dummyPodId: string
+  private readonly onPluginRun: ((run: CniPluginRunEvent) => void) | undefined
   private readonly netns: NetnsOps
   private readonly cache: CniCache
   private dummy: Promise<CniAttachment> | undefined
@@ -143,6 +156,7 @@ export class ExecCniClient implements CniClient {
     this.execWrapper = options.execWrapper ?? []
     this.netns = { create: options.createNetns ?? ipNetnsOps.create, delete: options.deleteNetns ?? ipNetnsOps.delete }
     this.dummyPodId = options.dummyPodId ?? 'tapmanager-dummy'
+    this.onPluginRun = options.onPluginRun
     if (!validIfName(this.ifName)) throw new InvalidInputError(`invalid CNI interface name ${JSON.stringify(this.ifName)}`)
     if (!CNI_NAME_RE.test(this.dummyPodId)) throw new InvalidInputError(`invalid dummy pod id ${JSON.stringify(this.dummyPodId)}`)
     if (!(this.timeoutMs > 0)) throw new InvalidInputError(`timeoutMs must be positive, got ${this.timeoutMs}`)
@@ -196,7 +210,7 @@ export class ExecCniClient implements CniClient {
     const stdin: Record<string, unknown> = { ...plugin, name: config.name, cniVersion: config.cniVersion }
     if (prevResult) stdin.prevResult = prevResult
     else delete stdin.prevResult
-    return execPlugin({
+    const run = execPlugin({
       plugin: String(plugin.type),
       network: config.name,
       command,
@@ -206,6 +220,26 @@ export class ExecCniClient implements CniClient {
       timeoutMs: this.timeoutMs,
       execWrapper: this.execWrapper,
     })
+    const hook = this.onPluginRun
+    if (!hook) return run
+    const started = performance.now()
+    const report = (errorCode?: string) => {
+      try {
+        hook({ plugin: String(plugin.type), command, durationMs: performance.now() - started, ...(errorCode ? { errorCode } : {}) })
+      } catch {
+        // an observer must not break CNI
+      }
+    }
+    return run.then(
+      (r) => {
+        report()
+        return r
+      },
+      (err: unknown) => {
+        report(errorCode(err))
+        throw err
+      },
+    )
   }
 
   /** DEL of every plugin in reverse order; runs them all and throws the failure(s) at the end. */
