@@ -45,8 +45,10 @@ test('the DaemonSet: privileged node agent, shared netns dir, host paths, one-at
   t.is(flag('--state-dir'), '/var/lib/tapmanager')
   t.is(flag('--socket'), '/run/tapmanager/tapmanager.sock')
   t.is(flag('--metrics-listen'), `0.0.0.0:${c.ports[0].containerPort}`)
-  t.deepEqual(c.livenessProbe.exec.command, ['tapmanager', 'status', '--socket', '/run/tapmanager/tapmanager.sock'])
-  t.is(c.readinessProbe.httpGet.path, '/readyz')
+  t.deepEqual(c.livenessProbe.httpGet, { path: '/healthz', port: 'metrics' })
+  t.deepEqual(c.startupProbe.httpGet, { path: '/readyz', port: 'metrics' })
+  t.deepEqual(c.readinessProbe.httpGet, { path: '/readyz', port: 'metrics' })
+  t.is(c.ports[0].name, 'metrics')
   t.truthy(c.resources.requests.memory)
 })
 

@@ -181,7 +181,7 @@ test('--metrics-listen addresses: HOST:PORT, [IPV6]:PORT, :PORT, a path; anythin
   }
 })
 
-test('the TCP endpoint, in a test netns: /metrics answers, /readyz is 503 before the daemon started', async (t) => {
+test('the TCP endpoint, in a test netns: /metrics answers, /readyz and /healthz are 503 before the daemon started', async (t) => {
   // The endpoint runs in a child process inside a netns of ours, so nothing listens in the root netns.
   const ns = new TestNetns('tmmt')
   try {
@@ -195,18 +195,19 @@ test('the TCP endpoint, in a test netns: /metrics answers, /readyz is 503 before
       ;(async () => {
         const srv = await startMetricsServer('127.0.0.1:0', new DaemonMetrics())
         const port = Number(srv.address.split(':').pop())
-        const m = await get(port, '/metrics'), r = await get(port, '/readyz')
+        const m = await get(port, '/metrics'), r = await get(port, '/readyz'), h = await get(port, '/healthz')
         await srv.close()
-        console.log(JSON.stringify({ address: srv.address, metrics: m.status, type: m.type, hasReady: m.body.includes('tapmanager_ready 0'), readyz: r.status }))
+        console.log(JSON.stringify({ address: srv.address, metrics: m.status, type: m.type, hasReady: m.body.includes('tapmanager_ready 0'), readyz: r.status, healthz: h.status }))
       })().catch((e) => { console.error(e); process.exit(1) })`
     const r = spawnSync('ip', ['netns', 'exec', ns.name, process.execPath, '-e', script], { encoding: 'utf8', timeout: 60_000 })
     t.is(r.status, 0, r.stderr)
-    const out = JSON.parse(r.stdout) as { address: string; metrics: number; type: string; hasReady: boolean; readyz: number }
+    const out = JSON.parse(r.stdout) as { address: string; metrics: number; type: string; hasReady: boolean; readyz: number; healthz: number }
     t.regex(out.address, /^127\.0\.0\.1:\d+$/)
     t.is(out.metrics, 200)
     t.regex(out.type, /^text\/plain; version=0\.0\.4/)
     t.true(out.hasReady)
     t.is(out.readyz, 503)
+    t.is(out.healthz, 503)
   } finally {
     ns.cleanup()
   }
@@ -221,7 +222,7 @@ test('a stale metrics socket file is replaced; another kind of file is not', asy
   const stale = spawnSync(process.execPath, ['-e', `require('node:net').createServer().listen(${JSON.stringify(sock)}, () => process.exit(0))`])
   t.is(stale.status, 0)
   const srv = await startMetricsServer(sock, new DaemonMetrics())
-  t.is((await httpGet(sock, '/healthz')).status, 200)
+  t.is((await httpGet(sock, '/metrics')).status, 200)
   await srv.close()
   const file = join(dir, 'plain')
   writeFileSync(file, 'x')
