@@ -229,3 +229,49 @@ test('a stale metrics socket file is replaced; another kind of file is not', asy
   await t.throwsAsync(startMetricsServer(file, new DaemonMetrics()), { code: 'EADDRINUSE' })
   t.is(readFileSync(file, 'utf8'), 'x')
 })
+
+test('DaemonMetrics logic: unknown commands share one label, DHCP counts outlive a stopped server, CNI failures by code', async (t) => {
+  const m = new DaemonMetrics()
+  m.onRequest({ key: 'k', command: 'get', durationMs: 0.2, outcome: 'ok' })
+  m.onRequest({ key: '', command: '0x7f00ff01', durationMs: 0.1, outcome: 'error' })
+  m.onRequest({ key: '', command: '0x00000009', durationMs: 0.1, outcome: 'error' })
+  m.onRequest({ key: 'k', command: 'get', durationMs: 0.3, outcome: 'ok', dropped: 4 })
+  m.onCniPluginRun({ plugin: 'bridge', command: 'ADD', durationMs: 80 })
+  m.onCniPluginRun({ plugin: 'bridge', command: 'ADD', durationMs: 60_000, errorCode: 'ERR_TIMEOUT' })
+  m.onRefused('peer')
+  m.onRefused('caps')
+  m.onRecovery({ recovered: ['a', 'b'], cleaned: ['c'], skipped: [{ key: 'd', reason: 'x' }], corrupt: [] })
+  // A fake pod network whose DHCP server counts what the test says it answered.
+  const counts = { offers: 2, acks: 1, naks: 1, ignored: 0, errors: 0 }
+  let stopped = false
+  const ops = m.wrapOps({
+    startDhcpServer: async () => ({
+      stop: async () => {
+        stopped = true
+      },
+      stats: () => ({ ...counts }),
+    }),
+  } as never)
+  const h = await ops.startDhcpServer('/ns', '{}')
+  let s = parseExposition(await m.metrics())
+  t.is(sample(s, 'tapmanager_dhcp_offers_total'), 2)
+  counts.acks = 3
+  await h.stop()
+  t.true(stopped)
+  counts.acks = 100 // a stopped server is no longer read: its last counts were kept
+  s = parseExposition(await m.metrics())
+  t.is(sample(s, 'tapmanager_requests_total', { command: 'get', outcome: 'ok' }), 2)
+  t.is(sample(s, 'tapmanager_requests_total', { command: 'unknown', outcome: 'error' }), 2)
+  t.is([...s.keys()].filter((k) => k.includes('0x')).length, 0)
+  t.is(sample(s, 'tapmanager_fast_get_reports_dropped_total'), 4)
+  t.is(sample(s, 'tapmanager_cni_plugin_duration_seconds_count', { plugin: 'bridge', command: 'ADD' }), 2)
+  t.is(sample(s, 'tapmanager_cni_plugin_failures_total', { plugin: 'bridge', command: 'ADD', code: 'ERR_TIMEOUT' }), 1)
+  t.is(sample(s, 'tapmanager_connections_refused_total', { reason: 'peer_filter' }), 1)
+  t.is(sample(s, 'tapmanager_connections_refused_total', { reason: 'caps' }), 1)
+  t.is(sample(s, 'tapmanager_recovery_keys', { result: 'recovered' }), 2)
+  t.is(sample(s, 'tapmanager_recovery_keys', { result: 'skipped' }), 1)
+  t.is(sample(s, 'tapmanager_dhcp_offers_total'), 2)
+  t.is(sample(s, 'tapmanager_dhcp_acks_total'), 3)
+  t.is(sample(s, 'tapmanager_dhcp_naks_total'), 1)
+  t.is(sample(s, 'tapmanager_ready'), 0)
+})

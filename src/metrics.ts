@@ -23,6 +23,7 @@ const REQUEST_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.
 /** CNI plugin run buckets (seconds): bridge ADD 40-130 ms, DEL 100-200 ms here; timeouts at 60 s. */
 const CNI_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 const DHCP_KINDS = ['offers', 'acks', 'naks', 'ignored', 'errors'] as const
+const KNOWN_COMMANDS = new Set(['add', 'get', 'release', 'recover'])
 const REFUSAL_LABEL: Record<RefusalReason, string> = { peer: 'peer_filter', caps: 'caps' }
 
 /** The daemon's metrics, in their own registry. */
@@ -46,7 +47,7 @@ export class DaemonMetrics implements DaemonObserver {
     collectDefaultMetrics({ register: this.registry })
     this.requests = new Counter({
       name: 'tapmanager_requests_total',
-      help: 'Requests served, by command (add, get, release, recover) and outcome (ok, error); natively answered gets included.',
+      help: 'Requests served, by command (add, get, release, recover, unknown) and outcome (ok, error); natively answered gets included.',
       labelNames: ['command', 'outcome'],
       registers,
     })
@@ -147,7 +148,8 @@ export class DaemonMetrics implements DaemonObserver {
   }
 
   onRequest(e: RequestLogEntry): void {
-    const labels = { command: e.command, outcome: e.outcome }
+    // Any other command (a peer may send any 32-bit code) is one label value: the label set stays bounded.
+    const labels = { command: KNOWN_COMMANDS.has(e.command) ? e.command : 'unknown', outcome: e.outcome }
     this.requests.inc(labels)
     this.requestSeconds.observe(labels, e.durationMs / 1000)
     if (e.dropped) this.droppedLogs.inc(e.dropped)
