@@ -6,6 +6,7 @@
  * the metrics endpoint on. Measured from /proc/<pid>: RSS (VmRSS) and its peak (VmHWM) idle after start, with
  * FOOTPRINT_PODS live pods (default 30), and after releasing them; CPU time (utime + stime) of the server per add
  * (CNI plugins run in child processes and are not counted), per 1000 gets, per release, and while idle.
+ * FOOTPRINT_METRICS=0 runs it without the metrics endpoint.
  */
 import { closeSync, readFileSync } from 'node:fs'
 import { CniTestNode } from '../__test__/helpers/cni'
@@ -31,7 +32,8 @@ const mib = (kib: number) => `${(kib / 1024).toFixed(1)} MiB`
 async function main(): Promise<void> {
   const node = new CniTestNode('tmfp')
   node.writeConf('10-bridge.conflist', node.bridgeConflist({ subnet: '10.74.0.0/22', bridge: 'tmfpbr0' }))
-  const server = new ServerProcess(node, ['--metrics-listen', `${node.dir}/metrics.sock`, '--log-level', 'warn'])
+  const metricsOn = process.env.FOOTPRINT_METRICS !== '0'
+  const server = new ServerProcess(node, [...(metricsOn ? ['--metrics-listen', `${node.dir}/metrics.sock`] : []), '--log-level', 'warn'])
   const podIds: string[] = []
   try {
     await server.start()
@@ -61,7 +63,7 @@ async function main(): Promise<void> {
     for (let i = 0; i < PODS; i++) await client.releaseFDs(`fp-${i}`)
     const relCpu = (cpuSeconds(pid) - c0) / PODS
     const released = rssKiB(pid)
-    console.log(`tapmanager serve footprint (${PODS} pods, Debian bridge + host-local, metrics on)`)
+    console.log(`tapmanager serve footprint (${PODS} pods, Debian bridge + host-local, metrics ${metricsOn ? 'on' : 'off'})`)
     console.log(`| what | figure |`)
     console.log(`|---|---|`)
     console.log(`| RSS idle after start | ${mib(idle.rss)} |`)
