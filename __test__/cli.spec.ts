@@ -335,11 +335,12 @@ test('serve passes every flag (and the defaults) to startServer and closes it on
     logLevel: 'info',
     maxDataSize: 65536,
     cniTimeoutMs: 60000,
+    metricsListen: null,
   })
   const f = await run(
     ['serve', '--socket', '/tmp/x.sock', '--socket-mode', '0600', '--socket-group', 'kvm', '--allow-uid', '0,1000', '--allow-uid', '107', '--allow-gid', '36',
       '--cni-conf-dir', '/c', '--cni-bin-dir', '/b1', '--cni-bin-dir', '/b2', '--netns-dir', '/n', '--state-dir', '/s', '--calico-subnet-size', '26', '--sriov',
-      '--log-level', 'silent', '--max-data-size', '4096', '--cni-timeout', '5000'],
+      '--log-level', 'silent', '--max-data-size', '4096', '--cni-timeout', '5000', '--metrics-listen', '127.0.0.1:9731'],
     deps,
   )
   t.is(f.code, EXIT_OK, f.stderr)
@@ -359,8 +360,14 @@ test('serve passes every flag (and the defaults) to startServer and closes it on
     logLevel: 'silent',
     maxDataSize: 4096,
     cniTimeoutMs: 5000,
+    metricsListen: '127.0.0.1:9731',
   })
   t.is(closed, 2)
+  // A metrics address that is neither HOST:PORT nor a path is a usage error (exit 2), before anything starts.
+  const badMetrics = await run(['serve', '--metrics-listen', 'localhost', '--log-level', 'silent'], deps)
+  t.is(badMetrics.code, EXIT_USAGE, badMetrics.stderr)
+  t.regex(badMetrics.stderr, /--metrics-listen/)
+  t.is(seen.length, 2)
   const failing = await run(['serve', '--log-level', 'silent'], { startServer: async () => Promise.reject(new Error('EADDRINUSE')) })
   t.is(failing.code, EXIT_SERVER_ERROR)
 })

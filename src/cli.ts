@@ -24,6 +24,7 @@ import { createRequestLogger, LOG_LEVELS, type LogLevel, type RequestLogger } fr
 import { buildQemuNetArgs, spawnWithFds, type InterfaceInfo } from './qemu'
 import { FDClient } from './client'
 import { startDaemon } from './daemon'
+import { DaemonMetrics, parseMetricsAddress, startMetricsServer } from './metrics'
 import { DEFAULT_STATE_DIR, StateStore } from './state'
 
 export { createRequestLogger } from './log'
@@ -74,6 +75,8 @@ export interface ServeOptions {
   maxDataSize: number
   /** How long one CNI plugin run may take before its process group is killed. */
   cniTimeoutMs: number
+  /** Where the Prometheus endpoint listens (`HOST:PORT`, `:PORT` or a Unix socket path); null: none. */
+  metricsListen: string | null
   /** The request logger the server must use (one line per request). */
   log: RequestLogger
 }
@@ -93,7 +96,30 @@ export const createCliClient: CliClientFactory = (socketPath) => new FDClient(so
  * recovery of the keys recorded in the state dir; each recovered, cleaned or skipped key is logged).
  */
 export async function startServer(opts: ServeOptions): Promise<ServerHandle> {
-  const daemon = await startDaemon({
+  // The metrics endpoint comes up first, so a long recovery is seen (/readyz answers 503 until the socket is served).
+  const metrics = opts.metricsListen ? new DaemonMetrics() : undefined
+  const endpoint = metrics ? await startMetricsServer(opts.metricsListen!, metrics) : undefined
+  if (endpoint) opts.log.logger.info({ metrics: endpoint.address }, 'metrics endpoint listening')
+  let daemon
+  try {
+    daemon = await startDaemonFor(opts, metrics)
+  } catch (err) {
+    await endpoint?.close()
+    throw err
+  }
+  return {
+    close: async () => {
+      try {
+        await daemon.close()
+      } finally {
+        await endpoint?.close()
+      }
+    },
+  }
+}
+
+function startDaemonFor(opts: ServeOptions, metrics: DaemonMetrics | undefined) {
+  return startDaemon({
     socketPath: opts.socketPath,
     socketMode: opts.socketMode,
     socketGroup: opts.socketGroup,
@@ -109,8 +135,8 @@ export async function startServer(opts: ServeOptions): Promise<ServerHandle> {
     maxDataSize: opts.maxDataSize,
     cniTimeoutMs: opts.cniTimeoutMs,
     log: opts.log,
+    observer: metrics,
   })
-  return { close: () => daemon.close() }
 }
 
 /** Connects to a Unix socket and closes it: true if something accepts there (Virtlet's IsRunning). */
@@ -191,6 +217,7 @@ const COMMAND_OPTIONS = {
     'log-level': { type: 'string' },
     'max-data-size': { type: 'string' },
     'cni-timeout': { type: 'string' },
+    'metrics-listen': { type: 'string' },
   },
   add: {
     'pod-id': { type: 'string' },
@@ -228,6 +255,8 @@ Commands:
       --log-level LEVEL         ${LOG_LEVELS.join('|')} (default info)
       --max-data-size BYTES     largest request payload (default ${DEFAULT_MAX_DATA_SIZE})
       --cni-timeout MS          time limit of one CNI plugin run (default ${DEFAULT_CNI_TIMEOUT_MS})
+      --metrics-listen ADDR     serve Prometheus /metrics, /healthz, /readyz on HOST:PORT, :PORT or a
+                                Unix socket path (default: off)
   add KEY --pod-id ID --pod-name NAME --pod-ns NS
       --dns JSON|NS[,NS]        CNI DNS object, or nameservers
       --dns-search D            search domain (repeatable)   --dns-domain D   --dns-option OPT (repeatable)
@@ -348,7 +377,18 @@ export function serveOptionsFromFlags(values: Parsed['values'], env: NodeJS.Proc
     logLevel: level as LogLevel,
     maxDataSize: intFlag(values['max-data-size'], 'max-data-size', DEFAULT_MAX_DATA_SIZE, 1, 0xffffffff),
     cniTimeoutMs: intFlag(values['cni-timeout'], 'cni-timeout', DEFAULT_CNI_TIMEOUT_MS, 1, 3_600_000),
+    metricsListen: metricsListen(values['metrics-listen']),
   }
+}
+
+function metricsListen(v: unknown): string | null {
+  if (v === undefined) return null
+  try {
+    parseMetricsAddress(String(v))
+  } catch (err) {
+    throw new UsageError(`--metrics-listen: ${(err as Error).message}`)
+  }
+  return String(v)
 }
 
 function socketPath(values: Parsed['values'], env: NodeJS.ProcessEnv): string {

@@ -15,12 +15,12 @@ import { existsSync, mkdirSync, readFileSync, realpathSync } from 'node:fs'
 import { isNetnsMount } from './native'
 import { basename, dirname, join } from 'node:path'
 import { messageOf } from './errors'
-import { ExecCniClient, type CniClient } from './cni'
+import { ExecCniClient, type CniClient, type CniPluginRunEvent } from './cni'
 import type { FDSource, GetFDsResult } from './fdsource'
 import type { RequestLogger } from './log'
 import { encodeContainerSideNetwork, encodeGetFDPayload, encodeRecoverPayload, parseContainerSideNetwork, parseGetFDPayload, type PodNetworkDesc } from './payloads'
 import { nativePodNetworkOps, type PodNetworkOps } from './podnetwork'
-import { FDServer } from './server'
+import { FDServer, type RefusalReason, type RequestLogEntry } from './server'
 import { keyToFileName, StateStore } from './state'
 import { TapFDSource } from './tapfdsource'
 
@@ -53,6 +53,27 @@ export interface DaemonOptions {
    * (the state record is then `adding`, `adding`, `adding`, `ready`), for the kill -9 recovery tests.
    */
   crashAt?: string
+  /** Told what the daemon does (metrics): see {@link DaemonObserver}. */
+  observer?: DaemonObserver
+}
+
+/**
+ * Hook points for an observer of the daemon (e.g. `DaemonMetrics`); every method is optional and a throw from
+ * one is ignored.
+ */
+export interface DaemonObserver {
+  /** Each request served (natively answered gets included), as the request log sees it. */
+  onRequest?(entry: RequestLogEntry): void
+  /** Each CNI plugin run (with the daemon's own CNI client; not with `DaemonOptions.cni`). */
+  onCniPluginRun?(run: CniPluginRunEvent): void
+  /** Each connection refused, by the peer filter or a connection cap. */
+  onRefused?(reason: RefusalReason): void
+  /** What the start did with the persisted keys. */
+  onRecovery?(report: RecoveryReport): void
+  /** The daemon serves its socket. */
+  onStarted?(daemon: Daemon): void
+  /** Wraps the pod network operations the source uses (e.g. to follow DHCP servers). */
+  wrapOps?(ops: PodNetworkOps): PodNetworkOps
 }
 
 /** What the daemon did with the persisted keys when it started. */
@@ -147,6 +168,14 @@ class PersistingSource implements FDSource {
 /** Starts the daemon: recovers persisted keys, then serves. */
 export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
   const netnsDir = opts.netnsDir ?? '/var/run/netns'
+  const observer = opts.observer
+  const observe = <A extends unknown[]>(fn: ((...a: A) => void) | undefined, ...a: A) => {
+    try {
+      fn?.apply(observer, a)
+    } catch {
+      // an observer must not break the daemon
+    }
+  }
   const execCni =
     opts.cni ??
     new ExecCniClient({
@@ -155,14 +184,16 @@ export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
       netnsDir,
       cacheDir: opts.cniCacheDir ?? join(opts.stateDir, 'cni'),
       timeoutMs: opts.cniTimeoutMs,
+      onPluginRun: observer?.onCniPluginRun ? (r) => observe(observer.onCniPluginRun, r) : undefined,
     })
   const cni: CniClient = execCni
   const crash = crashPoint(opts.crashAt ?? process.env.TAPMANAGER_TEST_CRASH_AT)
+  const baseOps = crash ? crashingOps(nativePodNetworkOps, crash) : nativePodNetworkOps
   const source = new TapFDSource(crash ? crashingCni(cni, crash) : cni, {
     enableSriov: opts.sriov,
     calicoSubnetSize: opts.calicoSubnetSize,
     netnsDir,
-    ops: crash ? crashingOps(nativePodNetworkOps, crash) : undefined,
+    ops: observer?.wrapOps ? observer.wrapOps(baseOps) : baseOps,
   })
   const store = new StateStore(opts.stateDir)
   // Both sweep the temp files a kill between write and rename left (state records, CNI cache entries).
@@ -174,9 +205,14 @@ export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
     allowedUids: opts.allowedUids?.length || opts.allowedGids?.length ? opts.allowedUids : undefined,
     allowedGids: opts.allowedUids?.length || opts.allowedGids?.length ? opts.allowedGids : undefined,
     maxDataSize: opts.maxDataSize,
-    onRequest: opts.log
-      ? (e) => opts.log!.request({ ...e, durationMs: Math.round(e.durationMs * 1000) / 1000, peer: e.peer ? { ...e.peer } : undefined })
-      : undefined,
+    onRequest:
+      opts.log || observer?.onRequest
+        ? (e) => {
+            opts.log?.request({ ...e, durationMs: Math.round(e.durationMs * 1000) / 1000, peer: e.peer ? { ...e.peer } : undefined })
+            observe(observer?.onRequest, e)
+          }
+        : undefined,
+    onRefused: observer?.onRefused ? (r) => observe(observer.onRefused, r) : undefined,
   })
 
   if (opts.log) {
@@ -189,6 +225,7 @@ export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
   try {
     recovery = await recoverPersisted(source, store, server)
     if (opts.log) logRecovery(opts.log, recovery)
+    observe(observer?.onRecovery, recovery)
     mkdirSync(dirname(opts.socketPath), { recursive: true })
     await server.serve()
   } catch (err) {
@@ -196,13 +233,15 @@ export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
     await server.stop().catch(() => undefined)
     throw err
   }
-  return {
+  const daemon: Daemon = {
     server,
     source,
     store,
     recovery,
     close: () => server.stop(),
   }
+  observe(observer?.onStarted, daemon)
+  return daemon
 }
 
 async function recoverPersisted(source: TapFDSource, store: StateStore, server: FDServer): Promise<RecoveryReport> {

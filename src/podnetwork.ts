@@ -8,6 +8,17 @@ import * as native from './native'
 /** A running per-pod DHCP server. */
 export interface DhcpServerHandle {
   stop(): Promise<void>
+  /** Its counters (the native server has them; frozen at their last values after `stop()`). */
+  stats?(): DhcpServerCounts
+}
+
+/** What a DHCP server answered (and did not). */
+export interface DhcpServerCounts {
+  offers: number
+  acks: number
+  naks: number
+  ignored: number
+  errors: number
 }
 
 /** Options of the container-side teardown. */

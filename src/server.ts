@@ -63,7 +63,15 @@ export interface FDServerOptions {
    * entries are counted instead ({@link RequestLogEntry.dropped}, {@link FDServer.droppedLogEntries}).
    */
   onRequest?: (entry: RequestLogEntry) => void
+  /**
+   * Called once per connection refused (a throw is ignored): `peer` when the peer filter (`allowedUids`/
+   * `allowedGids`) refused it, `caps` when a connection limit did. For metrics.
+   */
+  onRefused?: (reason: RefusalReason) => void
 }
+
+/** Why a connection was refused (see {@link FDServerOptions.onRefused}). */
+export type RefusalReason = 'peer' | 'caps'
 
 /** An error the server reports to the client (its message goes into the error frame). */
 class RequestError extends Error {}
@@ -245,6 +253,7 @@ export class FDServer {
     if (!allowed) {
       const who = peer ? `uid ${peer.uid} gid ${peer.gid}` : 'unknown peer'
       const msg = `permission denied: peer ${who} is not allowed`
+      this.refused('peer')
       await this.sendError(conn, msg)
       this.log(key, hdr.command, started, msg, peer)
       return null
@@ -325,6 +334,14 @@ export class FDServer {
         ...(dropped > 0 && i === last ? { dropped } : {}),
       }),
     )
+  }
+
+  private refused(reason: RefusalReason): void {
+    try {
+      this.opts.onRefused?.(reason)
+    } catch {
+      // a metrics hook must not break serving
+    }
   }
 
   private emit(entry: RequestLogEntry): void {

@@ -10,7 +10,7 @@ import { execFile } from 'node:child_process'
 import { mkdir, rm, stat } from 'node:fs/promises'
 import { basename, dirname, join } from 'node:path'
 import { promisify } from 'node:util'
-import { InvalidInputError } from '../errors'
+import { errorCode, InvalidInputError } from '../errors'
 import { isNetnsMount } from '../native'
 import { CniCache, type CniCacheEntry } from './cache'
 import { CNI_NAME_RE, loadNetworkConfig, type CniNetworkConfig } from './config'
@@ -121,6 +121,18 @@ export interface ExecCniClientOptions {
    * they hold outside the netns, e.g. IPAM leases).
    */
   isNetns?: (path: string) => boolean
+  /** Called after every plugin run, ok or not (metrics); a throw is ignored. */
+  onPluginRun?: (run: CniPluginRunEvent) => void
+}
+
+/** One finished plugin run, for {@link ExecCniClientOptions.onPluginRun}. */
+export interface CniPluginRunEvent {
+  /** Plugin type (binary name). */
+  plugin: string
+  command: CniCommand
+  durationMs: number
+  /** Absent when the run succeeded; else the error's code (`ERR_CNI`, `ERR_TIMEOUT`, `ERR_NOT_FOUND`, ...). */
+  errorCode?: string
 }
 
 /** Validates an interface name the way libcni does. */
@@ -138,6 +150,7 @@ export class ExecCniClient implements CniClient {
   readonly ifName: string
   readonly execWrapper: string[]
   readonly dummyPodId: string
+  private readonly onPluginRun: ((run: CniPluginRunEvent) => void) | undefined
   private readonly netns: NetnsOps
   private readonly isNetns: (path: string) => boolean
   private readonly cache: CniCache
@@ -154,6 +167,7 @@ export class ExecCniClient implements CniClient {
     this.netns = { create: options.createNetns ?? ipNetnsOps.create, delete: options.deleteNetns ?? ipNetnsOps.delete }
     this.dummyPodId = options.dummyPodId ?? 'tapmanager-dummy'
     this.isNetns = options.isNetns ?? isNetnsMount
+    this.onPluginRun = options.onPluginRun
     if (!validIfName(this.ifName)) throw new InvalidInputError(`invalid CNI interface name ${JSON.stringify(this.ifName)}`)
     if (!CNI_NAME_RE.test(this.dummyPodId)) throw new InvalidInputError(`invalid dummy pod id ${JSON.stringify(this.dummyPodId)}`)
     if (!(this.timeoutMs > 0)) throw new InvalidInputError(`timeoutMs must be positive, got ${this.timeoutMs}`)
@@ -207,7 +221,7 @@ export class ExecCniClient implements CniClient {
     const stdin: Record<string, unknown> = { ...plugin, name: config.name, cniVersion: config.cniVersion }
     if (prevResult) stdin.prevResult = prevResult
     else delete stdin.prevResult
-    return execPlugin({
+    const run = execPlugin({
       plugin: String(plugin.type),
       network: config.name,
       command,
@@ -217,6 +231,26 @@ export class ExecCniClient implements CniClient {
       timeoutMs: this.timeoutMs,
       execWrapper: this.execWrapper,
     })
+    const hook = this.onPluginRun
+    if (!hook) return run
+    const started = performance.now()
+    const report = (errorCode?: string) => {
+      try {
+        hook({ plugin: String(plugin.type), command, durationMs: performance.now() - started, ...(errorCode ? { errorCode } : {}) })
+      } catch {
+        // an observer must not break CNI
+      }
+    }
+    return run.then(
+      (r) => {
+        report()
+        return r
+      },
+      (err: unknown) => {
+        report(errorCode(err))
+        throw err
+      },
+    )
   }
 
   /** DEL of every plugin in reverse order; runs them all and throws the failure(s) at the end. */
