@@ -108,7 +108,13 @@ test('usage errors exit 2 with a clear message and never connect', async (t) => 
     [['recover', 'k', '--from', 'nocsn.json'], /no csn/],
     [['serve', '--socket-mode', '999'], /--socket-mode must be octal/],
     [['serve', '--log-level', 'loud'], /--log-level must be one of/],
-    [['serve', '--allow-uid', '1000,x'], /--allow-uid: "x" is not a number/],
+    [['serve', '--allow-uid', '1000,x'], /--allow-uid: "x" is not an id \(an integer from 0 to 4294967295\)/],
+    // uids/gids are u32: 4294967297 would wrap to 1 in the native filter
+    [['serve', '--allow-uid', '4294967297'], /--allow-uid: "4294967297" is not an id/],
+    [['serve', '--allow-gid', '4294967296'], /--allow-gid: "4294967296" is not an id/],
+    [['serve', '--allow-uid=-1'], /--allow-uid: "-1" is not an id/],
+    [['serve', '--allow-gid', '1.5'], /--allow-gid: "1.5" is not an id/],
+    [['serve', '--allow-uid', '1e3'], /--allow-uid: "1e3" is not an id/],
     [['serve', '--calico-subnet-size', '33'], /--calico-subnet-size must be an integer from 1 to 32/],
     [['status', '--socket'], /argument missing/],
   ]

@@ -307,11 +307,17 @@ function need(p: Parsed, name: string): string {
   return v
 }
 
+/** The largest uid or gid (u32). */
+const MAX_ID = 0xffff_ffff
+
 function intList(values: unknown, flag: string): number[] {
   const out: number[] = []
   for (const v of (values as string[] | undefined) ?? []) {
     for (const part of v.split(',')) {
-      if (!/^\d+$/.test(part)) throw new UsageError(`--${flag}: ${JSON.stringify(part)} is not a number`)
+      // uids and gids are u32: anything else would wrap around in the native filter (4294967297 -> 1).
+      if (!/^\d+$/.test(part) || Number(part) > MAX_ID) {
+        throw new UsageError(`--${flag}: ${JSON.stringify(part)} is not an id (an integer from 0 to ${MAX_ID})`)
+      }
       out.push(Number(part))
     }
   }

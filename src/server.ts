@@ -3,7 +3,7 @@
  * with Virtlet's Go FDServer, without its defects (bounded payloads, read deadlines, no desynchronisation,
  * no leaks on duplicate or concurrent adds, optional peer authorisation by uid/gid).
  */
-import { TapmanagerError, messageOf } from './errors'
+import { InvalidInputError, TapmanagerError, capText, messageOf } from './errors'
 import type { FDSource } from './fdsource'
 import { UnixConnection, UnixListener, closeFd, dupFds, type Frame, type IncomingRequest, type PeerCredentials } from './native'
 import {
@@ -17,6 +17,7 @@ import {
   decodeHeader,
   decodeKey,
   encodeHeader,
+  isUtf8Key,
   oobSizeFor,
   type FrameHeader,
 } from './protocol'
@@ -65,8 +66,15 @@ export interface FDServerOptions {
   onRequest?: (entry: RequestLogEntry) => void
 }
 
-/** An error the server reports to the client (its message goes into the error frame). */
-class RequestError extends Error {}
+/** The most bytes of error text an error response (and its log entry) carries; longer texts are cut (`...`). */
+export const MAX_ERROR_TEXT = 1024
+
+/** An error the server reports to the client (its message, cut to {@link MAX_ERROR_TEXT} bytes, goes into the error frame). */
+class RequestError extends Error {
+  constructor(message: string) {
+    super(capText(message, MAX_ERROR_TEXT))
+  }
+}
 
 interface Entry {
   /** null for a recovered key whose fds have not been retrieved yet. */
@@ -115,6 +123,12 @@ export class FDServer {
       socketMode: options.socketMode ?? 0o600,
     }
     this.fastGets = source.stableInfo === true
+    for (const [name, ids] of [['allowedUids', options.allowedUids], ['allowedGids', options.allowedGids]] as const) {
+      if (ids === undefined) continue
+      if (!Array.isArray(ids) || !ids.every((id) => Number.isInteger(id) && id >= 0 && id <= 0xffff_ffff)) {
+        throw new InvalidInputError(`${name} must be integers from 0 to 4294967295 (uids/gids are u32)`)
+      }
+    }
   }
 
   /** How many log entries of natively answered gets were lost in all (the native queue was full); 0 without `onRequest`. */
@@ -248,6 +262,15 @@ export class FDServer {
       await this.sendError(conn, msg)
       this.log(key, hdr.command, started, msg, peer)
       return null
+    }
+    if (!isUtf8Key(hdr.key)) {
+      // Keys are bytes: decoding invalid UTF-8 lossily would merge different keys into one.
+      const msg = FD_ERROR_TEXT.keyNotUtf8(hdr.key)
+      const body = Buffer.from(msg, 'utf8')
+      const head = encodeHeader({ command: ERROR_COMMAND, dataSize: body.length, oobSize: 0, key: ERROR_KEY })
+      const pending = conn.respondThenRead(head, body, [], this.opts.maxDataSize, this.opts.readTimeoutMs)
+      this.log(key, hdr.command, started, msg, peer)
+      return { pending }
     }
     let head: Buffer
     let body: Buffer
@@ -458,7 +481,7 @@ export class FDServer {
       try {
         await this.source.recover(key, data)
       } catch (err) {
-        throw new RequestError(`error recovering fds: ${messageOf(err)}`)
+        throw new RequestError(FD_ERROR_TEXT.recoverFailed(key, messageOf(err)))
       }
       this.entries.set(key, { fds: null })
     } finally {
