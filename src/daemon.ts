@@ -42,6 +42,9 @@ export interface DaemonOptions {
   calicoSubnetSize?: number
   sriov?: boolean
   maxDataSize?: number
+  /** Connection caps (FDServer's `maxConnections`, `maxConnectionsPerUid`; defaults there). */
+  maxConnections?: number
+  maxConnectionsPerUid?: number
   /** One log line per request, plus the daemon's own events. */
   log?: RequestLogger
   /** A CNI client to use instead of executing plugins (tests). */
@@ -168,13 +171,19 @@ export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
     allowedUids: opts.allowedUids?.length || opts.allowedGids?.length ? opts.allowedUids : undefined,
     allowedGids: opts.allowedUids?.length || opts.allowedGids?.length ? opts.allowedGids : undefined,
     maxDataSize: opts.maxDataSize,
+    maxConnections: opts.maxConnections,
+    maxConnectionsPerUid: opts.maxConnectionsPerUid,
+    // `tapmanager ls` asks the server: what it serves, and what recovery skipped and why.
+    listInfo: () => ({ skipped: recovery?.skipped ?? [] }),
+    onLimits: opts.log ? (r) => opts.log!.logger.warn(r, 'connections refused or accept() failed') : undefined,
+    onFatal: opts.log ? (err) => opts.log!.logger.error({ err: err.message }, 'server stopped serving') : undefined,
     onRequest: opts.log
       ? (e) => opts.log!.request({ ...e, durationMs: Math.round(e.durationMs * 1000) / 1000, peer: e.peer ? { ...e.peer } : undefined })
       : undefined,
   })
 
   if (opts.log) warnPrivateMountNs(opts.log, netnsDir)
-  let recovery: RecoveryReport
+  let recovery: RecoveryReport | undefined
   try {
     recovery = await recoverPersisted(source, store, server)
     if (opts.log) logRecovery(opts.log, recovery)

@@ -17,6 +17,13 @@ export const KEY_SIZE = 64
 export const FDCommand = { Add: 0, Release: 1, Get: 2, Recover: 3 } as const
 export type CommandCode = (typeof FDCommand)[keyof typeof FDCommand]
 export const RESPONSE_FLAG = 0x80
+
+/**
+ * Extension commands: ours only, never sent by Virtlet (whose server answers them `bad command`, so a client
+ * can fall back). `list` (0x40): no payload, any key; the response (0xc0) carries JSON
+ * `{"keys":[{"key":"k","state":"held"|"recovered"}], ...}` (see `FDServer.listing`).
+ */
+export const FD_EXT_COMMAND = { list: 0x40 } as const
 export const ERROR_COMMAND = 0xff
 
 /** Human names for logs. */
@@ -30,6 +37,8 @@ export function commandName(cmd: number): string {
       return 'get'
     case FDCommand.Recover:
       return 'recover'
+    case FD_EXT_COMMAND.list:
+      return 'list'
     default:
       return `0x${cmd.toString(16).padStart(2, '0')}`
   }
