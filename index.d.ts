@@ -125,21 +125,26 @@ export declare class UnixConnection {
   /** Reads a response frame as the Go client does (see `fdRequest`), within `timeoutMs` (when > 0). */
   readResponseFrame(timeoutMs?: number | undefined | null): Promise<Frame>
   /**
-   * A server's turn: writes `head`, sends `data` with the `fds` in one `sendmsg` (nothing when both are
-   * empty; data must not be empty when fds are sent), then reads the next request frame like
-   * `readRequestFrame`. The fds are duplicated before this returns, so the caller may close its copies at once.
-   * On a connection from `nextIncoming`, the next requests that the listener's native fast path can answer are
-   * answered natively; the frame returned is the first one it cannot.
+   * Writes a response: `head` with a plain write, then `data` with the `fds` in one `sendmsg` (nothing when
+   * both are empty; data must not be empty when fds are sent), within `writeTimeoutMs` (when > 0). The fds are
+   * duplicated before this returns, so the caller may close its copies at once. Resolves with the outcome
+   * (never rejects for a failed write: `writeError` says why), so the caller can log what really happened.
    */
-  respondThenRead(head: Buffer, data: Buffer, fds: Array<number>, maxData: number, timeoutMs?: number | undefined | null): Promise<Frame>
+  respond(head: Buffer, data: Buffer, fds: Array<number>, writeTimeoutMs?: number | undefined | null): Promise<Written>
+  /**
+   * Reads the next request frame like `readRequestFrame` (within `timeoutMs` when > 0); on a connection from
+   * `nextIncoming`, the requests the listener's native fast path can answer are answered natively first, and
+   * the frame returned is the first one it cannot.
+   */
+  readNext(maxData: number, timeoutMs?: number | undefined | null): Promise<Frame>
   /** Writes all of `data`. */
   write(data: Buffer): Promise<void>
   /**
    * Writes `head` with a plain write, then sends `data` with the `fds` in one `sendmsg` (skipped when both are
-   * empty; data must not be empty when fds are sent). The fds stay owned by the caller, who must keep them
-   * open until the Promise settles.
+   * empty; data must not be empty when fds are sent), within `timeoutMs` when > 0 (`ERR_TIMEOUT`). The fds
+   * stay owned by the caller, who must keep them open until the Promise settles.
    */
-  writeThenSend(head: Buffer, data: Buffer, fds: Array<number>): Promise<void>
+  writeThenSend(head: Buffer, data: Buffer, fds: Array<number>, timeoutMs?: number | undefined | null): Promise<void>
   /**
    * One `recvmsg` with a `dataLen`-byte data buffer and a `controlLen`-byte control buffer
    * (`MSG_CMSG_CLOEXEC`). The returned fds belong to the caller.
@@ -164,13 +169,17 @@ export declare class UnixListener {
   accept(): Promise<UnixConnection>
   /**
    * Starts accepting in the background, reading each connection's first request frame concurrently (each
-   * within `timeoutMs` when > 0; payloads over `maxData` are left unread). Collect them with `nextIncoming`.
-   * Get requests for keys registered with `registerGet` are answered natively, on this connection loop and on
-   * connections' later requests (see `UnixConnection.respondThenRead`), for peers that pass the filter
-   * `allowedUids`/`allowedGids` (when either is given: uid in the first or gid in the second); every other
+   * within `readTimeoutMs`; payloads over `maxData` are left unread). Collect them with `nextIncoming`.
+   * Accept errors (EMFILE, ...) are survived (counted, with a bounded backoff); connections over
+   * `maxConnections` or `maxConnectionsPerUid` are closed at once; peers outside `allowedUids`/`allowedGids`
+   * get one `permission denied` error response natively: all counted in `stats()`, none reaches JavaScript.
+   * Get requests for keys registered with `registerGet` are answered natively (within `writeTimeoutMs`), on this
+   * connection loop and on connections' later requests (see `UnixConnection.respondThenRead`); every other
    * request is delivered by `nextIncoming` (or `respondThenRead`).
    */
-  startIncoming(maxData: number, timeoutMs?: number | undefined | null, allowedUids?: Array<number> | undefined | null, allowedGids?: Array<number> | undefined | null): void
+  startIncoming(opts: IncomingOpts): void
+  /** What the listener refused or survived since `startIncoming` (all zero before). */
+  stats(): ListenerStats
   /**
    * The connections that have their first request frame, at least one and at most `max` (waits for one).
    * Rejects with `ERR_CLOSED` once the listener is closed.
@@ -356,6 +365,8 @@ export interface FastGetEntry {
   durationMs: number
   /** The peer's credentials (absent when `SO_PEERCRED` failed). */
   peer?: PeerCredentials
+  /** Why the response could not be sent (peer gone, write deadline); absent when it was handed to the socket. */
+  error?: string
 }
 
 /**
@@ -395,6 +406,26 @@ export interface Frame {
   fds: Array<number>
 }
 
+/** Options of `UnixListener.startIncoming`. */
+export interface IncomingOpts {
+  /** The largest request payload read; bigger ones are left unread (`Frame.data` absent). */
+  maxData: number
+  /** Bound on reading one request frame, including the wait for it (ms; absent or 0: none). */
+  readTimeoutMs?: number
+  /** Bound on writing one response (ms; absent or 0: none). */
+  writeTimeoutMs?: number
+  /**
+   * When either is given, only peers whose uid is in `allowedUids` or gid in `allowedGids` are served; the
+   * others get one `permission denied` error response natively and are closed.
+   */
+  allowedUids?: Array<number>
+  allowedGids?: Array<number>
+  /** Connections open at once (more are closed at once; absent: no cap). */
+  maxConnections?: number
+  /** Connections open at once from one peer uid (absent: no cap). */
+  maxConnectionsPerUid?: number
+}
+
 /** A connection with its first request frame already read (see `UnixListener.startIncoming`). */
 export interface IncomingRequest {
   conn: UnixConnection
@@ -431,6 +462,24 @@ export interface Link {
 
 /** The links isolated in a netns, sorted. */
 export declare function listDhcpIsolation(netns?: string | undefined | null): Promise<Array<string>>
+
+/** What the listener refused or survived so far (see `UnixListener.stats`). */
+export interface ListenerStats {
+  /** Connections admitted. */
+  admitted: number
+  /** Connections open now. */
+  open: number
+  /** Closed at once: the total cap was reached. */
+  overTotal: number
+  /** Closed at once: the peer uid's cap was reached. */
+  overUid: number
+  /** Peers refused by the uid/gid filter. */
+  refused: number
+  /** Failed accept() calls, survived. */
+  acceptErrors: number
+  /** The last accept() error. */
+  lastAcceptError?: string
+}
 
 /** Lists the live named namespaces, sorted. Equivalent to `ip netns list`. */
 export declare function listNetns(dir?: string | undefined | null): Promise<Array<string>>
@@ -597,4 +646,13 @@ export interface TeardownContainerSideOptions {
    * asynchronously, saving ~20-45 ms per device. Everything CNI DEL needs is restored either way.
    */
   keepDevices?: boolean
+}
+
+/**
+ * What `UnixConnection.respond` did: why the response could not be written (peer gone, write deadline; absent
+ * when it was handed to the socket) and how long writing took.
+ */
+export interface Written {
+  writeError?: string
+  writeMs: number
 }

@@ -17,6 +17,8 @@ import {
   type ServeOptions,
 } from '../src/cli'
 import { StateStore } from '../src/state'
+import { FDServer, FDClient, ServerError } from '../src/index'
+import { FileFDSource } from '../examples/file-fd-source'
 
 interface Run {
   code: number
@@ -108,7 +110,13 @@ test('usage errors exit 2 with a clear message and never connect', async (t) => 
     [['recover', 'k', '--from', 'nocsn.json'], /no csn/],
     [['serve', '--socket-mode', '999'], /--socket-mode must be octal/],
     [['serve', '--log-level', 'loud'], /--log-level must be one of/],
-    [['serve', '--allow-uid', '1000,x'], /--allow-uid: "x" is not a number/],
+    [['serve', '--allow-uid', '1000,x'], /--allow-uid: "x" is not an id \(an integer from 0 to 4294967295\)/],
+    // uids/gids are u32: 4294967297 would wrap to 1 in the native filter
+    [['serve', '--allow-uid', '4294967297'], /--allow-uid: "4294967297" is not an id/],
+    [['serve', '--allow-gid', '4294967296'], /--allow-gid: "4294967296" is not an id/],
+    [['serve', '--allow-uid=-1'], /--allow-uid: "-1" is not an id/],
+    [['serve', '--allow-gid', '1.5'], /--allow-gid: "1.5" is not an id/],
+    [['serve', '--allow-uid', '1e3'], /--allow-uid: "1e3" is not an id/],
     [['serve', '--calico-subnet-size', '33'], /--calico-subnet-size must be an integer from 1 to 32/],
     [['status', '--socket'], /argument missing/],
   ]
@@ -336,11 +344,13 @@ test('serve passes every flag (and the defaults) to startServer and closes it on
     maxDataSize: 65536,
     cniTimeoutMs: 60000,
     metricsListen: null,
+    maxConnections: null,
+    maxConnectionsPerUid: null,
   })
   const f = await run(
     ['serve', '--socket', '/tmp/x.sock', '--socket-mode', '0600', '--socket-group', 'kvm', '--allow-uid', '0,1000', '--allow-uid', '107', '--allow-gid', '36',
       '--cni-conf-dir', '/c', '--cni-bin-dir', '/b1', '--cni-bin-dir', '/b2', '--netns-dir', '/n', '--state-dir', '/s', '--calico-subnet-size', '26', '--sriov',
-      '--log-level', 'silent', '--max-data-size', '4096', '--cni-timeout', '5000', '--metrics-listen', '127.0.0.1:9731'],
+      '--log-level', 'silent', '--max-data-size', '4096', '--cni-timeout', '5000', '--metrics-listen', '127.0.0.1:9731', '--max-connections', '100', '--max-connections-per-uid', '10'],
     deps,
   )
   t.is(f.code, EXIT_OK, f.stderr)
@@ -361,6 +371,8 @@ test('serve passes every flag (and the defaults) to startServer and closes it on
     maxDataSize: 4096,
     cniTimeoutMs: 5000,
     metricsListen: '127.0.0.1:9731',
+    maxConnections: 100,
+    maxConnectionsPerUid: 10,
   })
   t.is(closed, 2)
   // A metrics address that is neither HOST:PORT nor a path is a usage error (exit 2), before anything starts.
@@ -370,6 +382,64 @@ test('serve passes every flag (and the defaults) to startServer and closes it on
   t.is(seen.length, 2)
   const failing = await run(['serve', '--log-level', 'silent'], { startServer: async () => Promise.reject(new Error('EADDRINUSE')) })
   t.is(failing.code, EXIT_SERVER_ERROR)
+})
+
+test('serve never exits 0 silently: a server that stops serving by itself makes serve log it and exit 1', async (t) => {
+  const lines: Record<string, unknown>[] = []
+  let closed = 0
+  const r = await run(['serve'], {
+    startServer: async () => ({ close: async () => void closed++, failed: Promise.resolve(new Error('accept loop ended')) }),
+    stopSignal: () => new Promise(() => {}), // no signal ever comes
+    logDestination: new Writable({
+      write: (c, _e, cb) => {
+        for (const l of c.toString().split('\n').filter(Boolean)) lines.push(JSON.parse(l))
+        cb()
+      },
+    }),
+  })
+  t.is(r.code, EXIT_SERVER_ERROR)
+  t.is(closed, 1)
+  t.true(lines.some((l) => l.level === 50 && l.err === 'accept loop ended'), JSON.stringify(lines))
+})
+
+test('ls asks the running server (keys held, keys skipped at recovery and why); without one it says it reads the state dir', async (t) => {
+  const dir = tmp()
+  const sock = join(dir, 'fd.sock')
+  const server = new FDServer(sock, new FileFDSource(join(dir, 'files')), {
+    listInfo: () => ({ skipped: [{ key: 'lost', reason: 'netns /x: not a netns mount' }] }),
+  })
+  await server.serve()
+  try {
+    const store = new StateStore(join(dir, 'state'))
+    // The state dir says "ready" for a key the server does not serve: ls must show the server's view.
+    await store.write({ key: 'lost', status: 'ready', podNetworkDesc: { podId: 'id-l', podNs: 'ns', podName: 'vm-l' }, csn: CSN })
+    const client = new FDClient(sock)
+    await client.addFDs('a', { contents: ['x'] })
+    const r = await run(['ls', '--socket', sock, '--state-dir', join(dir, 'state')], { createClient: (p) => new FDClient(p) })
+    t.is(r.code, EXIT_OK, r.stderr)
+    t.is(r.stdout, `from the server at ${sock}\nKEY\tSTATE\na\tready\nlost\tskipped at recovery: netns /x: not a netns mount\n`)
+    t.is(r.stderr, '')
+    const j = JSON.parse((await run(['ls', '--socket', sock, '--json'], { createClient: (p) => new FDClient(p) })).stdout)
+    t.is(j.source, 'server')
+    t.deepEqual(j.keys, [{ key: 'a', state: 'ready' }])
+    t.deepEqual(j.skipped, [{ key: 'lost', reason: 'netns /x: not a netns mount' }])
+    // A server without the list command (Virtlet's answers "bad command"): falls back, and says so.
+    const goLike = await run(['ls', '--socket', sock, '--state-dir', join(dir, 'state')], {
+      createClient: fakeClient([], { list: async () => Promise.reject(new ServerError('bad command')) }),
+    })
+    t.is(goLike.code, EXIT_OK)
+    t.regex(goLike.stderr, /the server does not support list: reading the state dir/)
+    t.regex(goLike.stdout, /^KEY\tPOD\tPOD ID\tSTATE\nlost\tns\/vm-l\tid-l\tready/)
+    await server.stop()
+    // No server at all.
+    const none = await run(['ls', '--socket', sock, '--state-dir', join(dir, 'state'), '--json'], { createClient: (p) => new FDClient(p) })
+    const nj = JSON.parse(none.stdout)
+    t.is(nj.source, 'state-dir')
+    t.regex(nj.fallbackReason, /no server at/)
+  } finally {
+    await server.stop()
+    rmSync(dir, { recursive: true, force: true })
+  }
 })
 
 test('createRequestLogger writes one JSON line per request: key, command, duration, outcome', async (t) => {

@@ -191,6 +191,8 @@ test('no fast path without stableInfo (every get is logged)', async (t) => {
     for (let i = 0; i < 3; i++) (await client.getFDs('h')).fds.forEach(closeFd)
     t.false(fast(server, 'h'))
     t.is(source.infoCalls, 3)
+    // Each entry is logged once its response was written: it may land just after the client read it.
+    t.true(await until(() => log.length >= 4))
     t.deepEqual(log, ['add h', 'get h', 'get h', 'get h'])
   } finally {
     await cleanup()
@@ -280,7 +282,7 @@ test('native fast log: a full queue drops and counts entries, one wake-up per em
   const fd = openSync(file, 'r')
   const listener = UnixListener.bind(sock)
   try {
-    listener.startIncoming(1024, 5000)
+    listener.startIncoming({ maxData: 1024, readTimeoutMs: 5000 })
     listener.registerGet('k', Buffer.from('info'), [fd])
     let wakes = 0
     listener.enableFastLog(2, () => wakes++)

@@ -71,7 +71,7 @@ test('add three keys, get each and read through its fds, release, recover (Virtl
     t.deepEqual(source.released, ['k2'])
     const err = await t.throwsAsync(client.getFDs('k2'), { instanceOf: ServerError })
     t.is(err?.message, 'server returned error: bad fd key: "k2"')
-    t.is(err?.code, 'ERR_SERVER')
+    t.is(err?.code, 'ERR_NOT_FOUND')
 
     // A restarted server: a new server on the same files recovers k1 and k3 from the add responses.
     await server.stop()

@@ -238,8 +238,8 @@ test('DaemonMetrics logic: unknown commands share one label, DHCP counts outlive
   m.onRequest({ key: 'k', command: 'get', durationMs: 0.3, outcome: 'ok', dropped: 4 })
   m.onCniPluginRun({ plugin: 'bridge', command: 'ADD', durationMs: 80 })
   m.onCniPluginRun({ plugin: 'bridge', command: 'ADD', durationMs: 60_000, errorCode: 'ERR_TIMEOUT' })
-  m.onRefused('peer')
-  m.onRefused('caps')
+  // Refusals and accept() errors are the native listener's totals, read at scrape time.
+  m.onStarted({ server: { limits: () => ({ total: { refused: 1, overTotal: 1, overUid: 2, acceptErrors: 3 } }) }, source: { keys: () => [] } } as never)
   m.onRecovery({ recovered: ['a', 'b'], cleaned: ['c'], skipped: [{ key: 'd', reason: 'x' }], corrupt: [] })
   // A fake pod network whose DHCP server counts what the test says it answered.
   const counts = { offers: 2, acks: 1, naks: 1, ignored: 0, errors: 0 }
@@ -267,7 +267,8 @@ test('DaemonMetrics logic: unknown commands share one label, DHCP counts outlive
   t.is(sample(s, 'tapmanager_cni_plugin_duration_seconds_count', { plugin: 'bridge', command: 'ADD' }), 2)
   t.is(sample(s, 'tapmanager_cni_plugin_failures_total', { plugin: 'bridge', command: 'ADD', code: 'ERR_TIMEOUT' }), 1)
   t.is(sample(s, 'tapmanager_connections_refused_total', { reason: 'peer_filter' }), 1)
-  t.is(sample(s, 'tapmanager_connections_refused_total', { reason: 'caps' }), 1)
+  t.is(sample(s, 'tapmanager_connections_refused_total', { reason: 'caps' }), 3)
+  t.is(sample(s, 'tapmanager_accept_errors_total'), 3)
   t.is(sample(s, 'tapmanager_recovery_keys', { result: 'recovered' }), 2)
   t.is(sample(s, 'tapmanager_recovery_keys', { result: 'skipped' }), 1)
   t.is(sample(s, 'tapmanager_dhcp_offers_total'), 2)

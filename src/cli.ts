@@ -26,6 +26,7 @@ import { FDClient } from './client'
 import { startDaemon } from './daemon'
 import { DaemonMetrics, parseMetricsAddress, startMetricsServer } from './metrics'
 import { DEFAULT_STATE_DIR, StateStore } from './state'
+import type { ServerListing } from './server'
 
 export { createRequestLogger } from './log'
 export type { LogLevel, RequestLogger, RequestLogEntry } from './log'
@@ -50,6 +51,8 @@ export interface CliClient {
   releaseFDs(key: string): Promise<void>
   recover(key: string, data: unknown): Promise<void>
   isRunning(): Promise<boolean>
+  /** The server's keys (extension command; optional for fakes). */
+  list?(): Promise<ServerListing>
 }
 export type CliClientFactory = (socketPath: string) => CliClient
 
@@ -77,6 +80,10 @@ export interface ServeOptions {
   cniTimeoutMs: number
   /** Where the Prometheus endpoint listens (`HOST:PORT`, `:PORT` or a Unix socket path); null: none. */
   metricsListen: string | null
+  /** Connections open at once (null: FDServer's default, half the open-file limit). */
+  maxConnections: number | null
+  /** Connections open at once from one peer uid (null: half of maxConnections). */
+  maxConnectionsPerUid: number | null
   /** The request logger the server must use (one line per request). */
   log: RequestLogger
 }
@@ -85,6 +92,8 @@ export interface ServeOptions {
 export interface ServerHandle {
   /** Clean stop: stop serving, close DHCP servers and fds; netns and state stay for recovery. */
   close(): Promise<void>
+  /** Resolves if the server stops serving by itself (never on a clean stop): serve then exits with status 1. */
+  failed?: Promise<Error>
 }
 export type StartServer = (opts: ServeOptions) => Promise<ServerHandle>
 
@@ -115,6 +124,7 @@ export async function startServer(opts: ServeOptions): Promise<ServerHandle> {
         await endpoint?.close()
       }
     },
+    failed: daemon.server.failed,
   }
 }
 
@@ -134,6 +144,8 @@ function startDaemonFor(opts: ServeOptions, metrics: DaemonMetrics | undefined) 
     sriov: opts.sriov,
     maxDataSize: opts.maxDataSize,
     cniTimeoutMs: opts.cniTimeoutMs,
+    maxConnections: opts.maxConnections ?? undefined,
+    maxConnectionsPerUid: opts.maxConnectionsPerUid ?? undefined,
     log: opts.log,
     observer: metrics,
   })
@@ -217,7 +229,8 @@ const COMMAND_OPTIONS = {
     'log-level': { type: 'string' },
     'max-data-size': { type: 'string' },
     'cni-timeout': { type: 'string' },
-    'metrics-listen': { type: 'string' },
+    'max-connections': { type: 'string' },
+    'max-connections-per-uid': { type: 'string' },
   },
   add: {
     'pod-id': { type: 'string' },
@@ -257,6 +270,8 @@ Commands:
       --cni-timeout MS          time limit of one CNI plugin run (default ${DEFAULT_CNI_TIMEOUT_MS})
       --metrics-listen ADDR     serve Prometheus /metrics, /healthz, /readyz on HOST:PORT, :PORT or a
                                 Unix socket path (default: off)
+      --max-connections N       connections open at once (default: half the open-file limit, 16..4096)
+      --max-connections-per-uid N  connections open at once per peer uid (default: half of --max-connections)
   add KEY --pod-id ID --pod-name NAME --pod-ns NS
       --dns JSON|NS[,NS]        CNI DNS object, or nameservers
       --dns-search D            search domain (repeatable)   --dns-domain D   --dns-option OPT (repeatable)
@@ -265,7 +280,8 @@ Commands:
       --exec -- CMD [ARGS...]   run CMD with the fds as fd 3, 4, ... (with --qemu-args: appended to ARGS)
   release KEY                 release the key's network
   recover KEY --from FILE     recover a key from a RecoverPayload or state record JSON file (- for stdin)
-  ls [--state-dir DIR]        keys with pod and state, from the state dir
+  ls [--state-dir DIR]        keys the running server holds and the ones it skipped at recovery (why);
+                              with no server (or Virtlet's), the state dir, saying so
   status                      is the server running
 
 Global options:
@@ -336,11 +352,24 @@ function need(p: Parsed, name: string): string {
   return v
 }
 
+/** Asks a running server for its keys (throws ERR_NOT_RUNNING when none listens, ERR_UNSUPPORTED for Virtlet's). */
+async function listFromServer(c: CliClient): Promise<ServerListing> {
+  if (!c.list) throw new TapmanagerError('ERR_UNSUPPORTED', 'client has no list')
+  if (!(await c.isRunning())) throw new TapmanagerError('ERR_NOT_RUNNING', 'not running')
+  return c.list()
+}
+
+/** The largest uid or gid (u32). */
+const MAX_ID = 0xffff_ffff
+
 function intList(values: unknown, flag: string): number[] {
   const out: number[] = []
   for (const v of (values as string[] | undefined) ?? []) {
     for (const part of v.split(',')) {
-      if (!/^\d+$/.test(part)) throw new UsageError(`--${flag}: ${JSON.stringify(part)} is not a number`)
+      // uids and gids are u32: anything else would wrap around in the native filter (4294967297 -> 1).
+      if (!/^\d+$/.test(part) || Number(part) > MAX_ID) {
+        throw new UsageError(`--${flag}: ${JSON.stringify(part)} is not an id (an integer from 0 to ${MAX_ID})`)
+      }
       out.push(Number(part))
     }
   }
@@ -378,6 +407,9 @@ export function serveOptionsFromFlags(values: Parsed['values'], env: NodeJS.Proc
     maxDataSize: intFlag(values['max-data-size'], 'max-data-size', DEFAULT_MAX_DATA_SIZE, 1, 0xffffffff),
     cniTimeoutMs: intFlag(values['cni-timeout'], 'cni-timeout', DEFAULT_CNI_TIMEOUT_MS, 1, 3_600_000),
     metricsListen: metricsListen(values['metrics-listen']),
+    maxConnections: values['max-connections'] === undefined ? null : intFlag(values['max-connections'], 'max-connections', 0, 1, MAX_ID),
+    maxConnectionsPerUid:
+      values['max-connections-per-uid'] === undefined ? null : intFlag(values['max-connections-per-uid'], 'max-connections-per-uid', 0, 1, MAX_ID),
   }
 }
 
@@ -547,8 +579,15 @@ export async function runCli(argv: string[], deps: CliDeps = {}): Promise<number
         const stop = (deps.stopSignal ?? defaultStopSignal)()
         const server = await start({ ...opts, log })
         log.logger.info({ socket: opts.socketPath, stateDir: opts.stateDir }, 'serving')
-        const sig = await stop
-        log.logger.info({ signal: sig }, 'stopping')
+        // The server stopping by itself is a failure: logged, status 1 (never a silent exit 0).
+        const failed = server.failed?.then((err) => ({ err })) ?? new Promise<never>(() => {})
+        const ended = await Promise.race([stop.then((sig) => ({ sig })), failed])
+        if ('err' in ended) {
+          log.logger.error({ err: ended.err.message }, 'server stopped serving by itself; exiting')
+          await server.close().catch(() => undefined)
+          return EXIT_SERVER_ERROR
+        }
+        log.logger.info({ signal: ended.sig }, 'stopping')
         await server.close()
         log.logger.info('stopped')
         return EXIT_OK
@@ -556,6 +595,24 @@ export async function runCli(argv: string[], deps: CliDeps = {}): Promise<number
       case 'ls': {
         noPositionals(p)
         const dir = (p.values['state-dir'] as string | undefined) ?? DEFAULT_STATE_DIR
+        // The running server is the truth; the state dir only when no server (or one without `list`) answers.
+        let why: string
+        try {
+          const served = await listFromServer(makeClient(sock))
+          const rows = served.keys.map((k) => ({ key: k.key, state: k.state === 'held' ? 'ready' : 'recovered (fds not retrieved yet)' }))
+          const skipped = Array.isArray(served.skipped) ? (served.skipped as { key: string; reason: string }[]) : []
+          const human = [...rows.map((r) => `${r.key}\t${r.state}`), ...skipped.map((s) => `${s.key}\tskipped at recovery: ${s.reason}`)]
+          out([`from the server at ${sock}`, human.length ? ['KEY\tSTATE', ...human].join('\n') : 'no keys'].join('\n'), {
+            source: 'server',
+            socket: sock,
+            keys: rows,
+            skipped,
+          })
+          return EXIT_OK
+        } catch (err) {
+          why = errorCode(err) === 'ERR_UNSUPPORTED' ? 'the server does not support list' : isNotRunningError(err) || errorCode(err) === 'ERR_NOT_RUNNING' ? `no server at ${sock}` : `the server did not answer list (${(err as Error).message})`
+        }
+        if (!json) io.stderr(`tapmanager: ${why}: reading the state dir ${dir} instead (may differ from what a server serves)\n`)
         const listing = await new StateStore(dir).list()
         const rows = listing.records.map((r) => {
           const d = (r.podNetworkDesc ?? {}) as Record<string, unknown>
@@ -566,6 +623,8 @@ export async function runCli(argv: string[], deps: CliDeps = {}): Promise<number
           ...listing.corrupt.map((c) => `${c.key ?? c.file}\t-\t-\tcorrupt (${c.reason})`),
         ]
         out(human.length ? ['KEY\tPOD\tPOD ID\tSTATE', ...human].join('\n') : `no keys in ${dir}`, {
+          source: 'state-dir',
+          fallbackReason: why,
           stateDir: dir,
           keys: rows,
           corrupt: listing.corrupt,

@@ -8,8 +8,10 @@ import { FdRequestPort, UnixConnection, closeFd, type FdDone, type Frame } from 
 
 /** Closes an fd received from `getFDs` (the caller owns those). */
 export { closeFd }
+import type { ServerListing } from './server'
 import {
   FDCommand,
+  FD_EXT_COMMAND,
   ERROR_COMMAND,
   FD_ERROR_TEXT,
   FD_MAGIC,
@@ -99,6 +101,23 @@ export class FDClient implements FDManager {
   async getFDs(key: string): Promise<GetFDsResponse> {
     const r = await this.request(FDCommand.Get, key, Buffer.alloc(0))
     return { fds: r.fds, info: r.data }
+  }
+
+  /**
+   * Asks the server what it holds (our extension command `list`, see `FD_EXT_COMMAND`): the keys and the
+   * server's extra fields (a daemon adds the keys it skipped at recovery). A server without it (Virtlet's)
+   * answers `bad command`: a {@link ServerError} with code `ERR_UNSUPPORTED`.
+   */
+  async list(): Promise<ServerListing> {
+    const r = await this.request(FD_EXT_COMMAND.list, 'list', Buffer.alloc(0))
+    let v: unknown
+    try {
+      v = JSON.parse(r.data.toString('utf8'))
+    } catch {
+      throw new ProtocolError('list: the response is not JSON')
+    }
+    if (typeof v !== 'object' || v === null || !Array.isArray((v as ServerListing).keys)) throw new ProtocolError('list: the response has no keys')
+    return v as ServerListing
   }
 
   /** Whether a server accepts connections on the socket. */

@@ -20,7 +20,7 @@ import type { FDSource, GetFDsResult } from './fdsource'
 import type { RequestLogger } from './log'
 import { encodeContainerSideNetwork, encodeGetFDPayload, encodeRecoverPayload, parseContainerSideNetwork, parseGetFDPayload, type PodNetworkDesc } from './payloads'
 import { nativePodNetworkOps, type PodNetworkOps } from './podnetwork'
-import { FDServer, type RefusalReason, type RequestLogEntry } from './server'
+import { FDServer, type RequestLogEntry } from './server'
 import { keyToFileName, StateStore } from './state'
 import { TapFDSource } from './tapfdsource'
 
@@ -43,6 +43,9 @@ export interface DaemonOptions {
   calicoSubnetSize?: number
   sriov?: boolean
   maxDataSize?: number
+  /** Connection caps (FDServer's `maxConnections`, `maxConnectionsPerUid`; defaults there). */
+  maxConnections?: number
+  maxConnectionsPerUid?: number
   /** One log line per request, plus the daemon's own events. */
   log?: RequestLogger
   /** A CNI client to use instead of executing plugins (tests). */
@@ -66,8 +69,6 @@ export interface DaemonObserver {
   onRequest?(entry: RequestLogEntry): void
   /** Each CNI plugin run (with the daemon's own CNI client; not with `DaemonOptions.cni`). */
   onCniPluginRun?(run: CniPluginRunEvent): void
-  /** Each connection refused, by the peer filter or a connection cap. */
-  onRefused?(reason: RefusalReason): void
   /** What the start did with the persisted keys. */
   onRecovery?(report: RecoveryReport): void
   /** The daemon serves its socket. */
@@ -205,6 +206,12 @@ export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
     allowedUids: opts.allowedUids?.length || opts.allowedGids?.length ? opts.allowedUids : undefined,
     allowedGids: opts.allowedUids?.length || opts.allowedGids?.length ? opts.allowedGids : undefined,
     maxDataSize: opts.maxDataSize,
+    maxConnections: opts.maxConnections,
+    maxConnectionsPerUid: opts.maxConnectionsPerUid,
+    // `tapmanager ls` asks the server: what it serves, and what recovery skipped and why.
+    listInfo: () => ({ skipped: recovery?.skipped ?? [] }),
+    onLimits: opts.log ? (r) => opts.log!.logger.warn(r, 'connections refused or accept() failed') : undefined,
+    onFatal: opts.log ? (err) => opts.log!.logger.error({ err: err.message }, 'server stopped serving') : undefined,
     onRequest:
       opts.log || observer?.onRequest
         ? (e) => {
@@ -212,7 +219,6 @@ export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
             observe(observer?.onRequest, e)
           }
         : undefined,
-    onRefused: observer?.onRefused ? (r) => observe(observer.onRefused, r) : undefined,
   })
 
   if (opts.log) {
@@ -221,7 +227,7 @@ export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
       opts.log.logger.info({ stateTemps: removedTemps.length, cniCacheTemps: cniTemps.length }, 'removed temp files of interrupted writes')
     }
   }
-  let recovery: RecoveryReport
+  let recovery: RecoveryReport | undefined
   try {
     recovery = await recoverPersisted(source, store, server)
     if (opts.log) logRecovery(opts.log, recovery)

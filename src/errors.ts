@@ -41,11 +41,38 @@ export function errorCode(err: unknown): string {
   return typeof code === 'string' ? code : 'ERR_UNKNOWN'
 }
 
-/** The FDServer answered a request with an error frame; `serverMessage` is its text. */
+/**
+ * The stable code of a server's error text. The wire carries text only (Virtlet's protocol has no codes), so the
+ * client maps the texts our server and Virtlet's Go server send back to codes; anything else is `ERR_SERVER`.
+ */
+export function serverErrorCode(message: string): string {
+  for (const [re, code] of SERVER_ERROR_CODES) if (re.test(message)) return code
+  return 'ERR_SERVER'
+}
+
+/** Server error texts (PROTOCOL.md and our server's own refusals) and their codes; the first match wins. */
+const SERVER_ERROR_CODES: ReadonlyArray<readonly [RegExp, string]> = [
+  [/^bad fd key: /, 'ERR_NOT_FOUND'],
+  [/^fd key already exists: /, 'ERR_EXISTS'],
+  [/^fd key ".*" is already present and thus can't be properly recovered$/s, 'ERR_EXISTS'],
+  [/^bad command$/, 'ERR_UNSUPPORTED'],
+  [/^request data size \d+ exceeds the limit of \d+ bytes$/, 'ERR_TOO_LARGE'],
+  [/^permission denied: /, 'ERR_PERMISSION'],
+  [/^fd key is not valid UTF-8: /, 'ERR_INVALID'],
+  [/^error getting fd: the server is stopping$/, 'ERR_CLOSED'],
+  [/(timed out after \d+ ms|not done within \d+ ms)/, 'ERR_TIMEOUT'],
+  [/(: bad JSON: |too deeply nested|: unknown key |: expected an object)/, 'ERR_INVALID'],
+]
+
+/**
+ * The FDServer answered a request with an error frame; `serverMessage` is its text and `code` the stable code
+ * its text maps to ({@link serverErrorCode}: `ERR_NOT_FOUND` for `bad fd key`, `ERR_EXISTS`, `ERR_TOO_LARGE`,
+ * ..., `ERR_SERVER` for a text without a known code).
+ */
 export class ServerError extends TapmanagerError {
   readonly serverMessage: string
   constructor(serverMessage: string) {
-    super('ERR_SERVER', `server returned error: ${serverMessage}`)
+    super(serverErrorCode(serverMessage), `server returned error: ${serverMessage}`)
     this.serverMessage = serverMessage
   }
 }
@@ -60,4 +87,18 @@ export class ProtocolError extends TapmanagerError {
 /** The message of an error, or the value as a string for anything thrown that is not an Error. */
 export function messageOf(err: unknown): string {
   return err instanceof Error ? err.message : String(err)
+}
+
+/** `s` cut to at most `limit` bytes of UTF-8 (on a character boundary), with `...` appended when cut. */
+export function capText(s: string, limit: number): string {
+  if (s.length <= limit / 3 || Buffer.byteLength(s, 'utf8') <= limit) return s
+  let out = ''
+  let bytes = 0
+  for (const ch of s) {
+    const n = Buffer.byteLength(ch, 'utf8')
+    if (bytes + n > limit) break
+    out += ch
+    bytes += n
+  }
+  return out + '...'
 }

@@ -16,7 +16,7 @@ import { InvalidInputError } from './errors'
 import type { CniPluginRunEvent } from './cni'
 import type { Daemon, DaemonObserver, RecoveryReport } from './daemon'
 import type { DhcpServerCounts, DhcpServerHandle, PodNetworkOps } from './podnetwork'
-import type { RefusalReason, RequestLogEntry } from './server'
+import type { RequestLogEntry } from './server'
 
 /** Request duration buckets (seconds): a natively answered get takes ~0.1 ms, an add with CNI 50 ms to seconds. */
 const REQUEST_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
@@ -24,7 +24,6 @@ const REQUEST_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.
 const CNI_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 const DHCP_KINDS = ['offers', 'acks', 'naks', 'ignored', 'errors'] as const
 const KNOWN_COMMANDS = new Set(['add', 'get', 'release', 'recover'])
-const REFUSAL_LABEL: Record<RefusalReason, string> = { peer: 'peer_filter', caps: 'caps' }
 
 /** The daemon's metrics, in their own registry. */
 export class DaemonMetrics implements DaemonObserver {
@@ -35,7 +34,6 @@ export class DaemonMetrics implements DaemonObserver {
   private readonly droppedLogs: Counter
   private readonly cniSeconds: Histogram<'plugin' | 'command'>
   private readonly cniFailures: Counter<'plugin' | 'command' | 'code'>
-  private readonly refusedConns: Counter<'reason'>
   private readonly recovery: Gauge<'result'>
   /** DHCP servers running now, and the final counts of the ones stopped. */
   private readonly dhcpLive = new Set<DhcpServerHandle>()
@@ -111,13 +109,29 @@ export class DaemonMetrics implements DaemonObserver {
       labelNames: ['plugin', 'command', 'code'],
       registers,
     })
-    this.refusedConns = new Counter({
+    // Refusals and accept() failures are counted by the native listener (one peer filter for the TypeScript
+    // path and the native fast path; caps checked before anything is read): read its totals at scrape time.
+    new Counter({
       name: 'tapmanager_connections_refused_total',
       help: 'Connections refused: by the peer uid/gid filter (peer_filter) or by a connection limit (caps).',
       labelNames: ['reason'],
       registers,
+      collect() {
+        const l = self.daemon?.server.limits().total
+        this.reset()
+        this.inc({ reason: 'peer_filter' }, l?.refused ?? 0)
+        this.inc({ reason: 'caps' }, (l?.overTotal ?? 0) + (l?.overUid ?? 0))
+      },
     })
-    for (const reason of Object.values(REFUSAL_LABEL)) this.refusedConns.inc({ reason }, 0)
+    new Counter({
+      name: 'tapmanager_accept_errors_total',
+      help: 'accept() failures of the socket (EMFILE, ...), survived with a bounded back-off.',
+      registers,
+      collect() {
+        this.reset()
+        this.inc(self.daemon?.server.limits().total.acceptErrors ?? 0)
+      },
+    })
     this.recovery = new Gauge({
       name: 'tapmanager_recovery_keys',
       help: 'What the last start did with the keys in the state dir: recovered, cleaned (interrupted adds), skipped, corrupt.',
@@ -160,10 +174,6 @@ export class DaemonMetrics implements DaemonObserver {
   onCniPluginRun(e: CniPluginRunEvent): void {
     this.cniSeconds.observe({ plugin: e.plugin, command: e.command }, e.durationMs / 1000)
     if (e.errorCode) this.cniFailures.inc({ plugin: e.plugin, command: e.command, code: e.errorCode })
-  }
-
-  onRefused(reason: RefusalReason): void {
-    this.refusedConns.inc({ reason: REFUSAL_LABEL[reason] })
   }
 
   onRecovery(r: RecoveryReport): void {

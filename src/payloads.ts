@@ -12,7 +12,7 @@
  * where Go would silently keep a zero value for a string/number/bool, and require `podNetworkDesc`, its `podId`
  * and (in RecoverPayload) `csn`. Anything Virtlet itself emits parses. Every error is an {@link InvalidInputError}.
  */
-import { InvalidInputError } from './errors'
+import { InvalidInputError, capText } from './errors'
 import { CNI_NAME_RE } from './cni/config'
 import { normalizeCniDns, normalizeCniResult, parseCidr, type CniDns, type CniResult } from './cni/result'
 
@@ -96,14 +96,14 @@ const MAC_B64_RE = /^[A-Za-z0-9+/]{8}$/
 
 /** `42:a4:a6:22:80:2e` => `QqSmIoAu` (Go's JSON of a `net.HardwareAddr`). */
 export function macToBase64(mac: string): string {
-  if (typeof mac !== 'string' || !MAC_RE.test(mac)) throw new InvalidInputError(`invalid MAC address ${JSON.stringify(mac)}`)
+  if (typeof mac !== 'string' || !MAC_RE.test(mac)) throw new InvalidInputError(`invalid MAC address ${shown(mac)}`)
   return Buffer.from(mac.split(':').map((h) => parseInt(h, 16))).toString('base64')
 }
 
 /** `QqSmIoAu` => `42:a4:a6:22:80:2e` (lower case). Only 6-byte addresses in standard base64 are accepted. */
 export function base64ToMac(b64: string): string {
   if (typeof b64 !== 'string' || !MAC_B64_RE.test(b64)) {
-    throw new InvalidInputError(`invalid MAC ${JSON.stringify(b64)}: expected base64 of 6 bytes (8 characters)`)
+    throw new InvalidInputError(`invalid MAC ${shown(b64)}: expected base64 of 6 bytes (8 characters)`)
   }
   return [...Buffer.from(b64, 'base64')].map((b) => b.toString(16).padStart(2, '0')).join(':')
 }
@@ -117,25 +117,71 @@ function fail(path: string, msg: string): never {
   throw new InvalidInputError(`${path}: ${msg}`)
 }
 
+/** At most this many bytes of a peer's value are echoed in an error message (then `...`). */
+export const ECHO_LIMIT = 256
+
+/** A value as JSON for an error message, cut to {@link ECHO_LIMIT} bytes (`...` marks the cut). */
+export function shown(v: unknown): string {
+  let s: string
+  try {
+    s = v === undefined ? 'undefined' : JSON.stringify(v)
+  } catch {
+    s = String(v)
+  }
+  return capText(s, ECHO_LIMIT)
+}
+
+/** How deeply arrays and objects may nest in a payload (Virtlet's payloads need 6 levels). */
+export const MAX_JSON_DEPTH = 64
+
+/**
+ * The nesting depth of JSON text, counted on its brackets outside strings (no parse): a cheap check before
+ * `JSON.parse`, which would recurse that deep.
+ */
+export function jsonDepth(text: string, stopAt = Infinity): number {
+  let depth = 0
+  let max = 0
+  let inString = false
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i)
+    if (inString) {
+      if (c === 0x5c) i++ // backslash: skip the escaped character
+      else if (c === 0x22) inString = false
+    } else if (c === 0x22) inString = true
+    else if (c === 0x5b || c === 0x7b) {
+      if (++depth > max) {
+        max = depth
+        if (max > stopAt) return max
+      }
+    } else if (c === 0x5d || c === 0x7d) depth--
+  }
+  return max
+}
+
 function parseJson(data: Buffer | string | unknown, what: string): unknown {
   if (typeof data !== 'string' && !Buffer.isBuffer(data)) return data
+  const text = data.toString()
+  if (jsonDepth(text, MAX_JSON_DEPTH) > MAX_JSON_DEPTH) {
+    throw new InvalidInputError(`${what}: bad JSON: too deeply nested (more than ${MAX_JSON_DEPTH} levels)`)
+  }
   try {
-    return JSON.parse(data.toString())
+    return JSON.parse(text)
   } catch (e) {
-    throw new InvalidInputError(`${what}: bad JSON: ${(e as Error).message}`)
+    const msg = e instanceof RangeError ? `too deeply nested (${e.message})` : capText((e as Error).message, ECHO_LIMIT)
+    throw new InvalidInputError(`${what}: bad JSON: ${msg}`)
   }
 }
 
 function object(v: unknown, path: string, keys: readonly string[]): Obj {
-  if (typeof v !== 'object' || v === null || Array.isArray(v)) fail(path, `expected an object, got ${JSON.stringify(v)}`)
-  for (const k of Object.keys(v)) if (!keys.includes(k)) fail(path, `unknown key ${JSON.stringify(k)}`)
+  if (typeof v !== 'object' || v === null || Array.isArray(v)) fail(path, `expected an object, got ${shown(v)}`)
+  for (const k of Object.keys(v)) if (!keys.includes(k)) fail(path, `unknown key ${shown(k)}`)
   return v as Obj
 }
 
 function str(o: Obj, key: string, path: string, required = false): string {
   const v = o[key]
   if (v === undefined && !required) return ''
-  if (typeof v !== 'string') fail(`${path}.${key}`, `expected a string, got ${v === undefined ? 'nothing' : JSON.stringify(v)}`)
+  if (typeof v !== 'string') fail(`${path}.${key}`, `expected a string, got ${v === undefined ? 'nothing' : shown(v)}`)
   return v
 }
 
@@ -143,7 +189,7 @@ function int(o: Obj, key: string, path: string, min: number, max: number): numbe
   const v = o[key]
   if (v === undefined) return 0
   if (typeof v !== 'number' || !Number.isInteger(v) || v < min || v > max) {
-    fail(`${path}.${key}`, `expected an integer in ${min}..${max}, got ${JSON.stringify(v)}`)
+    fail(`${path}.${key}`, `expected an integer in ${min}..${max}, got ${shown(v)}`)
   }
   return v
 }
@@ -151,14 +197,14 @@ function int(o: Obj, key: string, path: string, min: number, max: number): numbe
 function bool(o: Obj, key: string, path: string): boolean {
   const v = o[key]
   if (v === undefined) return false
-  if (typeof v !== 'boolean') fail(`${path}.${key}`, `expected true or false, got ${JSON.stringify(v)}`)
+  if (typeof v !== 'boolean') fail(`${path}.${key}`, `expected true or false, got ${shown(v)}`)
   return v
 }
 
 function mac(o: Obj, key: string, path: string): string | null {
   const v = o[key]
   if (v === undefined || v === null) return null
-  if (typeof v !== 'string') fail(`${path}.${key}`, `expected a base64 MAC or null, got ${JSON.stringify(v)}`)
+  if (typeof v !== 'string') fail(`${path}.${key}`, `expected a base64 MAC or null, got ${shown(v)}`)
   try {
     return base64ToMac(v)
   } catch (e) {
@@ -179,7 +225,7 @@ function readPodNetworkDesc(v: unknown, path: string): PodNetworkDesc {
   const o = object(v, path, ['podId', 'podNs', 'podName', 'DNS'])
   const podId = str(o, 'podId', path, true)
   if (!CNI_NAME_RE.test(podId) || podId.length > 255) {
-    fail(`${path}.podId`, `${JSON.stringify(podId)} is not a valid pod id (must match ${CNI_NAME_RE}; it names the netns)`)
+    fail(`${path}.podId`, `${shown(podId)} is not a valid pod id (must match ${CNI_NAME_RE}; it names the netns)`)
   }
   const dns = o.DNS === undefined || o.DNS === null ? null : normalizeCniDns(o.DNS, { strict: true, source: path, path: 'DNS' })
   return { podId, podNs: str(o, 'podNs', path), podName: str(o, 'podName', path), dns }
@@ -299,7 +345,7 @@ function readContainerSideNetwork(v: unknown, path: string): ContainerSideNetwor
   const o = object(v, path, ['Result', 'NsPath', 'Interfaces'])
   const result = o.Result === undefined || o.Result === null ? null : fromGoCniResult(o.Result, `${path}.Result`)
   const ifs = o.Interfaces
-  if (ifs !== undefined && ifs !== null && !Array.isArray(ifs)) fail(`${path}.Interfaces`, `expected an array or null, got ${JSON.stringify(ifs)}`)
+  if (ifs !== undefined && ifs !== null && !Array.isArray(ifs)) fail(`${path}.Interfaces`, `expected an array or null, got ${shown(ifs)}`)
   return {
     result,
     nsPath: str(o, 'NsPath', path),
@@ -377,7 +423,7 @@ export function encodeFdInfo(infos: FdInfo[]): string {
 export function parseFdInfo(data: Buffer | string): FdInfo[] {
   const v = parseJson(data, 'get info')
   if (v === null) return []
-  if (!Array.isArray(v)) fail('get info', `expected an array, got ${JSON.stringify(v)}`)
+  if (!Array.isArray(v)) fail('get info', `expected an array, got ${shown(v)}`)
   return v.map((x, i) => {
     const path = `get info[${i}]`
     const o = object(x, path, ['type', 'mac', 'fdIndex', 'pciAddress'])

@@ -17,6 +17,13 @@ export const KEY_SIZE = 64
 export const FDCommand = { Add: 0, Release: 1, Get: 2, Recover: 3 } as const
 export type CommandCode = (typeof FDCommand)[keyof typeof FDCommand]
 export const RESPONSE_FLAG = 0x80
+
+/**
+ * Extension commands: ours only, never sent by Virtlet (whose server answers them `bad command`, so a client
+ * can fall back). `list` (0x40): no payload, any key; the response (0xc0) carries JSON
+ * `{"keys":[{"key":"k","state":"held"|"recovered"}], ...}` (see `FDServer.listing`).
+ */
+export const FD_EXT_COMMAND = { list: 0x40 } as const
 export const ERROR_COMMAND = 0xff
 
 /** Human names for logs. */
@@ -30,6 +37,8 @@ export function commandName(cmd: number): string {
       return 'get'
     case FDCommand.Recover:
       return 'recover'
+    case FD_EXT_COMMAND.list:
+      return 'list'
     default:
       return `0x${cmd.toString(16).padStart(2, '0')}`
   }
@@ -98,6 +107,37 @@ export function decodeKey(raw: Buffer): string {
   return goTrimSpace(raw.toString('utf8'))
 }
 
+const STRICT_UTF8 = new TextDecoder('utf-8', { fatal: true })
+
+/**
+ * Whether the 64 raw key bytes are valid UTF-8. Keys are bytes on the wire; a server that decoded invalid bytes
+ * lossily would give two different keys one name, so it refuses them ({@link FD_ERROR_TEXT.keyNotUtf8}).
+ */
+export function isUtf8Key(raw: Buffer): boolean {
+  try {
+    STRICT_UTF8.decode(raw)
+    return true
+  } catch {
+    return false
+  }
+}
+
+/** Raw key bytes for an error message: trimmed of ASCII whitespace, quoted, printable ASCII as is, other bytes `\xNN`. */
+export function quoteKeyBytes(raw: Buffer): string {
+  let a = 0
+  let b = raw.length
+  const space = (c: number) => c === 0x20 || (c >= 0x09 && c <= 0x0d)
+  while (a < b && space(raw[a])) a++
+  while (b > a && space(raw[b - 1])) b--
+  let out = '"'
+  for (const c of raw.subarray(a, b)) {
+    if (c === 0x22 || c === 0x5c) out += '\\' + String.fromCharCode(c)
+    else if (c >= 0x20 && c < 0x7f) out += String.fromCharCode(c)
+    else out += `\\x${c.toString(16).padStart(2, '0')}`
+  }
+  return out + '"'
+}
+
 // Unicode White_Space, as Go's unicode.IsSpace sees it.
 const GO_SPACE = '\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000'
 const TRIM_RE = new RegExp(`^[${GO_SPACE}]+|[${GO_SPACE}]+$`, 'gu')
@@ -161,7 +201,10 @@ export const FD_ERROR_TEXT = {
   badKey: (key: string) => `bad fd key: ${goQuote(key)}`,
   keyExists: (key: string) => `fd key already exists: ${goQuote(key)}`,
   alreadyPresent: (key: string) => `fd key ${goQuote(key)} is already present and thus can't be properly recovered`,
+  recoverFailed: (key: string, msg: string) => `error recovering ${goQuote(key)}: ${msg}`,
   badCommand: 'bad command',
+  /** Our server only (Go's decodes any bytes): a key whose 64 bytes are not valid UTF-8. */
+  keyNotUtf8: (raw: Buffer) => `fd key is not valid UTF-8: ${quoteKeyBytes(raw)}`,
   keyMismatch: 'fd key mismatch in the server response',
 } as const
 

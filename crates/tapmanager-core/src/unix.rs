@@ -144,7 +144,7 @@ impl UnixListener {
         tokio::select! {
             r = self.inner.accept() => {
                 let (stream, _) = r.map_err(|e| Error::io("accept", e))?;
-                Ok(UnixConnection { inner: stream })
+                Ok(UnixConnection { inner: stream, slot: None })
             }
             _ = &mut notified => Err(Error::new(ErrorCode::Closed, "accept: listener is closed")),
         }
@@ -183,22 +183,75 @@ impl UnixListener {
         deadline: Option<Duration>,
         fast: Option<Arc<FastGets>>,
     ) -> tokio::sync::mpsc::UnboundedReceiver<(UnixConnection, Frame)> {
+        let cfg = ServeConfig { max_data, read_deadline: deadline, ..ServeConfig::default() };
+        self.incoming_served(cfg, Arc::new(Admission::new(ConnLimits::UNLIMITED, PeerFilter::default())), fast)
+    }
+
+    /// The server's accept loop (what [`incoming_slow_requests`](Self::incoming_slow_requests) does), with
+    /// admission control by `admission`:
+    /// - an `accept()` error (`EMFILE`, `ENFILE`, `ENOBUFS`, ...) never ends the loop: it is counted, and the loop
+    ///   backs off (10 ms doubling up to 1 s, reset by the next success) and goes on;
+    /// - a connection over the total cap or its uid's cap is closed at once (counted), before anything is read;
+    /// - a peer the filter refuses gets, after its first request frame, one error response
+    ///   (`permission denied: peer uid U gid G is not allowed`, written within `cfg.write_deadline`) and is closed
+    ///   (counted): it never reaches the application nor the fast path.
+    ///
+    /// The stream ends only when the listener is [`close`](UnixListener::close)d.
+    pub fn incoming_served(
+        self: &Arc<Self>,
+        cfg: ServeConfig,
+        admission: Arc<Admission>,
+        fast: Option<Arc<FastGets>>,
+    ) -> tokio::sync::mpsc::UnboundedReceiver<(UnixConnection, Frame)> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let listener = self.clone();
+        if let Some(f) = &fast {
+            f.set_write_deadline(cfg.write_deadline);
+        }
         tokio::spawn(async move {
-            while let Ok(conn) = listener.accept().await {
+            let mut backoff = ACCEPT_BACKOFF_MIN;
+            loop {
+                let mut conn = match listener.accept().await {
+                    Ok(c) => c,
+                    Err(e) if e.code == ErrorCode::Closed => break,
+                    Err(e) => {
+                        admission.note_accept_error(&e);
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = listener.closed() => break,
+                        }
+                        backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                        continue;
+                    }
+                };
+                backoff = ACCEPT_BACKOFF_MIN;
+                let peer = conn.peer_cred().ok();
+                match admission.admit(peer.map(|p| p.uid)) {
+                    Some(slot) => conn.slot = Some(slot),
+                    None => continue, // dropped: closed at once, counted by admit
+                }
                 let tx = tx.clone();
                 let listener = listener.clone();
                 let fast = fast.clone();
+                let admission = admission.clone();
+                let cfg = cfg.clone();
                 tokio::spawn(async move {
                     // Closing the listener also abandons first frames still being read.
                     let first = tokio::select! {
-                        r = conn.read_request_frame(max_data, deadline) => r,
+                        r = conn.read_request_frame(cfg.max_data, cfg.read_deadline) => r,
                         _ = listener.closed() => return,
                     };
                     let Ok(frame) = first else { return };
+                    if !admission.filter.allows(peer) {
+                        admission.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if frame.data.is_some() {
+                            let _ =
+                                conn.respond(&permission_denied_frame(peer), &[], Vec::new(), cfg.write_deadline).await;
+                        }
+                        return;
+                    }
                     let frame = match &fast {
-                        Some(fast) => match conn.serve_fast_gets(frame, fast, max_data, deadline).await {
+                        Some(fast) => match conn.serve_fast_gets(frame, fast, cfg.max_data, cfg.read_deadline).await {
                             Ok(f) => f,
                             Err(_) => return,
                         },
@@ -225,6 +278,8 @@ impl UnixListener {
 #[derive(Debug)]
 pub struct UnixConnection {
     inner: tokio::net::UnixStream,
+    /// The connection's place under the listener's caps (see [`Admission`]), given back on drop.
+    slot: Option<ConnSlot>,
 }
 
 impl UnixConnection {
@@ -234,14 +289,14 @@ impl UnixConnection {
         let inner = tokio::net::UnixStream::connect(path)
             .await
             .map_err(|e| Error::io(format!("connect {}", path.display()), e))?;
-        Ok(UnixConnection { inner })
+        Ok(UnixConnection { inner, slot: None })
     }
 
     /// Wraps an already connected std stream (e.g. one half of `UnixStream::pair()`). Must run inside a tokio runtime.
     pub fn from_std(stream: std::os::unix::net::UnixStream) -> Result<UnixConnection> {
         stream.set_nonblocking(true).map_err(|e| Error::io("set nonblocking", e))?;
         let inner = tokio::net::UnixStream::from_std(stream).map_err(|e| Error::io("register stream", e))?;
-        Ok(UnixConnection { inner })
+        Ok(UnixConnection { inner, slot: None })
     }
 
     /// The raw fd, for diagnostics.
@@ -502,13 +557,217 @@ impl UnixConnection {
         max_data: usize,
         deadline: Option<Duration>,
     ) -> Result<Frame> {
-        self.write_all(head).await?;
-        let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
-        self.send_with_fds(data, &borrowed).await?;
-        drop(borrowed);
-        drop(fds);
+        self.respond(head, data, fds, None).await?;
         self.read_request_frame(max_data, deadline).await
     }
+
+    /// Writes a response: `head` with a plain write, then `data` with `fds` in one `sendmsg` (nothing when both
+    /// are empty), all within `deadline` when given (`ERR_TIMEOUT`: a peer that does not read cannot hold the
+    /// server). The fds are owned duplicates, closed once sent.
+    pub async fn respond(&self, head: &[u8], data: &[u8], fds: Vec<OwnedFd>, deadline: Option<Duration>) -> Result<()> {
+        let fut = async {
+            self.write_all(head).await?;
+            let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+            self.send_with_fds(data, &borrowed).await
+        };
+        with_deadline(deadline, "write response", fut).await
+    }
+}
+
+/// First backoff after a failed `accept()`.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// Longest backoff after repeated `accept()` failures.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// How a server reads and writes its connections (see [`UnixListener::incoming_served`]).
+#[derive(Debug, Clone, Default)]
+pub struct ServeConfig {
+    /// The largest request payload read (bigger ones are left unread, `Frame::data` is `None`).
+    pub max_data: usize,
+    /// Bound on reading one request frame (including the wait for it).
+    pub read_deadline: Option<Duration>,
+    /// Bound on writing one response.
+    pub write_deadline: Option<Duration>,
+}
+
+/// Connection caps of a server: at most `total` connections at once, and at most `per_uid` of one peer uid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// Connections open at once, all peers together.
+    pub total: usize,
+    /// Connections open at once from one peer uid (peers whose credentials cannot be read count as one uid).
+    pub per_uid: usize,
+}
+
+impl ConnLimits {
+    /// No caps.
+    pub const UNLIMITED: ConnLimits = ConnLimits { total: usize::MAX, per_uid: usize::MAX };
+}
+
+/// Which peers a server serves: when either list is set, a peer whose uid or gid is listed; otherwise every peer.
+/// One filter for every request, whoever answers it (the application or the native fast path).
+#[derive(Debug, Default, Clone)]
+pub struct PeerFilter {
+    /// Allowed uids.
+    pub uids: Option<Vec<u32>>,
+    /// Allowed gids.
+    pub gids: Option<Vec<u32>>,
+}
+
+impl PeerFilter {
+    /// Whether `peer` may be served (`None`, credentials unknown, only when there is no filter).
+    pub fn allows(&self, peer: Option<PeerCred>) -> bool {
+        if self.uids.is_none() && self.gids.is_none() {
+            return true;
+        }
+        match peer {
+            Some(p) => {
+                self.uids.as_ref().is_some_and(|u| u.contains(&p.uid))
+                    || self.gids.as_ref().is_some_and(|g| g.contains(&p.gid))
+            }
+            None => false,
+        }
+    }
+}
+
+/// What a server refused or survived, counted since it started (see [`Admission::stats`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AdmissionStats {
+    /// Connections accepted and admitted.
+    pub admitted: u64,
+    /// Connections open now.
+    pub open: u64,
+    /// Connections closed at once because `total` were open.
+    pub over_total: u64,
+    /// Connections closed at once because their uid had `per_uid` open.
+    pub over_uid: u64,
+    /// Peers refused by the filter (one error response each, then closed).
+    pub refused: u64,
+    /// Failed `accept()` calls (survived).
+    pub accept_errors: u64,
+    /// The last `accept()` error's text.
+    pub last_accept_error: Option<String>,
+}
+
+/// A server's admission control: connection caps, the peer filter and the counters of what it refused.
+#[derive(Debug)]
+pub struct Admission {
+    limits: ConnLimits,
+    filter: PeerFilter,
+    /// Open connections: in all, and per uid (`u32::MAX + 1` stands for "credentials unknown").
+    open: std::sync::Mutex<(usize, std::collections::HashMap<u64, usize>)>,
+    admitted: std::sync::atomic::AtomicU64,
+    over_total: std::sync::atomic::AtomicU64,
+    over_uid: std::sync::atomic::AtomicU64,
+    refused: std::sync::atomic::AtomicU64,
+    accept_errors: std::sync::atomic::AtomicU64,
+    last_accept_error: std::sync::Mutex<Option<String>>,
+}
+
+impl Admission {
+    /// Admission with `limits` (each at least 1) and `filter`.
+    pub fn new(limits: ConnLimits, filter: PeerFilter) -> Admission {
+        Admission {
+            limits: ConnLimits { total: limits.total.max(1), per_uid: limits.per_uid.max(1) },
+            filter,
+            open: std::sync::Mutex::default(),
+            admitted: Default::default(),
+            over_total: Default::default(),
+            over_uid: Default::default(),
+            refused: Default::default(),
+            accept_errors: Default::default(),
+            last_accept_error: Default::default(),
+        }
+    }
+
+    /// The peer filter.
+    pub fn filter(&self) -> &PeerFilter {
+        &self.filter
+    }
+
+    /// Takes a place for a connection of `uid`, or counts the refusal and returns `None` (over a cap).
+    pub fn admit(self: &Arc<Self>, uid: Option<u32>) -> Option<ConnSlot> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let who = uid.map_or(u64::from(u32::MAX) + 1, u64::from);
+        let Ok(mut open) = self.open.lock() else { return None };
+        if open.0 >= self.limits.total {
+            self.over_total.fetch_add(1, Relaxed);
+            return None;
+        }
+        let n = open.1.entry(who).or_insert(0);
+        if *n >= self.limits.per_uid {
+            self.over_uid.fetch_add(1, Relaxed);
+            return None;
+        }
+        *n += 1;
+        open.0 += 1;
+        self.admitted.fetch_add(1, Relaxed);
+        Some(ConnSlot { admission: self.clone(), who })
+    }
+
+    fn release(&self, who: u64) {
+        if let Ok(mut open) = self.open.lock() {
+            open.0 = open.0.saturating_sub(1);
+            if let Some(n) = open.1.get_mut(&who) {
+                *n -= 1;
+                if *n == 0 {
+                    open.1.remove(&who);
+                }
+            }
+        }
+    }
+
+    fn note_accept_error(&self, e: &Error) {
+        self.accept_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut last) = self.last_accept_error.lock() {
+            *last = Some(e.message.clone());
+        }
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> AdmissionStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        AdmissionStats {
+            admitted: self.admitted.load(Relaxed),
+            open: self.open.lock().map(|o| o.0 as u64).unwrap_or(0),
+            over_total: self.over_total.load(Relaxed),
+            over_uid: self.over_uid.load(Relaxed),
+            refused: self.refused.load(Relaxed),
+            accept_errors: self.accept_errors.load(Relaxed),
+            last_accept_error: self.last_accept_error.lock().ok().and_then(|l| l.clone()),
+        }
+    }
+}
+
+/// A connection's place under the caps of an [`Admission`]; given back when dropped (with its connection).
+#[derive(Debug)]
+pub struct ConnSlot {
+    admission: Arc<Admission>,
+    who: u64,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.admission.release(self.who);
+    }
+}
+
+/// The error response for a peer the filter refuses (text as PROTOCOL.md's error frames: command 0xff, a key of
+/// 64 NULs, DataSize = text length).
+fn permission_denied_frame(peer: Option<PeerCred>) -> Vec<u8> {
+    let who = match peer {
+        Some(p) => format!("uid {} gid {}", p.uid, p.gid),
+        None => "unknown peer".to_string(),
+    };
+    let text = format!("permission denied: peer {who} is not allowed");
+    let mut f = Vec::with_capacity(FRAME_HEADER_LEN + text.len());
+    f.extend_from_slice(&FRAME_MAGIC.to_be_bytes());
+    f.push(0xff);
+    f.extend_from_slice(&(text.len() as u32).to_be_bytes());
+    f.extend_from_slice(&0u32.to_be_bytes());
+    f.extend_from_slice(&[0u8; 64]);
+    f.extend_from_slice(text.as_bytes());
+    f
 }
 
 /// One get response ready to send: the header (with the key as the request carries it), the payload (or the
@@ -529,8 +788,10 @@ pub struct FastGetRecord {
     pub key: Arc<str>,
     /// The peer's credentials (`None` when `SO_PEERCRED` failed).
     pub peer: Option<PeerCred>,
-    /// From having the request frame to the response handed to the socket.
+    /// From having the request frame to the response handed to the socket (or to the failure).
     pub duration: Duration,
+    /// Why the response could not be sent (the peer went away, the write deadline passed); `None`: sent.
+    pub error: Option<Arc<str>>,
 }
 
 /// What [`FastGets::take_log`] returns: the queued records, oldest first, and how many records were dropped
@@ -587,9 +848,10 @@ impl PeerSlot {
 /// the application would send: the 77-byte header (command `0x82`, DataSize = info length, OobSize =
 /// `CMSG_SPACE(4 * nfds)`, the request's key echoed), then one `sendmsg` with the info (or one `0x00` byte when
 /// the info is empty) and the fds. Only a request the application would answer the same way qualifies: good
-/// magic, command get, DataSize 0, the key bytes exactly the registered key right-padded with spaces, and a peer
-/// allowed by the uid/gid filter ([`set_allowed`](Self::set_allowed), the same rule as the application's). Anything
-/// else goes to the application as before.
+/// magic, command get, DataSize 0, the key bytes exactly the registered key right-padded with spaces. Peers are
+/// filtered before any of their requests reaches this table or the application ([`PeerFilter`], applied once by
+/// [`UnixListener::incoming_served`]). Anything else goes to the application as before. Responses are written
+/// within [`set_write_deadline`](Self::set_write_deadline).
 ///
 /// A response in flight holds its own reference to the duplicates, so unregistering never closes fds under a
 /// `sendmsg`: a get racing a release either gets the fds (still the source's open files) or, once unregistered,
@@ -605,20 +867,13 @@ impl PeerSlot {
 #[derive(Debug, Default)]
 pub struct FastGets {
     entries: std::sync::Mutex<std::collections::HashMap<Vec<u8>, Arc<FastGet>>>,
-    allowed: std::sync::Mutex<PeerFilter>,
+    write_deadline: std::sync::Mutex<Option<Duration>>,
     closed: std::sync::atomic::AtomicBool,
     close_notify: tokio::sync::Notify,
     inflight: std::sync::atomic::AtomicUsize,
     idle: tokio::sync::Notify,
     logging: std::sync::atomic::AtomicBool,
     log: std::sync::Mutex<Option<FastLogQueue>>,
-}
-
-/// Which peers may be answered: when either list is set, a peer whose uid or gid is listed; otherwise every peer.
-#[derive(Debug, Default)]
-struct PeerFilter {
-    uids: Option<Vec<u32>>,
-    gids: Option<Vec<u32>>,
 }
 
 /// The 64 key bytes of `key` as a client sends them: UTF-8, right-padded with spaces.
@@ -638,25 +893,11 @@ impl FastGets {
         FastGets::default()
     }
 
-    /// Sets the peer filter: when either list is given, only a peer whose uid is in `uids` or whose gid is in
-    /// `gids` is answered here (others go to the application, which refuses them).
-    pub fn set_allowed(&self, uids: Option<Vec<u32>>, gids: Option<Vec<u32>>) {
-        if let Ok(mut a) = self.allowed.lock() {
-            *a = PeerFilter { uids, gids };
-        }
-    }
-
-    fn peer_allowed(&self, conn: &UnixConnection, peer: &mut PeerSlot) -> bool {
-        let Ok(a) = self.allowed.lock() else { return false };
-        let PeerFilter { uids, gids } = &*a;
-        if uids.is_none() && gids.is_none() {
-            return true;
-        }
-        match peer.get(conn) {
-            Some(p) => {
-                uids.as_ref().is_some_and(|u| u.contains(&p.uid)) || gids.as_ref().is_some_and(|g| g.contains(&p.gid))
-            }
-            None => false,
+    /// Bounds each natively written response (`None`: unbounded): a peer that does not read cannot hold a
+    /// connection task, nor [`drained`](Self::drained), longer than that.
+    pub fn set_write_deadline(&self, deadline: Option<Duration>) {
+        if let Ok(mut d) = self.write_deadline.lock() {
+            *d = deadline;
         }
     }
 
@@ -817,20 +1058,22 @@ impl FastGets {
             Err(_) => None,
         };
         let Some(entry) = entry else { return Ok(false) };
-        if !self.peer_allowed(conn, peer) {
-            return Ok(false);
-        }
-        conn.write_all(&entry.head).await?;
-        let borrowed: Vec<BorrowedFd<'_>> = entry.fds.iter().map(|f| f.as_fd()).collect();
-        conn.send_with_fds(&entry.body, &borrowed).await?;
-        drop(borrowed);
+        let deadline = self.write_deadline.lock().map(|d| *d).unwrap_or(None);
+        let sent = with_deadline(deadline, "write response", async {
+            conn.write_all(&entry.head).await?;
+            let borrowed: Vec<BorrowedFd<'_>> = entry.fds.iter().map(|f| f.as_fd()).collect();
+            conn.send_with_fds(&entry.body, &borrowed).await
+        })
+        .await;
+        // One record per answered request, whatever became of the response (a peer gone: an error record).
         if let Some(t) = started {
             let duration = t.elapsed();
-            self.push_log(FastGetRecord { key: entry.key.clone(), peer: peer.get(conn), duration });
+            let error = sent.as_ref().err().map(|e| Arc::from(e.message.as_str()));
+            self.push_log(FastGetRecord { key: entry.key.clone(), peer: peer.get(conn), duration, error });
         }
         drop(entry);
         drop(guard);
-        Ok(true)
+        sent.map(|()| true)
     }
 }
 
@@ -1070,7 +1313,7 @@ mod tests {
     }
 
     fn record(key: &str) -> FastGetRecord {
-        FastGetRecord { key: Arc::from(key), peer: None, duration: Duration::from_micros(1) }
+        FastGetRecord { key: Arc::from(key), peer: None, duration: Duration::from_micros(1), error: None }
     }
 
     fn counting_wake() -> (FastLogWake, Arc<std::sync::atomic::AtomicUsize>) {
@@ -1113,6 +1356,30 @@ mod tests {
         f.push_log(record("f"));
         assert_eq!(woken.load(std::sync::atomic::Ordering::SeqCst), 2);
         assert_eq!(f.take_log().records, vec![record("f")]);
+    }
+
+    #[test]
+    fn admission_caps_total_and_per_uid_and_gives_places_back() {
+        let a = Arc::new(Admission::new(ConnLimits { total: 3, per_uid: 2 }, PeerFilter::default()));
+        let s1 = a.admit(Some(1)).unwrap();
+        let _s2 = a.admit(Some(1)).unwrap();
+        assert!(a.admit(Some(1)).is_none(), "per-uid cap");
+        let _s3 = a.admit(Some(2)).unwrap();
+        assert!(a.admit(Some(3)).is_none(), "total cap");
+        let st = a.stats();
+        assert_eq!((st.admitted, st.open, st.over_uid, st.over_total), (3, 3, 1, 1));
+        drop(s1);
+        assert_eq!(a.stats().open, 2);
+        assert!(a.admit(Some(1)).is_some(), "a place given back is free again");
+    }
+
+    #[test]
+    fn peer_filter_is_one_rule_for_uids_and_gids() {
+        let p = |uid, gid| Some(PeerCred { pid: 1, uid, gid });
+        assert!(PeerFilter::default().allows(None));
+        let f = PeerFilter { uids: Some(vec![0]), gids: Some(vec![107]) };
+        assert!(f.allows(p(0, 5)) && f.allows(p(9, 107)));
+        assert!(!f.allows(p(1, 1)) && !f.allows(None));
     }
 
     /// A get frame for `key` as a client sends it.

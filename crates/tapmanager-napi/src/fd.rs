@@ -205,6 +205,8 @@ pub struct FastGetEntry {
     pub duration_ms: f64,
     /// The peer's credentials (absent when `SO_PEERCRED` failed).
     pub peer: Option<PeerCredentials>,
+    /// Why the response could not be sent (peer gone, write deadline); absent when it was handed to the socket.
+    pub error: Option<String>,
 }
 
 /// What `UnixListener.takeFastLog` returns: the queued entries, oldest first, and how many entries were dropped
@@ -215,6 +217,56 @@ pub struct FastGetLog {
     pub dropped: i64,
 }
 
+/// Options of `UnixListener.startIncoming`.
+#[napi(object)]
+pub struct IncomingOpts {
+    /// The largest request payload read; bigger ones are left unread (`Frame.data` absent).
+    pub max_data: u32,
+    /// Bound on reading one request frame, including the wait for it (ms; absent or 0: none).
+    pub read_timeout_ms: Option<u32>,
+    /// Bound on writing one response (ms; absent or 0: none).
+    pub write_timeout_ms: Option<u32>,
+    /// When either is given, only peers whose uid is in `allowedUids` or gid in `allowedGids` are served; the
+    /// others get one `permission denied` error response natively and are closed.
+    pub allowed_uids: Option<Vec<u32>>,
+    pub allowed_gids: Option<Vec<u32>>,
+    /// Connections open at once (more are closed at once; absent: no cap).
+    pub max_connections: Option<u32>,
+    /// Connections open at once from one peer uid (absent: no cap).
+    pub max_connections_per_uid: Option<u32>,
+}
+
+/// What the listener refused or survived so far (see `UnixListener.stats`).
+#[napi(object, object_from_js = false)]
+pub struct ListenerStats {
+    /// Connections admitted.
+    pub admitted: i64,
+    /// Connections open now.
+    pub open: i64,
+    /// Closed at once: the total cap was reached.
+    pub over_total: i64,
+    /// Closed at once: the peer uid's cap was reached.
+    pub over_uid: i64,
+    /// Peers refused by the uid/gid filter.
+    pub refused: i64,
+    /// Failed accept() calls, survived.
+    pub accept_errors: i64,
+    /// The last accept() error.
+    pub last_accept_error: Option<String>,
+}
+
+/// What `UnixConnection.respond` did: why the response could not be written (peer gone, write deadline; absent
+/// when it was handed to the socket) and how long writing took.
+#[napi(object, object_from_js = false)]
+pub struct Written {
+    pub write_error: Option<String>,
+    pub write_ms: f64,
+}
+
+fn sat(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 /// A listening Unix stream socket.
 #[napi]
 pub struct UnixListener {
@@ -222,6 +274,7 @@ pub struct UnixListener {
     path: String,
     incoming: Arc<tokio::sync::Mutex<Option<Incoming>>>,
     fast: Arc<unix::FastGets>,
+    admission: Mutex<Option<Arc<unix::Admission>>>,
 }
 
 #[napi]
@@ -243,6 +296,7 @@ impl UnixListener {
             path,
             incoming: Arc::default(),
             fast: Arc::new(unix::FastGets::new()),
+            admission: Mutex::new(None),
         })
     }
 
@@ -267,30 +321,49 @@ impl UnixListener {
     }
 
     /// Starts accepting in the background, reading each connection's first request frame concurrently (each
-    /// within `timeoutMs` when > 0; payloads over `maxData` are left unread). Collect them with `nextIncoming`.
-    /// Get requests for keys registered with `registerGet` are answered natively, on this connection loop and on
-    /// connections' later requests (see `UnixConnection.respondThenRead`), for peers that pass the filter
-    /// `allowedUids`/`allowedGids` (when either is given: uid in the first or gid in the second); every other
+    /// within `readTimeoutMs`; payloads over `maxData` are left unread). Collect them with `nextIncoming`.
+    /// Accept errors (EMFILE, ...) are survived (counted, with a bounded backoff); connections over
+    /// `maxConnections` or `maxConnectionsPerUid` are closed at once; peers outside `allowedUids`/`allowedGids`
+    /// get one `permission denied` error response natively: all counted in `stats()`, none reaches JavaScript.
+    /// Get requests for keys registered with `registerGet` are answered natively (within `writeTimeoutMs`), on this
+    /// connection loop and on connections' later requests (see `UnixConnection.respondThenRead`); every other
     /// request is delivered by `nextIncoming` (or `respondThenRead`).
     #[napi]
-    pub fn start_incoming(
-        &self,
-        max_data: u32,
-        timeout_ms: Option<u32>,
-        allowed_uids: Option<Vec<u32>>,
-        allowed_gids: Option<Vec<u32>>,
-    ) -> Result<(), JsError> {
+    pub fn start_incoming(&self, opts: IncomingOpts) -> Result<(), JsError> {
         let l = self.get_or_closed().map_err(to_js)?;
         let mut slot = self.incoming.try_lock().map_err(|_| invalid("startIncoming: busy"))?;
         if slot.is_some() {
             return Err(invalid("startIncoming: already started"));
         }
-        self.fast.set_allowed(allowed_uids, allowed_gids);
+        let cap = |n: Option<u32>| n.map_or(usize::MAX, |n| n as usize);
+        let limits = unix::ConnLimits { total: cap(opts.max_connections), per_uid: cap(opts.max_connections_per_uid) };
+        let filter = unix::PeerFilter { uids: opts.allowed_uids, gids: opts.allowed_gids };
+        let admission = Arc::new(unix::Admission::new(limits, filter));
+        *self.admission.lock().map_err(|_| invalid("listener lock poisoned"))? = Some(admission.clone());
+        let cfg = unix::ServeConfig {
+            max_data: opts.max_data as usize,
+            read_deadline: deadline(opts.read_timeout_ms),
+            write_deadline: deadline(opts.write_timeout_ms),
+        };
         let fast = Some(self.fast.clone());
-        let rx =
-            within_runtime_if_available(|| l.incoming_slow_requests(max_data as usize, deadline(timeout_ms), fast));
+        let rx = within_runtime_if_available(|| l.incoming_served(cfg, admission, fast));
         *slot = Some(rx);
         Ok(())
+    }
+
+    /// What the listener refused or survived since `startIncoming` (all zero before).
+    #[napi]
+    pub fn stats(&self) -> ListenerStats {
+        let st = self.admission.lock().ok().and_then(|a| a.as_ref().map(|a| a.stats())).unwrap_or_default();
+        ListenerStats {
+            admitted: sat(st.admitted),
+            open: sat(st.open),
+            over_total: sat(st.over_total),
+            over_uid: sat(st.over_uid),
+            refused: sat(st.refused),
+            accept_errors: sat(st.accept_errors),
+            last_accept_error: st.last_accept_error,
+        }
     }
 
     /// The connections that have their first request frame, at least one and at most `max` (waits for one).
@@ -390,6 +463,7 @@ impl UnixListener {
                     key: r.key.to_string(),
                     duration_ms: r.duration.as_secs_f64() * 1000.0,
                     peer: r.peer.map(|p| PeerCredentials { pid: p.pid, uid: p.uid, gid: p.gid }),
+                    error: r.error.map(|e| e.to_string()),
                 })
                 .collect(),
             dropped: i64::try_from(log.dropped).unwrap_or(i64::MAX),
@@ -522,32 +596,56 @@ impl UnixConnection {
         spawn_future_promise(env, async move { c?.read_response_frame(d).await }, to_js_frame)
     }
 
-    /// A server's turn: writes `head`, sends `data` with the `fds` in one `sendmsg` (nothing when both are
-    /// empty; data must not be empty when fds are sent), then reads the next request frame like
-    /// `readRequestFrame`. The fds are duplicated before this returns, so the caller may close its copies at once.
-    /// On a connection from `nextIncoming`, the next requests that the listener's native fast path can answer are
-    /// answered natively; the frame returned is the first one it cannot.
-    #[napi(ts_return_type = "Promise<Frame>")]
-    pub fn respond_then_read<'env>(
+    /// Writes a response: `head` with a plain write, then `data` with the `fds` in one `sendmsg` (nothing when
+    /// both are empty; data must not be empty when fds are sent), within `writeTimeoutMs` (when > 0). The fds are
+    /// duplicated before this returns, so the caller may close its copies at once. Resolves with the outcome
+    /// (never rejects for a failed write: `writeError` says why), so the caller can log what really happened.
+    #[napi(ts_return_type = "Promise<Written>")]
+    pub fn respond<'env>(
         &self,
         env: &'env Env,
         head: Buffer,
         data: Buffer,
         fds: Vec<i32>,
-        max_data: u32,
-        timeout_ms: Option<u32>,
-    ) -> napi::Result<PromiseRaw<'env, Frame>> {
+        write_timeout_ms: Option<u32>,
+    ) -> napi::Result<PromiseRaw<'env, Written>> {
         let c = self.get_or_closed();
         let dups = unix::dup_fds(&fds);
         let head: Vec<u8> = head.to_vec();
         let data: Vec<u8> = data.to_vec();
+        let wd = deadline(write_timeout_ms);
+        spawn_future_promise(
+            env,
+            async move {
+                let started = std::time::Instant::now();
+                let written = match (c, dups) {
+                    (Ok(c), Ok(dups)) => c.respond(&head, &data, dups, wd).await,
+                    (Err(e), _) | (_, Err(e)) => Err(e),
+                };
+                Ok((written.err().map(|e| e.message), started.elapsed().as_secs_f64() * 1000.0))
+            },
+            |(write_error, write_ms): (Option<String>, f64)| Written { write_error, write_ms },
+        )
+    }
+
+    /// Reads the next request frame like `readRequestFrame` (within `timeoutMs` when > 0); on a connection from
+    /// `nextIncoming`, the requests the listener's native fast path can answer are answered natively first, and
+    /// the frame returned is the first one it cannot.
+    #[napi(ts_return_type = "Promise<Frame>")]
+    pub fn read_next<'env>(
+        &self,
+        env: &'env Env,
+        max_data: u32,
+        timeout_ms: Option<u32>,
+    ) -> napi::Result<PromiseRaw<'env, Frame>> {
+        let c = self.get_or_closed();
         let d = deadline(timeout_ms);
         let fast = self.fast.clone();
         spawn_future_promise(
             env,
             async move {
                 let c = c?;
-                let frame = c.respond_then_read(&head, &data, dups?, max_data as usize, d).await?;
+                let frame = c.read_request_frame(max_data as usize, d).await?;
                 match fast {
                     Some(fast) => c.serve_fast_gets(frame, &fast, max_data as usize, d).await,
                     None => Ok(frame),
@@ -566,8 +664,8 @@ impl UnixConnection {
     }
 
     /// Writes `head` with a plain write, then sends `data` with the `fds` in one `sendmsg` (skipped when both are
-    /// empty; data must not be empty when fds are sent). The fds stay owned by the caller, who must keep them
-    /// open until the Promise settles.
+    /// empty; data must not be empty when fds are sent), within `timeoutMs` when > 0 (`ERR_TIMEOUT`). The fds
+    /// stay owned by the caller, who must keep them open until the Promise settles.
     #[napi(ts_return_type = "Promise<void>")]
     pub fn write_then_send<'env>(
         &self,
@@ -575,10 +673,12 @@ impl UnixConnection {
         head: Buffer,
         data: Buffer,
         fds: Vec<i32>,
+        timeout_ms: Option<u32>,
     ) -> napi::Result<PromiseRaw<'env, ()>> {
         let c = self.get_or_closed();
         let head: Vec<u8> = head.to_vec();
         let data: Vec<u8> = data.to_vec();
+        let d = deadline(timeout_ms);
         spawn_future_promise(
             env,
             async move {
@@ -586,12 +686,23 @@ impl UnixConnection {
                 if fds.iter().any(|&f| f < 0) {
                     return Err(tapmanager_core::Error::invalid("sendmsg: negative fd"));
                 }
-                c.write_all(&head).await?;
-                // SAFETY: the fds are owned by JavaScript, which keeps them open until this Promise settles;
-                // they are only borrowed for the sendmsg call.
-                let borrowed: Vec<BorrowedFd<'_>> =
-                    fds.iter().map(|&f| unsafe { BorrowedFd::borrow_raw(f as RawFd) }).collect();
-                c.send_with_fds(&data, &borrowed).await
+                let fut = async {
+                    c.write_all(&head).await?;
+                    // SAFETY: the fds are owned by JavaScript, which keeps them open until this Promise settles;
+                    // they are only borrowed for the sendmsg call.
+                    let borrowed: Vec<BorrowedFd<'_>> =
+                        fds.iter().map(|&f| unsafe { BorrowedFd::borrow_raw(f as RawFd) }).collect();
+                    c.send_with_fds(&data, &borrowed).await
+                };
+                match d {
+                    Some(d) => tokio::time::timeout(d, fut).await.unwrap_or_else(|_| {
+                        Err(tapmanager_core::Error::new(
+                            tapmanager_core::ErrorCode::Timeout,
+                            format!("write response: not done within {} ms", d.as_millis()),
+                        ))
+                    }),
+                    None => fut.await,
+                }
             },
             |()| (),
         )
