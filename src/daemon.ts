@@ -20,6 +20,7 @@ import type { RequestLogger } from './log'
 import { encodeContainerSideNetwork, encodeGetFDPayload, encodeRecoverPayload, parseContainerSideNetwork, parseGetFDPayload, type PodNetworkDesc } from './payloads'
 import { nativePodNetworkOps, type PodNetworkOps } from './podnetwork'
 import { FDServer } from './server'
+import { forEachLimited } from './limit'
 import { keyToFileName, StateStore } from './state'
 import { TapFDSource } from './tapfdsource'
 
@@ -52,7 +53,16 @@ export interface DaemonOptions {
    * (the state record is then `adding`, `adding`, `adding`, `ready`), for the kill -9 recovery tests.
    */
   crashAt?: string
+  /**
+   * How many persisted keys are recovered (or cleaned up) at once at start (default
+   * {@link DEFAULT_RECOVERY_CONCURRENCY}). Each one in flight holds native threads (a blocking-pool thread and
+   * a thread inside the pod netns), so this bounds the threads recovery starts, whatever the number of pods.
+   */
+  recoveryConcurrency?: number
 }
+
+/** Default of {@link DaemonOptions.recoveryConcurrency}. */
+export const DEFAULT_RECOVERY_CONCURRENCY = 4
 
 /** What the daemon did with the persisted keys when it started. */
 export interface RecoveryReport {
@@ -176,7 +186,7 @@ export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
   if (opts.log) warnPrivateMountNs(opts.log, netnsDir)
   let recovery: RecoveryReport
   try {
-    recovery = await recoverPersisted(source, store, server)
+    recovery = await recoverPersisted(source, store, server, opts.recoveryConcurrency ?? DEFAULT_RECOVERY_CONCURRENCY)
     if (opts.log) logRecovery(opts.log, recovery)
     mkdirSync(dirname(opts.socketPath), { recursive: true })
     await server.serve()
@@ -194,51 +204,49 @@ export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
   }
 }
 
-async function recoverPersisted(source: TapFDSource, store: StateStore, server: FDServer): Promise<RecoveryReport> {
+async function recoverPersisted(source: TapFDSource, store: StateStore, server: FDServer, concurrency: number): Promise<RecoveryReport> {
   const report: RecoveryReport = { recovered: [], cleaned: [], skipped: [], corrupt: [] }
   const listing = await store.list()
   for (const c of listing.corrupt) {
     await store.quarantine(c.file).catch(() => undefined)
     report.corrupt.push(c.file)
   }
-  await Promise.all(
-    listing.records.map(async (rec) => {
-      let desc: PodNetworkDesc
+  await forEachLimited(listing.records, concurrency, async (rec) => {
+    let desc: PodNetworkDesc
+    try {
+      desc = parseGetFDPayload(JSON.stringify({ podNetworkDesc: rec.podNetworkDesc })).podNetworkDesc
+    } catch (err) {
+      report.skipped.push({ key: rec.key, reason: `bad pod description: ${messageOf(err)}` })
+      await store.quarantine(keyToFileName(rec.key)).catch(() => undefined)
+      return
+    }
+    if (rec.status === 'adding') {
       try {
-        desc = parseGetFDPayload(JSON.stringify({ podNetworkDesc: rec.podNetworkDesc })).podNetworkDesc
+        await source.cleanupPod(desc)
+        report.cleaned.push(rec.key)
+        await store.remove(rec.key)
       } catch (err) {
-        report.skipped.push({ key: rec.key, reason: `bad pod description: ${messageOf(err)}` })
-        await store.quarantine(keyToFileName(rec.key)).catch(() => undefined)
-        return
+        // The record stays, so the next start tries again (a new add of the key replaces it).
+        report.skipped.push({ key: rec.key, reason: `cleanup of an interrupted add: ${messageOf(err)}` })
       }
-      if (rec.status === 'adding') {
-        try {
-          await source.cleanupPod(desc)
-          report.cleaned.push(rec.key)
-          await store.remove(rec.key)
-        } catch (err) {
-          // The record stays, so the next start tries again (a new add of the key replaces it).
-          report.skipped.push({ key: rec.key, reason: `cleanup of an interrupted add: ${messageOf(err)}` })
-        }
-        return
+      return
+    }
+    try {
+      const csn = parseContainerSideNetwork(JSON.stringify(rec.csn))
+      const payload = encodeRecoverPayload({ podNetworkDesc: desc, csn, haveRunningContainers: false })
+      await server.restore(rec.key, Buffer.from(payload))
+      report.recovered.push(rec.key)
+    } catch (err) {
+      report.skipped.push({ key: rec.key, reason: messageOf(err) })
+      // A pod whose netns vanished can never come back: release its IPAM lease and forget it. Any other
+      // failure keeps the record, so a later start can try again.
+      const nsPath = (rec.csn as { NsPath?: unknown } | undefined)?.NsPath
+      if (typeof nsPath !== 'string' || !existsSync(nsPath)) {
+        await source.cleanupPod(desc).catch(() => undefined)
+        await store.remove(rec.key)
       }
-      try {
-        const csn = parseContainerSideNetwork(JSON.stringify(rec.csn))
-        const payload = encodeRecoverPayload({ podNetworkDesc: desc, csn, haveRunningContainers: false })
-        await server.restore(rec.key, Buffer.from(payload))
-        report.recovered.push(rec.key)
-      } catch (err) {
-        report.skipped.push({ key: rec.key, reason: messageOf(err) })
-        // A pod whose netns vanished can never come back: release its IPAM lease and forget it. Any other
-        // failure keeps the record, so a later start can try again.
-        const nsPath = (rec.csn as { NsPath?: unknown } | undefined)?.NsPath
-        if (typeof nsPath !== 'string' || !existsSync(nsPath)) {
-          await source.cleanupPod(desc).catch(() => undefined)
-          await store.remove(rec.key)
-        }
-      }
-    }),
-  )
+    }
+  })
   return report
 }
 
