@@ -47,6 +47,8 @@ export interface DaemonOptions {
   log?: RequestLogger
   /** A CNI client to use instead of executing plugins (tests). */
   cni?: CniClient
+  /** The native pod network operations to use (tests and benchmarks wrap them; default the real ones). */
+  ops?: PodNetworkOps
   /**
    * Test failpoint (default `$TAPMANAGER_TEST_CRASH_AT`): `<point>:<podId>` makes the process SIGKILL itself
    * during the add of that pod, at `after-cni`, `after-container-side`, `after-dhcp` or `after-ready`
@@ -168,7 +170,7 @@ export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
     enableSriov: opts.sriov,
     calicoSubnetSize: opts.calicoSubnetSize,
     netnsDir,
-    ops: crash ? crashingOps(nativePodNetworkOps, crash) : undefined,
+    ops: crash ? crashingOps(opts.ops ?? nativePodNetworkOps, crash) : opts.ops,
   })
   const store = new StateStore(opts.stateDir)
   await store.init()

@@ -456,7 +456,11 @@ fn breakdown_once(env: &Env) -> Vec<Duration> {
                 laps.push(t.elapsed());
                 t = Instant::now();
             };
-            tap::create_tap(Some(ns), "tap0", &tap::TapCreateOptions { mtu: Some(1500), multi_queue: false, up: true })?;
+            tap::create_tap(
+                Some(ns),
+                "tap0",
+                &tap::TapCreateOptions { mtu: Some(1500), multi_queue: false, up: true },
+            )?;
             lap(&mut laps);
             let br = nl.create_bridge("br0", Some(1500)).await?;
             lap(&mut laps);
