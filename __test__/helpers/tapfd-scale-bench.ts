@@ -25,8 +25,12 @@ import { addPayload } from './serve'
 /** Step times of the current cycle (ms), by step name; reset per cycle. */
 let cycle: Map<string, number> | null = null
 
+/** Every step time while the daemon recovers (ms), by step name. */
+let recovering: Map<string, number[]> | null = null
+
 function note(step: string, ms: number): void {
   if (cycle) cycle.set(step, (cycle.get(step) ?? 0) + ms)
+  if (recovering) recovering.set(step, [...(recovering.get(step) ?? []), ms])
 }
 
 async function timed<T>(step: string, fn: () => Promise<T>): Promise<T> {
@@ -45,6 +49,7 @@ const ops: PodNetworkOps = {
   needsDummyGateway: (p) => timed('dummy gw check', () => nativePodNetworkOps.needsDummyGateway(p)),
   setupContainerSide: (p, r, o) => timed('container side', () => nativePodNetworkOps.setupContainerSide(p, r, o)),
   teardownContainerSide: (p, c, o) => timed('teardown', () => nativePodNetworkOps.teardownContainerSide(p, c, o)),
+  recoverContainerSide: (p, c) => timed('recover container side', () => nativePodNetworkOps.recoverContainerSide(p, c)),
   startDhcpServer: async (p, c) => {
     const h = await timed('DHCP start', () => nativePodNetworkOps.startDhcpServer(p, c))
     return { stop: () => timed('DHCP stop', () => h.stop()) }
@@ -62,7 +67,7 @@ function timedCni(inner: CniClient): CniClient {
 
 // State writes and removes (each fsyncs the record and the dir), timed where the daemon calls them.
 const proto = StateStore.prototype as unknown as Record<string, (...a: unknown[]) => Promise<unknown>>
-for (const [method, step] of [['write', 'state write'], ['remove', 'state remove']] as const) {
+for (const [method, step] of [['write', 'state write'], ['remove', 'state remove'], ['list', 'state list']] as const) {
   const orig = proto[method]
   proto[method] = function (this: unknown, ...a: unknown[]) {
     return timed(step, () => orig.apply(this, a))
@@ -132,7 +137,9 @@ export async function scaling(): Promise<void> {
   await h.prime()
   const stateDir = join(h.node.dir, 'state')
   const sock = join(h.node.dir, 'scale.sock')
-  const start = () => startDaemon({ socketPath: sock, stateDir, netnsDir: h.netnsDir, cni: timedCni(h.cniClient()), ops })
+  const start = (recoveryConcurrency?: number) =>
+    startDaemon({ socketPath: sock, stateDir, netnsDir: h.netnsDir, cni: timedCni(h.cniClient()), ops, recoveryConcurrency })
+  const concs = (process.env.TAPFD_BENCH_RECOVERY_CONC ?? '4,16,64').split(',').map(Number)
   let daemon: Daemon | null = await start()
   const client = new FDClient(sock)
   const ids: string[] = []
@@ -144,24 +151,35 @@ export async function scaling(): Promise<void> {
     const upMs = performance.now() - t
     const at = await cycles(client, h, n)
 
-    // Recovery: stop (netns, links and state stay), start again; sample this process's threads meanwhile.
-    await daemon.close()
-    daemon = null
-    const idleThreads = threads()
-    let peak = idleThreads
-    let sampling = true
-    const sampler = (async () => {
-      while (sampling) {
-        peak = Math.max(peak, threads())
-        await new Promise((r) => setImmediate(r))
-      }
-    })()
-    t = performance.now()
-    daemon = await start()
-    const recoverMs = performance.now() - t
-    sampling = false
-    await sampler
-    const recovered = daemon.recovery.recovered.length
+    // Recovery: stop (netns, links and state stay), start again; sample this process's threads meanwhile. Once
+    // per recovery concurrency.
+    const recoveries: string[] = []
+    for (const conc of concs) {
+      await daemon!.close()
+      daemon = null
+      const idleThreads = threads()
+      let peak = idleThreads
+      let sampling = true
+      const sampler = (async () => {
+        while (sampling) {
+          peak = Math.max(peak, threads())
+          await new Promise((r) => setImmediate(r))
+        }
+      })()
+      recovering = new Map()
+      t = performance.now()
+      daemon = await start(conc)
+      const recoverMs = performance.now() - t
+      const steps = recovering
+      recovering = null
+      sampling = false
+      await sampler
+      const per = [...steps].map(([k, v]) => `${k} p50 ${med(v).toFixed(1)} ms`).join(', ')
+      recoveries.push(
+        `  concurrency ${String(conc).padStart(3)}: ${daemon.recovery.recovered.length} pods in ${recoverMs.toFixed(0)} ms (start to serving); ` +
+          `threads ${idleThreads} before, peak ${peak}; per pod: ${per}`,
+      )
+    }
 
     t = performance.now()
     for (let i = 0; i < ids.length; i += 8) await Promise.all(ids.slice(i, i + 8).map((id) => client.releaseFDs(id)))
@@ -191,9 +209,9 @@ export async function scaling(): Promise<void> {
     console.log('("ours" = total minus the CNI plugins; "other" = protocol, JSON crossings, scheduling: total minus the steps above)')
     console.log(
       `${live} pods added (8 at a time) in ${(upMs / 1000).toFixed(1)} s, released in ${(downMs / 1000).toFixed(1)} s; ` +
-        `recovery at start of ${recovered} live pods: ${recoverMs.toFixed(0)} ms (start to serving), ` +
-        `threads of this process: ${idleThreads} before, peak ${peak} during`,
+        `recovery at start of ${live} live pods (threads of this process):`,
     )
+    for (const r of recoveries) console.log(r)
   } finally {
     for (let i = 0; i < ids.length; i += 8) {
       await Promise.all(ids.slice(i, i + 8).map((id) => client.releaseFDs(id).catch(() => undefined)))
