@@ -139,7 +139,7 @@ export async function scaling(): Promise<void> {
   const sock = join(h.node.dir, 'scale.sock')
   const start = (recoveryConcurrency?: number) =>
     startDaemon({ socketPath: sock, stateDir, netnsDir: h.netnsDir, cni: timedCni(h.cniClient()), ops, recoveryConcurrency })
-  const concs = (process.env.TAPFD_BENCH_RECOVERY_CONC ?? '4,16,64').split(',').map(Number)
+  const concs = (process.env.TAPFD_BENCH_RECOVERY_CONC ?? '8,64').split(',').map(Number)
   let daemon: Daemon | null = await start()
   const client = new FDClient(sock)
   const ids: string[] = []
