@@ -9,7 +9,7 @@
  * silently; `quarantine()` moves it aside for an operator to look at.
  */
 import { randomBytes } from 'node:crypto'
-import { constants as fsc } from 'node:fs'
+import { constants as fsc, readFileSync } from 'node:fs'
 import { mkdir, open, readdir, readFile, rename, unlink } from 'node:fs/promises'
 import { join } from 'node:path'
 import { InvalidInputError, TapmanagerError } from './errors'
@@ -264,7 +264,9 @@ export class StateStore {
       }
       let text: string
       try {
-        text = await readFile(join(this.dir, name), 'utf8')
+        // Synchronous on purpose: hundreds of small files read one after the other through the thread pool
+        // (shared with other fsyncs) cost an event-loop round trip each; this took seconds at start on a busy node.
+        text = readFileSync(join(this.dir, name), 'utf8')
       } catch (err) {
         if (isErrno(err, 'ENOENT')) continue // removed meanwhile
         listing.corrupt.push({ file: name, key, reason: (err as Error).message })
