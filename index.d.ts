@@ -42,6 +42,13 @@ export declare class FdRequestPort {
    * returns, when they can without waiting); the outcome goes to `onDone` with `id`.
    */
   request(id: number, path: string, request: Buffer, timeoutMs?: number | undefined | null): void
+  /**
+   * One FDServer request on an open connection `conn` (kept open for further requests: the protocol allows
+   * several on one connection, in order): writes `request`, reads the response frame as `request` does. The
+   * caller sends one request at a time per connection. The outcome goes to `onDone` with `id`; `notSent` tells
+   * whether the request never got out (the server had closed the connection). `timeoutMs` (when > 0) bounds it.
+   */
+  requestOn(id: number, conn: UnixConnection, request: Buffer, timeoutMs?: number | undefined | null): void
 }
 
 /**
@@ -387,6 +394,11 @@ export interface FdDone {
   frame?: Frame
   code?: string
   message?: string
+  /**
+   * Only from `requestOn`: true when the request never reached the server (writing it failed: the server had
+   * closed the connection), so it can be sent again on a new connection.
+   */
+  notSent?: boolean
 }
 
 /**

@@ -1,23 +1,26 @@
 /**
- * `npm run bench` part: fd-passing round trips. Prints a table; asserts nothing.
+ * `npm run bench` part: fd-passing round trips. Prints tables; asserts nothing.
  *
- * TypeScript: our FDClient (this process) against our FDServer (a child process, bench/fd-server-proc.ts).
- * Floor: the same exchanges between a minimal Rust-only client and server built on tapmanager-core
- * (crates/tapmanager-core/examples/fd_floor.rs, release build), also in two processes.
+ * Clients: our FDClient (this process), per call (a new connection per request, as Virtlet's Go client) and
+ * keep-alive (`keepAlive: true`: requests back to back on open connections); and a minimal Rust-only client
+ * built on tapmanager-core (crates/tapmanager-core/examples/fd_floor.rs, release build), in both modes too.
+ * Servers: our FDServer (a child process, bench/fd-server-proc.ts, with a JavaScript source) and the Rust-only
+ * server of fd_floor. Every client meets every server, in separate processes.
  * Cases: GetFDs with 1 and 16 concurrent clients and 1 and 4 fds; add+release cycles with 1 client.
- * Ratio = TypeScript throughput / floor throughput (the target is >= 0.5); p99 target with 1 client: < 1 ms.
  * The bench source declares `stableInfo`, so after the first get of a key the server answers gets natively
- * (FDServer's fast path); add+release always runs through the TypeScript server and source.
+ * (FDServer's fast path); add+release always runs through the TypeScript server and its JavaScript source.
+ * The whole matrix runs FD_BENCH_REPEAT times (default 3), interleaved; the tables show medians of ops/s.
  * FD_BENCH_OPS sets the round trips per case (default 4000); on a busy machine larger runs are steadier.
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process'
-import { mkdtempSync, rmSync } from 'node:fs'
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { FDClient, closeFd } from '../src/index'
 
 const root = process.cwd()
 const OPS = Number(process.env.FD_BENCH_OPS ?? 4000)
+const REPEAT = Number(process.env.FD_BENCH_REPEAT ?? 3)
 
 interface Figures {
   ops: number
@@ -76,10 +79,29 @@ async function tsRun(client: FDClient, mode: 'get' | 'addrel', conc: number, ops
   return { ops: lat.length, secs, p50_us: pct(lat, 0.5), p99_us: pct(lat, 0.99) }
 }
 
-function floorRun(bin: string, sock: string, mode: string, conc: number, ops: number, nfds: number): Figures {
-  const out = execFileSync(bin, ['client', sock, mode, String(conc), String(ops), String(nfds)], { encoding: 'utf8' })
+function floorRun(bin: string, sock: string, mode: string, conc: number, ops: number, nfds: number, keep = false): Figures {
+  const args = ['client', sock, mode, String(conc), String(ops), String(nfds), ...(keep ? ['keep'] : [])]
+  const out = execFileSync(bin, args, { encoding: 'utf8' })
   return JSON.parse(out.trim()) as Figures
 }
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b)
+  return s[Math.floor(s.length / 2)]
+}
+
+function table(title: string, head: string[], rows: string[][]): void {
+  const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)))
+  const line = (r: string[]) => r.map((v, i) => (i === 0 ? v.padEnd(widths[i]) : v.padStart(widths[i]))).join('  ')
+  console.log(title)
+  console.log(line(head))
+  console.log(widths.map((w) => '-'.repeat(w)).join('  '))
+  for (const r of rows) console.log(line(r))
+}
+
+/** The client/server pairs measured, by column name. */
+const PAIRS = ['TS->TS', 'TS->TS keep', 'Rust->TS', 'Rust->TS keep', 'TS->Rust', 'TS->Rust keep', 'Rust->Rust', 'Rust->Rust keep'] as const
+type Pair = (typeof PAIRS)[number]
 
 async function main(): Promise<void> {
   execFileSync('cargo', ['build', '--quiet', '--release', '-p', 'tapmanager-core', '--example', 'fd_floor'], { cwd: root, stdio: 'inherit' })
@@ -92,52 +114,91 @@ async function main(): Promise<void> {
     stdio: ['ignore', 'pipe', 'inherit'],
   })
   const rsServer = spawn(bin, ['server', rsSock], { stdio: ['ignore', 'ignore', 'inherit'] })
+  const clients: FDClient[] = []
   try {
     await waitReady(tsServer, 'the TypeScript server')
     await waitSocket(rsSock)
-    const client = new FDClient(tsSock)
-    await client.addFDs('g1', {})
-    await client.addFDs('g4', {})
+    const client = (sock: string, keepAlive: boolean) => {
+      const c = new FDClient(sock, { keepAlive })
+      clients.push(c)
+      return c
+    }
+    const ts = { perCall: client(tsSock, false), keep: client(tsSock, true) }
+    const tsOnRust = { perCall: client(rsSock, false), keep: client(rsSock, true) }
+    await ts.perCall.addFDs('g1', {})
+    await ts.perCall.addFDs('g4', {})
     const cases: Array<{ name: string; mode: 'get' | 'addrel'; conc: number; nfds: number }> = [
-      { name: 'GetFDs, 1 client, 1 fd', mode: 'get', conc: 1, nfds: 1 },
-      { name: 'GetFDs, 1 client, 4 fds', mode: 'get', conc: 1, nfds: 4 },
-      { name: 'GetFDs, 16 clients, 1 fd', mode: 'get', conc: 16, nfds: 1 },
-      { name: 'GetFDs, 16 clients, 4 fds', mode: 'get', conc: 16, nfds: 4 },
-      { name: 'add+release, 1 client', mode: 'addrel', conc: 1, nfds: 1 },
+      { name: 'GetFDs 1 fd, 1 client', mode: 'get', conc: 1, nfds: 1 },
+      { name: 'GetFDs 4 fds, 1 client', mode: 'get', conc: 1, nfds: 4 },
+      { name: 'GetFDs 1 fd, 16 clients', mode: 'get', conc: 16, nfds: 1 },
+      { name: 'GetFDs 4 fds, 16 clients', mode: 'get', conc: 16, nfds: 4 },
+      { name: 'Add+Release, 1 client', mode: 'addrel', conc: 1, nfds: 1 },
     ]
     // Warm-up of both sides (long enough for V8 to finish optimising the client's hot path: on a small shared
     // machine its background compiles otherwise land in the first measured case).
     for (const nfds of [1, 4]) {
-      await tsRun(client, 'get', 1, 2000, nfds)
-      await tsRun(client, 'get', 16, 2000, nfds)
+      for (const c of [ts.perCall, ts.keep, tsOnRust.perCall, tsOnRust.keep]) {
+        await tsRun(c, 'get', 1, 1000, nfds)
+        await tsRun(c, 'get', 16, 1000, nfds)
+      }
     }
+    await tsRun(ts.perCall, 'addrel', 1, 500, 1)
+    await tsRun(ts.keep, 'addrel', 1, 500, 1)
     floorRun(bin, rsSock, 'get', 1, 500, 1)
-    const rows: string[][] = []
-    for (const c of cases) {
-      const ops = c.mode === 'addrel' ? OPS / 2 : OPS
-      const ts = await tsRun(client, c.mode, c.conc, ops, c.nfds)
-      const rs = floorRun(bin, rsSock, c.mode, c.conc, ops, c.nfds)
-      const tsRate = ts.ops / ts.secs
-      const rsRate = rs.ops / rs.secs
-      rows.push([
-        c.name,
-        tsRate.toFixed(0),
-        ts.p50_us.toFixed(0),
-        ts.p99_us.toFixed(0),
-        rsRate.toFixed(0),
-        rs.p50_us.toFixed(0),
-        rs.p99_us.toFixed(0),
-        (tsRate / rsRate).toFixed(2),
-      ])
+    floorRun(bin, tsSock, 'get', 1, 500, 1)
+    // rates[case][pair] = ops/s of each repeat; p50s likewise (µs)
+    const rates = cases.map(() => new Map<Pair, number[]>(PAIRS.map((p) => [p, []])))
+    const p50s = cases.map(() => new Map<Pair, number[]>(PAIRS.map((p) => [p, []])))
+    for (let r = 0; r < REPEAT; r++) {
+      for (const [ci, c] of cases.entries()) {
+        const ops = c.mode === 'addrel' ? OPS / 2 : OPS
+        const runs: Record<Pair, () => Promise<Figures> | Figures> = {
+          'TS->TS': () => tsRun(ts.perCall, c.mode, c.conc, ops, c.nfds),
+          'TS->TS keep': () => tsRun(ts.keep, c.mode, c.conc, ops, c.nfds),
+          'Rust->TS': () => floorRun(bin, tsSock, c.mode, c.conc, ops, c.nfds),
+          'Rust->TS keep': () => floorRun(bin, tsSock, c.mode, c.conc, ops, c.nfds, true),
+          'TS->Rust': () => tsRun(tsOnRust.perCall, c.mode, c.conc, ops, c.nfds),
+          'TS->Rust keep': () => tsRun(tsOnRust.keep, c.mode, c.conc, ops, c.nfds),
+          'Rust->Rust': () => floorRun(bin, rsSock, c.mode, c.conc, ops, c.nfds),
+          'Rust->Rust keep': () => floorRun(bin, rsSock, c.mode, c.conc, ops, c.nfds, true),
+        }
+        for (const p of PAIRS) {
+          const f = await runs[p]()
+          rates[ci].get(p)!.push(f.ops / f.secs)
+          p50s[ci].get(p)!.push(f.p50_us)
+        }
+      }
     }
-    const head = ['case (ops/s = round trips/s; add+release = cycles/s)', 'TS ops/s', 'TS p50 µs', 'TS p99 µs', 'Rust ops/s', 'Rust p50 µs', 'Rust p99 µs', 'TS/Rust']
-    const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)))
-    const line = (r: string[]) => r.map((v, i) => (i === 0 ? v.padEnd(widths[i]) : v.padStart(widths[i]))).join('  ')
-    console.log(`fd passing, ${OPS} round trips per GetFDs case, client and server in separate processes`)
-    console.log(line(head))
-    console.log(widths.map((w) => '-'.repeat(w)).join('  '))
-    for (const r of rows) console.log(line(r))
+    const rate = (ci: number, p: Pair) => median(rates[ci].get(p)!)
+    const load = readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ')
+    console.log(
+      `fd passing: ${OPS} round trips per GetFDs case (${OPS / 2} add+release cycles), median of ${REPEAT} interleaved runs; ` +
+        `client and server in separate processes; load average ${load}`,
+    )
+    table(
+      'ops/s (add+release: cycles/s) by client->server; "keep" = requests back to back on open connections',
+      ['case', ...PAIRS],
+      cases.map((c, ci) => [c.name, ...PAIRS.map((p) => rate(ci, p).toFixed(0))]),
+    )
+    table(
+      'p50 latency in µs (median over the runs)',
+      ['case', ...PAIRS],
+      cases.map((c, ci) => [c.name, ...PAIRS.map((p) => median(p50s[ci].get(p)!).toFixed(0))]),
+    )
+    table(
+      'ratios of ops/s in the same run (> 1: the first is faster)',
+      ['case', 'TS client/Rust client, per call, TS server', 'same, Rust server', 'TS keep/TS per call', 'TS->TS/Rust->Rust (floor)', 'TS->TS keep/floor'],
+      cases.map((c, ci) => [
+        c.name,
+        (rate(ci, 'TS->TS') / rate(ci, 'Rust->TS')).toFixed(2),
+        (rate(ci, 'TS->Rust') / rate(ci, 'Rust->Rust')).toFixed(2),
+        (rate(ci, 'TS->TS keep') / rate(ci, 'TS->TS')).toFixed(2),
+        (rate(ci, 'TS->TS') / rate(ci, 'Rust->Rust')).toFixed(2),
+        (rate(ci, 'TS->TS keep') / rate(ci, 'Rust->Rust')).toFixed(2),
+      ]),
+    )
   } finally {
+    for (const c of clients) c.close()
     tsServer.kill('SIGTERM')
     rsServer.kill('SIGTERM')
     await new Promise((r) => tsServer.once('exit', r))

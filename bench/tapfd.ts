@@ -4,7 +4,12 @@
  * The code is in __test__/helpers/tapfd-bench.ts: it uses the test harness (a CNI "node" netns, pods in a temp
  * netns dir), which loads under the tests' tsconfig (ESM, bundler resolution), as ava runs it. This file has
  * no static import so that it loads under any tsconfig; it re-runs itself under the tests' one.
- * Knobs: TAPFD_BENCH_ROUNDS (pods at concurrency 1, default 30), TAPFD_BENCH_LIVE (live pods for memory, 50).
+ * Then the live-pod scaling part (__test__/helpers/tapfd-scale-bench.ts): the real daemon's add/release of one pod
+ * with 0, N and again 0 live pods, broken down per step, and the recovery time of N live pods at start.
+ * Knobs: TAPFD_BENCH_ROUNDS (pods at concurrency 1, default 30), TAPFD_BENCH_LIVE (live pods for memory, 100),
+ * TAPFD_BENCH_SCALE_LIVE (live pods for scaling and recovery, 250), TAPFD_BENCH_SCALE_CYCLES (cycles per
+ * phase, 20), TAPFD_BENCH_RECOVERY_CONC (recovery concurrencies to measure, "8,64"), TAPFD_BENCH_ONLY=scale (only
+ * the scaling part).
  */
 const TEST_TSCONFIG = './__test__/tsconfig.json'
 

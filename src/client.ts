@@ -1,8 +1,8 @@
 /**
  * FDClient: talks to an FDServer (ours or Virtlet's Go one) over its Unix socket, one connection per request
- * as the Go client does. Implements {@link FDManager}; `getFDs` returns fds the caller then owns.
+ * as the Go client does, or (option `keepAlive`) requests back to back on connections it keeps open. Implements {@link FDManager}; `getFDs` returns fds the caller then owns.
  */
-import { ProtocolError, ServerError } from './errors'
+import { InvalidInputError, ProtocolError, ServerError } from './errors'
 import type { FDManager } from './fdsource'
 import { FdRequestPort, UnixConnection, closeFd, type FdDone, type Frame } from './native'
 
@@ -48,11 +48,14 @@ function onDone(d: FdDone): void {
   waiting.delete(d.id)
   if (waiting.size === 0) port!.hold(false)
   if (d.frame) w.resolve(d.frame)
-  else w.reject(Object.assign(new Error(d.message ?? 'request failed'), { code: d.code }))
+  else w.reject(Object.assign(new Error(d.message ?? 'request failed'), { code: d.code, notSent: d.notSent ?? false }))
 }
 
-/** One request on a new connection (see the native `fdRequest`), resolved through the shared port. */
-function fdRequest(path: string, request: Buffer, timeoutMs: number): Promise<Frame> {
+/**
+ * One request through the shared port: on a new connection to `path` (see the native `fdRequest`), or on the
+ * open connection `conn` (`requestOn`; the error then carries `notSent`).
+ */
+function fdRequest(path: string, request: Buffer, timeoutMs: number, conn?: UnixConnection): Promise<Frame> {
   port ??= new FdRequestPort(onDone)
   const p = port
   lastId = lastId >= 0xffffffff ? 1 : lastId + 1
@@ -61,7 +64,8 @@ function fdRequest(path: string, request: Buffer, timeoutMs: number): Promise<Fr
     waiting.set(id, { resolve, reject })
     if (waiting.size === 1) p.hold(true)
     try {
-      p.request(id, path, request, timeoutMs)
+      if (conn) p.requestOn(id, conn, request, timeoutMs)
+      else p.request(id, path, request, timeoutMs)
     } catch (err) {
       waiting.delete(id)
       if (waiting.size === 0) p.hold(false)
@@ -70,15 +74,142 @@ function fdRequest(path: string, request: Buffer, timeoutMs: number): Promise<Fr
   })
 }
 
+/** Options of {@link FDClient}. */
+export interface FDClientOptions {
+  /** Bound on one whole request in ms (default 30 s; 0 for none). */
+  timeoutMs?: number
+  /**
+   * Keep connections open and send the next requests on them, back to back (the protocol allows several
+   * requests per connection; Virtlet's Go server and ours serve them in order). Default false: a new connection
+   * per request, exactly as Virtlet's Go client. Call {@link FDClient.close} when done.
+   */
+  keepAlive?: boolean
+  /** With `keepAlive`: most connections open at once (default 16); more concurrent requests wait for one. */
+  maxConnections?: number
+  /**
+   * With `keepAlive`: a connection idle this long (ms, default 5000) is closed; keep it below the server's
+   * wait for the next request (ours: `readTimeoutMs`, 10 s by default).
+   */
+  idleTimeoutMs?: number
+}
+
+/** An open connection of a keep-alive FDClient. */
+interface PooledConnection {
+  conn: UnixConnection
+  /** performance.now() when it went idle. */
+  idleSince: number
+}
+
+/**
+ * The connections of a keep-alive FDClient: idle ones are reused most recently used first, at most `max` are
+ * open, and a sweep (a timer that does not keep the process alive) closes those idle longer than `idleMs`.
+ */
+class ConnectionPool {
+  private readonly idle: PooledConnection[] = []
+  private readonly queue: Array<(c: PooledConnection | null) => void> = []
+  private open = 0
+  private sweeper: NodeJS.Timeout | null = null
+  private closed = false
+
+  constructor(
+    private readonly path: string,
+    private readonly max: number,
+    private readonly idleMs: number,
+  ) {}
+
+  /** An idle connection, a new one, or (when `max` are busy) the next one released. `fresh` when just opened. */
+  async acquire(): Promise<{ c: PooledConnection; fresh: boolean }> {
+    if (this.closed) throw new ProtocolError('the FDClient is closed')
+    const c = this.idle.pop()
+    if (c) return { c, fresh: false }
+    if (this.open >= this.max) {
+      const handed = await new Promise<PooledConnection | null>((resolve) => this.queue.push(resolve))
+      if (handed) return { c: handed, fresh: false }
+      // null: a connection was dropped, so this waiter may open one (the slot was kept for it)
+      return { c: await this.connect(), fresh: true }
+    }
+    this.open++
+    return { c: await this.connect(), fresh: true }
+  }
+
+  /** Opens a connection in a slot already counted in `open` (the slot is given back on failure). */
+  private async connect(): Promise<PooledConnection> {
+    try {
+      return { conn: await UnixConnection.connect(this.path), idleSince: 0 }
+    } catch (err) {
+      this.drop(null)
+      throw err
+    }
+  }
+
+  /** Gives a healthy connection back (to a waiter, else to the idle list). */
+  release(c: PooledConnection): void {
+    const next = this.queue.shift()
+    if (next) return next(c)
+    if (this.closed) return this.drop(c)
+    c.idleSince = performance.now()
+    this.idle.push(c)
+    if (!this.sweeper) {
+      this.sweeper = setInterval(() => this.sweep(), Math.max(10, this.idleMs / 2))
+      this.sweeper.unref()
+    }
+  }
+
+  /** Closes a connection that failed (or `null`: a slot whose connect failed); a waiter may then open one. */
+  drop(c: PooledConnection | null): void {
+    if (c) {
+      try {
+        c.conn.close()
+      } catch {
+        // already shut down
+      }
+    }
+    const next = this.queue.shift()
+    if (next) return next(null) // the slot passes to the waiter
+    this.open--
+  }
+
+  private sweep(): void {
+    const now = performance.now()
+    while (this.idle.length > 0 && now - this.idle[0].idleSince >= this.idleMs) this.drop(this.idle.shift()!)
+    if (this.idle.length === 0 && this.sweeper) {
+      clearInterval(this.sweeper)
+      this.sweeper = null
+    }
+  }
+
+  /** Closes the idle connections now and the busy ones when their request is done; no new requests. */
+  close(): void {
+    this.closed = true
+    for (const c of this.idle.splice(0)) this.drop(c)
+    if (this.sweeper) clearInterval(this.sweeper)
+    this.sweeper = null
+  }
+}
+
 export class FDClient implements FDManager {
   readonly socketPath: string
   /** Bound on one whole request in ms (0: none). */
   readonly timeoutMs: number
+  /** Whether requests reuse open connections (see {@link FDClientOptions.keepAlive}). */
+  readonly keepAlive: boolean
+  private readonly pool: ConnectionPool | null
 
-  /** `options.timeoutMs` bounds each request (default 30 s; 0 for none). */
-  constructor(socketPath: string, options: { timeoutMs?: number } = {}) {
+  /** See {@link FDClientOptions}: by default a new connection per request, each bounded by 30 s. */
+  constructor(socketPath: string, options: FDClientOptions = {}) {
     this.socketPath = socketPath
     this.timeoutMs = options.timeoutMs ?? 30_000
+    this.keepAlive = options.keepAlive ?? false
+    const max = options.maxConnections ?? 16
+    const idle = options.idleTimeoutMs ?? 5000
+    if (!Number.isInteger(max) || max < 1) throw new InvalidInputError(`maxConnections must be a positive integer, not ${max}`)
+    if (!(idle > 0)) throw new InvalidInputError(`idleTimeoutMs must be positive, not ${idle}`)
+    this.pool = this.keepAlive ? new ConnectionPool(socketPath, max, idle) : null
+  }
+
+  /** Closes the connections a keep-alive client keeps (busy ones once their request is done); later requests fail. */
+  close(): void {
+    this.pool?.close()
   }
 
   /** Adds `key`; `data` is a Buffer (sent as is) or a value (sent as JSON). Returns the source's response data. */
@@ -147,7 +278,8 @@ export class FDClient implements FDManager {
     const keyBytes = head.subarray(13)
     // One native call: connect, write header and payload, read the 77-byte header, then one recvmsg for the
     // payload and the fds (as the Go client does), close.
-    const frame = await fdRequest(this.socketPath, payload.length > 0 ? Buffer.concat([head, payload]) : head, this.timeoutMs)
+    const bytes = payload.length > 0 ? Buffer.concat([head, payload]) : head
+    const frame = this.pool ? await this.pooledRequest(this.pool, bytes) : await fdRequest(this.socketPath, bytes, this.timeoutMs)
     const received = frame.fds
     try {
       const hdr = decodeHeader(frame.header)
@@ -166,6 +298,29 @@ export class FDClient implements FDManager {
       return { data, fds: received.splice(0) }
     } finally {
       for (const fd of received) closeFd(fd)
+    }
+  }
+
+  /**
+   * One request on a pooled connection. A reused connection the server has closed meanwhile (it stops waiting
+   * for a next request after a while) fails before the request gets out: it is then sent once more on a new
+   * connection. Any failure drops the connection (its stream may be out of step).
+   */
+  private async pooledRequest(pool: ConnectionPool, bytes: Buffer): Promise<Frame> {
+    for (;;) {
+      const { c, fresh } = await pool.acquire()
+      let frame: Frame
+      try {
+        frame = await fdRequest(this.socketPath, bytes, this.timeoutMs, c.conn)
+      } catch (err) {
+        pool.drop(c)
+        if (!fresh && (err as { notSent?: boolean }).notSent) continue
+        throw err
+      }
+      // A response that is not a well-formed frame leaves the stream out of step: do not reuse the connection.
+      if (frame.data && frame.header.readUInt32BE(0) === FD_MAGIC) pool.release(c)
+      else pool.drop(c)
+      return frame
     }
   }
 }

@@ -21,6 +21,7 @@ import type { RequestLogger } from './log'
 import { encodeContainerSideNetwork, encodeGetFDPayload, encodeRecoverPayload, parseContainerSideNetwork, parseGetFDPayload, type PodNetworkDesc } from './payloads'
 import { nativePodNetworkOps, type PodNetworkOps } from './podnetwork'
 import { FDServer, type RequestLogEntry } from './server'
+import { forEachLimited } from './limit'
 import { keyToFileName, StateStore } from './state'
 import { TapFDSource } from './tapfdsource'
 
@@ -50,12 +51,20 @@ export interface DaemonOptions {
   log?: RequestLogger
   /** A CNI client to use instead of executing plugins (tests). */
   cni?: CniClient
+  /** The native pod network operations to use (tests and benchmarks wrap them; default the real ones). */
+  ops?: PodNetworkOps
   /**
    * Test failpoint (default `$TAPMANAGER_TEST_CRASH_AT`): `<point>:<podId>` makes the process SIGKILL itself
    * during the add of that pod, at `after-cni`, `after-container-side`, `after-dhcp` or `after-ready`
    * (the state record is then `adding`, `adding`, `adding`, `ready`), for the kill -9 recovery tests.
    */
   crashAt?: string
+  /**
+   * How many persisted keys are recovered (or cleaned up) at once at start (default
+   * {@link DEFAULT_RECOVERY_CONCURRENCY}). Each one in flight holds native threads (a blocking-pool thread and
+   * a thread inside the pod netns), so this bounds the threads recovery starts, whatever the number of pods.
+   */
+  recoveryConcurrency?: number
   /** Told what the daemon does (metrics): see {@link DaemonObserver}. */
   observer?: DaemonObserver
 }
@@ -76,6 +85,9 @@ export interface DaemonObserver {
   /** Wraps the pod network operations the source uses (e.g. to follow DHCP servers). */
   wrapOps?(ops: PodNetworkOps): PodNetworkOps
 }
+
+/** Default of {@link DaemonOptions.recoveryConcurrency}. */
+export const DEFAULT_RECOVERY_CONCURRENCY = 8
 
 /** What the daemon did with the persisted keys when it started. */
 export interface RecoveryReport {
@@ -104,6 +116,11 @@ export interface Daemon {
 /** Records each key's recovery data around the TapFDSource calls. */
 class PersistingSource implements FDSource {
   readonly stableInfo = true
+  /**
+   * Keys being recovered at start from their own state record: recover need not write that record again (a
+   * rewrite is two fsyncs per pod, the largest part of recovering hundreds of pods).
+   */
+  readonly restoringFromState = new Set<string>()
   constructor(
     private readonly inner: TapFDSource,
     private readonly store: StateStore,
@@ -150,6 +167,7 @@ class PersistingSource implements FDSource {
 
   async recover(key: string, data: Buffer): Promise<void> {
     await this.inner.recover(key, data)
+    if (this.restoringFromState.has(key)) return
     const d = this.inner.describe(key)
     if (d) {
       const csn = JSON.parse(encodeContainerSideNetwork(d.csn))
@@ -189,7 +207,7 @@ export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
     })
   const cni: CniClient = execCni
   const crash = crashPoint(opts.crashAt ?? process.env.TAPMANAGER_TEST_CRASH_AT)
-  const baseOps = crash ? crashingOps(nativePodNetworkOps, crash) : nativePodNetworkOps
+  const baseOps = crash ? crashingOps(opts.ops ?? nativePodNetworkOps, crash) : (opts.ops ?? nativePodNetworkOps)
   const source = new TapFDSource(crash ? crashingCni(cni, crash) : cni, {
     enableSriov: opts.sriov,
     calicoSubnetSize: opts.calicoSubnetSize,
@@ -200,7 +218,8 @@ export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
   // Both sweep the temp files a kill between write and rename left (state records, CNI cache entries).
   const { removedTemps } = await store.init()
   const cniTemps = execCni instanceof ExecCniClient ? await execCni.sweepTempFiles() : []
-  const server = new FDServer(opts.socketPath, new PersistingSource(source, store, crash), {
+  const persisting = new PersistingSource(source, store, crash)
+  const server = new FDServer(opts.socketPath, persisting, {
     socketMode: opts.socketMode,
     socketGid: resolveGroup(opts.socketGroup),
     allowedUids: opts.allowedUids?.length || opts.allowedGids?.length ? opts.allowedUids : undefined,
@@ -229,7 +248,7 @@ export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
   }
   let recovery: RecoveryReport | undefined
   try {
-    recovery = await recoverPersisted(source, store, server)
+    recovery = await recoverPersisted(persisting, source, store, server, opts.recoveryConcurrency ?? DEFAULT_RECOVERY_CONCURRENCY)
     if (opts.log) logRecovery(opts.log, recovery)
     observe(observer?.onRecovery, recovery)
     mkdirSync(dirname(opts.socketPath), { recursive: true })
@@ -250,7 +269,13 @@ export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
   return daemon
 }
 
-async function recoverPersisted(source: TapFDSource, store: StateStore, server: FDServer): Promise<RecoveryReport> {
+async function recoverPersisted(
+  persisting: PersistingSource,
+  source: TapFDSource,
+  store: StateStore,
+  server: FDServer,
+  concurrency: number,
+): Promise<RecoveryReport> {
   const report: RecoveryReport = { recovered: [], cleaned: [], skipped: [], corrupt: [] }
   const listing = await store.list()
   for (const c of listing.corrupt) {
@@ -284,7 +309,12 @@ async function recoverPersisted(source: TapFDSource, store: StateStore, server: 
     try {
       const csn = parseContainerSideNetwork(JSON.stringify(rec.csn))
       const payload = encodeRecoverPayload({ podNetworkDesc: desc, csn, haveRunningContainers: false })
-      await server.restore(rec.key, Buffer.from(payload))
+      persisting.restoringFromState.add(rec.key)
+      try {
+        await server.restore(rec.key, Buffer.from(payload))
+      } finally {
+        persisting.restoringFromState.delete(rec.key)
+      }
       report.recovered.push(rec.key)
     } catch (err) {
       report.skipped.push({ key: rec.key, reason: messageOf(err) })
@@ -298,8 +328,9 @@ async function recoverPersisted(source: TapFDSource, store: StateStore, server: 
       }
     }
   }
-  await Promise.all(ready.map(recoverOne))
-  await Promise.all(adding.map(recoverOne))
+  // At most `concurrency` keys at once (each holds native threads while it runs).
+  await forEachLimited(ready, concurrency, recoverOne)
+  await forEachLimited(adding, concurrency, recoverOne)
   return report
 }
 

@@ -11,7 +11,7 @@
  * like a record is reported as corrupt), and unlink/rename act on the entry itself.
  */
 import { randomBytes } from 'node:crypto'
-import { constants as fsc } from 'node:fs'
+import { closeSync, constants as fsc, fstatSync, openSync, readFileSync } from 'node:fs'
 import { mkdir, open, readdir, rename, unlink } from 'node:fs/promises'
 import { join } from 'node:path'
 import { InvalidInputError, TapmanagerError } from './errors'
@@ -157,6 +157,19 @@ async function readRecordFile(path: string): Promise<string> {
   }
 }
 
+/** {@link readRecordFile}, synchronously (the same checks: no symlink, a regular file, bounded size). */
+function readRecordFileSync(path: string): string {
+  const fd = openSync(path, fsc.O_RDONLY | fsc.O_NOFOLLOW | fsc.O_NONBLOCK | fsc.O_NOCTTY)
+  try {
+    const st = fstatSync(fd)
+    if (!st.isFile()) throw new Error('not a regular file')
+    if (st.size > MAX_RECORD_SIZE) throw new Error(`too large (${st.size} bytes)`)
+    return readFileSync(fd, 'utf8')
+  } finally {
+    closeSync(fd)
+  }
+}
+
 function isErrno(err: unknown, code: string): boolean {
   return (err as NodeJS.ErrnoException | null)?.code === code
 }
@@ -284,7 +297,9 @@ export class StateStore {
       }
       let text: string
       try {
-        text = await readRecordFile(join(this.dir, name))
+        // Synchronous on purpose: hundreds of small files read one after the other through the thread pool
+        // (shared with other fsyncs) cost an event-loop round trip each; this took seconds at start on a busy node.
+        text = readRecordFileSync(join(this.dir, name))
       } catch (err) {
         if (isErrno(err, 'ENOENT')) continue // removed meanwhile
         const reason = isErrno(err, 'ELOOP') ? 'a symlink (never followed)' : (err as Error).message

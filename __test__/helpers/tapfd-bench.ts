@@ -19,6 +19,7 @@ import { closeFd } from '../../src/index'
 import type { CniClient } from '../../src/cni'
 import { nativePodNetworkOps, type PodNetworkOps } from '../../src/podnetwork'
 import { TapFdHarness } from './tapfd'
+import { scaling } from './tapfd-scale-bench'
 
 setFlagsFromString('--expose_gc')
 const gc = runInNewContext('gc') as () => void
@@ -213,6 +214,7 @@ async function memory(kind: Kind, pods: number): Promise<{ rssPerPod: number; he
 
 export async function main(): Promise<void> {
   if (process.getuid?.() !== 0) throw new Error('bench/tapfd.ts needs root (it builds netns, veths, taps)')
+  if (process.env.TAPFD_BENCH_ONLY === 'scale') return scaling()
   const rounds1 = Number(process.env.TAPFD_BENCH_ROUNDS ?? 30)
   console.log('TapFDSource: AddFDs / ReleaseFDs through FDClient -> FDServer -> TapFDSource (ms per pod)')
   console.log(`Virtlet's floor for an add: ${VIRTLET_FLOOR_MS} ms (it slept ${VIRTLET_FLOOR_MS} ms for its DHCP server)`)
@@ -235,5 +237,6 @@ export async function main(): Promise<void> {
   console.log(
     `memory per live pod (no-op plugin, ${n} live pods, this process): RSS ${(m.rssPerPod / 1024).toFixed(1)} KiB, JS heap ${(m.heapPerPod / 1024).toFixed(1)} KiB (RSS before: ${(m.rss0 / 1048576).toFixed(1)} MiB)`,
   )
+  await scaling()
 }
 

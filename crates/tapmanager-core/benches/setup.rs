@@ -271,9 +271,13 @@ fn run(cmd: &str, args: &[&str], stdin: Option<&str>) {
 /// One way of doing the per-interface work.
 type Case = dyn Fn(&Env);
 
-fn median_and_p90(v: &mut [Duration]) -> (Duration, Duration) {
+/// Median and 90th percentile; `None` when the case did not run (a criterion filter skipped it).
+fn median_and_p90(v: &mut [Duration]) -> Option<(Duration, Duration)> {
+    if v.is_empty() {
+        return None;
+    }
     v.sort();
-    (v[v.len() / 2], v[(v.len() * 9) / 10])
+    Some((v[v.len() / 2], v[(v.len() * 9) / 10]))
 }
 
 fn bench(c: &mut Criterion) {
@@ -317,17 +321,18 @@ fn bench(c: &mut Criterion) {
     for (i, (name, _)) in cases.iter().enumerate() {
         let mut v = samples[i].lock().unwrap().clone();
         let n = v.len();
-        let (med, p90) = median_and_p90(&mut v);
-        println!("  {name:<20} median {:>8.3} ms   p90 {:>8.3} ms   ({n} iterations)", ms(med), ms(p90));
+        if let Some((med, p90)) = median_and_p90(&mut v) {
+            println!("  {name:<20} median {:>8.3} ms   p90 {:>8.3} ms   ({n} iterations)", ms(med), ms(p90));
+        }
     }
     let halves = halves.lock().unwrap().clone();
     let (mut setup, mut teardown): (Vec<Duration>, Vec<Duration>) = halves.into_iter().unzip();
     let n = setup.len();
-    let (sm, sp) = median_and_p90(&mut setup);
-    let (tm, tp) = median_and_p90(&mut teardown);
-    println!("  tapmanager setup     median {:>8.3} ms   p90 {:>8.3} ms   ({n} iterations)", ms(sm), ms(sp));
-    println!("  tapmanager teardown  median {:>8.3} ms   p90 {:>8.3} ms   (same iterations)", ms(tm), ms(tp));
-    breakdown(&env);
+    if let (Some((sm, sp)), Some((tm, tp))) = (median_and_p90(&mut setup), median_and_p90(&mut teardown)) {
+        println!("  tapmanager setup     median {:>8.3} ms   p90 {:>8.3} ms   ({n} iterations)", ms(sm), ms(sp));
+        println!("  tapmanager teardown  median {:>8.3} ms   p90 {:>8.3} ms   (same iterations)", ms(tm), ms(tp));
+    }
+    breakdown(c, &env);
     release_path(c, &env);
 }
 
@@ -369,8 +374,9 @@ fn release_path(c: &mut Criterion, env: &Env) {
     for (i, label) in labels.iter().enumerate() {
         let mut v = samples[i].lock().unwrap().clone();
         let n = v.len();
-        let (med, p90) = median_and_p90(&mut v);
-        println!("  {label}\n      median {:>8.3} ms   p90 {:>8.3} ms   ({n} iterations)", ms(med), ms(p90));
+        if let Some((med, p90)) = median_and_p90(&mut v) {
+            println!("  {label}\n      median {:>8.3} ms   p90 {:>8.3} ms   ({n} iterations)", ms(med), ms(p90));
+        }
     }
 }
 
@@ -378,76 +384,53 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// Where the time of one of our iterations goes (median of 50 per step).
-fn breakdown(env: &Env) {
-    let steps = [
-        "create tap",
-        "create bridge",
-        "get tap index",
-        "enslave eth0",
-        "enslave tap0",
-        "bridge up",
-        "add address",
-        "add isolation",
-        "open tap",
-        "close tap fd",
-        "remove isolation",
-        "delete address",
-        "eth0 nomaster",
-        "delete br+tap",
-    ];
-    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); steps.len()];
-    let (nl, eth, ns) = (&env.nl, env.eth, env.pod_path.as_path());
-    for _ in 0..50 {
-        env.rt
-            .block_on(async {
-                let mut i = 0;
-                let mut t = Instant::now();
-                let mut lap = |times: &mut Vec<Vec<Duration>>| {
-                    times[i].push(t.elapsed());
-                    i += 1;
-                    t = Instant::now();
-                };
-                tap::create_tap(
-                    Some(ns),
-                    "tap0",
-                    &tap::TapCreateOptions { mtu: Some(1500), multi_queue: false, up: true },
-                )?;
-                lap(&mut times);
-                let br = nl.create_bridge("br0", Some(1500)).await?;
-                lap(&mut times);
-                let tapi = nl.link_by_name("tap0").await?.index;
-                lap(&mut times);
-                nl.set_master(eth, br).await?;
-                lap(&mut times);
-                nl.set_master(tapi, br).await?;
-                lap(&mut times);
-                nl.set_up(br).await?;
-                lap(&mut times);
-                nl.add_address(br, "169.254.254.2".parse().unwrap(), 24).await?;
-                lap(&mut times);
-                isolation::add_dhcp_isolation(Some(ns), "eth0")?;
-                lap(&mut times);
-                let fds = tap::open_tap(Some(ns), "tap0", &tap::TapOpenOptions::default())?;
-                lap(&mut times);
-                drop(fds);
-                lap(&mut times);
-                isolation::remove_dhcp_isolation(Some(ns), "eth0")?;
-                lap(&mut times);
-                nl.delete_address(br, "169.254.254.2".parse().unwrap(), 24).await?;
-                lap(&mut times);
-                nl.set_nomaster(eth).await?;
-                lap(&mut times);
-                nl.delete_links(&[br, tapi]).await?;
-                lap(&mut times);
-                Ok::<_, tapmanager_core::Error>(())
-            })
-            .unwrap();
+const STEPS: [&str; 14] = [
+    "create tap",
+    "create bridge",
+    "get tap index",
+    "enslave eth0",
+    "enslave tap0",
+    "bridge up",
+    "add address",
+    "add isolation",
+    "open tap",
+    "close tap fd",
+    "remove isolation",
+    "delete address",
+    "eth0 nomaster",
+    "delete br+tap",
+];
+
+/// Where the time of one of our iterations goes: the criterion case `breakdown/steps` runs whole iterations
+/// and records each step's time; the medians per step are printed after it (nothing when a filter skips it).
+fn breakdown(c: &mut Criterion, env: &Env) {
+    let times: Mutex<Vec<Vec<Duration>>> = Mutex::new(vec![Vec::new(); STEPS.len()]);
+    let mut g = c.benchmark_group("breakdown");
+    g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    g.bench_function("steps", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let laps = breakdown_once(env);
+                total += laps.iter().sum::<Duration>();
+                let mut times = times.lock().unwrap();
+                for (k, d) in laps.into_iter().enumerate() {
+                    times[k].push(d);
+                }
+            }
+            total
+        })
+    });
+    g.finish();
+    let mut times = times.into_inner().unwrap();
+    let n = times[0].len();
+    if n == 0 {
+        return;
     }
-    println!("\nbreakdown of one tapmanager iteration (median of 50 per step):");
+    println!("\nbreakdown of one tapmanager iteration (median per step over {n} iterations, warm-up included):");
     let mut setup = Duration::ZERO;
     let mut teardown = Duration::ZERO;
-    for (k, (name, v)) in steps.iter().zip(times.iter_mut()).enumerate() {
+    for (k, (name, v)) in STEPS.iter().zip(times.iter_mut()).enumerate() {
         v.sort();
         let med = v[v.len() / 2];
         if k < 9 {
@@ -460,6 +443,55 @@ fn breakdown(env: &Env) {
     println!("  sum of medians: setup {:.3} ms, teardown {:.3} ms", ms(setup), ms(teardown));
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!("  load average while measuring: {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+}
+
+/// One iteration of setup + teardown, timing each of [`STEPS`].
+fn breakdown_once(env: &Env) -> Vec<Duration> {
+    let (nl, eth, ns) = (&env.nl, env.eth, env.pod_path.as_path());
+    let mut laps = Vec::with_capacity(STEPS.len());
+    env.rt
+        .block_on(async {
+            let mut t = Instant::now();
+            let mut lap = |laps: &mut Vec<Duration>| {
+                laps.push(t.elapsed());
+                t = Instant::now();
+            };
+            tap::create_tap(
+                Some(ns),
+                "tap0",
+                &tap::TapCreateOptions { mtu: Some(1500), multi_queue: false, up: true },
+            )?;
+            lap(&mut laps);
+            let br = nl.create_bridge("br0", Some(1500)).await?;
+            lap(&mut laps);
+            let tapi = nl.link_by_name("tap0").await?.index;
+            lap(&mut laps);
+            nl.set_master(eth, br).await?;
+            lap(&mut laps);
+            nl.set_master(tapi, br).await?;
+            lap(&mut laps);
+            nl.set_up(br).await?;
+            lap(&mut laps);
+            nl.add_address(br, "169.254.254.2".parse().unwrap(), 24).await?;
+            lap(&mut laps);
+            isolation::add_dhcp_isolation(Some(ns), "eth0")?;
+            lap(&mut laps);
+            let fds = tap::open_tap(Some(ns), "tap0", &tap::TapOpenOptions::default())?;
+            lap(&mut laps);
+            drop(fds);
+            lap(&mut laps);
+            isolation::remove_dhcp_isolation(Some(ns), "eth0")?;
+            lap(&mut laps);
+            nl.delete_address(br, "169.254.254.2".parse().unwrap(), 24).await?;
+            lap(&mut laps);
+            nl.set_nomaster(eth).await?;
+            lap(&mut laps);
+            nl.delete_links(&[br, tapi]).await?;
+            lap(&mut laps);
+            Ok::<_, tapmanager_core::Error>(())
+        })
+        .unwrap();
+    laps
 }
 
 criterion_group!(benches, bench);

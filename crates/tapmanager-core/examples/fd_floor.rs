@@ -1,9 +1,10 @@
 //! The Rust-only floor for `bench/fd.ts`: a minimal FDServer-protocol server and client written with
 //! `tapmanager_core::unix` only (no Node), doing the same exchanges as the TypeScript benchmark: get round trips
-//! (header, response header, one recvmsg with the fds) and add+release cycles, one connection per request.
+//! (header, response header, one recvmsg with the fds) and add+release cycles, one connection per request (or,
+//! with `keep`, each client's requests back to back on one connection).
 //!
 //! `fd_floor server <socket>` serves until killed; keys `g1`/`g4` hold 1/4 fds of /dev/null, add opens one fd.
-//! `fd_floor client <socket> <get|addrel> <concurrency> <ops> <nfds>` prints one JSON line of figures.
+//! `fd_floor client <socket> <get|addrel> <concurrency> <ops> <nfds> [keep]` prints one JSON line of figures.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
@@ -82,6 +83,11 @@ async fn serve(path: String) {
 
 async fn request(path: &str, cmd: u8, key: &[u8], payload: &[u8]) {
     let c = UnixConnection::connect(path).await.expect("connect");
+    request_on(&c, cmd, key, payload).await;
+}
+
+/// One request on an open connection, which stays open.
+async fn request_on(c: &UnixConnection, cmd: u8, key: &[u8], payload: &[u8]) {
     let mut req = header(cmd, payload.len() as u32, 0, key);
     req.extend_from_slice(payload);
     c.write_all(&req).await.expect("write");
@@ -95,7 +101,7 @@ async fn request(path: &str, cmd: u8, key: &[u8], payload: &[u8]) {
     }
 }
 
-async fn client(path: String, mode: String, conc: usize, ops: usize, nfds: usize) {
+async fn client(path: String, mode: String, conc: usize, ops: usize, nfds: usize, keep: bool) {
     let lat: Arc<Mutex<Vec<f64>>> = Arc::default();
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -105,14 +111,18 @@ async fn client(path: String, mode: String, conc: usize, ops: usize, nfds: usize
         tasks.push(tokio::spawn(async move {
             let get_key = key_bytes(&format!("g{nfds}"));
             let mut mine = Vec::with_capacity(n);
+            // keep: this worker's requests go back to back on one connection.
+            let conn = if keep { Some(UnixConnection::connect(&path).await.expect("connect")) } else { None };
             for i in 0..n {
                 let t0 = Instant::now();
-                if mode == "get" {
-                    request(&path, 2, &get_key, &[]).await;
-                } else {
-                    let k = key_bytes(&format!("a{w}-{i}"));
-                    request(&path, 0, &k, b"{}").await;
-                    request(&path, 1, &k, &[]).await;
+                let k = key_bytes(&format!("a{w}-{i}"));
+                let steps: &[(u8, &[u8], &[u8])] =
+                    if mode == "get" { &[(2, &get_key, &[])] } else { &[(0, &k, b"{}"), (1, &k, &[])] };
+                for &(cmd, key, payload) in steps {
+                    match &conn {
+                        Some(c) => request_on(c, cmd, key, payload).await,
+                        None => request(&path, cmd, key, payload).await,
+                    }
                 }
                 mine.push(t0.elapsed().as_secs_f64() * 1e6);
             }
@@ -140,9 +150,10 @@ fn main() {
             args[4].parse().unwrap(),
             args[5].parse().unwrap(),
             args[6].parse().unwrap(),
+            args.get(7).map(String::as_str) == Some("keep"),
         )),
         _ => eprintln!(
-            "usage: fd_floor server <socket> | fd_floor client <socket> <get|addrel> <concurrency> <ops> <nfds>"
+            "usage: fd_floor server <socket> | fd_floor client <socket> <get|addrel> <concurrency> <ops> <nfds> [keep]"
         ),
     }
 }

@@ -86,10 +86,18 @@ fn entry_exists(path: &Path) -> bool {
 
 /// Makes `dir` exist and be a shared mount point, as `ip netns add` does (bind it onto itself when it is not a
 /// mount point yet, then `MS_SHARED|MS_REC`), so a namespace mounted in it propagates to other mount namespaces.
+///
+/// `MS_REC` makes the kernel walk every mount under `dir`, i.e. every live netns: a cost that grows with the
+/// number of pods. It is needed once per dir (for mounts made before, by anyone); a mount made later under a
+/// shared mount is shared from the start. So after the first time in this process only the dir's own mount
+/// is (re)made shared, which also covers a dir that was unmounted and bound again meanwhile.
 fn prepare_netns_dir(dir: &Path) -> Result<()> {
+    static SHARED_REC: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
     std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+    let done_rec = SHARED_REC.lock().map(|v| v.iter().any(|d| d == dir)).unwrap_or(false);
+    let flags = if done_rec { MsFlags::MS_SHARED } else { MsFlags::MS_SHARED | MsFlags::MS_REC };
     // Try to make it shared directly; EINVAL means it is not a mount point yet.
-    match mount(None::<&str>, dir, None::<&str>, MsFlags::MS_SHARED | MsFlags::MS_REC, None::<&str>) {
+    let r = match mount(None::<&str>, dir, None::<&str>, flags, None::<&str>) {
         Ok(()) => Ok(()),
         Err(nix::errno::Errno::EINVAL) => {
             mount(Some(dir), dir, Some("none"), MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
@@ -98,7 +106,13 @@ fn prepare_netns_dir(dir: &Path) -> Result<()> {
                 .map_err(|e| Error::errno(format!("make {} a shared mount", dir.display()), e))
         }
         Err(e) => Err(Error::errno(format!("make {} a shared mount", dir.display()), e)),
+    };
+    if r.is_ok() && !done_rec {
+        if let Ok(mut v) = SHARED_REC.lock() {
+            v.push(dir.to_path_buf());
+        }
     }
+    r
 }
 
 /// Creates the named network namespace `name` under `dir`. Equivalent to `ip netns add <name>` (with

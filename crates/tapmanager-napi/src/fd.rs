@@ -120,6 +120,9 @@ pub struct FdDone {
     pub frame: Option<Frame>,
     pub code: Option<String>,
     pub message: Option<String>,
+    /// Only from `requestOn`: true when the request never reached the server (writing it failed: the server had
+    /// closed the connection), so it can be sent again on a new connection.
+    pub not_sent: Option<bool>,
 }
 
 type DoneFn = ThreadsafeFunction<FdDone, (), FdDone, napi::Status, false, true>;
@@ -177,8 +180,56 @@ impl FdRequestPort {
                 Err(e) => Err(e),
             };
             let out = match r {
-                Ok(f) => FdDone { id, frame: Some(to_js_frame(f)), code: None, message: None },
-                Err(e) => FdDone { id, frame: None, code: Some(e.code.as_str().to_string()), message: Some(e.message) },
+                Ok(f) => FdDone { id, frame: Some(to_js_frame(f)), code: None, message: None, not_sent: None },
+                Err(e) => FdDone {
+                    id,
+                    frame: None,
+                    code: Some(e.code.as_str().to_string()),
+                    message: Some(e.message),
+                    not_sent: None,
+                },
+            };
+            done.call(out, ThreadsafeFunctionCallMode::NonBlocking);
+        });
+    }
+
+    /// One FDServer request on an open connection `conn` (kept open for further requests: the protocol allows
+    /// several on one connection, in order): writes `request`, reads the response frame as `request` does. The
+    /// caller sends one request at a time per connection. The outcome goes to `onDone` with `id`; `notSent` tells
+    /// whether the request never got out (the server had closed the connection). `timeoutMs` (when > 0) bounds it.
+    #[napi]
+    pub fn request_on(&self, id: u32, conn: &UnixConnection, request: Buffer, timeout_ms: Option<u32>) {
+        let req: Vec<u8> = request.to_vec();
+        let d = deadline(timeout_ms);
+        let c = conn.get_or_closed();
+        let done = self.done.clone();
+        napi::bindgen_prelude::spawn(async move {
+            let mut not_sent = true;
+            let exchange = async {
+                let c = c?;
+                c.write_all(&req).await?;
+                not_sent = false;
+                c.read_response_frame(None).await
+            };
+            let r = match d {
+                Some(d) => tokio::time::timeout(d, exchange).await.unwrap_or_else(|_| {
+                    Err(tapmanager_core::Error::new(
+                        tapmanager_core::ErrorCode::Timeout,
+                        format!("request: not done within {} ms", d.as_millis()),
+                    ))
+                }),
+                None => exchange.await,
+            };
+            let out = match r {
+                Ok(f) => FdDone { id, frame: Some(to_js_frame(f)), code: None, message: None, not_sent: None },
+                Err(e) => FdDone {
+                    id,
+                    frame: None,
+                    code: Some(e.code.as_str().to_string()),
+                    message: Some(e.message),
+                    // A timeout may have hit while the request was on its way: only a failed write is certain.
+                    not_sent: Some(not_sent && e.code != tapmanager_core::ErrorCode::Timeout),
+                },
             };
             done.call(out, ThreadsafeFunctionCallMode::NonBlocking);
         });
