@@ -11,7 +11,6 @@
  *
  * Operations on one key are serialised; different keys run in parallel.
  */
-import { closeSync } from 'node:fs'
 import { join } from 'node:path'
 import { TapmanagerError, InvalidInputError, NotFoundError, messageOf } from './errors'
 import type { FDSource, GetFDsResult } from './fdsource'
@@ -27,6 +26,7 @@ import {
   type ContainerSideNetwork,
   type PodNetworkDesc,
 } from './payloads'
+import { closeFd } from './native'
 import { nativePodNetworkOps, type PodNetworkOps, type DhcpServerHandle } from './podnetwork'
 
 /** Options of {@link TapFDSource}. */
@@ -288,7 +288,9 @@ async function runAll(steps: (() => Promise<void>)[]): Promise<unknown[]> {
 
 function closeQuietly(fd: number): void {
   try {
-    closeSync(fd)
+    // The fds are the addon's (OS fds): close them natively. node:fs's closeSync takes Deno's own fd numbers
+    // there, and would fail (EBADF) and leak the tap.
+    closeFd(fd)
   } catch {
     // already closed
   }
