@@ -62,6 +62,8 @@ async function main() {
   const client = new FDClient(sock)
   const content = `hello from ${name} ${process.pid}`
   let readWith = 'fs.readSync'
+  let first = true
+  let denoCloseSync = null
   try {
     const added = JSON.parse((await client.addFDs('k1', { content })).toString('utf8'))
     if (!added.file) fail('add response has no file')
@@ -87,7 +89,23 @@ async function main() {
         }
         if (text !== content) fail(`read ${JSON.stringify(text)} through the fd, wanted ${JSON.stringify(content)}`)
       } finally {
-        for (const fd of fds) closeFd(fd)
+        if (first && typeof Deno !== 'undefined') {
+          // Deno's node:fs refuses to close an fd that it did not open (and leaves it open): why tapmanager closes
+          // received fds with the addon's closeFd, never with fs.closeSync.
+          let code = null
+          try {
+            fs.closeSync(fds[0])
+          } catch (err) {
+            code = err.code
+          }
+          if (code !== 'EBADF' || !fs.existsSync(`/proc/self/fd/${fds[0]}`)) fail(`Deno fs.closeSync of a received fd: ${code}`)
+          denoCloseSync = 'EBADF'
+        }
+        first = false
+        for (const fd of fds) {
+          closeFd(fd)
+          if (fs.existsSync(`/proc/self/fd/${fd}`)) fail(`closeFd(${fd}) left it open`)
+        }
       }
     }
     await once()
@@ -122,6 +140,7 @@ async function main() {
         roundTripMedianMs: Math.round(times[times.length >> 1] * 1000) / 1000,
         iterations,
         readWith,
+        denoCloseSync,
         binVersion: version.stdout.trim(),
       }),
     )
