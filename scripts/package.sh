@@ -86,13 +86,20 @@ node -e '
       throw new Error(`package.json optionalDependencies must pin ${p.name} at ${root.version}`)
   }
 '
-npx napi artifacts --output-dir "$artifacts" --npm-dir npm >/dev/null
+# napi artifacts copies every matching .node it finds under its cwd (the repo root's own dev build included) into
+# place: run it in a staging copy of the platform packages, so that the repo is left as it was.
+stage=$pack_dir/stage
+mkdir -p "$stage"
+cp package.json "$stage/"
+cp -r npm "$stage/npm"
+rm -f "$stage"/npm/*/*.node
+(cd "$stage" && npx --prefix "$root" napi artifacts --output-dir "$artifacts" --npm-dir npm >/dev/null)
 for t in "${TARGETS[@]}"; do
   platform=${t##* }
-  cmp "$artifacts/tapmanager.$platform.node" "npm/$platform/tapmanager.$platform.node" || die "napi artifacts did not place $platform"
+  cmp "$artifacts/tapmanager.$platform.node" "$stage/npm/$platform/tapmanager.$platform.node" || die "napi artifacts did not place $platform"
 done
 tarballs=()
-for dir in . npm/linux-x64-gnu npm/linux-arm64-gnu; do
+for dir in . "$stage/npm/linux-x64-gnu" "$stage/npm/linux-arm64-gnu"; do
   name=$(cd "$dir" && npm pack --silent --pack-destination "$pack_dir" | tail -n1)
   tarballs+=("$name")
 done
