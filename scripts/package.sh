@@ -27,8 +27,8 @@ command -v objdump >/dev/null || die "objdump is missing (Debian package binutil
 
 # --- tools -------------------------------------------------------------------------------------------------------
 venv=$tools/venv
-if ! "$venv/bin/python" -m pip show ziglang 2>/dev/null | grep -qx "Version: $ZIGLANG_VERSION" ||
-  ! "$venv/bin/python" -m pip show cargo-zigbuild 2>/dev/null | grep -qx "Version: $CARGO_ZIGBUILD_VERSION"; then
+pip_version() { "$venv/bin/python" -m pip show "$1" 2>/dev/null | sed -n 's/^Version: //p' || true; }
+if [ "$(pip_version ziglang)" != "$ZIGLANG_VERSION" ] || [ "$(pip_version cargo-zigbuild)" != "$CARGO_ZIGBUILD_VERSION" ]; then
   say "installing ziglang==$ZIGLANG_VERSION and cargo-zigbuild==$CARGO_ZIGBUILD_VERSION into $venv"
   python3 -m venv "$venv"
   "$venv/bin/python" -m pip install -q --disable-pip-version-check "ziglang==$ZIGLANG_VERSION" "cargo-zigbuild==$CARGO_ZIGBUILD_VERSION"
@@ -93,7 +93,10 @@ mkdir -p "$stage"
 cp package.json "$stage/"
 cp -r npm "$stage/npm"
 rm -f "$stage"/npm/*/*.node
-(cd "$stage" && npx --prefix "$root" napi artifacts --output-dir "$artifacts" --npm-dir npm >/dev/null)
+(cd "$stage" && npx --prefix "$root" napi artifacts --output-dir "$artifacts" --npm-dir npm >"$pack_dir/artifacts.log" 2>&1) || {
+  cat "$pack_dir/artifacts.log" >&2
+  die "napi artifacts failed"
+}
 for t in "${TARGETS[@]}"; do
   platform=${t##* }
   cmp "$artifacts/tapmanager.$platform.node" "$stage/npm/$platform/tapmanager.$platform.node" || die "napi artifacts did not place $platform"
