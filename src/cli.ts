@@ -9,9 +9,11 @@
  *   tapmanager recover KEY --from FILE
  *   tapmanager ls [--state-dir DIR]                keys with pod and state (reads the state dir)
  *   tapmanager status                              is the server running
- * Global: --socket PATH (or $TAPMANAGER_SOCKET), --json, --help, --version.
+ *   tapmanager help [COMMAND]                      usage (also `COMMAND --help`)
+ * Global: --socket PATH (or $TAPMANAGER_SOCKET), --json, -h/--help, -V/--version.
  *
- * Exit codes: 0 ok, 1 server error, 2 usage error, 3 server not running. `get --exec` exits with the command's
+ * Exit codes: 0 ok, 1 failure (server error, unreadable file, missing native addon), 2 usage error, 3 server not
+ * running (the same message on stderr for every command). Errors go to stderr. `get --exec` exits with the command's
  * exit code (128 + signal number when it is killed).
  */
 import { readFileSync } from 'node:fs'
