@@ -29,7 +29,8 @@ test.serial('every command against a running server, with human and --json outpu
     // Not running yet: status and client commands exit 3.
     let r = runCli(['status', ...server.sock])
     t.is(r.code, 3, r.stderr)
-    t.regex(r.stdout, /not running/)
+    t.regex(r.stderr, /not running/)
+    t.is(r.stdout, '')
     r = runCli(['add', key, '--pod-id', podId, '--pod-name', 'vm', '--pod-ns', 'default', ...server.sock, '--json'])
     t.is(r.code, 3)
     t.is((JSON.parse(r.stderr) as { error: { code: string } }).error.code, 'ERR_NOT_RUNNING')
@@ -131,7 +132,8 @@ test.serial('every command against a running server, with human and --json outpu
     rmSync(join(server.stateDir, recordFile))
     await server.start()
     t.is(runCli(['get', key, ...server.sock]).code, 1)
-    t.is(runCli(['recover', key, '--from', join(node.dir, 'missing.json'), ...server.sock]).code, 2)
+    // An unreadable --from file is a failure (1), not a usage error (2).
+    t.is(runCli(['recover', key, '--from', join(node.dir, 'missing.json'), ...server.sock]).code, 1)
     r = runCli(['recover', key, '--from', saved, ...server.sock])
     t.is(r.code, 0, r.stderr)
     t.is(r.stdout, `recovered ${key}\n`)

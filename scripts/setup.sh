@@ -20,6 +20,7 @@ declare -A need=(
   [/usr/bin/python3]=python3-minimal
   [/usr/bin/dpkg-deb]=dpkg
   [/usr/bin/setpriv]=util-linux
+  [/usr/bin/objdump]=binutils
 )
 missing=()
 for f in "${!need[@]}"; do [ -e "$f" ] || missing+=("${need[$f]}"); done
@@ -41,8 +42,10 @@ fi
 
 # npm packages, exactly as locked.
 if [ ! -d node_modules/.bin ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
-  echo "setup: npm ci"
-  npm ci --no-audit --no-fund
+  echo "setup: npm install (locked)"
+  # `npm install` with the lock, not `npm ci`: the optionalDependencies on the platform packages cannot be
+  # locked before they are published, and `npm ci` refuses a lock without them. --no-save keeps the lock as is.
+  npm install --no-save --no-audit --no-fund
 fi
 
 # The native addon, rebuilt when any Rust source is newer than it. TAPMANAGER_PROFILE=debug builds faster.

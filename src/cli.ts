@@ -9,12 +9,14 @@
  *   tapmanager recover KEY --from FILE
  *   tapmanager ls [--state-dir DIR]                keys with pod and state (reads the state dir)
  *   tapmanager status                              is the server running
- * Global: --socket PATH (or $TAPMANAGER_SOCKET), --json, --help, --version.
+ *   tapmanager help [COMMAND]                      usage (also `COMMAND --help`)
+ * Global: --socket PATH (or $TAPMANAGER_SOCKET), --json, -h/--help, -V/--version.
  *
- * Exit codes: 0 ok, 1 server error, 2 usage error, 3 server not running. `get --exec` exits with the command's
+ * Exit codes: 0 ok, 1 failure (server error, unreadable file, missing native addon), 2 usage error, 3 server not
+ * running (the same message on stderr for every command). Errors go to stderr. `get --exec` exits with the command's
  * exit code (128 + signal number when it is killed).
  */
-import { closeSync, readFileSync } from 'node:fs'
+import { readFileSync } from 'node:fs'
 import { connect } from 'node:net'
 import { parseArgs } from 'node:util'
 import type { DestinationStream } from 'pino'
@@ -22,8 +24,10 @@ import { constants as osConstants } from 'node:os'
 import { errorCode, TapmanagerError } from './errors'
 import { createRequestLogger, LOG_LEVELS, type LogLevel, type RequestLogger } from './log'
 import { buildQemuNetArgs, spawnWithFds, type InterfaceInfo } from './qemu'
-import { FDClient } from './client'
-import { startDaemon } from './daemon'
+// The client and the daemon load the native addon: they are imported when a command needs them, so that
+// `--help`, `help`, `--version` and `ls` work without it (and a missing addon is an ordinary exit-1 failure).
+import type { FDClient } from './client'
+// metrics.ts loads prom-client but not the addon.
 import { DaemonMetrics, parseMetricsAddress, startMetricsServer } from './metrics'
 import { DEFAULT_STATE_DIR, StateStore } from './state'
 import type { ServerListing } from './server'
@@ -98,7 +102,17 @@ export interface ServerHandle {
 export type StartServer = (opts: ServeOptions) => Promise<ServerHandle>
 
 /** The client the command line uses: FDClient over the server's socket. */
-export const createCliClient: CliClientFactory = (socketPath) => new FDClient(socketPath)
+export const createCliClient: CliClientFactory = (socketPath) => {
+  let client: Promise<FDClient> | undefined
+  const get = () => (client ??= import('./client').then((m) => new m.FDClient(socketPath)))
+  return {
+    addFDs: async (key, data) => (await get()).addFDs(key, data),
+    getFDs: async (key) => (await get()).getFDs(key),
+    releaseFDs: async (key) => (await get()).releaseFDs(key),
+    recover: async (key, data) => (await get()).recover(key, data),
+    isRunning: async () => (await get()).isRunning(),
+  }
+}
 
 /**
  * Starts the server for `tapmanager serve`: the daemon (FDServer + TapFDSource, persisted state, automatic
@@ -128,7 +142,8 @@ export async function startServer(opts: ServeOptions): Promise<ServerHandle> {
   }
 }
 
-function startDaemonFor(opts: ServeOptions, metrics: DaemonMetrics | undefined) {
+async function startDaemonFor(opts: ServeOptions, metrics: DaemonMetrics | undefined) {
+  const { startDaemon } = await import('./daemon')
   return startDaemon({
     socketPath: opts.socketPath,
     socketMode: opts.socketMode,
@@ -211,7 +226,7 @@ const GLOBAL_OPTIONS = {
   socket: { type: 'string' },
   json: { type: 'boolean' },
   help: { type: 'boolean', short: 'h' },
-  version: { type: 'boolean' },
+  version: { type: 'boolean', short: 'V' },
 } as const
 
 const COMMAND_OPTIONS = {
@@ -287,10 +302,22 @@ Commands:
 Global options:
   --socket PATH               server socket (default $TAPMANAGER_SOCKET or ${DEFAULT_SOCKET_PATH})
   --json                      machine-readable output
-  -h, --help, --version
+  -h, --help                  this text; \`tapmanager COMMAND --help\` or \`tapmanager help COMMAND\`: one command's
+  -V, --version               the package version
 
-Exit codes: 0 ok, 1 server error, 2 usage error, 3 server not running.
+Exit codes: 0 ok, 1 failure (server error, unreadable file, missing native addon), 2 usage error,
+3 server not running (its message on stderr, for every command).
 `
+
+/** The help of one command: its lines of USAGE, then the global options. */
+export function commandUsage(command: Command): string {
+  const lines = USAGE.split('\n')
+  const start = lines.findIndex((l) => l.startsWith(`  ${command} `) || l === `  ${command}`)
+  let end = start + 1
+  while (end < lines.length && /^ {3,}\S/.test(lines[end])) end++
+  const global = lines.slice(lines.indexOf('Global options:'))
+  return [`Usage: tapmanager ${command} [options]`, '', ...lines.slice(start, end), '', ...global].join('\n')
+}
 
 interface Parsed {
   command: Command
@@ -299,7 +326,9 @@ interface Parsed {
   rest: string[]
 }
 
-function parse(argv: string[]): Parsed | 'help' | 'version' {
+type Parse = Parsed | { help: Command | null } | 'version'
+
+function parse(argv: string[]): Parse {
   // Everything after the first `--` belongs to `get --exec`.
   const dd = argv.indexOf('--')
   const head = dd < 0 ? argv : argv.slice(0, dd)
@@ -313,9 +342,16 @@ function parse(argv: string[]): Parsed | 'help' | 'version' {
     throw new UsageError((err as Error).message)
   }
   const values = parsed.values as Parsed['values']
-  if (values.help) return 'help'
-  if (values.version) return 'version'
   const [cmd, ...positionals] = parsed.positionals
+  const known = (c: string | undefined): c is Command => c !== undefined && (COMMANDS as string[]).includes(c)
+  if (cmd === 'help') {
+    // `help [COMMAND]`
+    if (positionals.length > 1) throw new UsageError(`help takes at most one COMMAND, got ${positionals.length}`)
+    if (positionals.length === 1 && !known(positionals[0])) throw new UsageError(`unknown command ${JSON.stringify(positionals[0])}`)
+    return { help: (positionals[0] as Command | undefined) ?? null }
+  }
+  if (values.help) return { help: known(cmd) ? cmd : null }
+  if (values.version) return 'version'
   if (cmd === undefined) throw new UsageError('missing command')
   if (!(COMMANDS as string[]).includes(cmd)) throw new UsageError(`unknown command ${JSON.stringify(cmd)}`)
   const command = cmd as Command
@@ -553,8 +589,8 @@ export async function runCli(argv: string[], deps: CliDeps = {}): Promise<number
   let p: Parsed
   try {
     const r = parse(argv)
-    if (r === 'help') {
-      io.stdout(USAGE)
+    if (typeof r === 'object' && 'help' in r) {
+      io.stdout(r.help ? commandUsage(r.help) : USAGE)
       return EXIT_OK
     }
     if (r === 'version') {
@@ -634,7 +670,10 @@ export async function runCli(argv: string[], deps: CliDeps = {}): Promise<number
       case 'status': {
         noPositionals(p)
         const running = await makeClient(sock).isRunning()
-        out(running ? `tapmanager is running at ${sock}` : `tapmanager is not running at ${sock}`, { running, socket: sock })
+        // --json: the answer, either way, on stdout. Otherwise the not-running message is the one every command
+        // prints, on stderr.
+        if (running || json) out(`tapmanager is running at ${sock}`, { running, socket: sock })
+        else return fail(EXIT_NOT_RUNNING, notRunning(sock))
         return running ? EXIT_OK : EXIT_NOT_RUNNING
       }
       default:
@@ -666,6 +705,8 @@ export async function runCli(argv: string[], deps: CliDeps = {}): Promise<number
         if (exec && p.rest.length === 0) throw new UsageError('get --exec needs -- CMD [ARGS...]')
         request = async (c) => {
           const { fds, info } = await c.getFDs(key)
+          // Received fds are OS fds: close them with the addon's closeFd (node:fs's closeSync fails on them in Deno).
+          const { closeFd } = await import('./native')
           try {
             const ifaces = interfaceInfoFromWire(info)
             const netArgs = qemuArgs ? buildQemuNetArgs(ifaces, fds, 3) : []
@@ -683,7 +724,7 @@ export async function runCli(argv: string[], deps: CliDeps = {}): Promise<number
           } finally {
             for (const fd of fds) {
               try {
-                closeSync(fd)
+                closeFd(fd)
               } catch {
                 // already closed
               }
@@ -705,7 +746,8 @@ export async function runCli(argv: string[], deps: CliDeps = {}): Promise<number
         try {
           text = io.readFile(from)
         } catch (err) {
-          throw new UsageError(`--from ${from}: ${(err as Error).message}`)
+          // A file that cannot be read is a failure (exit 1), not a usage error: the command line was right.
+          throw new TapmanagerError('ERR_READ', `--from ${from}: ${(err as Error).message}`, { cause: err })
         }
         const payload = recoverPayloadFromText(text, from)
         request = async (c) => {
@@ -721,13 +763,13 @@ export async function runCli(argv: string[], deps: CliDeps = {}): Promise<number
 
     const client = makeClient(sock)
     if (!(await client.isRunning())) {
-      return fail(EXIT_NOT_RUNNING, new TapmanagerError('ERR_NOT_RUNNING', `tapmanager is not running at ${sock}`))
+      return fail(EXIT_NOT_RUNNING, notRunning(sock))
     }
     try {
       return await request(client)
     } catch (err) {
       if (isNotRunningError(err)) {
-        return fail(EXIT_NOT_RUNNING, new TapmanagerError('ERR_NOT_RUNNING', `tapmanager is not running at ${sock}`, { cause: err }))
+        return fail(EXIT_NOT_RUNNING, notRunning(sock, err))
       }
       throw err
     }
@@ -735,6 +777,11 @@ export async function runCli(argv: string[], deps: CliDeps = {}): Promise<number
     if (err instanceof UsageError) return fail(EXIT_USAGE, err)
     return fail(EXIT_SERVER_ERROR, err)
   }
+}
+
+/** The one not-running error of every command (exit 3, on stderr). */
+function notRunning(sock: string, cause?: unknown): TapmanagerError {
+  return new TapmanagerError('ERR_NOT_RUNNING', `the server is not running at ${sock}`, cause === undefined ? undefined : { cause })
 }
 
 function runWithFds(cmd: string, args: string[], fds: number[]): Promise<number> {

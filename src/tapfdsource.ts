@@ -17,7 +17,7 @@
  * discarded from the tap fds before they are handed out, so a VM starts on an empty queue and its first DHCP
  * OFFER is not dropped behind a stale backlog (see `drainTapFd`).
  */
-import { closeSync, lstatSync } from 'node:fs'
+import { lstatSync } from 'node:fs'
 import { join } from 'node:path'
 import { TapmanagerError, InvalidInputError, NotFoundError, messageOf } from './errors'
 import type { FDSource, GetFDsResult } from './fdsource'
@@ -33,6 +33,7 @@ import {
   type ContainerSideNetwork,
   type PodNetworkDesc,
 } from './payloads'
+import { closeFd } from './native'
 import { nativePodNetworkOps, type PodNetworkOps, type DhcpServerHandle } from './podnetwork'
 
 /** Options of {@link TapFDSource}. */
@@ -366,7 +367,9 @@ function entryExists(path: string): boolean {
 
 function closeQuietly(fd: number): void {
   try {
-    closeSync(fd)
+    // The fds are the addon's (OS fds): close them natively. node:fs's closeSync takes Deno's own fd numbers
+    // there, and would fail (EBADF) and leak the tap.
+    closeFd(fd)
   } catch {
     // already closed
   }

@@ -1,0 +1,2 @@
+// The native addon (see binding.js): the same exports as the generated index.d.ts.
+export * from './index'
