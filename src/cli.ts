@@ -111,6 +111,7 @@ export const createCliClient: CliClientFactory = (socketPath) => {
     releaseFDs: async (key) => (await get()).releaseFDs(key),
     recover: async (key, data) => (await get()).recover(key, data),
     isRunning: async () => (await get()).isRunning(),
+    list: async () => (await get()).list(),
   }
 }
 
@@ -244,6 +245,7 @@ const COMMAND_OPTIONS = {
     'log-level': { type: 'string' },
     'max-data-size': { type: 'string' },
     'cni-timeout': { type: 'string' },
+    'metrics-listen': { type: 'string' },
     'max-connections': { type: 'string' },
     'max-connections-per-uid': { type: 'string' },
   },
