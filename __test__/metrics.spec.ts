@@ -92,7 +92,7 @@ test.serial('metrics move with a real add, DHCP lease, get (native fast path too
     // add: one ok add, one pod, a bridge ADD (and host-local under it: one run of the bridge plugin).
     const client = server.client()
     await client.addFDs(key, addPayload(podId))
-    m = await scrape(metricsSock)
+    m = await scrapeUntil(metricsSock, (s) => sample(s, 'tapmanager_requests_total', { command: 'add', outcome: 'ok' }) >= 1)
     t.is(sample(m, 'tapmanager_requests_total', { command: 'add', outcome: 'ok' }), 1)
     t.is(sample(m, 'tapmanager_request_duration_seconds_count', { command: 'add', outcome: 'ok' }), 1)
     t.true(sample(m, 'tapmanager_request_duration_seconds_sum', { command: 'add', outcome: 'ok' }) > 0)
@@ -129,13 +129,14 @@ test.serial('metrics move with a real add, DHCP lease, get (native fast path too
     t.regex(refused.stderr, /permission denied/)
     m = await scrape(metricsSock)
     t.is(sample(m, 'tapmanager_connections_refused_total', { reason: 'peer_filter' }), 1)
-    t.is(sample(m, 'tapmanager_requests_total', { command: 'get', outcome: 'error' }), 1)
+    // Refused natively, before any request is read: counted as a refusal, not as a request.
+    t.is(sample(m, 'tapmanager_requests_total', { command: 'get', outcome: 'error' }), 0)
 
     // A failing CNI plugin (the tmtest plugin in fail mode, in a config read first): a failed add, a failure counted.
     const failConf = node.writeConf('00-fail.conflist', node.testConflist([{ mode: 'fail' }]))
     await t.throwsAsync(client.addFDs('metrics-fail', addPayload(failPodId)))
     rmSync(failConf)
-    m = await scrape(metricsSock)
+    m = await scrapeUntil(metricsSock, (s) => sample(s, 'tapmanager_requests_total', { command: 'add', outcome: 'error' }) >= 1)
     t.is(sample(m, 'tapmanager_requests_total', { command: 'add', outcome: 'error' }), 1)
     t.is(sample(m, 'tapmanager_cni_plugin_failures_total', { plugin: 'tmtest', command: 'ADD', code: 'ERR_CNI' }), 1)
     t.is(sample(m, 'tapmanager_pods'), 1)
@@ -153,7 +154,8 @@ test.serial('metrics move with a real add, DHCP lease, get (native fast path too
     const vmLease2 = await run('ip', ['netns', 'exec', vm.ns.name, 'busybox', 'udhcpc', '-i', 'vm0', '-f', '-n', '-q', '-t', '5', '-T', '2', '-s', '/bin/true'])
     t.regex(vmLease2.out + vmLease2.err, /obtained/)
     await client.releaseFDs(key)
-    m = await scrape(metricsSock)
+    // A request is counted when its response write has finished, which can be just after the client read it.
+    m = await scrapeUntil(metricsSock, (s) => sample(s, 'tapmanager_requests_total', { command: 'release', outcome: 'ok' }) >= 1)
     t.is(sample(m, 'tapmanager_requests_total', { command: 'release', outcome: 'ok' }), 1)
     t.is(sample(m, 'tapmanager_pods'), 0)
     t.is(sample(m, 'tapmanager_cni_plugin_duration_seconds_count', { plugin: 'bridge', command: 'DEL' }), 1)
