@@ -9,6 +9,7 @@
 //! - [`isolation`]: DHCP isolation of a CNI link on a pod bridge.
 //! - [`types`]: the Go-compatible JSON payload types (CNI result, ContainerSideNetwork, interface descriptions).
 //! - [`dhcp`]: the per-pod DHCP server.
+//! - [`sriov`]: SR-IOV VFs: detection in sysfs, vfio-pci binding, what release restores.
 //! - [`container`]: setup, teardown and recovery of the container side of a pod network.
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -18,6 +19,7 @@ pub mod error;
 pub mod isolation;
 pub mod netlink;
 pub mod netns;
+pub mod sriov;
 pub mod tap;
 pub mod types;
 pub mod unix;
