@@ -25,7 +25,7 @@ const SOCK = '/tmp/tm/sock'
 const t0 = Date.now()
 const fact = (k, v) => console.log('FACT ' + k + ' ' + JSON.stringify(v))
 const sh = (cmd, args, opts = {}) => execFileSync(cmd, args, { encoding: 'utf8', ...opts })
-const cli = (...args) => sh('node', [...CLI, '--socket', SOCK, ...args], { timeout: 180000 })
+const cli = (...args) => sh('node', [...CLI, '--socket', SOCK, ...args], { timeout: 400000, env: { ...process.env, TAPMANAGER_TIMEOUT_MS: '300000' } })
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms))
 async function waitFor(what, cond, ms) {
   const end = Date.now() + ms

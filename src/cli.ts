@@ -85,8 +85,14 @@ export interface ServerHandle {
 }
 export type StartServer = (opts: ServeOptions) => Promise<ServerHandle>
 
-/** The client the command line uses: FDClient over the server's socket. */
-export const createCliClient: CliClientFactory = (socketPath) => new FDClient(socketPath)
+/**
+ * The client the command line uses: FDClient over the server's socket. `$TAPMANAGER_TIMEOUT_MS` (a positive
+ * integer) bounds each request instead of FDClient's default 30 s (slow machines, emulated guests).
+ */
+export const createCliClient: CliClientFactory = (socketPath) => {
+  const ms = Number(process.env.TAPMANAGER_TIMEOUT_MS)
+  return new FDClient(socketPath, Number.isInteger(ms) && ms > 0 ? { timeoutMs: ms } : {})
+}
 
 /**
  * Starts the server for `tapmanager serve`: the daemon (FDServer + TapFDSource, persisted state, automatic
@@ -241,6 +247,7 @@ Commands:
 
 Global options:
   --socket PATH               server socket (default $TAPMANAGER_SOCKET or ${DEFAULT_SOCKET_PATH})
+                              ($TAPMANAGER_TIMEOUT_MS bounds each request; default 30000)
   --json                      machine-readable output
   -h, --help, --version
 
