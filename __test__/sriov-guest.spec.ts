@@ -118,7 +118,7 @@ async function main() {
     vfioGroup: fs.existsSync('/dev/vfio/' + group),
     pfVf0: pfLine(pf),
     netns: fs.readdirSync('/run/netns').sort(),
-    nodeVf: back ? { name: vfDev, mac: sh('cat', ['/sys/bus/pci/devices/' + vfPci + '/net/' + vfDev + '/address']).trim() } : null,
+    nodeVf: back ? { name: vfDev, mac: /link\/ether (\S+)/.exec(back)[1] } : null,
     nodeLinks: nodeLinks.map((l) => l.split(': ')[1].split('@')[0]),
     leases: ipamFiles,
     records: fs.existsSync('/run/tapmanager/sriov') ? fs.readdirSync('/run/tapmanager/sriov') : [],
