@@ -187,6 +187,8 @@ chmod 755 "$root/init"
 #    - chroots into /newroot with fresh proc, sysfs, devtmpfs, devpts, cgroup2 and tmpfs /run and /tmp;
 #    - runs `sh /tmjob/run.sh` there (output on the serial console), prints `TM_EXIT <rc>` and powers off.
 #    Lines: TM_BOOT (init started), TM_START (about to run the job), TM_ERROR <what>, TM_EXIT <rc>.
+#    With `tm.probe=1` on the kernel command line it only loads the modules, prints `TM_NIC <name> <mac>
+#    <driver>` per NIC and powers off (a nested guest checking a passed-through VF needs no host root).
 runner_modules=(virtio_pci virtio_net crc32c_generic netfs fscache 9pnet 9pnet_virtio 9p overlay igb igbvf vfio vfio_iommu_type1 vfio_pci
   tun bridge veth nf_tables nft_meta_bridge)
 modroot="$work/pkg/lib/modules/$kver"
@@ -236,6 +238,17 @@ export PATH=/bin
 echo TM_BOOT
 fail() { echo "TM_ERROR $*"; echo "TM_EXIT 255"; poweroff -f; }
 while read -r m; do insmod "/lib/modules/$m.ko" || echo "TM_ERROR insmod $m"; done < /lib/modules/order
+if grep -qw tm.probe=1 /proc/cmdline; then
+  # Probe mode (no host root): wait for NICs, print each as "TM_NIC <name> <mac> <driver>", power off.
+  i=0; while [ -z "$(ls /sys/class/net | grep -v '^lo$')" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+  sleep 1
+  for n in /sys/class/net/*; do
+    [ "${n##*/}" = lo ] && continue
+    echo "TM_NIC ${n##*/} $(cat $n/address) $(basename $(readlink $n/device/driver) 2>/dev/null)"
+  done
+  echo "TM_EXIT 0"
+  poweroff -f
+fi
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /host || fail "mount hostroot"
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 tmjob /job || fail "mount tmjob"
 mount -t tmpfs -o mode=755 tmpfs /ovl && mkdir -p /ovl/upper /ovl/work || fail "mount the overlay's tmpfs"
