@@ -12,6 +12,7 @@
  * (`get --qemu-args --exec`) and must see the VF, driven by igbvf, with the MAC tapmanager set.
  */
 import test from 'ava'
+import { spawnSync } from 'node:child_process'
 import { join } from 'node:path'
 import { runInGuest } from './helpers/guest'
 import { vmAssets } from './helpers/vm'
@@ -154,6 +155,8 @@ test('a VF of an emulated igb NIC is passed through, recovered and given back (Q
   t.timeout(process.env.TAPMANAGER_SRIOV_NESTED === '1' ? 70 * 60_000 : 20 * 60_000)
   const started = Date.now()
   const facts: Record<string, unknown> = {}
+  const devices = spawnSync('qemu-system-x86_64', ['-device', 'help'], { encoding: 'utf8' }).stdout ?? ''
+  if (!devices.includes('"igb"')) throw new Error('prerequisite missing: a QEMU with -device igb (QEMU 10 from bookworm-backports: run scripts/setup.sh)')
   const nested = process.env.TAPMANAGER_SRIOV_NESTED === '1'
   const assets = vmAssets()
   const r = await runInGuest({
