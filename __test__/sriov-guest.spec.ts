@@ -217,6 +217,10 @@ test('a VF of an emulated igb NIC is passed through, recovered and given back (Q
   if (nested) {
     // Stretch, opt-in (TAPMANAGER_SRIOV_NESTED=1: TCG inside TCG takes long): the nested guest sees the VF
     // with the MAC tapmanager set on the PF, read by its igbvf driver, and the tap's virtio NIC.
+    // Measured once (2026-12-02, loaded machine): the nested boot took 1206 s; the nested guest saw the tap's
+    // virtio NIC with the CNI MAC and the VF driven by igbvf, but with a random MAC, not the PF's: this
+    // assertion failed. Not investigated yet (a guess: igbvf's bounded wait for the PF's mailbox answer to its
+    // reset runs out at nested-TCG speed, and igbvf then picks a random MAC).
     const n = facts.nested as { ms: number; nics: string[][] }
     t.log(`nested guest: ${n.ms} ms, NICs ${JSON.stringify(n.nics)}`)
     t.true(n.nics.some(([, mac, driver]) => mac === vf.vfMac && driver === 'igbvf'), JSON.stringify(n.nics))
