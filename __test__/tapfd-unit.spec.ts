@@ -10,11 +10,13 @@ import type { PodNetworkOps } from '../src/podnetwork'
 import type { CniAttachment, CniClient } from '../src/cni'
 import { encodeGetFDPayload } from '../src/payloads'
 
-const CSN = (ns: string) =>
+const CSN = (ns: string, vf = false) =>
   JSON.stringify({
     Result: { interfaces: [{ name: 'eth0', mac: '42:a4:a6:22:80:2e', sandbox: ns }], ips: [{ version: '4', interface: 0, address: '10.1.90.5/24' }], routes: [], dns: {} },
     NsPath: ns,
-    Interfaces: [{ Type: 0, Name: 'eth0', HardwareAddr: 'QqSmIoAu', PCIAddress: '', MTU: 1500, VlanID: 0 }],
+    Interfaces: [vf
+      ? { Type: 1, Name: 'eth0', HardwareAddr: 'QqSmIoAu', PCIAddress: '0000:00:04.1', MTU: 1500, VlanID: 100 }
+      : { Type: 0, Name: 'eth0', HardwareAddr: 'QqSmIoAu', PCIAddress: '', MTU: 1500, VlanID: 0 }],
   })
 
 function isOpen(fd: number): boolean {
@@ -27,7 +29,7 @@ function isOpen(fd: number): boolean {
 }
 
 /** Recorded fakes; `gate` makes setupContainerSide wait for a test's signal; `fail` names steps that throw. */
-function fakes(opts: { fail?: string[]; gate?: Promise<void> } = {}) {
+function fakes(opts: { fail?: string[]; gate?: Promise<void>; vf?: boolean } = {}) {
   const calls: string[] = []
   const fds: number[] = []
   const fail = new Set(opts.fail ?? [])
@@ -53,7 +55,7 @@ function fakes(opts: { fail?: string[]; gate?: Promise<void> } = {}) {
       step(`setupContainerSide ${p}`)
       const fd = openSync('/dev/null', 'r')
       fds.push(fd)
-      return { csn: CSN(p), fds: [fd] }
+      return { csn: CSN(p, opts.vf), fds: [fd] }
     },
     teardownContainerSide: async (p, _csn, o) => step(`teardownContainerSide ${p}${o?.keepDevices ? ' keepDevices' : ''}`),
     recoverContainerSide: async (p) => {
@@ -84,6 +86,22 @@ function fakes(opts: { fail?: string[]; gate?: Promise<void> } = {}) {
 }
 
 const payload = (podId: string) => Buffer.from(encodeGetFDPayload({ podNetworkDesc: { podId, podName: 'vm', podNs: 'default', dns: null } }))
+
+test('a pod of SR-IOV VFs only gets no DHCP server, on add and on recover; get says type 1 with the PCI address', async (t) => {
+  const { calls, source } = fakes({ vf: true })
+  await source.getFDs('p1', payload('p1'))
+  t.deepEqual(calls, ['createNetns /ns/p1', 'cniAdd p1', 'setup-start /ns/p1', 'setupContainerSide /ns/p1'])
+  t.deepEqual(JSON.parse(source.getInfo('p1').toString()), [{ type: 1, mac: 'QqSmIoAu', fdIndex: 0, pciAddress: '0000:00:04.1' }])
+  calls.length = 0
+  await source.release('p1')
+  t.deepEqual(calls, ['teardownContainerSide /ns/p1 keepDevices', 'cniDel p1', 'deleteNetns /ns/p1'])
+
+  const { calls: calls2, source: source2, netns } = fakes({ vf: true })
+  netns.add('/ns/p2')
+  const recoverPayload = Buffer.from(JSON.stringify({ podNetworkDesc: { podId: 'p2', podName: 'vm', podNs: 'default' }, csn: JSON.parse(CSN('/ns/p2', true)) }))
+  await source2.recover('p2', recoverPayload)
+  t.deepEqual(calls2, ['recoverContainerSide /ns/p2'])
+})
 
 test('add runs netns, CNI, container side, DHCP in order; release undoes them in reverse and closes the fds', async (t) => {
   const { calls, source, fds } = fakes()

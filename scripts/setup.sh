@@ -35,6 +35,30 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# QEMU 10 (for `-device igb`, an emulated SR-IOV NIC: the SR-IOV guest test) from Debian's bookworm-backports,
+# replacing bookworm's 7.2 system-wide (a QEMU 10 beside 7.2 loads 7.2's modules and aborts). The suite is
+# added as a deb822 sources entry on the Debian mirror apt already uses.
+qemu_major=$( (qemu-system-x86_64 --version 2>/dev/null || true) | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p')
+if [ "$(uname -m)" = x86_64 ] && [ "${qemu_major:-0}" -lt 10 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "setup: QEMU ${qemu_major:-none} is older than 10 and not root to install QEMU 10 from bookworm-backports" >&2
+    exit 1
+  fi
+  backports=/etc/apt/sources.list.d/tapmanager-bookworm-backports.sources
+  if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    mirror=$(grep -rhs '^URIs:.*debian' /etc/apt/sources.list.d/*.sources | grep -v security | awk '{print $2}' | head -n 1)
+    [ -n "$mirror" ] || mirror=$(awk '$1 == "deb" && $2 ~ /debian/ && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list 2>/dev/null)
+    [ -n "$mirror" ] || { echo "setup: no Debian mirror found in apt's sources to add bookworm-backports" >&2; exit 1; }
+    printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+      "$mirror" > "$backports"
+  fi
+  echo "setup: installing QEMU 10 from bookworm-backports"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -o DPkg::Lock::Timeout=600 -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 >/dev/null
+  qemu-system-x86_64 -device help 2>/dev/null | grep -q '"igb"' || { echo "setup: QEMU after install has no igb device" >&2; exit 1; }
+fi
+
 # The real-VM test assets (a Debian kernel and a busybox initramfs), cached under .tmp/vm.
 if [ "$(uname -m)" = x86_64 ] && [ "$(id -u)" = 0 ]; then
   bash scripts/vm-assets.sh >/dev/null

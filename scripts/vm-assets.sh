@@ -2,6 +2,7 @@
 # Builds (once, then cached) the assets of the test VM from Debian packages, without installing anything:
 #   <dir>/vmlinux         the uncompressed kernel of Debian's linux-image-6.1.0-N-amd64 (boots via PVH under TCG)
 #   <dir>/initramfs.cpio  busybox-static, the virtio-net modules and an /init (see below)
+#   <dir>/runner.cpio     the guest runner's initramfs (see step 4 below)
 #   <dir>/stamp           what they were built from; a matching stamp makes this script a no-op
 # <dir> is $TAPMANAGER_VM_DIR, default <project>/.tmp/vm (gitignored). Prints <dir> on stdout.
 #
@@ -31,7 +32,8 @@ modules=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_p
 # apt does not invalidate them (pass --refresh, or remove <dir>, to rebuild from the newest one).
 self_hash=$(sha256sum "$0" | cut -c1-16)
 busybox_hash=$(sha256sum /bin/busybox | cut -c1-16)
-if [ "${1:-}" != --refresh ] && [ -s "$dir/vmlinux" ] && [ -s "$dir/initramfs.cpio" ] && [ -f "$dir/stamp" ] \
+if [ "${1:-}" != --refresh ] && [ -s "$dir/vmlinux" ] && [ -s "$dir/initramfs.cpio" ] && [ -s "$dir/runner.cpio" ] \
+  && [ -f "$dir/stamp" ] \
   && grep -q " script=$self_hash busybox=$busybox_hash\$" "$dir/stamp"; then
   echo "$dir"
   exit 0
@@ -178,7 +180,97 @@ chmod 755 "$root/init"
 
 (cd "$root" && find . | /bin/busybox cpio -o -H newc 2>/dev/null) > "$work/initramfs.cpio"
 
+# 4. The guest runner's initramfs (__test__/helpers/guest.ts): busybox, the modules below with their dependencies
+#    (read from each module's `depends=`, dependencies first), and an /init that
+#    - loads every module, mounts the host's root (9p tag `hostroot`, read-only) under a tmpfs overlay as
+#      /newroot and the job dir (9p tag `tmjob`, read-write) as /newroot/tmjob;
+#    - chroots into /newroot with fresh proc, sysfs, devtmpfs, devpts, cgroup2 and tmpfs /run and /tmp;
+#    - runs `sh /tmjob/run.sh` there (output on the serial console), prints `TM_EXIT <rc>` and powers off.
+#    Lines: TM_BOOT (init started), TM_START (about to run the job), TM_ERROR <what>, TM_EXIT <rc>.
+#    With `tm.probe=1` on the kernel command line it only loads the modules, prints `TM_NIC <name> <mac>
+#    <driver>` per NIC and powers off (a nested guest checking a passed-through VF needs no host root).
+runner_modules=(virtio_pci virtio_net crc32c_generic netfs fscache 9pnet 9pnet_virtio 9p overlay igb igbvf vfio vfio_iommu_type1 vfio_pci
+  tun bridge veth nf_tables nft_meta_bridge)
+modroot="$work/pkg/lib/modules/$kver"
+rroot="$work/runner"
+mkdir -p "$rroot"/{bin,dev,proc,sys,tmp,host,job,ovl,newroot,lib/modules}
+ko_of() { find "$modroot" \( -name "$1.ko" -o -name "$1.ko.*" -o -name "${1//_/-}.ko" -o -name "${1//_/-}.ko.*" \) | head -n 1; }
+unpack_ko() {
+  case "$1" in
+    *.ko.xz) xz -dc < "$1" ;;
+    *.ko.zst) zstd -dcq < "$1" ;;
+    *.ko.gz) gzip -dc < "$1" ;;
+    *) cat "$1" ;;
+  esac
+}
+declare -A seen=()
+order=()
+visit() {
+  local m=${1//-/_} ko d
+  [ -n "${seen[$m]:-}" ] && return 0
+  seen[$m]=1
+  ko=$(ko_of "$m")
+  if [ -z "$ko" ]; then
+    grep -qE "/(${m}|${m//_/-})\.ko\$" "$modroot/modules.builtin" && return 0
+    echo "vm-assets: module $m not found in $pkg" >&2
+    exit 1
+  fi
+  unpack_ko "$ko" > "$rroot/lib/modules/$m.ko"
+  for d in $(tr '\0' '\n' < "$rroot/lib/modules/$m.ko" | sed -n 's/^depends=//p' | head -n 1 | tr ',' ' '); do
+    visit "$d"
+  done
+  order+=("$m")
+}
+for m in "${runner_modules[@]}"; do visit "$m"; done
+printf '%s\n' "${order[@]}" > "$rroot/lib/modules/order"
+cp /bin/busybox "$rroot/bin/busybox"
+mknod -m 600 "$rroot/dev/console" c 5 1
+mknod -m 666 "$rroot/dev/null" c 1 3
+cat > "$rroot/init" <<'INIT'
+#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sysfs /sys
+/bin/busybox mount -t devtmpfs devtmpfs /dev 2>/dev/null
+exec </dev/console >/dev/console 2>&1
+/bin/busybox --install -s /bin
+export PATH=/bin
+echo TM_BOOT
+fail() { echo "TM_ERROR $*"; echo "TM_EXIT 255"; poweroff -f; }
+while read -r m; do insmod "/lib/modules/$m.ko" || echo "TM_ERROR insmod $m"; done < /lib/modules/order
+if grep -qw tm.probe=1 /proc/cmdline; then
+  # Probe mode (no host root): wait for NICs, print each as "TM_NIC <name> <mac> <driver>", power off.
+  i=0; while [ -z "$(ls /sys/class/net | grep -v '^lo$')" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+  sleep 1
+  for n in /sys/class/net/*; do
+    [ "${n##*/}" = lo ] && continue
+    echo "TM_NIC ${n##*/} $(cat $n/address) $(basename $(readlink $n/device/driver) 2>/dev/null)"
+  done
+  echo "TM_EXIT 0"
+  poweroff -f
+fi
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /host || fail "mount hostroot"
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 tmjob /job || fail "mount tmjob"
+mount -t tmpfs -o mode=755 tmpfs /ovl && mkdir -p /ovl/upper /ovl/work || fail "mount the overlay's tmpfs"
+mount -t overlay -o lowerdir=/host,upperdir=/ovl/upper,workdir=/ovl/work overlay /newroot || fail "mount the overlay"
+r=/newroot
+mkdir -p $r/tmjob && mount --bind /job $r/tmjob || fail "bind the job dir"
+mount -t proc proc $r/proc && mount -t sysfs sysfs $r/sys && mount -t devtmpfs devtmpfs $r/dev \
+  && mkdir -p $r/dev/pts && mount -t devpts devpts $r/dev/pts && mount -t tmpfs -o mode=755 tmpfs $r/run \
+  && mount -t tmpfs tmpfs $r/tmp && mount -t cgroup2 cgroup2 $r/sys/fs/cgroup || fail "mount the chroot's filesystems"
+ip link set lo up
+echo TM_START
+chroot $r /bin/sh -c 'cd /tmjob && exec /bin/sh /tmjob/run.sh' </dev/null
+rc=$?
+sync
+echo "TM_EXIT $rc"
+poweroff -f
+INIT
+chmod 755 "$rroot/init"
+(cd "$rroot" && find . | /bin/busybox cpio -o -H newc 2>/dev/null) > "$work/runner.cpio"
+
 mv "$work/vmlinux" "$dir/vmlinux"
+mv "$work/runner.cpio" "$dir/runner.cpio"
 mv "$work/initramfs.cpio" "$dir/initramfs.cpio"
 echo "$kver" > "$dir/kernel-release"
 echo "$stamp" > "$dir/stamp"

@@ -101,10 +101,16 @@ export interface ServerHandle {
 }
 export type StartServer = (opts: ServeOptions) => Promise<ServerHandle>
 
-/** The client the command line uses: FDClient over the server's socket. */
+/**
+ * The client the command line uses: FDClient over the server's socket, its module (and so the addon) loaded on
+ * first use. `$TAPMANAGER_TIMEOUT_MS` (a positive integer) bounds each request instead of FDClient's default 30 s
+ * (slow machines, emulated guests).
+ */
 export const createCliClient: CliClientFactory = (socketPath) => {
   let client: Promise<FDClient> | undefined
-  const get = () => (client ??= import('./client').then((m) => new m.FDClient(socketPath)))
+  const ms = Number(process.env.TAPMANAGER_TIMEOUT_MS)
+  const opts = Number.isInteger(ms) && ms > 0 ? { timeoutMs: ms } : {}
+  const get = () => (client ??= import('./client').then((m) => new m.FDClient(socketPath, opts)))
   return {
     addFDs: async (key, data) => (await get()).addFDs(key, data),
     getFDs: async (key) => (await get()).getFDs(key),
@@ -303,6 +309,7 @@ Commands:
 
 Global options:
   --socket PATH               server socket (default $TAPMANAGER_SOCKET or ${DEFAULT_SOCKET_PATH})
+                              ($TAPMANAGER_TIMEOUT_MS bounds each request; default 30000)
   --json                      machine-readable output
   -h, --help                  this text; \`tapmanager COMMAND --help\` or \`tapmanager help COMMAND\`: one command's
   -V, --version               the package version

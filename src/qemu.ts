@@ -23,6 +23,9 @@ const PCI_RE = /^(?:[0-9a-f]{4}:)?([0-9a-f]{2}:[0-9a-f]{2}\.[0-7])$/i
  * Builds the `-netdev`/`-device` arguments Virtlet's vmwrapper passes to QEMU, in description order:
  * tap => `-netdev tap,id=tap<fdIndex>,fd=<fd> -device virtio-net-pci,netdev=tap<fdIndex>,id=net<i>,mac=<mac>`
  * (i = position in `info`), VF => `-device vfio-pci,host=<bus:dev.fn>,id=hostdev<n>` (n counts VFs).
+ * For a VF, QEMU opens the VFIO container `/dev/vfio/vfio` and the VF's group `/dev/vfio/<group>` (the group is
+ * the name `/sys/bus/pci/devices/<pciAddress>/iommu_group` links to): the user QEMU runs as must be able to
+ * open both, or a launcher opens the group and passes it. The VF's fd in `fds` is `/dev/null` and unused.
  *
  * `<fd>` is the number the fd has in the process that runs QEMU: with `firstFd` (default 3, as
  * {@link spawnWithFds} arranges) it is `firstFd + fdIndex`; with `firstFd = null` it is `fds[fdIndex]` itself

@@ -229,10 +229,11 @@ export class TapFDSource implements FDSource {
         await this.ops.teardownContainerSide(nsPath, side.csn)
       })
 
-      const dhcp = await this.ops.startDhcpServer(nsPath, side.csn)
-      undo.push(() => dhcp.stop())
-
       const csn = parseContainerSideNetwork(Buffer.from(side.csn))
+      // No DHCP for SR-IOV VFs (the VM configures them from the CNI result): a pod of VFs only has no server.
+      const dhcp = hasTap(csn) ? await this.ops.startDhcpServer(nsPath, side.csn) : null
+      if (dhcp) undo.push(() => dhcp.stop())
+
       this.pods.set(key, { desc, csn, csnJson: side.csn, fds: [...side.fds], dhcp })
       return { fds: side.fds, data: Buffer.from(side.csn) }
     } catch (err) {
@@ -310,7 +311,8 @@ export class TapFDSource implements FDSource {
       if (!this.ops.netnsExists(nsPath)) throw new NotFoundError(`netns ${nsPath} of pod ${desc.podId} is gone`)
       const csnJson = encodeContainerSideNetwork(csn)
       fds = (await this.ops.recoverContainerSide(nsPath, csnJson)).fds
-      const dhcp = await this.ops.startDhcpServer(nsPath, csnJson)
+      // No DHCP for a pod of VFs only (the VM configures a VF from the CNI result).
+      const dhcp: DhcpServerHandle | null = hasTap(csn) ? await this.ops.startDhcpServer(nsPath, csnJson) : null
       this.pods.set(key, { desc, csn, csnJson, fds, dhcp })
     } catch (err) {
       for (const fd of fds) if (fd !== null) closeQuietly(fd)
@@ -340,6 +342,11 @@ export class TapFDSource implements FDSource {
     })
     return next
   }
+}
+
+/** Whether a pod network has a tap (type 0) interface: only those get DHCP. */
+function hasTap(csn: ContainerSideNetwork): boolean {
+  return csn.interfaces.some((i) => i.type === 0)
 }
 
 /** Runs every step in order, even past failures; returns the errors. */

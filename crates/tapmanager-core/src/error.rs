@@ -28,6 +28,14 @@ pub enum ErrorCode {
     Netlink,
     /// Any other operating-system error.
     Io,
+    /// An SR-IOV VF has no IOMMU group (the IOMMU is off), so vfio-pci cannot take it.
+    SriovNoIommuGroup,
+    /// The vfio-pci driver is not loaded.
+    SriovNoVfio,
+    /// An SR-IOV VF is taken already (bound to vfio-pci, or overridden to another driver).
+    SriovVfInUse,
+    /// The PF of an SR-IOV VF (its device or its netdev) is not found.
+    SriovPfNotFound,
 }
 
 impl ErrorCode {
@@ -44,6 +52,10 @@ impl ErrorCode {
             ErrorCode::TooLarge => "ERR_TOO_LARGE",
             ErrorCode::Netlink => "ERR_NETLINK",
             ErrorCode::Io => "ERR_IO",
+            ErrorCode::SriovNoIommuGroup => "ERR_SRIOV_NO_IOMMU_GROUP",
+            ErrorCode::SriovNoVfio => "ERR_SRIOV_NO_VFIO",
+            ErrorCode::SriovVfInUse => "ERR_SRIOV_VF_IN_USE",
+            ErrorCode::SriovPfNotFound => "ERR_SRIOV_PF_NOT_FOUND",
         }
     }
 

@@ -10,6 +10,7 @@
 //! - [`nftables`]: nf_tables over netlink: the message encoding and the socket that [`isolation`] uses.
 //! - [`types`]: the Go-compatible JSON payload types (CNI result, ContainerSideNetwork, interface descriptions).
 //! - [`dhcp`]: the per-pod DHCP server.
+//! - [`sriov`]: SR-IOV VFs: detection in sysfs, vfio-pci binding, what release restores.
 //! - [`container`]: setup, teardown and recovery of the container side of a pod network.
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -20,6 +21,7 @@ pub mod isolation;
 pub mod netlink;
 pub mod netns;
 pub mod nftables;
+pub mod sriov;
 pub mod tap;
 pub mod types;
 pub mod unix;

@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use futures::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{
-    InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage,
+    InfoData, InfoVeth, LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage, LinkVfInfo,
+    VfInfo, VfInfoMac, VfInfoVlan,
 };
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
@@ -94,6 +95,17 @@ pub struct LinkInfo {
     pub master: Option<u32>,
     /// The device group (`ip link show group`; 0 = default).
     pub group: u32,
+}
+
+/// What a PF holds for one of its VFs: the `vf <n>` line of `ip link show <pf>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VfConfig {
+    /// The MAC the PF gives the VF (all zeros: none set, the VF driver picks one).
+    pub mac: Mac,
+    /// The VLAN id (0 = none).
+    pub vlan: u32,
+    /// The VLAN priority.
+    pub qos: u32,
 }
 
 /// An address as `ip addr show` describes it.
@@ -398,6 +410,90 @@ impl NetlinkHandle {
         msg.attributes.push(LinkAttribute::Group(group));
         let ctx = format!("delete links {indices:?} (group {group})");
         self.handle.link().del_with_message(msg).execute().await.map_err(|e| nl_error(ctx, e))
+    }
+
+    /// Sets a link's alias (`IFLA_IFALIAS`; an empty alias removes it). Equivalent to `ip link set dev <link> alias <a>`.
+    pub async fn set_alias(&self, index: u32, alias: &str) -> Result<()> {
+        let msg =
+            LinkUnspec::new_with_index(index).append_extra_attribute(LinkAttribute::IfAlias(alias.to_string())).build();
+        self.set(msg, format!("set link #{index} alias {alias:?}")).await
+    }
+
+    /// A link's alias (`IFLA_IFALIAS`, empty when none). As shown by `ip -d link show dev <link>`.
+    pub async fn link_alias(&self, index: u32) -> Result<String> {
+        let mut stream = self.handle.link().get().match_index(index).execute();
+        match stream.try_next().await {
+            Ok(Some(msg)) => Ok(msg
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    LinkAttribute::IfAlias(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default()),
+            Ok(None) => Err(Error::new(ErrorCode::NotFound, format!("link #{index} not found"))),
+            Err(e) => Err(nl_error(format!("get link #{index}"), e)),
+        }
+    }
+
+    // ---- SR-IOV virtual functions, through their PF ----
+
+    /// The MAC and VLAN the PF `pf` holds for its VF number `vf` (`IFLA_VFINFO_LIST`, asked for with
+    /// `RTEXT_FILTER_VF`). As shown by the `vf <n> link/ether <mac>, vlan <v>, qos <q>` line of `ip link show <pf>`.
+    pub async fn vf_config(&self, pf: u32, vf: u32) -> Result<VfConfig> {
+        let ctx = format!("read VF {vf} of link #{pf}");
+        let mut stream = self
+            .handle
+            .link()
+            .get()
+            .match_index(pf)
+            .set_filter_mask(AddressFamily::Unspec, vec![LinkExtentMask::Vf])
+            .execute();
+        let msg = match stream.try_next().await {
+            Ok(Some(msg)) => msg,
+            Ok(None) => return Err(Error::new(ErrorCode::NotFound, format!("{ctx}: link not found"))),
+            Err(e) => return Err(nl_error(ctx, e)),
+        };
+        let vfs = msg.attributes.iter().find_map(|a| match a {
+            LinkAttribute::VfInfoList(l) => Some(l),
+            _ => None,
+        });
+        for info in vfs.into_iter().flatten() {
+            let mut mac = None;
+            let mut vlan = (0, 0);
+            for i in &info.0 {
+                match i {
+                    VfInfo::Mac(m) if m.vf_id == vf => {
+                        let mut a = [0u8; 6];
+                        a.copy_from_slice(&m.mac[..6]);
+                        mac = Some(a);
+                    }
+                    VfInfo::Vlan(v) if v.vf_id == vf => vlan = (v.vlan_id, v.qos),
+                    _ => {}
+                }
+            }
+            if let Some(mac) = mac {
+                return Ok(VfConfig { mac, vlan: vlan.0, qos: vlan.1 });
+            }
+        }
+        Err(Error::new(ErrorCode::NotFound, format!("{ctx}: the PF reports no such VF")))
+    }
+
+    /// Sets the MAC and VLAN of VF number `vf` through its PF `pf` (`IFLA_VF_MAC`, `IFLA_VF_VLAN` in
+    /// `IFLA_VFINFO_LIST`). Equivalent to `ip link set dev <pf> vf <vf> mac <mac> vlan <vlan> qos <qos>`.
+    pub async fn set_vf_config(&self, pf: u32, vf: u32, config: &VfConfig) -> Result<()> {
+        let ctx = format!(
+            "set VF {vf} of link #{pf} mac {} vlan {} qos {}",
+            format_mac(&config.mac),
+            config.vlan,
+            config.qos
+        );
+        let info = LinkVfInfo(vec![
+            VfInfo::Mac(VfInfoMac::new(vf, &config.mac)),
+            VfInfo::Vlan(VfInfoVlan::new(vf, config.vlan, config.qos)),
+        ]);
+        let msg = LinkUnspec::new_with_index(pf).append_extra_attribute(LinkAttribute::VfInfoList(vec![info])).build();
+        self.set(msg, ctx).await
     }
 
     // ---- addresses ----

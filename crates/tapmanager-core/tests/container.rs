@@ -355,6 +355,36 @@ impl NetOps for Failing {
     fn is_sriov_vf(&mut self, l: &Link) -> Result<bool> {
         self.inner.is_sriov_vf(l)
     }
+    fn vf_pci(&mut self, l: &Link) -> Result<String> {
+        self.inner.vf_pci(l)
+    }
+    fn vf_info(&mut self, pci: &str) -> Result<tapmanager_core::container::VfState> {
+        self.inner.vf_info(pci)
+    }
+    fn link_alias(&mut self, l: u32) -> Result<String> {
+        self.inner.link_alias(l)
+    }
+    fn set_vf_config(&mut self, pci: &str, c: &tapmanager_core::netlink::VfConfig) -> Result<()> {
+        self.step("set_vf_config")?;
+        self.inner.set_vf_config(pci, c)
+    }
+    fn bind_vfio(&mut self, pci: &str) -> Result<()> {
+        self.step("bind_vfio")?;
+        self.inner.bind_vfio(pci)
+    }
+    fn return_vf(&mut self, pci: &str, name: &str, alias: &str, mac: [u8; 6], up: bool) -> Result<()> {
+        self.step("return_vf")?;
+        self.inner.return_vf(pci, name, alias, mac, up)
+    }
+    fn save_vf_record(&mut self, r: &tapmanager_core::sriov::VfRecord) -> Result<()> {
+        self.inner.save_vf_record(r)
+    }
+    fn load_vf_record(&mut self, pci: &str) -> Result<Option<tapmanager_core::sriov::VfRecord>> {
+        self.inner.load_vf_record(pci)
+    }
+    fn remove_vf_record(&mut self, pci: &str) -> Result<()> {
+        self.inner.remove_vf_record(pci)
+    }
 }
 
 #[test]

@@ -1,11 +1,23 @@
 //! An in-memory [`NetOps`] that behaves like the kernel where the container side cares (kernel subnet routes
 //! follow addresses, deleting a link drops its addresses, routes and ports), with fault injection.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::OwnedFd;
 
 use super::ops::*;
 use crate::error::{Error, ErrorCode, Result};
+use crate::netlink::VfConfig;
+use crate::sriov::{VfDevice, VfRecord, VFIO_DRIVER};
+
+/// A fake SR-IOV VF: its netdev (when bound to its host driver) and what its PF holds for it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FakeVf {
+    pub index: u32,
+    pub driver: String,
+    pub netdev: Option<String>,
+    pub mtu: u32,
+    pub pf: VfConfig,
+}
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FakeNet {
@@ -15,6 +27,12 @@ pub struct FakeNet {
     pub isolations: BTreeSet<(String, String)>,
     /// Names of links that are SR-IOV VFs.
     pub vfs: BTreeSet<String>,
+    /// SR-IOV VFs by PCI address.
+    pub vf_devs: BTreeMap<String, FakeVf>,
+    /// Link aliases by link name.
+    pub aliases: BTreeMap<String, String>,
+    /// Saved VF records by PCI address.
+    pub vf_records: BTreeMap<String, VfRecord>,
     /// Taps held by someone else (opening them is `ERR_BUSY`).
     pub held: BTreeSet<String>,
     /// Bridge of each link with ageing 0.
@@ -47,6 +65,18 @@ impl FakeNet {
             up: true,
         });
         index
+    }
+
+    /// Adds a VF at `pci` (index `index` on its PF, bound to igbvf) whose netdev `name` is in this netns.
+    pub fn add_vf(&mut self, name: &str, mac: [u8; 6], pci: &str, index: u32, pf: VfConfig) {
+        self.add_link(name, mac, 1500, None);
+        self.vfs.insert(name.into());
+        self.vf_devs
+            .insert(pci.into(), FakeVf { index, driver: "igbvf".into(), netdev: Some(name.into()), mtu: 1500, pf });
+    }
+
+    fn vf_mut(&mut self, pci: &str) -> Result<&mut FakeVf> {
+        self.vf_devs.get_mut(pci).ok_or_else(|| Error::new(ErrorCode::NotFound, format!("no PCI device {pci}")))
     }
 
     pub fn index(&self, name: &str) -> u32 {
@@ -230,5 +260,83 @@ impl NetOps for FakeNet {
     }
     fn is_sriov_vf(&mut self, link: &Link) -> Result<bool> {
         Ok(self.vfs.contains(&link.name))
+    }
+    fn vf_pci(&mut self, link: &Link) -> Result<String> {
+        self.vf_devs
+            .iter()
+            .find(|(_, v)| v.netdev.as_deref() == Some(link.name.as_str()))
+            .map(|(pci, _)| pci.clone())
+            .ok_or_else(|| Error::new(ErrorCode::NotFound, format!("{} is not a VF", link.name)))
+    }
+    fn vf_info(&mut self, pci: &str) -> Result<VfState> {
+        let v = self.vf_mut(pci)?.clone();
+        Ok(VfState {
+            device: VfDevice {
+                pci: pci.into(),
+                pf_pci: "0000:00:04.0".into(),
+                index: v.index,
+                iommu_group: format!("{}", 7 + v.index),
+                driver: Some(v.driver.clone()),
+            },
+            pf_name: "pf0".into(),
+            config: v.pf,
+        })
+    }
+    fn link_alias(&mut self, link: u32) -> Result<String> {
+        let name = self.link_mut(link)?.name.clone();
+        Ok(self.aliases.get(&name).cloned().unwrap_or_default())
+    }
+    fn set_vf_config(&mut self, pci: &str, config: &VfConfig) -> Result<()> {
+        self.mutate("set_vf_config")?;
+        self.vf_mut(pci)?.pf = *config;
+        Ok(())
+    }
+    fn bind_vfio(&mut self, pci: &str) -> Result<()> {
+        self.mutate("bind_vfio")?;
+        let v = self.vf_mut(pci)?;
+        if v.driver == VFIO_DRIVER {
+            return Err(Error::new(ErrorCode::SriovVfInUse, format!("VF {pci} is in use")));
+        }
+        v.driver = VFIO_DRIVER.into();
+        if let Some(name) = v.netdev.take() {
+            let index = self.index(&name);
+            self.vfs.remove(&name);
+            self.aliases.remove(&name);
+            self.links.retain(|l| l.index != index);
+            self.addrs.retain(|a| a.link != index);
+            self.routes.retain(|r| r.oif != Some(index));
+        }
+        Ok(())
+    }
+    fn return_vf(&mut self, pci: &str, name: &str, alias: &str, mac: [u8; 6], up: bool) -> Result<()> {
+        self.mutate("return_vf")?;
+        let v = self.vf_mut(pci)?;
+        if v.netdev.is_some() {
+            v.driver = "igbvf".into();
+            return Ok(());
+        }
+        v.driver = "igbvf".into();
+        v.netdev = Some(name.into());
+        let mtu = v.mtu;
+        let index = self.add_link(name, mac, mtu, None);
+        self.link_mut(index)?.up = up;
+        self.vfs.insert(name.into());
+        if !alias.is_empty() {
+            self.aliases.insert(name.into(), alias.into());
+        }
+        Ok(())
+    }
+    fn save_vf_record(&mut self, record: &VfRecord) -> Result<()> {
+        self.mutate("save_vf_record")?;
+        self.vf_records.insert(record.pci.clone(), record.clone());
+        Ok(())
+    }
+    fn load_vf_record(&mut self, pci: &str) -> Result<Option<VfRecord>> {
+        Ok(self.vf_records.get(pci).cloned())
+    }
+    fn remove_vf_record(&mut self, pci: &str) -> Result<()> {
+        self.mutate("remove_vf_record")?;
+        self.vf_records.remove(pci);
+        Ok(())
     }
 }

@@ -20,7 +20,7 @@ pub mod setup;
 mod tests;
 
 pub use fix::{needs_dummy_gateway, CalicoOptions, NetSnapshot};
-pub use ops::{Addr, Link, NetOps, Route};
+pub use ops::{Addr, Link, NetOps, Route, VfState};
 pub use real::RealNet;
 pub use setup::{recover, reopen_taps, setup, teardown, teardown_with, SetupOptions, SetupOutput, TeardownOptions};
 

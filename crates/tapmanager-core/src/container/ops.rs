@@ -10,7 +10,8 @@ use std::os::fd::OwnedFd;
 use ipnet::Ipv4Net;
 
 use crate::error::Result;
-use crate::netlink::{rtprot, rtscope};
+use crate::netlink::{rtprot, rtscope, VfConfig};
+use crate::sriov::{VfDevice, VfRecord};
 
 /// Route protocol `kernel` (routes the kernel adds for an address's subnet; never stripped).
 pub const RTPROT_KERNEL: u8 = rtprot::KERNEL;
@@ -132,4 +133,40 @@ pub trait NetOps {
     fn open_tap(&mut self, name: &str) -> Result<OwnedFd>;
     /// Whether `link` is an SR-IOV virtual function (`/sys/class/net/<name>/device/physfn` exists).
     fn is_sriov_vf(&mut self, link: &Link) -> Result<bool>;
+
+    // ---- SR-IOV VFs (see crate::sriov) ----
+
+    /// The PCI address of the VF `link` (`readlink /sys/class/net/<name>/device`).
+    fn vf_pci(&mut self, link: &Link) -> Result<String>;
+    /// The VF at `pci` (PF, index, IOMMU group, driver) and what its PF holds for it (`ip link show <pf>`).
+    /// `ERR_SRIOV_PF_NOT_FOUND` / `ERR_SRIOV_NO_IOMMU_GROUP` when those are missing.
+    fn vf_info(&mut self, pci: &str) -> Result<VfState>;
+    /// A link's alias (`ip -d link show dev <link>`, the `alias` line).
+    fn link_alias(&mut self, link: u32) -> Result<String>;
+    /// `ip link set <pf> vf <n> mac <mac> vlan <vlan> qos <qos>` for the VF at `pci`.
+    fn set_vf_config(&mut self, pci: &str, config: &VfConfig) -> Result<()>;
+    /// Binds the VF at `pci` to vfio-pci (its netdev disappears) and waits for `/dev/vfio/<group>`.
+    /// `ERR_SRIOV_NO_VFIO` without the driver, `ERR_SRIOV_VF_IN_USE` when the VF is taken.
+    fn bind_vfio(&mut self, pci: &str) -> Result<()>;
+    /// Gives the VF at `pci` back to its host driver and its netdev back to this netns as `name` with alias
+    /// `alias` (empty: none), MAC `mac` and up when `up` (`ip link set dev <new> netns <pod> name <name> alias
+    /// <alias> address <mac> up`). Nothing to do for a VF whose netdev is here already.
+    fn return_vf(&mut self, pci: &str, name: &str, alias: &str, mac: [u8; 6], up: bool) -> Result<()>;
+    /// Saves what release restores for a VF (before setup changes it).
+    fn save_vf_record(&mut self, record: &VfRecord) -> Result<()>;
+    /// The saved record of the VF at `pci`, if any.
+    fn load_vf_record(&mut self, pci: &str) -> Result<Option<VfRecord>>;
+    /// Removes the record of the VF at `pci` (none is fine).
+    fn remove_vf_record(&mut self, pci: &str) -> Result<()>;
+}
+
+/// A VF and what its PF holds for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VfState {
+    /// The VF as sysfs describes it.
+    pub device: VfDevice,
+    /// The PF's name (in the netns where it was found).
+    pub pf_name: String,
+    /// The MAC and VLAN the PF holds for the VF.
+    pub config: VfConfig,
 }

@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 
 use ipnet::Ipv4Net;
 
-use super::ops::{Addr, Link, NetOps, Route};
+use super::ops::{Addr, Link, NetOps, Route, VfState};
 use super::setup::default_broadcast;
 use crate::error::{Error, ErrorCode, Result};
-use crate::netlink::{NetlinkHandle, RouteSpec};
+use crate::netlink::{NetlinkHandle, RouteSpec, VfConfig};
+use crate::sriov::{self, SriovPaths, VfRecord};
 use crate::{isolation, netns, tap};
 
 /// The network of the netns the calling thread is in. Create it on a thread made for that netns (inside
@@ -20,6 +21,25 @@ pub struct RealNet {
     rt: tokio::runtime::Runtime,
     nl: NetlinkHandle,
     ns_path: PathBuf,
+    sriov: SriovPaths,
+}
+
+/// The network namespaces where a PF and a VF's netdev (after it is given back to its host driver) are looked
+/// for: the server's own (its main thread's, `/proc/self/ns/net`) and the initial one (`/proc/1/ns/net`), where
+/// the kernel puts every netdev a driver creates. The same namespace twice is listed once.
+pub fn host_netns_candidates() -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out: Vec<PathBuf> = Vec::new();
+    let mut seen = Vec::new();
+    for p in ["/proc/self/ns/net", "/proc/1/ns/net"] {
+        if let Ok(m) = std::fs::metadata(p) {
+            if !seen.contains(&(m.dev(), m.ino())) {
+                seen.push((m.dev(), m.ino()));
+                out.push(PathBuf::from(p));
+            }
+        }
+    }
+    out
 }
 
 impl RealNet {
@@ -33,7 +53,52 @@ impl RealNet {
             let _enter = rt.enter();
             NetlinkHandle::open(None)?
         };
-        Ok(RealNet { rt, nl, ns_path: ns_path.to_path_buf() })
+        Ok(RealNet { rt, nl, ns_path: ns_path.to_path_buf(), sriov: SriovPaths::default() })
+    }
+
+    /// Uses `paths` for SR-IOV (sysfs, `/dev/vfio`, VF records) instead of the defaults.
+    pub fn with_sriov_paths(mut self, paths: SriovPaths) -> RealNet {
+        self.sriov = paths;
+        self
+    }
+
+    /// The netdevs of PCI device `pci` in the netns at `ns` (a sysfs mounted there lists them).
+    fn netdevs_in(&self, ns: &Path, pci: &str) -> Result<Vec<String>> {
+        if !self.sriov.is_real_sysfs() {
+            return sriov::netdevs_of(&self.sriov.sysfs, pci);
+        }
+        let pci = pci.to_string();
+        netns::run_in_netns_with_sysfs(ns, move || sriov::netdevs_of(Path::new("/sys"), &pci))
+    }
+
+    /// The netns and name of the PF `pf_pci`'s netdev.
+    fn find_pf(&self, pf_pci: &str) -> Result<(PathBuf, String)> {
+        for ns in host_netns_candidates() {
+            if let Some(name) = self.netdevs_in(&ns, pf_pci)?.into_iter().next() {
+                return Ok((ns, name));
+            }
+        }
+        Err(Error::new(
+            ErrorCode::SriovPfNotFound,
+            format!("the PF {pf_pci} has no netdev in the server's netns nor in the initial netns"),
+        ))
+    }
+
+    /// A netlink handle in `ns` (on this value's runtime) and the index of link `name` there.
+    fn handle_in(&self, ns: &Path, name: &str) -> Result<(NetlinkHandle, u32)> {
+        let nl = {
+            let _enter = self.rt.enter();
+            NetlinkHandle::open(Some(ns))?
+        };
+        let index = self.block(nl.link_by_name(name))?.index;
+        Ok((nl, index))
+    }
+
+    fn pf_handle(&self, pci: &str) -> Result<(sriov::VfDevice, String, NetlinkHandle, u32)> {
+        let device = sriov::vf_device(&self.sriov, pci)?;
+        let (ns, pf_name) = self.find_pf(&device.pf_pci)?;
+        let (nl, index) = self.handle_in(&ns, &pf_name)?;
+        Ok((device, pf_name, nl, index))
     }
 
     fn block<T>(&self, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
@@ -188,7 +253,116 @@ impl NetOps for RealNet {
         if link.kind.is_some() {
             return Ok(false);
         }
+        if !self.sriov.is_real_sysfs() {
+            return Ok(sriov::vf_pci_of_link(&self.sriov.sysfs, &link.name)?.is_some());
+        }
         let physfn = format!("/sys/class/net/{}/device/physfn", link.name);
         netns::run_in_netns_with_sysfs(&self.ns_path, move || Ok(Path::new(&physfn).exists()))
+    }
+
+    fn vf_pci(&mut self, link: &Link) -> Result<String> {
+        let name = link.name.clone();
+        let found = if self.sriov.is_real_sysfs() {
+            netns::run_in_netns_with_sysfs(&self.ns_path, move || sriov::vf_pci_of_link(Path::new("/sys"), &name))?
+        } else {
+            sriov::vf_pci_of_link(&self.sriov.sysfs, &name)?
+        };
+        found.ok_or_else(|| Error::new(ErrorCode::NotFound, format!("{} is not an SR-IOV VF", link.name)))
+    }
+
+    fn vf_info(&mut self, pci: &str) -> Result<VfState> {
+        let (device, pf_name, nl, pf) = self.pf_handle(pci)?;
+        let config = self.block(nl.vf_config(pf, device.index))?;
+        Ok(VfState { device, pf_name, config })
+    }
+
+    fn link_alias(&mut self, link: u32) -> Result<String> {
+        self.block(self.nl.link_alias(link))
+    }
+
+    fn set_vf_config(&mut self, pci: &str, config: &VfConfig) -> Result<()> {
+        let (device, pf_name, nl, pf) = self.pf_handle(pci)?;
+        self.block(nl.set_vf_config(pf, device.index, config)).map_err(|e| e.context(format!("PF {pf_name}")))
+    }
+
+    fn bind_vfio(&mut self, pci: &str) -> Result<()> {
+        let device = sriov::vf_device(&self.sriov, pci)?;
+        sriov::bind_vfio(&self.sriov, &device)
+    }
+
+    fn return_vf(&mut self, pci: &str, name: &str, alias: &str, mac: [u8; 6], up: bool) -> Result<()> {
+        let driver = sriov::unbind_vfio(&self.sriov, pci)?;
+        if driver.is_none() {
+            return Err(Error::new(ErrorCode::NotFound, format!("no host driver took VF {pci} back")));
+        }
+        // The host driver registers a new netdev in the initial netns (or it is still here, never unbound).
+        let deadline = std::time::Instant::now() + self.sriov.timeout;
+        let (ns, current) = loop {
+            if let Some(n) = self.netdevs_in(&self.ns_path, pci)?.into_iter().next() {
+                break (None, n);
+            }
+            let mut found = None;
+            for ns in host_netns_candidates() {
+                if let Some(n) = self.netdevs_in(&ns, pci)?.into_iter().next() {
+                    found = Some((Some(ns), n));
+                    break;
+                }
+            }
+            if let Some(f) = found {
+                break f;
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::new(
+                    ErrorCode::Timeout,
+                    format!("VF {pci} has no netdev {:?} after binding it to {driver:?}", self.sriov.timeout),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let index = match ns {
+            None => self.block(self.nl.link_by_name(&current))?.index,
+            Some(ns) => {
+                // Renamed to a unique name first: its kernel name may be taken in the pod netns.
+                let (host, index) = self.handle_in(&ns, &current)?;
+                let temp = format!("tmvf{:08x}", rand::random::<u32>());
+                let pod = netns::open_netns(&self.ns_path)?;
+                self.block(async {
+                    host.set_down(index).await?;
+                    host.set_name(index, &temp).await?;
+                    host.set_netns(index, std::os::fd::AsFd::as_fd(&pod)).await
+                })
+                .map_err(|e| e.context(format!("move the netdev {current} of VF {pci} into the pod netns")))?;
+                self.block(self.nl.link_by_name(&temp))?.index
+            }
+        };
+        let link = self.block(self.nl.link_by_index(index))?;
+        self.block(async {
+            if link.name != name {
+                self.nl.set_down(index).await?;
+                self.nl.set_name(index, name).await?;
+            }
+            self.nl.set_alias(index, alias).await?;
+            if link.mac != Some(mac) {
+                self.nl.set_down(index).await?;
+                self.nl.set_mac(index, mac).await?;
+            }
+            if up {
+                self.nl.set_up(index).await?;
+            }
+            Ok(())
+        })
+        .map_err(|e| e.context(format!("return VF {pci} as {name}")))
+    }
+
+    fn save_vf_record(&mut self, record: &VfRecord) -> Result<()> {
+        sriov::save_record(&self.sriov, record)
+    }
+
+    fn load_vf_record(&mut self, pci: &str) -> Result<Option<VfRecord>> {
+        sriov::load_record(&self.sriov, pci)
+    }
+
+    fn remove_vf_record(&mut self, pci: &str) -> Result<()> {
+        sriov::remove_record(&self.sriov, pci)
     }
 }

@@ -8,6 +8,8 @@ use ipnet::{IpNet, Ipv4Net};
 use super::fix::{container_links, fix_result, ipv4_of, CalicoOptions, NetSnapshot};
 use super::ops::{Addr, Link, NetOps, Route, RTPROT_KERNEL};
 use crate::error::{Error, ErrorCode, Result};
+use crate::netlink::VfConfig;
+use crate::sriov::{VfRecord, VFIO_DRIVER};
 use crate::types::{CniResult, ContainerSideNetwork, InterfaceDescription, InterfaceType, MacAddr};
 
 /// The address of every pod bridge: the DHCP server's address, `169.254.254.2/24`.
@@ -32,13 +34,19 @@ pub struct SetupOptions {
     pub enable_sriov: bool,
 }
 
-/// What [`setup`] produced: the ContainerSideNetwork and one tap fd per interface, in interface order.
+/// What [`setup`] produced: the ContainerSideNetwork and one fd per interface, in interface order.
 #[derive(Debug)]
 pub struct SetupOutput {
     /// The ContainerSideNetwork (with the fixed result).
     pub csn: ContainerSideNetwork,
-    /// The VM's end of each tap, in `csn.interfaces` order.
+    /// The VM's end of each tap, in `csn.interfaces` order; `/dev/null` for an SR-IOV VF (as in Virtlet: fd
+    /// indexes keep their meaning, the VF itself goes to the VM by its PCI address).
     pub fds: Vec<OwnedFd>,
+}
+
+/// The fd that stands for an SR-IOV VF: `/dev/null`, read-only.
+pub fn vf_placeholder_fd() -> Result<OwnedFd> {
+    std::fs::File::open("/dev/null").map(OwnedFd::from).map_err(|e| Error::io("open /dev/null", e))
 }
 
 /// The broadcast address an IPv4 address gets from CNI plugins (and `ip addr add ... brd +`).
@@ -61,6 +69,9 @@ enum Undo {
     NoMaster(u32),
     RemoveIsolation { link: String, bridge: String },
     SetDown(u32),
+    RemoveVfRecord(String),
+    ReturnVf { record: Box<VfRecord>, up: bool, result: Box<CniResult> },
+    SetVfConfig { pci: String, config: VfConfig },
 }
 
 fn run_undo(ops: &mut impl NetOps, undo: Undo) -> Result<()> {
@@ -72,6 +83,17 @@ fn run_undo(ops: &mut impl NetOps, undo: Undo) -> Result<()> {
         Undo::NoMaster(link) => ops.set_master(link, None),
         Undo::RemoveIsolation { link, bridge } => ops.remove_isolation(&link, &bridge),
         Undo::SetDown(link) => ops.set_up(link, false),
+        Undo::RemoveVfRecord(pci) => ops.remove_vf_record(&pci),
+        Undo::ReturnVf { record, up, result } => {
+            ops.return_vf(&record.pci, &record.name, &record.alias, record.mac.0, up)?;
+            // The netdev came back without its addresses and routes: re-add them from the result.
+            let link = ops.links()?.into_iter().find(|l| l.name == record.name);
+            match link {
+                Some(l) => restore_ips(ops, &result, &l),
+                None => Err(Error::new(ErrorCode::NotFound, format!("VF link {} did not come back", record.name))),
+            }
+        }
+        Undo::SetVfConfig { pci, config } => ops.set_vf_config(&pci, &config),
     }
 }
 
@@ -124,28 +146,29 @@ fn setup_inner(
     fix_result(&mut result, ns_path, &snap, &opts.calico)?;
     let links = container_links(&result, &snap)?;
     let mut interfaces = Vec::with_capacity(links.len());
-    let mut taps = Vec::with_capacity(links.len());
+    // Per interface: the tap to open, or `None` for a VF.
+    let mut taps: Vec<Option<String>> = Vec::with_capacity(links.len());
     for (i, link) in links.iter().enumerate() {
-        strip(ops, &snap, link, journal).map_err(|e| e.context(format!("strip {}", link.name)))?;
         if ops.is_sriov_vf(link)? {
             if !opts.enable_sriov {
                 return Err(Error::invalid(format!("{} is an SR-IOV VF, but SR-IOV is disabled", link.name)));
             }
-            return Err(Error::invalid(format!(
-                "{} is an SR-IOV VF: passing VFs to the VM is not implemented yet",
-                link.name
-            )));
+            // No strip: the netdev, with its addresses and routes, goes away when the VF leaves its driver.
+            let desc = setup_vf(ops, link, &result, journal)
+                .map_err(|e| e.context(format!("pass VF {} through", link.name)))?;
+            interfaces.push(desc);
+            taps.push(None);
+            continue;
         }
+        strip(ops, &snap, link, journal).map_err(|e| e.context(format!("strip {}", link.name)))?;
         let tap = setup_tap(ops, i, link, journal).map_err(|e| e.context(format!("set up {}", link.name)))?;
-        taps.push(tap);
-        let mtu = u16::try_from(link.mtu)
-            .map_err(|_| Error::invalid(format!("MTU {} of {} is too large", link.mtu, link.name)))?;
+        taps.push(Some(tap));
         interfaces.push(InterfaceDescription {
             kind: InterfaceType::Tap,
             name: link.name.clone(),
             hardware_addr: Some(MacAddr(link.mac)),
             pci_address: String::new(),
-            mtu,
+            mtu: mtu_of(link)?,
             vlan_id: 0,
         });
     }
@@ -155,8 +178,89 @@ fn setup_inner(
             ops.set_up(lo.index, true).map_err(|e| e.context("set lo up"))?;
         }
     }
-    let fds = taps.iter().map(|t| open_new_tap(ops, t)).collect::<Result<Vec<_>>>()?;
+    let fds = taps
+        .iter()
+        .map(|t| match t {
+            Some(t) => open_new_tap(ops, t),
+            None => vf_placeholder_fd(),
+        })
+        .collect::<Result<Vec<_>>>()?;
     Ok(SetupOutput { csn: ContainerSideNetwork { result, ns_path: ns_path.to_string(), interfaces }, fds })
+}
+
+fn mtu_of(link: &Link) -> Result<u16> {
+    u16::try_from(link.mtu).map_err(|_| Error::invalid(format!("MTU {} of {} is too large", link.mtu, link.name)))
+}
+
+/// Passes the VF `link` through (NETWORK.md, "Container side", step 2): reads its PCI address, PF, index and
+/// what the PF holds for it, saves that (release restores it), binds it to vfio-pci, then sets through the
+/// PF the link's MAC (the VM gets the CNI MAC) and the VLAN the PF had.
+fn setup_vf(
+    ops: &mut impl NetOps,
+    link: &Link,
+    result: &CniResult,
+    journal: &mut Vec<Undo>,
+) -> Result<InterfaceDescription> {
+    let pci = ops.vf_pci(link)?;
+    let state = ops.vf_info(&pci)?;
+    let alias = ops.link_alias(link.index)?;
+    let record = VfRecord {
+        pci: pci.clone(),
+        name: link.name.clone(),
+        alias,
+        mac: MacAddr(link.mac),
+        pf_mac: MacAddr(state.config.mac),
+        vlan: state.config.vlan,
+        qos: state.config.qos,
+    };
+    ops.save_vf_record(&record)?;
+    journal.push(Undo::RemoveVfRecord(pci.clone()));
+    // Pushed before binding: a bind that fails half way leaves the VF unbound or overridden, and giving it
+    // back handles every such state.
+    journal.push(Undo::ReturnVf { record: Box::new(record), up: link.up, result: Box::new(result.clone()) });
+    ops.bind_vfio(&pci)?;
+    journal.push(Undo::SetVfConfig { pci: pci.clone(), config: state.config });
+    let config = VfConfig { mac: link.mac, ..state.config };
+    ops.set_vf_config(&pci, &config)?;
+    Ok(InterfaceDescription {
+        kind: InterfaceType::Vf,
+        name: link.name.clone(),
+        hardware_addr: Some(MacAddr(link.mac)),
+        pci_address: pci,
+        mtu: mtu_of(link)?,
+        vlan_id: i32::try_from(state.config.vlan).unwrap_or(0),
+    })
+}
+
+/// Gives a VF back (release): restores what its PF held for it, rebinds it to its host driver and returns
+/// its netdev to the pod netns with its name, alias and MAC, so CNI DEL (e.g. `host-device`) finds it.
+/// The PF is restored first: the host driver reads the VF's MAC from the PF when it binds. A VF neither
+/// recorded nor bound to vfio-pci has been given back already.
+fn teardown_vf(ops: &mut impl NetOps, desc: &InterfaceDescription) -> Result<()> {
+    let pci = desc.pci_address.as_str();
+    let record = ops.load_vf_record(pci)?;
+    let state = ops.vf_info(pci)?;
+    let bound = state.device.driver.as_deref() == Some(VFIO_DRIVER);
+    let mac = desc.hardware_addr.map(|m| m.0);
+    let (config, alias) = match &record {
+        Some(r) => (VfConfig { mac: r.pf_mac.0, vlan: r.vlan, qos: r.qos }, r.alias.clone()),
+        None if !bound => return Ok(()),
+        None => (
+            VfConfig { mac: mac.unwrap_or_default(), vlan: u32::try_from(desc.vlan_id).unwrap_or(0), qos: 0 },
+            String::new(),
+        ),
+    };
+    let mut errs = Errors::default();
+    errs.step(|| format!("restore VF {pci} on its PF {}", state.pf_name), ops.set_vf_config(pci, &config));
+    let mac = mac.or(record.as_ref().map(|r| r.mac.0)).unwrap_or_default();
+    errs.step(
+        || format!("give VF {pci} back to its driver and the pod"),
+        ops.return_vf(pci, &desc.name, &alias, mac, true),
+    );
+    if errs.0.is_empty() {
+        errs.step(|| format!("remove the record of VF {pci}"), ops.remove_vf_record(pci));
+    }
+    errs.finish()
 }
 
 /// Opens a tap this setup has just created. The fd that created it (closed since) can still be attached for a
@@ -284,8 +388,8 @@ pub fn teardown_with(ops: &mut impl NetOps, csn: &ContainerSideNetwork, opts: &T
     };
     let by_name = |name: &str| links.iter().find(|l| l.name == name).cloned();
     for (i, desc) in csn.interfaces.iter().enumerate() {
-        if desc.kind != InterfaceType::Tap {
-            errs.0.push(Error::invalid(format!("{}: tearing down an SR-IOV VF is not implemented yet", desc.name)));
+        if desc.kind == InterfaceType::Vf {
+            errs.step(|| format!("give back VF {}", desc.name), teardown_vf(ops, desc));
             continue;
         }
         let (bridge, tap) = (bridge_name(i), tap_name(i));
@@ -379,11 +483,17 @@ fn restore_ips(ops: &mut impl NetOps, result: &CniResult, link: &Link) -> Result
 }
 
 /// Reopens the taps of a ContainerSideNetwork after a restart (NETWORK.md, "recover"): a tap that a running VM
-/// holds gives `None` (its fd is fetched later with [`reopen_taps`]).
+/// holds gives `None` (its fd is fetched later with [`reopen_taps`]). A VF still bound to vfio-pci is left
+/// alone (Virtlet's `ReconstructVFs`); one whose netdev is back in the pod netns (a crash during release) is
+/// bound again from its record. Its fd is `/dev/null`.
 pub fn recover(ops: &mut impl NetOps, csn: &ContainerSideNetwork) -> Result<Vec<Option<OwnedFd>>> {
     let mut fds = Vec::with_capacity(csn.interfaces.len());
     for (i, desc) in csn.interfaces.iter().enumerate() {
-        check_tap(desc)?;
+        if desc.kind == InterfaceType::Vf {
+            reconstruct_vf(ops, desc).map_err(|e| e.context(format!("recover VF {}", desc.name)))?;
+            fds.push(Some(vf_placeholder_fd()?));
+            continue;
+        }
         match ops.open_tap(&tap_name(i)) {
             Ok(fd) => fds.push(Some(fd)),
             Err(e) if e.code == ErrorCode::Busy => fds.push(None),
@@ -393,22 +503,34 @@ pub fn recover(ops: &mut impl NetOps, csn: &ContainerSideNetwork) -> Result<Vec<
     Ok(fds)
 }
 
+fn reconstruct_vf(ops: &mut impl NetOps, desc: &InterfaceDescription) -> Result<()> {
+    let pci = desc.pci_address.as_str();
+    let state = ops.vf_info(pci)?;
+    if state.device.driver.as_deref() == Some(VFIO_DRIVER) {
+        return Ok(());
+    }
+    let mac = desc.hardware_addr.map(|m| m.0).ok_or_else(|| Error::invalid(format!("VF {pci} has no MAC")))?;
+    if ops.load_vf_record(pci)?.is_none() {
+        return Err(Error::new(
+            ErrorCode::NotFound,
+            format!("VF {pci} is not bound to {VFIO_DRIVER} and has no record"),
+        ));
+    }
+    ops.bind_vfio(pci)?;
+    ops.set_vf_config(pci, &VfConfig { mac, ..state.config })
+}
+
 /// Reopens every tap of a ContainerSideNetwork (NETWORK.md, "retrieveFDs"); `ERR_BUSY` if one is still held.
+/// A VF gives `/dev/null`.
 pub fn reopen_taps(ops: &mut impl NetOps, csn: &ContainerSideNetwork) -> Result<Vec<OwnedFd>> {
     csn.interfaces
         .iter()
         .enumerate()
         .map(|(i, desc)| {
-            check_tap(desc)?;
+            if desc.kind == InterfaceType::Vf {
+                return vf_placeholder_fd();
+            }
             ops.open_tap(&tap_name(i)).map_err(|e| e.context(format!("reopen the tap of {}", desc.name)))
         })
         .collect()
-}
-
-fn check_tap(desc: &InterfaceDescription) -> Result<()> {
-    if desc.kind == InterfaceType::Tap {
-        Ok(())
-    } else {
-        Err(Error::invalid(format!("{}: SR-IOV VF recovery is not implemented yet", desc.name)))
-    }
 }

@@ -6,6 +6,8 @@ use super::fake::FakeNet;
 use super::fix::CalicoOptions;
 use super::setup::*;
 use crate::error::ErrorCode;
+use crate::netlink::VfConfig;
+use crate::sriov::VFIO_DRIVER;
 use crate::types::{CniResult, InterfaceType, MacAddr};
 
 const NS: &str = "/var/run/netns/pod1";
@@ -341,16 +343,132 @@ fn calico_default_route_without_dummy_gateway_is_an_error_and_undone() {
 
 #[test]
 fn an_sriov_vf_is_refused_when_sriov_is_disabled() {
-    let (mut net, r) = two_interfaces();
-    net.vfs.insert("eth1".into());
+    let (mut net, r) = tap_and_vf();
     let before = view(&net);
-    let e = setup(&mut net, NS, r.clone(), &opts()).unwrap_err();
+    let e = setup(&mut net, NS, r, &opts()).unwrap_err();
     assert_eq!(e.code, ErrorCode::Invalid);
     assert!(e.message.contains("SR-IOV is disabled"), "{}", e.message);
     assert_eq!(view(&net), before);
-    let e = setup(&mut net, NS, r, &SetupOptions { enable_sriov: true, ..opts() }).unwrap_err();
-    assert!(e.message.contains("not implemented"), "{}", e.message);
+    assert_eq!(net.vf_devs[VF_PCI].driver, "igbvf");
+}
+
+const VF_PCI: &str = "0000:00:04.1";
+const VF_MAC: [u8; 6] = [0x42, 0xa4, 0xa6, 0x22, 0x80, 0x50];
+const PF_HELD: VfConfig = VfConfig { mac: [0; 6], vlan: 100, qos: 0 };
+
+/// A pod with a bridge-plugin veth `eth0` and a VF `net1` (10.2.0.5/24, as host-device with IPAM leaves it,
+/// alias `eth1`: its name on the node), whose PF holds no MAC and VLAN 100 for it.
+fn tap_and_vf() -> (FakeNet, CniResult) {
+    let (mut net, _) = bridge_pod(1500);
+    net.add_vf("net1", VF_MAC, VF_PCI, 0, PF_HELD);
+    net.aliases.insert("net1".into(), "eth1".into());
+    net.plugin_addr("net1", "10.2.0.5/24");
+    net.plugin_route("net1", "10.20.0.0/16", Some("10.2.0.1"));
+    let r = result(
+        r#"{"interfaces":[{"name":"cni0","mac":"0a:58:0a:01:5a:01"},{"name":"veth1234","mac":"0a:58:0a:01:5a:02"},
+            {"name":"eth0","mac":"42:a4:a6:22:80:2e","sandbox":"/var/run/netns/pod1"},
+            {"name":"net1","mac":"42:a4:a6:22:80:50","sandbox":"/var/run/netns/pod1"}],
+           "ips":[{"version":"4","interface":2,"address":"10.1.90.5/24","gateway":"10.1.90.1"},
+                  {"version":"4","interface":3,"address":"10.2.0.5/24"}],
+           "routes":[{"dst":"0.0.0.0/0"},{"dst":"10.10.42.0/24","gw":"10.1.90.90"},{"dst":"10.20.0.0/16","gw":"10.2.0.1"}],
+           "dns":{}}"#,
+    );
+    (net, r)
+}
+
+fn sriov() -> SetupOptions {
+    SetupOptions { enable_sriov: true, ..opts() }
+}
+
+#[test]
+fn a_vf_is_bound_to_vfio_with_the_cni_mac_and_given_back_on_teardown() {
+    let (mut net, r) = tap_and_vf();
+    let before = view(&net);
+    let out = setup(&mut net, NS, r, &sriov()).unwrap();
+
+    assert_eq!(out.fds.len(), 2, "one fd per interface, /dev/null for the VF");
+    let vf = &out.csn.interfaces[1];
+    assert_eq!(
+        (vf.kind, vf.name.as_str(), vf.hardware_addr, vf.pci_address.as_str(), vf.mtu, vf.vlan_id),
+        (InterfaceType::Vf, "net1", Some(MacAddr(VF_MAC)), VF_PCI, 1500, 100)
+    );
+    assert_eq!(out.csn.interfaces[0].kind, InterfaceType::Tap);
+    let fd1 = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&out.fds[1]))).unwrap();
+    assert_eq!(fd1, std::path::Path::new("/dev/null"));
+    let dev = &net.vf_devs[VF_PCI];
+    assert_eq!(dev.driver, VFIO_DRIVER);
+    assert_eq!(dev.pf, VfConfig { mac: VF_MAC, vlan: 100, qos: 0 }, "the PF gives the VF the CNI MAC, VLAN kept");
+    assert!(net.links.iter().all(|l| l.name != "net1"), "the netdev went with the host driver");
+    assert!(net.links.iter().all(|l| l.name != "br1" && l.name != "tap1"), "no bridge or tap for a VF");
+    let rec = &net.vf_records[VF_PCI];
+    assert_eq!((rec.alias.as_str(), rec.pf_mac, rec.vlan), ("eth1", MacAddr([0; 6]), 100));
+
+    drop(out.fds);
+    teardown(&mut net, &out.csn).unwrap();
+    assert_eq!(view(&net), before, "links, MACs, addresses and routes as CNI left them");
+    let dev = &net.vf_devs[VF_PCI];
+    assert_eq!((dev.driver.as_str(), dev.pf), ("igbvf", PF_HELD), "host driver back, PF restored");
+    assert_eq!(net.aliases.get("net1").map(String::as_str), Some("eth1"), "host-device finds its alias");
+    assert!(net.vf_records.is_empty());
+    // A second teardown has nothing to give back: any VF step would fail here.
+    net.fail_ops.extend(["set_vf_config", "return_vf", "bind_vfio", "remove_vf_record"]);
+    teardown(&mut net, &out.csn).unwrap();
     assert_eq!(view(&net), before);
+    assert_eq!(net.vf_devs[VF_PCI].pf, PF_HELD);
+}
+
+#[test]
+fn a_failure_at_any_step_with_a_vf_gives_the_vf_back_as_it_was() {
+    let mut failed = 0;
+    for step in 0.. {
+        let (mut net, r) = tap_and_vf();
+        let before = view(&net);
+        net.mutations = 0;
+        net.fail_at = Some(step);
+        match setup(&mut net, NS, r, &sriov()) {
+            Ok(_) => break,
+            Err(e) => {
+                failed += 1;
+                assert!(e.message.contains(&format!("injected failure at step {step}")), "{}", e.message);
+                assert_eq!(view(&net), before, "after a failure at step {step}");
+                let dev = &net.vf_devs[VF_PCI];
+                assert_eq!((dev.driver.as_str(), dev.pf), ("igbvf", PF_HELD), "step {step}");
+                assert_eq!(net.aliases.get("net1").map(String::as_str), Some("eth1"), "step {step}");
+                assert!(net.vf_records.is_empty(), "step {step}");
+            }
+        }
+    }
+    assert!(failed > 15, "only {failed} steps");
+}
+
+#[test]
+fn recover_leaves_a_bound_vf_alone() {
+    let (mut net, r) = tap_and_vf();
+    let out = setup(&mut net, NS, r, &sriov()).unwrap();
+    // Any VF step would fail here.
+    net.fail_ops.extend(["set_vf_config", "return_vf", "bind_vfio", "remove_vf_record", "save_vf_record"]);
+    let fds = recover(&mut net, &out.csn).unwrap();
+    assert_eq!(fds.len(), 2);
+    assert!(fds.iter().all(Option::is_some));
+    assert_eq!(net.vf_devs[VF_PCI].driver, VFIO_DRIVER);
+    assert_eq!(reopen_taps(&mut net, &out.csn).unwrap().len(), 2);
+}
+
+#[test]
+fn a_vf_in_use_is_refused_with_its_code_and_nothing_is_left() {
+    let (mut net, r) = tap_and_vf();
+    let before = view(&net);
+    net.fail_ops.insert("bind_vfio");
+    let e = setup(&mut net, NS, r.clone(), &sriov()).unwrap_err();
+    assert!(e.message.contains("pass VF net1 through"), "{}", e.message);
+    net.fail_ops.clear();
+    assert_eq!(view(&net), before);
+
+    net.vf_devs.get_mut(VF_PCI).unwrap().driver = VFIO_DRIVER.into();
+    let e = setup(&mut net, NS, r, &sriov()).unwrap_err();
+    assert_eq!(e.code.as_str(), "ERR_SRIOV_VF_IN_USE", "{}", e.message);
+    assert_eq!(view(&net), before);
+    assert!(net.vf_records.is_empty());
 }
 
 #[test]
