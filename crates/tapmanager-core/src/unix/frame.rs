@@ -1,0 +1,140 @@
+//! The 77-byte frame of the FDServer protocol (PROTOCOL.md): reading request and response frames off a
+//! connection, writing responses, and the bytes of error frames and keys.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::Duration;
+
+use super::socket::{PeerCred, UnixConnection};
+use super::with_deadline;
+use crate::error::{Error, ErrorCode, Result};
+
+/// Length of an FDServer protocol header (PROTOCOL.md): magic(4) command(1) DataSize(4) OobSize(4) key(64).
+pub const FRAME_HEADER_LEN: usize = 77;
+pub(super) const FRAME_MAGIC: u32 = 0x4242_4242;
+
+/// DataSize and OobSize of a header (big-endian at bytes 5..9 and 9..13).
+pub(super) fn frame_sizes(h: &[u8]) -> (usize, usize) {
+    let data = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) as usize;
+    let oob = u32::from_be_bytes([h[9], h[10], h[11], h[12]]) as usize;
+    (data, oob)
+}
+
+/// One frame of the FDServer protocol as read off a connection: the 77 header bytes, the payload and any fds.
+#[derive(Debug)]
+pub struct Frame {
+    /// The 77-byte header, as received.
+    pub header: Vec<u8>,
+    /// The payload: DataSize bytes; `None` for a request frame that was not read (bad magic, or DataSize over
+    /// the limit).
+    pub data: Option<Vec<u8>>,
+    /// The fds that came with a response (owned).
+    pub fds: Vec<OwnedFd>,
+}
+
+impl UnixConnection {
+    /// Reads a request frame for a server: the header, then its DataSize payload bytes, all within `deadline`.
+    /// The payload is left unread (`data: None`) when the magic is wrong or DataSize exceeds `max_data`, so a
+    /// hostile size is never allocated. EOF before the header is `ERR_CLOSED`.
+    pub async fn read_request_frame(&self, max_data: usize, deadline: Option<Duration>) -> Result<Frame> {
+        let fut = async {
+            let header = self.read_exact_inner(FRAME_HEADER_LEN).await?;
+            let magic = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+            let (size, _) = frame_sizes(&header);
+            if magic != FRAME_MAGIC || size > max_data {
+                return Ok(Frame { header, data: None, fds: Vec::new() });
+            }
+            let data = if size > 0 { self.read_exact_inner(size).await? } else { Vec::new() };
+            Ok(Frame { header, data: Some(data), fds: Vec::new() })
+        };
+        with_deadline(deadline, "read request", fut).await
+    }
+
+    /// Reads a response frame as Virtlet's Go client does: exactly 77 header bytes, then, when DataSize or OobSize
+    /// is not zero, one `recvmsg` with a DataSize-byte buffer (1 byte for the dummy byte when DataSize is 0) and an
+    /// OobSize-byte control buffer; payload bytes that did not fit in that message follow by plain reads. The
+    /// dummy byte is dropped. A frame whose magic is wrong is returned as is, without reading further.
+    pub async fn read_response_frame(&self, deadline: Option<Duration>) -> Result<Frame> {
+        let fut = async {
+            let header = self.read_exact_inner(FRAME_HEADER_LEN).await?;
+            let magic = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+            if magic != FRAME_MAGIC {
+                return Ok(Frame { header, data: None, fds: Vec::new() });
+            }
+            let (size, oob) = frame_sizes(&header);
+            if size == 0 && oob == 0 {
+                return Ok(Frame { header, data: Some(Vec::new()), fds: Vec::new() });
+            }
+            let (mut data, fds) = self.recv_with_fds(size.max(1), oob).await?;
+            if data.is_empty() {
+                return Err(Error::new(ErrorCode::Closed, "read response: connection closed before the payload"));
+            }
+            if size == 0 {
+                data.clear(); // the dummy byte
+            } else if data.len() < size {
+                let rest = self.read_exact_inner(size - data.len()).await?;
+                data.extend_from_slice(&rest);
+            }
+            Ok(Frame { header, data: Some(data), fds })
+        };
+        with_deadline(deadline, "read response", fut).await
+    }
+}
+
+impl UnixConnection {
+    /// A server's turn on a connection: writes the response `head`, sends `data` with `fds` in one `sendmsg`
+    /// (nothing when both are empty), then reads the next request frame (see
+    /// [`read_request_frame`](Self::read_request_frame)). The fds are owned (duplicates the caller made), so the
+    /// caller may close its own copies at any time.
+    pub async fn respond_then_read(
+        &self,
+        head: &[u8],
+        data: &[u8],
+        fds: Vec<OwnedFd>,
+        max_data: usize,
+        deadline: Option<Duration>,
+    ) -> Result<Frame> {
+        self.respond(head, data, fds, None).await?;
+        self.read_request_frame(max_data, deadline).await
+    }
+
+    /// Writes a response: `head` with a plain write, then `data` with `fds` in one `sendmsg` (nothing when both
+    /// are empty), all within `deadline` when given (`ERR_TIMEOUT`: a peer that does not read cannot hold the
+    /// server). The fds are owned duplicates, closed once sent.
+    pub async fn respond(&self, head: &[u8], data: &[u8], fds: Vec<OwnedFd>, deadline: Option<Duration>) -> Result<()> {
+        let fut = async {
+            self.write_all(head).await?;
+            let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+            self.send_with_fds(data, &borrowed).await
+        };
+        with_deadline(deadline, "write response", fut).await
+    }
+}
+
+/// The error response for a peer the filter refuses (text as PROTOCOL.md's error frames: command 0xff, a key of
+/// 64 NULs, DataSize = text length).
+pub(super) fn permission_denied_frame(peer: Option<PeerCred>) -> Vec<u8> {
+    let who = match peer {
+        Some(p) => format!("uid {} gid {}", p.uid, p.gid),
+        None => "unknown peer".to_string(),
+    };
+    let text = format!("permission denied: peer {who} is not allowed");
+    let mut f = Vec::with_capacity(FRAME_HEADER_LEN + text.len());
+    f.extend_from_slice(&FRAME_MAGIC.to_be_bytes());
+    f.push(0xff);
+    f.extend_from_slice(&(text.len() as u32).to_be_bytes());
+    f.extend_from_slice(&0u32.to_be_bytes());
+    f.extend_from_slice(&[0u8; 64]);
+    f.extend_from_slice(text.as_bytes());
+    f
+}
+
+/// The 64 key bytes of `key` as a client sends them: UTF-8, right-padded with spaces.
+pub(super) fn padded_key(key: &str) -> Result<Vec<u8>> {
+    let b = key.as_bytes();
+    if b.is_empty() || b.len() > 64 {
+        return Err(Error::invalid(format!("fd key of {} bytes: 1 to 64 fit", b.len())));
+    }
+    let mut k = b.to_vec();
+    k.resize(64, b' ');
+    Ok(k)
+}
