@@ -185,7 +185,7 @@ test('stop() closes the listener, removes the socket, finishes in-flight request
   t.true(existsSync(sock))
   const inflight = client.addFDs('slow', { contents: ['s'] })
   // wait (bounded) until the request reached the source
-  for (let i = 0; i < 200 && !server['pending'].has('slow'); i++) await new Promise((r) => setImmediate(r))
+  for (const deadline = Date.now() + 20_000; !server['pending'].has('slow') && Date.now() < deadline; ) await new Promise((r) => setTimeout(r, 5))
   t.true(server['pending'].has('slow'))
   const stopping = server.stop()
   t.false(existsSync(sock))
