@@ -184,7 +184,8 @@ chmod 755 "$root/init"
 #    (read from each module's `depends=`, dependencies first), and an /init that
 #    - loads every module, mounts the host's root (9p tag `hostroot`, read-only) under a tmpfs overlay as
 #      /newroot and the job dir (9p tag `tmjob`, read-write) as /newroot/tmjob;
-#    - chroots into /newroot with fresh proc, sysfs, devtmpfs, devpts, cgroup2 and tmpfs /run and /tmp;
+#    - chroots into /newroot with fresh proc, sysfs, devtmpfs, devpts, cgroup2 and a tmpfs /run (no fresh /tmp:
+#      the checkout being tested may live under the host's /tmp, e.g. a CI clone; writes there go to the overlay);
 #    - runs `sh /tmjob/run.sh` there (output on the serial console), prints `TM_EXIT <rc>` and powers off.
 #    Lines: TM_BOOT (init started), TM_START (about to run the job), TM_ERROR <what>, TM_EXIT <rc>.
 #    With `tm.probe=1` on the kernel command line it only loads the modules, prints `TM_NIC <name> <mac>
@@ -257,7 +258,7 @@ r=/newroot
 mkdir -p $r/tmjob && mount --bind /job $r/tmjob || fail "bind the job dir"
 mount -t proc proc $r/proc && mount -t sysfs sysfs $r/sys && mount -t devtmpfs devtmpfs $r/dev \
   && mkdir -p $r/dev/pts && mount -t devpts devpts $r/dev/pts && mount -t tmpfs -o mode=755 tmpfs $r/run \
-  && mount -t tmpfs tmpfs $r/tmp && mount -t cgroup2 cgroup2 $r/sys/fs/cgroup || fail "mount the chroot's filesystems"
+  && mount -t cgroup2 cgroup2 $r/sys/fs/cgroup || fail "mount the chroot's filesystems"
 ip link set lo up
 echo TM_START
 chroot $r /bin/sh -c 'cd /tmjob && exec /bin/sh /tmjob/run.sh' </dev/null
