@@ -5,6 +5,8 @@
  * `__test__/wire-fuzz.spec.ts` runs a few thousand frames; the chaos campaign can call it with a large count.
  */
 import { UnixConnection, closeFd } from '../../src/native'
+// The same seeded PRNG as the DHCP fuzzer (same seed, same campaign).
+import { prng } from './dhcpfuzz'
 
 export interface WireFuzzOptions {
   socketPath: string
@@ -33,17 +35,6 @@ export interface WireFuzzCounts {
   connectFailures: number
 }
 
-/** mulberry32: a small seeded PRNG (same seed, same campaign). */
-function prng(seed: number): () => number {
-  let a = seed >>> 0
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0
-    let t = a
-    t = Math.imul(t ^ (t >>> 15), t | 1)
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
-  }
-}
 
 const SAMPLE_PAYLOADS = [
   '{"podNetworkDesc":{"podId":"fz/1","podNs":"ns","podName":"p","DNS":null}}',
