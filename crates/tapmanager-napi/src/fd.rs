@@ -125,6 +125,18 @@ pub struct FdDone {
     pub not_sent: Option<bool>,
 }
 
+impl FdDone {
+    /// The completion of request `id`: its frame, or its error's code and message (`not_sent` only with an error).
+    fn of(id: u32, r: tapmanager_core::Result<unix::Frame>, not_sent: Option<bool>) -> FdDone {
+        match r {
+            Ok(f) => FdDone { id, frame: Some(to_js_frame(f)), code: None, message: None, not_sent: None },
+            Err(e) => {
+                FdDone { id, frame: None, code: Some(e.code.as_str().to_string()), message: Some(e.message), not_sent }
+            }
+        }
+    }
+}
+
 type DoneFn = ThreadsafeFunction<FdDone, (), FdDone, napi::Status, false, true>;
 
 /// Runs FDServer requests like `fdRequest`, but reports every completion through one long-lived callback
@@ -179,17 +191,7 @@ impl FdRequestPort {
                 Ok(None) => unix::request(&path, &req, d).await,
                 Err(e) => Err(e),
             };
-            let out = match r {
-                Ok(f) => FdDone { id, frame: Some(to_js_frame(f)), code: None, message: None, not_sent: None },
-                Err(e) => FdDone {
-                    id,
-                    frame: None,
-                    code: Some(e.code.as_str().to_string()),
-                    message: Some(e.message),
-                    not_sent: None,
-                },
-            };
-            done.call(out, ThreadsafeFunctionCallMode::NonBlocking);
+            done.call(FdDone::of(id, r, None), ThreadsafeFunctionCallMode::NonBlocking);
         });
     }
 
@@ -220,18 +222,9 @@ impl FdRequestPort {
                 }),
                 None => exchange.await,
             };
-            let out = match r {
-                Ok(f) => FdDone { id, frame: Some(to_js_frame(f)), code: None, message: None, not_sent: None },
-                Err(e) => FdDone {
-                    id,
-                    frame: None,
-                    code: Some(e.code.as_str().to_string()),
-                    message: Some(e.message),
-                    // A timeout may have hit while the request was on its way: only a failed write is certain.
-                    not_sent: Some(not_sent && e.code != tapmanager_core::ErrorCode::Timeout),
-                },
-            };
-            done.call(out, ThreadsafeFunctionCallMode::NonBlocking);
+            // A timeout may have hit while the request was on its way: only a failed write is certain.
+            let not_sent = not_sent && !matches!(&r, Err(e) if e.code == tapmanager_core::ErrorCode::Timeout);
+            done.call(FdDone::of(id, r, Some(not_sent)), ThreadsafeFunctionCallMode::NonBlocking);
         });
     }
 }
