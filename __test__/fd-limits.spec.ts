@@ -224,6 +224,9 @@ test('one log entry per request with its real outcome, including gets whose clie
   const client = new FDClient(sock, { timeoutMs: 10_000 })
   await client.addFDs('k', { contents: ['x'] })
   ;(await client.getFDs('k')).fds.forEach((fd) => closeFd(fd)) // registers k for the fast path
+  // An entry is logged once its write has finished, which may be after the client has its answer: wait for the
+  // add's and the get's entries before counting from zero.
+  t.true(await until(() => log.length >= 2), `set-up requests logged (${log.length})`)
   log.length = 0
   const N_OK = 60
   const N_GONE = 30
