@@ -15,7 +15,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { randomBytes } from 'node:crypto'
 import { FDClient, closeFd } from './client'
-import { interfaceInfoFromWire } from './cli'
+import { interfaceInfoFromWire } from './qemu'
 
 const t0 = process.hrtime.bigint()
 const elapsed = () => (Number(process.hrtime.bigint() - t0) / 1e9).toFixed(2).padStart(6)

@@ -3,7 +3,7 @@
  * spawning a process that inherits the tap fds as fd 3, 4, ...
  */
 import { spawn, type ChildProcess, type SpawnOptions, type StdioNull, type StdioPipe } from 'node:child_process'
-import { InvalidInputError } from './errors'
+import { InvalidInputError, TapmanagerError } from './errors'
 
 /**
  * One interface description from a get reply, in TypeScript form: `mac` in colon form (the wire carries
@@ -81,4 +81,19 @@ function checkFds(fds: number[]): void {
   if (!Array.isArray(fds) || fds.some((fd) => !Number.isInteger(fd) || fd < 0)) {
     throw new InvalidInputError(`fds must be an array of non-negative integers, got ${JSON.stringify(fds)}`)
   }
+}
+
+/** get info on the wire (`[{"type":0,"mac":"<base64>","fdIndex":0,"pciAddress":""}]`) in TypeScript form. */
+export function interfaceInfoFromWire(info: Buffer | string): InterfaceInfo[] {
+  const v = JSON.parse(typeof info === 'string' ? info : info.toString('utf8')) as unknown
+  if (!Array.isArray(v)) throw new TapmanagerError('ERR_INVALID', 'get info is not a JSON array')
+  return v.map((d: Record<string, unknown>) => {
+    const mac = typeof d.mac === 'string' ? Buffer.from(d.mac, 'base64') : Buffer.alloc(0)
+    return {
+      type: d.type === 1 ? 1 : 0,
+      mac: [...mac].map((b) => b.toString(16).padStart(2, '0')).join(':'),
+      fdIndex: Number(d.fdIndex ?? 0),
+      pciAddress: typeof d.pciAddress === 'string' ? d.pciAddress : '',
+    }
+  })
 }
