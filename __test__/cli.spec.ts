@@ -66,7 +66,6 @@ const CSN = {
   Interfaces: [{ Type: 0, Name: 'eth0', HardwareAddr: 'QqSmIoAu', PCIAddress: '', MTU: 1500, VlanID: 0 }],
 }
 
-/** A client stand-in that records calls (for output formatting and argument plumbing). */
 /**
  * What an fd of this process points at (null when closed). Tests of received-fd closing check this instead of
  * closing the fd number again: tests in this file run concurrently, so a closed number may already belong to
@@ -80,6 +79,7 @@ function fdTarget(fd: number): string | null {
   }
 }
 
+/** A client stand-in that records calls (for output formatting and argument plumbing). */
 function fakeClient(calls: unknown[], over: Partial<CliClient> = {}): () => CliClient {
   return () => ({
     isRunning: async () => true,

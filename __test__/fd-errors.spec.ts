@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { FDServer, FDClient, ServerError, type FDSource, type RequestLogEntry } from '../src/index'
 import { UnixConnection } from '../src/native'
-import { serverErrorCode } from '../src/errors'
+import { serverErrorCode, type ErrorCode } from '../src/errors'
 import { parseGetFDPayload } from '../src/payloads'
 
 /** A source that refuses to recover (with a fixed message) and adds keys without fds. */
@@ -95,7 +95,7 @@ test('each error text of PROTOCOL.md, byte for byte (Go %q quoting)', async (t) 
 test('FDClient maps the known error texts to stable codes and keeps the text', async (t) => {
   const { client } = await withServer(t)
   await client.addFDs('a', {})
-  const cases: [Promise<unknown>, string, string][] = [
+  const cases: [Promise<unknown>, ErrorCode, string][] = [
     [client.getFDs('nope'), 'ERR_NOT_FOUND', 'server returned error: bad fd key: "nope"'],
     [client.releaseFDs('nope'), 'ERR_NOT_FOUND', 'server returned error: bad fd key: "nope"'],
     [client.addFDs('a', {}), 'ERR_EXISTS', 'server returned error: fd key already exists: "a"'],

@@ -24,6 +24,7 @@ import { FDServer, type RequestLogEntry } from './server'
 import { forEachLimited } from './limit'
 import { keyToFileName, StateStore } from './state'
 import { TapFDSource } from './tapfdsource'
+import { DEFAULT_NETNS_DIR } from './defaults'
 
 /** Options of {@link startDaemon}. */
 export interface DaemonOptions {
@@ -186,7 +187,7 @@ class PersistingSource implements FDSource {
 
 /** Starts the daemon: recovers persisted keys, then serves. */
 export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
-  const netnsDir = opts.netnsDir ?? '/var/run/netns'
+  const netnsDir = opts.netnsDir ?? DEFAULT_NETNS_DIR
   const observer = opts.observer
   const observe = <A extends unknown[]>(fn: ((...a: A) => void) | undefined, ...a: A) => {
     try {

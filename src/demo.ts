@@ -16,6 +16,7 @@ import { join } from 'node:path'
 import { randomBytes } from 'node:crypto'
 import { FDClient, closeFd } from './client'
 import { interfaceInfoFromWire } from './qemu'
+import { DEFAULT_NETNS_DIR, podNetnsPath } from './defaults'
 
 const t0 = process.hrtime.bigint()
 const elapsed = () => (Number(process.hrtime.bigint() - t0) / 1e9).toFixed(2).padStart(6)
@@ -172,7 +173,7 @@ async function main(): Promise<number> {
     }
     if (server && server.exitCode === null && server.signalCode === null) server.kill('SIGKILL')
     for (const ns of [...podIds, clientNs, node]) {
-      if (existsSync(`/var/run/netns/${ns}`)) {
+      if (existsSync(podNetnsPath(DEFAULT_NETNS_DIR, ns))) {
         for (const pid of spawnSync('ip', ['netns', 'pids', ns], { encoding: 'utf8' }).stdout.split(/\s+/).filter(Boolean)) {
           spawnSync('kill', ['-9', pid])
         }
@@ -215,7 +216,7 @@ async function main(): Promise<number> {
     // would be invisible to everyone else and die with the server).
     server = spawn(
       'nsenter',
-      [`--net=/var/run/netns/${node}`, process.execPath, CLI, 'serve', '--socket', socket, '--cni-conf-dir', confDir, '--cni-bin-dir', '/usr/lib/cni', '--state-dir', stateDir],
+      [`--net=${podNetnsPath(DEFAULT_NETNS_DIR, node)}`, process.execPath, CLI, 'serve', '--socket', socket, '--cni-conf-dir', confDir, '--cni-bin-dir', '/usr/lib/cni', '--state-dir', stateDir],
       { stdio: ['ignore', 'ignore', 'pipe'] },
     )
     const serverLog = lines(server, 'stderr')
@@ -317,7 +318,7 @@ async function main(): Promise<number> {
       const out = cli(socket, ['release', p.key]).trim()
       detail(`$ tapmanager release ${p.key}: ${out} (${Date.now() - t} ms)`)
     }
-    for (const ns of [clientNs, `${clientNs.slice(0, -1)}a`]) if (existsSync(`/var/run/netns/${ns}`)) sh('ip', ['netns', 'del', ns])
+    for (const ns of [clientNs, `${clientNs.slice(0, -1)}a`]) if (existsSync(podNetnsPath(DEFAULT_NETNS_DIR, ns))) sh('ip', ['netns', 'del', ns])
 
     say('stopping the server with SIGTERM')
     const code = await new Promise<number | null>((resolve) => {
@@ -339,7 +340,7 @@ async function main(): Promise<number> {
     if (code !== 0) throw new Error(`the server exited with ${String(code)}`)
 
     say('the node is clean:')
-    const leftNs = podIds.filter((id) => existsSync(`/var/run/netns/${id}`))
+    const leftNs = podIds.filter((id) => existsSync(podNetnsPath(DEFAULT_NETNS_DIR, id)))
     const links = nsExec(node, 'ip', ['-br', 'link']).trim().split('\n').map((l) => l.split(/\s+/)[0].split('@')[0])
     const leases = existsSync(join(ipamDir, 'demo-net')) ? readdirSync(join(ipamDir, 'demo-net')).filter((f) => /^\d/.test(f)) : []
     const state = existsSync(stateDir) ? readdirSync(stateDir).filter((f) => f.endsWith('.json')) : []
@@ -361,7 +362,7 @@ async function main(): Promise<number> {
     cleanup()
     process.off('SIGINT', onSignal)
     process.off('SIGTERM', onSignal)
-    const left = [node, clientNs, ...podIds].filter((ns) => existsSync(`/var/run/netns/${ns}`))
+    const left = [node, clientNs, ...podIds].filter((ns) => existsSync(podNetnsPath(DEFAULT_NETNS_DIR, ns)))
     process.stdout.write(left.length ? `cleanup: left ${left.join(' ')}\n` : `[${elapsed()}s] cleaned up: sandbox netns and temp dir removed\n`)
   }
 }

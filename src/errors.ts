@@ -4,10 +4,37 @@
  * Callers branch on `code`, never on messages.
  */
 
+/**
+ * Every code a tapmanager error carries. The first ten are the native core's (`crates/tapmanager-core/src/error.rs`
+ * `ErrorCode::as_str`); `ERR_TAPMANAGER_NATIVE` is binding-error.js's (the addon could not be loaded); the rest
+ * are the TypeScript layer's. Each has its TapmanagerError subclass (__test__/errors.spec.ts lists them).
+ */
+export type ErrorCode =
+  | 'ERR_NOT_FOUND'
+  | 'ERR_EXISTS'
+  | 'ERR_BUSY'
+  | 'ERR_PERMISSION'
+  | 'ERR_INVALID'
+  | 'ERR_TIMEOUT'
+  | 'ERR_CLOSED'
+  | 'ERR_TOO_LARGE'
+  | 'ERR_NETLINK'
+  | 'ERR_IO'
+  | 'ERR_TAPMANAGER_NATIVE'
+  | 'ERR_PROTOCOL'
+  | 'ERR_SERVER'
+  | 'ERR_UNSUPPORTED'
+  | 'ERR_NOT_RUNNING'
+  | 'ERR_CNI'
+  | 'ERR_STATE_CORRUPT'
+  | 'ERR_MULTIPLE'
+  | 'ERR_READ'
+  | 'ERR_USAGE'
+
 /** The base class of every error tapmanager throws. */
 export class TapmanagerError extends Error {
-  readonly code: string
-  constructor(code: string, message: string, options?: { cause?: unknown }) {
+  readonly code: ErrorCode
+  constructor(code: ErrorCode, message: string, options?: { cause?: unknown }) {
     super(message, options)
     this.name = new.target.name
     this.code = code
@@ -35,6 +62,119 @@ export class TimeoutError extends TapmanagerError {
   }
 }
 
+/** Something that should be unique exists already (a key, a pod id, a link, a netns). */
+export class ExistsError extends TapmanagerError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('ERR_EXISTS', message, options)
+  }
+}
+
+/** A resource is busy (EBUSY). */
+export class BusyError extends TapmanagerError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('ERR_BUSY', message, options)
+  }
+}
+
+/** Not allowed: EPERM/EACCES, or a peer the server does not serve. */
+export class PermissionError extends TapmanagerError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('ERR_PERMISSION', message, options)
+  }
+}
+
+/** The connection, fd or server is closed (or closing). */
+export class ClosedError extends TapmanagerError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('ERR_CLOSED', message, options)
+  }
+}
+
+/** Over a size limit (request data, fd count). */
+export class TooLargeError extends TapmanagerError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('ERR_TOO_LARGE', message, options)
+  }
+}
+
+/** The kernel refused a netlink request (rtnetlink, nf_tables) for a reason without a more precise code. */
+export class NetlinkError extends TapmanagerError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('ERR_NETLINK', message, options)
+  }
+}
+
+/** Any other operating-system error. */
+export class IoError extends TapmanagerError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('ERR_IO', message, options)
+  }
+}
+
+/** The native addon could not be loaded (binding-error.js's error, same message). */
+export class NativeLoadError extends TapmanagerError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('ERR_TAPMANAGER_NATIVE', message, options)
+  }
+}
+
+/** The peer does not support the request (Virtlet's server and the `list` extension). */
+export class UnsupportedError extends TapmanagerError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('ERR_UNSUPPORTED', message, options)
+  }
+}
+
+/** No server listens at the socket. */
+export class NotRunningError extends TapmanagerError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('ERR_NOT_RUNNING', message, options)
+  }
+}
+
+/** The FDServer stopped serving by itself (its accept loop failed). */
+export class ServerFailedError extends TapmanagerError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('ERR_SERVER', message, options)
+  }
+}
+
+/** A file the caller named could not be read. */
+export class ReadError extends TapmanagerError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('ERR_READ', message, options)
+  }
+}
+
+/** The codes the native addon puts in `err.code`, and the class each becomes (see src/native.ts). */
+const NATIVE_ERROR_CLASSES = {
+  ERR_NOT_FOUND: NotFoundError,
+  ERR_EXISTS: ExistsError,
+  ERR_BUSY: BusyError,
+  ERR_PERMISSION: PermissionError,
+  ERR_INVALID: InvalidInputError,
+  ERR_TIMEOUT: TimeoutError,
+  ERR_CLOSED: ClosedError,
+  ERR_TOO_LARGE: TooLargeError,
+  ERR_NETLINK: NetlinkError,
+  ERR_IO: IoError,
+  ERR_TAPMANAGER_NATIVE: NativeLoadError,
+} as const satisfies Partial<Record<ErrorCode, new (message: string, options?: { cause?: unknown }) => TapmanagerError>>
+
+/**
+ * A native error (a plain `Error` whose `code` is one of the core's codes) as its {@link TapmanagerError} subclass:
+ * same message and code, the original as `cause`, its stack kept. Anything else (a TapmanagerError already, a
+ * napi status such as `InvalidArg`, a foreign error) is returned as it is.
+ */
+export function fromNativeError(err: unknown): unknown {
+  if (err instanceof TapmanagerError || !(err instanceof Error)) return err
+  const code = (err as { code?: unknown }).code
+  if (typeof code !== 'string' || !Object.hasOwn(NATIVE_ERROR_CLASSES, code)) return err
+  const wrapped = new NATIVE_ERROR_CLASSES[code as keyof typeof NATIVE_ERROR_CLASSES](err.message, { cause: err })
+  if (err.stack) wrapped.stack = err.stack.replace(/^Error\b/, wrapped.name)
+  return wrapped
+}
+
 /** Returns the error's stable code, or `ERR_UNKNOWN` for foreign errors without one. */
 export function errorCode(err: unknown): string {
   const code = (err as { code?: unknown } | null)?.code
@@ -45,13 +185,13 @@ export function errorCode(err: unknown): string {
  * The stable code of a server's error text. The wire carries text only (Virtlet's protocol has no codes), so the
  * client maps the texts our server and Virtlet's Go server send back to codes; anything else is `ERR_SERVER`.
  */
-export function serverErrorCode(message: string): string {
+export function serverErrorCode(message: string): ErrorCode {
   for (const [re, code] of SERVER_ERROR_CODES) if (re.test(message)) return code
   return 'ERR_SERVER'
 }
 
 /** Server error texts (PROTOCOL.md and our server's own refusals) and their codes; the first match wins. */
-const SERVER_ERROR_CODES: ReadonlyArray<readonly [RegExp, string]> = [
+const SERVER_ERROR_CODES: ReadonlyArray<readonly [RegExp, ErrorCode]> = [
   [/^bad fd key: /, 'ERR_NOT_FOUND'],
   [/^fd key already exists: /, 'ERR_EXISTS'],
   [/^fd key ".*" is already present and thus can't be properly recovered$/s, 'ERR_EXISTS'],

@@ -3,7 +3,7 @@
  * spawning a process that inherits the tap fds as fd 3, 4, ...
  */
 import { spawn, type ChildProcess, type SpawnOptions, type StdioNull, type StdioPipe } from 'node:child_process'
-import { InvalidInputError, TapmanagerError } from './errors'
+import { InvalidInputError } from './errors'
 
 /**
  * One interface description from a get reply, in TypeScript form: `mac` in colon form (the wire carries
@@ -86,7 +86,7 @@ function checkFds(fds: number[]): void {
 /** get info on the wire (`[{"type":0,"mac":"<base64>","fdIndex":0,"pciAddress":""}]`) in TypeScript form. */
 export function interfaceInfoFromWire(info: Buffer | string): InterfaceInfo[] {
   const v = JSON.parse(typeof info === 'string' ? info : info.toString('utf8')) as unknown
-  if (!Array.isArray(v)) throw new TapmanagerError('ERR_INVALID', 'get info is not a JSON array')
+  if (!Array.isArray(v)) throw new InvalidInputError('get info is not a JSON array')
   return v.map((d: Record<string, unknown>) => {
     const mac = typeof d.mac === 'string' ? Buffer.from(d.mac, 'base64') : Buffer.alloc(0)
     return {

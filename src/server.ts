@@ -4,7 +4,7 @@
  * no leaks on duplicate or concurrent adds, optional peer authorisation by uid/gid).
  */
 import { readFileSync } from 'node:fs'
-import { InvalidInputError, TapmanagerError, capText, messageOf } from './errors'
+import { ClosedError, ExistsError, InvalidInputError, ServerFailedError, capText, messageOf } from './errors'
 import type { FDSource } from './fdsource'
 import { UnixConnection, UnixListener, closeFd, dupFds, type Frame, type IncomingRequest, type PeerCredentials, type Written } from './native'
 import {
@@ -244,8 +244,8 @@ export class FDServer {
 
   /** Binds the socket and starts serving; resolves once the socket accepts connections. */
   async serve(): Promise<void> {
-    if (this.listener) throw new TapmanagerError('ERR_EXISTS', 'already listening')
-    if (this.stopping) throw new TapmanagerError('ERR_CLOSED', 'server was stopped')
+    if (this.listener) throw new ExistsError('already listening')
+    if (this.stopping) throw new ClosedError('server was stopped')
     const listener = UnixListener.bind(this.socketPath, { mode: this.opts.socketMode, gid: this.opts.socketGid })
     this.listener = listener
     // Gets answered natively are reported to onRequest too (only registered when there is a hook: no cost otherwise).
@@ -274,7 +274,7 @@ export class FDServer {
           batch = await listener.nextIncoming(64)
         } catch (err) {
           // Closed by stop(); anything else ends serving, which its owner must hear about.
-          if (!this.stopping) this.fail(new TapmanagerError('ERR_SERVER', `FDServer stopped serving: ${messageOf(err)}`, { cause: err }))
+          if (!this.stopping) this.fail(new ServerFailedError(`FDServer stopped serving: ${messageOf(err)}`, { cause: err }))
           return
         }
         for (const { conn, frame } of batch) {

@@ -18,8 +18,7 @@
  * OFFER is not dropped behind a stale backlog (see `drainTapFd`).
  */
 import { lstatSync } from 'node:fs'
-import { join } from 'node:path'
-import { TapmanagerError, InvalidInputError, NotFoundError, messageOf } from './errors'
+import { TapmanagerError, ExistsError, InvalidInputError, NotFoundError, messageOf } from './errors'
 import type { FDSource, GetFDsResult } from './fdsource'
 import type { CniClient } from './cni'
 import {
@@ -35,6 +34,7 @@ import {
 } from './payloads'
 import { closeFd } from './native'
 import { nativePodNetworkOps, type PodNetworkOps, type DhcpServerHandle } from './podnetwork'
+import { DEFAULT_CALICO_SUBNET_SIZE, DEFAULT_NETNS_DIR, podNetnsPath } from './defaults'
 
 /** Options of {@link TapFDSource}. */
 export interface TapFDSourceOptions {
@@ -87,9 +87,9 @@ export class TapFDSource implements FDSource {
   constructor(cni: CniClient, options: TapFDSourceOptions = {}) {
     this.cni = cni
     this.ops = options.ops ?? nativePodNetworkOps
-    this.netnsDir = options.netnsDir ?? '/var/run/netns'
+    this.netnsDir = options.netnsDir ?? DEFAULT_NETNS_DIR
     this.enableSriov = options.enableSriov ?? false
-    this.calicoSubnetSize = options.calicoSubnetSize ?? 24
+    this.calicoSubnetSize = options.calicoSubnetSize ?? DEFAULT_CALICO_SUBNET_SIZE
     if (!Number.isInteger(this.calicoSubnetSize) || this.calicoSubnetSize < 1 || this.calicoSubnetSize > 32) {
       throw new InvalidInputError(`calicoSubnetSize must be an integer from 1 to 32, not ${options.calicoSubnetSize}`)
     }
@@ -181,11 +181,11 @@ export class TapFDSource implements FDSource {
   }
 
   private nsPath(podId: string): string {
-    return join(this.netnsDir, podId)
+    return podNetnsPath(this.netnsDir, podId)
   }
 
   private async add(key: string, data: Buffer): Promise<GetFDsResult> {
-    if (this.pods.has(key)) throw new TapmanagerError('ERR_EXISTS', `pod network for key ${JSON.stringify(key)} exists`)
+    if (this.pods.has(key)) throw new ExistsError(`pod network for key ${JSON.stringify(key)} exists`)
     const { podNetworkDesc: desc } = parseGetFDPayload(data)
     // Claimed here, before the first await, so of concurrent adds of one pod id exactly one goes on.
     this.claim(desc.podId, key)
@@ -251,7 +251,7 @@ export class TapFDSource implements FDSource {
   private claim(podId: string, key: string): void {
     const owner = this.owners.get(podId)
     if (owner !== undefined && owner !== key) {
-      throw new TapmanagerError('ERR_EXISTS', `pod id ${JSON.stringify(podId)} is in use by another key (${JSON.stringify(owner)})`)
+      throw new ExistsError(`pod id ${JSON.stringify(podId)} is in use by another key (${JSON.stringify(owner)})`)
     }
     this.owners.set(podId, key)
   }
@@ -300,7 +300,7 @@ export class TapFDSource implements FDSource {
   }
 
   private async recoverPod(key: string, data: Buffer): Promise<void> {
-    if (this.pods.has(key)) throw new TapmanagerError('ERR_EXISTS', `pod network for key ${JSON.stringify(key)} exists`)
+    if (this.pods.has(key)) throw new ExistsError(`pod network for key ${JSON.stringify(key)} exists`)
     const payload = parseRecoverPayload(data)
     const desc = payload.podNetworkDesc
     const csn = payload.csn
@@ -325,7 +325,7 @@ export class TapFDSource implements FDSource {
   private async dummyGateway(): Promise<string> {
     const dummy = await this.cni.getDummyNetwork()
     const ip = dummy.result.ips.find((c) => !c.address.includes(':'))
-    if (!ip) throw new TapmanagerError('ERR_INVALID', 'the dummy network has no IPv4 address for the Calico gateway')
+    if (!ip) throw new InvalidInputError('the dummy network has no IPv4 address for the Calico gateway')
     return ip.address.split('/')[0]
   }
 

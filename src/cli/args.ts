@@ -8,6 +8,9 @@ import { LOG_LEVELS, type LogLevel, type RequestLogger } from '../log'
 // metrics.ts loads prom-client but not the addon.
 import { parseMetricsAddress } from '../metrics'
 import { DEFAULT_STATE_DIR } from '../state'
+import { DEFAULT_CALICO_SUBNET_SIZE, DEFAULT_NETNS_DIR } from '../defaults'
+
+export { DEFAULT_CALICO_SUBNET_SIZE, DEFAULT_NETNS_DIR } from '../defaults'
 
 export const EXIT_OK = 0
 export const EXIT_SERVER_ERROR = 1
@@ -17,8 +20,6 @@ export const EXIT_NOT_RUNNING = 3
 export const DEFAULT_SOCKET_PATH = '/run/tapmanager/tapmanager.sock'
 export const DEFAULT_CNI_CONFIG_DIR = '/etc/cni/net.d'
 export const DEFAULT_CNI_PLUGIN_DIRS = ['/opt/cni/bin', '/usr/lib/cni']
-export const DEFAULT_NETNS_DIR = '/var/run/netns'
-export const DEFAULT_CALICO_SUBNET_SIZE = 24
 export const DEFAULT_MAX_DATA_SIZE = 64 * 1024
 export const DEFAULT_CNI_TIMEOUT_MS = 60_000
 

@@ -6,7 +6,7 @@
 import { connect } from 'node:net'
 import { constants as osConstants } from 'node:os'
 import type { DestinationStream } from 'pino'
-import { errorCode, TapmanagerError } from '../errors'
+import { errorCode, NotRunningError, ReadError, UnsupportedError } from '../errors'
 import { createRequestLogger } from '../log'
 import { buildQemuNetArgs, interfaceInfoFromWire, spawnWithFds } from '../qemu'
 // The client and the daemon load the native addon: they are imported when a command needs them, so that
@@ -335,7 +335,7 @@ export async function clientCommand(p: Parsed, ctx: CommandContext): Promise<num
         text = io.readFile(from)
       } catch (err) {
         // A file that cannot be read is a failure (exit 1), not a usage error: the command line was right.
-        throw new TapmanagerError('ERR_READ', `--from ${from}: ${(err as Error).message}`, { cause: err })
+        throw new ReadError(`--from ${from}: ${(err as Error).message}`, { cause: err })
       }
       const payload = recoverPayloadFromText(text, from)
       request = async (c) => {
@@ -379,8 +379,8 @@ function defaultStopSignal(): Promise<string> {
 
 /** Asks a running server for its keys (throws ERR_NOT_RUNNING when none listens, ERR_UNSUPPORTED for Virtlet's). */
 async function listFromServer(c: CliClient): Promise<ServerListing> {
-  if (!c.list) throw new TapmanagerError('ERR_UNSUPPORTED', 'client has no list')
-  if (!(await c.isRunning())) throw new TapmanagerError('ERR_NOT_RUNNING', 'not running')
+  if (!c.list) throw new UnsupportedError('client has no list')
+  if (!(await c.isRunning())) throw new NotRunningError('not running')
   return c.list()
 }
 
@@ -401,8 +401,8 @@ function describeCsn(csn: unknown): string {
 }
 
 /** The one not-running error of every command (exit 3, on stderr). */
-function notRunning(sock: string, cause?: unknown): TapmanagerError {
-  return new TapmanagerError('ERR_NOT_RUNNING', `the server is not running at ${sock}`, cause === undefined ? undefined : { cause })
+function notRunning(sock: string, cause?: unknown): NotRunningError {
+  return new NotRunningError(`the server is not running at ${sock}`, cause === undefined ? undefined : { cause })
 }
 
 function runWithFds(cmd: string, args: string[], fds: number[]): Promise<number> {

@@ -8,7 +8,7 @@
  */
 import { execFile } from 'node:child_process'
 import { mkdir, rm, stat } from 'node:fs/promises'
-import { basename, dirname, join } from 'node:path'
+import { basename, dirname } from 'node:path'
 import { promisify } from 'node:util'
 import { errorCode, InvalidInputError } from '../errors'
 import { isNetnsMount } from '../native'
@@ -17,6 +17,7 @@ import { CNI_NAME_RE, loadNetworkConfig, type CniNetworkConfig } from './config'
 import { CniError, type CniCommand } from './errors'
 import { execPlugin } from './exec'
 import { compareCniVersions, normalizeCniResult, type CniResult } from './result'
+import { DEFAULT_NETNS_DIR, podNetnsPath } from '../defaults'
 
 const execFileP = promisify(execFile)
 
@@ -159,7 +160,7 @@ export class ExecCniClient implements CniClient {
   constructor(options: ExecCniClientOptions = {}) {
     this.confDir = options.confDir ?? '/etc/cni/net.d'
     this.binDirs = options.binDirs ?? ['/opt/cni/bin', '/usr/lib/cni']
-    this.netnsDir = options.netnsDir ?? '/var/run/netns'
+    this.netnsDir = options.netnsDir ?? DEFAULT_NETNS_DIR
     this.cacheDir = options.cacheDir ?? '/var/lib/tapmanager/cni'
     this.timeoutMs = options.timeoutMs ?? 60_000
     this.ifName = options.ifName ?? 'eth0'
@@ -176,7 +177,7 @@ export class ExecCniClient implements CniClient {
 
   /** The netns path of a pod: `<netnsDir>/<podId>`. */
   nsPath(podId: string): string {
-    return join(this.netnsDir, podId)
+    return podNetnsPath(this.netnsDir, podId)
   }
 
   /** Loads the network config now in use (the first valid file of `confDir`). */

@@ -45,7 +45,7 @@ export class CniError extends TapmanagerError {
   /** Errors of the clean-up (DEL) run after a failed ADD, when that failed too. */
   cleanupErrors: Error[] = []
 
-  constructor(code: string, message: string, info: CniErrorInfo = {}, options?: { cause?: unknown }) {
+  constructor(code: 'ERR_CNI' | 'ERR_TIMEOUT' | 'ERR_NOT_FOUND' | 'ERR_INVALID', message: string, info: CniErrorInfo = {}, options?: { cause?: unknown }) {
     super(code, message, options)
     this.plugin = info.plugin ?? ''
     this.network = info.network ?? ''

@@ -1,0 +1,16 @@
+/**
+ * Defaults and path rules used in more than one module, written once: the command line, the daemon, TapFDSource
+ * and the CNI client take them from here.
+ */
+import { join } from 'node:path'
+
+/** Where pod network namespaces live, `ip netns` style. */
+export const DEFAULT_NETNS_DIR = '/var/run/netns'
+
+/** The prefix length Calico's /32 pod addresses are widened to. */
+export const DEFAULT_CALICO_SUBNET_SIZE = 24
+
+/** The netns path of a pod: `<netnsDir>/<podId>` (what CNI plugins get as CNI_NETNS). */
+export function podNetnsPath(netnsDir: string, podId: string): string {
+  return join(netnsDir, podId)
+}
