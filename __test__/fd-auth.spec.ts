@@ -1,12 +1,12 @@
 // Authorisation by SO_PEERCRED: a client process running as uid/gid 65534 (node's child_process uid/gid options)
 // is refused with an error response and nothing happens; root is served. Needs root.
 import test from 'ava'
-import { execFile } from 'node:child_process'
 import { chmodSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { FDServer, FDClient, type FDSource, type RequestLogEntry } from '../src/index'
 import { requirePrereqs } from './helpers/env'
+import { addAsNobody } from './helpers/nobody'
 
 class NullSource implements FDSource {
   calls: string[] = []
@@ -27,22 +27,6 @@ class NullSource implements FDSource {
   stop() {}
 }
 
-/** Runs a tiny client as uid/gid 65534 that sends an add for `key` and prints the outcome. */
-function runAsNobody(sock: string, key: string): Promise<string> {
-  const script = `
-    import { FDClient } from ${JSON.stringify(join(process.cwd(), 'src/index.ts'))}
-    try { await new FDClient(${JSON.stringify(sock)}).addFDs(${JSON.stringify(key)}, {}); console.log('OK') }
-    catch (e) { console.log('ERR ' + e.message) }`
-  return new Promise((resolve, reject) => {
-    execFile(
-      process.execPath,
-      ['--import', '@oxc-node/core/register', '--input-type=module', '-e', script],
-      { uid: 65534, gid: 65534, cwd: process.cwd(), timeout: 60_000, env: { ...process.env, OXC_TSCONFIG_PATH: './__test__/tsconfig.json' } },
-      (err, stdout, stderr) => (err ? reject(new Error(`${err.message}\n${stderr}`)) : resolve(stdout.trim())),
-    )
-  })
-}
-
 test('peers outside allowedUids/allowedGids get an error and nothing happens; allowed peers are served', async (t) => {
   requirePrereqs()
   const dir = mkdtempSync(join(tmpdir(), 'tm-auth-'))
@@ -54,7 +38,7 @@ test('peers outside allowedUids/allowedGids get an error and nothing happens; al
   const server = new FDServer(sock, source, { allowedUids: [0], socketMode: 0o666, onRequest: (e) => log.push(e) })
   await server.serve()
   try {
-    const out = await runAsNobody(sock, 'from-nobody')
+    const out = await addAsNobody(sock, 'from-nobody')
     t.is(out, 'ERR server returned error: permission denied: peer uid 65534 gid 65534 is not allowed')
     t.deepEqual(source.calls, [])
     // Refused natively (one filter for the native fast path and the TypeScript side): counted, not logged per
@@ -70,7 +54,7 @@ test('peers outside allowedUids/allowedGids get an error and nothing happens; al
   const server2 = new FDServer(sock, source, { allowedUids: [0], allowedGids: [65534], socketMode: 0o666 })
   await server2.serve()
   try {
-    t.is(await runAsNobody(sock, 'by-gid'), 'OK')
+    t.is(await addAsNobody(sock, 'by-gid'), 'OK')
     t.deepEqual(source.calls, ['add from-root', 'add by-gid'])
   } finally {
     await server2.stop()
@@ -89,7 +73,7 @@ test('the socket file gets mode 0600 by default, so other users cannot even conn
   try {
     const { statSync } = await import('node:fs')
     t.is(statSync(sock).mode & 0o777, 0o600)
-    t.regex(await runAsNobody(sock, 'x'), /^ERR connect .*Permission denied/)
+    t.regex(await addAsNobody(sock, 'x'), /^ERR connect .*Permission denied/)
   } finally {
     await server.stop()
     rmSync(dir, { recursive: true, force: true })

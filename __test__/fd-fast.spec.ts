@@ -2,7 +2,6 @@
 // JavaScript and registers the key's response natively; later gets are answered natively with the same bytes.
 // Release unregisters first; authorisation applies; stop() closes every native duplicate.
 import test from 'ava'
-import { execFile } from 'node:child_process'
 import { chmodSync, closeSync, mkdtempSync, openSync, readSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -11,6 +10,7 @@ import { UnixConnection, UnixListener } from '../src/native'
 import { encodeHeader, encodeKey, FDCommand } from '../src/protocol'
 import { FileFDSource } from '../examples/file-fd-source'
 import { openFdCount, requirePrereqs } from './helpers/env'
+import { getAsNobody } from './helpers/nobody'
 
 /** FileFDSource's info depends only on the key's files, which never change until release. */
 class StableFileSource extends FileFDSource {
@@ -332,22 +332,6 @@ test.serial('stop() closes the native duplicates: the fd count returns to where 
   }
   t.is(n, before)
 })
-
-/** Runs a tiny client as uid/gid 65534 that gets `key` and prints the outcome. */
-function getAsNobody(sock: string, key: string): Promise<string> {
-  const script = `
-    import { FDClient, closeFd } from ${JSON.stringify(join(process.cwd(), 'src/index.ts'))}
-    try { const r = await new FDClient(${JSON.stringify(sock)}).getFDs(${JSON.stringify(key)}); r.fds.forEach(closeFd); console.log('OK ' + r.fds.length) }
-    catch (e) { console.log('ERR ' + e.message) }`
-  return new Promise((resolve, reject) => {
-    execFile(
-      process.execPath,
-      ['--import', '@oxc-node/core/register', '--input-type=module', '-e', script],
-      { uid: 65534, gid: 65534, cwd: process.cwd(), timeout: 60_000, env: { ...process.env, OXC_TSCONFIG_PATH: './__test__/tsconfig.json' } },
-      (err, stdout, stderr) => (err ? reject(new Error(`${err.message}\n${stderr}`)) : resolve(stdout.trim())),
-    )
-  })
-}
 
 test('authorisation applies to natively answered gets: a registered key is refused to a peer not allowed', async (t) => {
   requirePrereqs()
