@@ -5,8 +5,8 @@
  * restarted server has cleaned up (its netns, host veth and IPAM lease are gone, its state record removed).
  *
  * The points: during CNI ADD (a chained tmtest plugin hangs after the bridge plugin leased; the test kills the
- * server from outside), and, through the daemon's test failpoint ($TAPMANAGER_TEST_CRASH_AT, a SIGKILL the
- * process sends itself), after CNI, after the container side, after the DHCP server started, after the state
+ * server from outside), and, through a test failpoint (the command line run by helpers/crash-serve.ts, whose
+ * daemon hooks SIGKILL the process), after CNI, after the container side, after the DHCP server started, after the state
  * became ready. Also: a key whose netns vanished while the server was down is skipped, reported and released.
  */
 import test from 'ava'
@@ -63,7 +63,7 @@ for (const point of ['during-cni-add', 'after-cni', 'after-container-side', 'aft
     const kept = node.podId('tmdrk')
     try {
       const before = node.snapshot()
-      await server.start(point === 'during-cni-add' ? {} : { TAPMANAGER_TEST_CRASH_AT: `${point}:${victim}` })
+      await server.start({}, point === 'during-cni-add' ? undefined : `${point}:${victim}`)
       const client = server.client()
       await client.addFDs('kept', addPayload(kept))
       const keptLease = node.leases('tmbridge').map((l) => l.ip)

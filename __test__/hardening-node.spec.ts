@@ -126,7 +126,7 @@ test.serial('4: a netns path that is a plain file (no nsfs mount) is no netns: D
   const plain = node.podId('tmh4f')
   const kept = node.podId('tmh4k')
   try {
-    await server.start({ TAPMANAGER_TEST_CRASH_AT: `after-cni:${victim}` })
+    await server.start({}, `after-cni:${victim}`)
     const client = server.client()
     await client.addFDs('kept', addPayload(kept))
     await t.throwsAsync(client.addFDs('victim', addPayload(victim)))

@@ -7,13 +7,16 @@
  * where the runtime must call Recover) and cleans up after every `adding` one (an add interrupted by a
  * crash: CNI DEL, netns deleted), so `kill -9` at any moment leaves nothing behind once it is restarted.
  *
+ * Production code holds no test failpoints: the kill -9 tests inject theirs through {@link DaemonOptions}
+ * (`ops`, `wrapCni`, `afterReady`; see `__test__/helpers/crash-serve.ts`).
+ *
  * Pod netns are bind mounts under the netns dir: the daemon must run in the host's mount namespace (or with
  * that dir on a shared mount), or they die with it. It warns at start when they would (e.g. under
  * `ip netns exec`, which unshares a mount namespace; use `nsenter --net=...` to run it in another netns).
  */
 import { existsSync, mkdirSync, readFileSync, realpathSync } from 'node:fs'
 import { isNetnsMount } from './native'
-import { basename, dirname, join } from 'node:path'
+import { dirname, join } from 'node:path'
 import { messageOf } from './errors'
 import { ExecCniClient, type CniClient, type CniPluginRunEvent } from './cni'
 import type { FDSource, GetFDsResult } from './fdsource'
@@ -55,11 +58,15 @@ export interface DaemonOptions {
   /** The native pod network operations to use (tests and benchmarks wrap them; default the real ones). */
   ops?: PodNetworkOps
   /**
-   * Test failpoint (default `$TAPMANAGER_TEST_CRASH_AT`): `<point>:<podId>` makes the process SIGKILL itself
-   * during the add of that pod, at `after-cni`, `after-container-side`, `after-dhcp` or `after-ready`
-   * (the state record is then `adding`, `adding`, `adding`, `ready`), for the kill -9 recovery tests.
+   * Wraps the CNI client the source uses (default: none). Tests pass one that acts after a plugin run (e.g. a
+   * kill -9 of the process right after a pod's CNI ADD).
    */
-  crashAt?: string
+  wrapCni?: (cni: CniClient) => CniClient
+  /**
+   * Called after a key's `ready` record is written, before its add answers (default: none). Tests kill the
+   * process here; a throw fails the add (it is released and its record removed).
+   */
+  afterReady?: (key: string, podId: string) => void
   /**
    * How many persisted keys are recovered (or cleaned up) at once at start (default
    * {@link DEFAULT_RECOVERY_CONCURRENCY}). Each one in flight holds native threads (a blocking-pool thread and
@@ -69,6 +76,9 @@ export interface DaemonOptions {
   /** Told what the daemon does (metrics): see {@link DaemonObserver}. */
   observer?: DaemonObserver
 }
+
+/** The options through which a test changes what the daemon does (the command line passes them on as they are). */
+export type DaemonHooks = Pick<DaemonOptions, 'ops' | 'wrapCni' | 'afterReady'>
 
 /**
  * Hook points for an observer of the daemon (e.g. `DaemonMetrics`); every method is optional and a throw from
@@ -125,7 +135,7 @@ class PersistingSource implements FDSource {
   constructor(
     private readonly inner: TapFDSource,
     private readonly store: StateStore,
-    private readonly crash?: CrashPoint,
+    private readonly afterReady?: (key: string, podId: string) => void,
   ) {}
 
   async getFDs(key: string, data: Buffer): Promise<GetFDsResult> {
@@ -144,7 +154,7 @@ class PersistingSource implements FDSource {
     }
     try {
       await this.store.write({ key, status: 'ready', podNetworkDesc, csn: JSON.parse(String(res.data)) })
-      if (this.crash) this.crash.hit('after-ready', desc.podId)
+      this.afterReady?.(key, desc.podId)
     } catch (err) {
       await this.inner.release(key).catch(() => undefined)
       await this.store.remove(key).catch(() => undefined)
@@ -206,10 +216,9 @@ export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
       timeoutMs: opts.cniTimeoutMs,
       onPluginRun: observer?.onCniPluginRun ? (r) => observe(observer.onCniPluginRun, r) : undefined,
     })
-  const cni: CniClient = execCni
-  const crash = crashPoint(opts.crashAt ?? process.env.TAPMANAGER_TEST_CRASH_AT)
-  const baseOps = crash ? crashingOps(opts.ops ?? nativePodNetworkOps, crash) : (opts.ops ?? nativePodNetworkOps)
-  const source = new TapFDSource(crash ? crashingCni(cni, crash) : cni, {
+  const cni: CniClient = opts.wrapCni ? opts.wrapCni(execCni) : execCni
+  const baseOps = opts.ops ?? nativePodNetworkOps
+  const source = new TapFDSource(cni, {
     enableSriov: opts.sriov,
     calicoSubnetSize: opts.calicoSubnetSize,
     netnsDir,
@@ -219,7 +228,7 @@ export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
   // Both sweep the temp files a kill between write and rename left (state records, CNI cache entries).
   const { removedTemps } = await store.init()
   const cniTemps = execCni instanceof ExecCniClient ? await execCni.sweepTempFiles() : []
-  const persisting = new PersistingSource(source, store, crash)
+  const persisting = new PersistingSource(source, store, opts.afterReady)
   const server = new FDServer(opts.socketPath, persisting, {
     socketMode: opts.socketMode,
     socketGid: resolveGroup(opts.socketGroup),
@@ -346,59 +355,6 @@ function resolveGroup(group: string | null | undefined): number | undefined {
   throw new Error(`unknown group ${JSON.stringify(group)}`)
 }
 
-
-const CRASH_POINTS = ['after-cni', 'after-container-side', 'after-dhcp', 'after-ready'] as const
-type CrashPointName = (typeof CRASH_POINTS)[number]
-
-/** A kill -9 of this process at one point of one pod's add (a test failpoint). */
-interface CrashPoint {
-  hit(point: CrashPointName, podId: string): void
-}
-
-function crashPoint(spec: string | undefined): CrashPoint | undefined {
-  if (!spec) return undefined
-  const i = spec.indexOf(':')
-  const point = spec.slice(0, i) as CrashPointName
-  const podId = spec.slice(i + 1)
-  if (i < 0 || !CRASH_POINTS.includes(point) || !podId) {
-    throw new Error(`crash point must be <${CRASH_POINTS.join('|')}>:<podId>, not ${JSON.stringify(spec)}`)
-  }
-  return {
-    hit(p, id) {
-      if (p === point && id === podId) process.kill(process.pid, 'SIGKILL')
-    },
-  }
-}
-
-function crashingCni(cni: CniClient, crash: CrashPoint): CniClient {
-  return {
-    addSandboxToNetwork: async (podId, podName, podNs) => {
-      const r = await cni.addSandboxToNetwork(podId, podName, podNs)
-      crash.hit('after-cni', podId)
-      return r
-    },
-    removeSandboxFromNetwork: (podId, podName, podNs) => cni.removeSandboxFromNetwork(podId, podName, podNs),
-    checkSandboxNetwork: (podId, podName, podNs) => cni.checkSandboxNetwork(podId, podName, podNs),
-    getDummyNetwork: () => cni.getDummyNetwork(),
-  }
-}
-
-function crashingOps(ops: PodNetworkOps, crash: CrashPoint): PodNetworkOps {
-  const podOf = (nsPath: string) => basename(nsPath)
-  return {
-    ...ops,
-    setupContainerSide: async (nsPath, resultJson, o) => {
-      const r = await ops.setupContainerSide(nsPath, resultJson, o)
-      crash.hit('after-container-side', podOf(nsPath))
-      return r
-    },
-    startDhcpServer: async (nsPath, csnJson) => {
-      const r = await ops.startDhcpServer(nsPath, csnJson)
-      crash.hit('after-dhcp', podOf(nsPath))
-      return r
-    },
-  }
-}
 
 /** One line per persisted key: recovered, cleaned up (interrupted add), skipped (with the reason), corrupt. */
 function logRecovery(log: RequestLogger, r: RecoveryReport): void {

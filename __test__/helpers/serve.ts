@@ -10,6 +10,8 @@ import { FDClient } from '../../src/client'
 import { CNI_FIXTURE_BIN, DEBIAN_CNI_BIN, processAlive, type CniTestNode } from './cni'
 
 export const CLI_JS = join(process.cwd(), 'dist', 'cli.js')
+/** The command line with a kill -9 failpoint (tests only). */
+const CRASH_SERVE = join(process.cwd(), '__test__', 'helpers', 'crash-serve.ts')
 
 function newestMtime(dir: string): number {
   let newest = 0
@@ -80,11 +82,16 @@ export class ServerProcess {
     return new FDClient(this.socket)
   }
 
-  /** Starts the server (optionally with env additions) and waits until it accepts connections. */
-  async start(env: Record<string, string> = {}): Promise<void> {
+  /**
+   * Starts the server (optionally with env additions) and waits until it accepts connections. With `crashAt`
+   * (`<point>:<podId>`, see crash-serve.ts) it is the command line with that kill -9 failpoint, run from the
+   * sources (`node --import @oxc-node/core/register __test__/helpers/crash-serve.ts`), instead of dist/cli.js.
+   */
+  async start(env: Record<string, string> = {}, crashAt?: string): Promise<void> {
     ensureDist()
+    const entry = crashAt ? ['--import', '@oxc-node/core/register', CRASH_SERVE, crashAt] : [CLI_JS]
     const args = [
-      `--net=${this.node.node.path}`, process.execPath, CLI_JS, 'serve',
+      `--net=${this.node.node.path}`, process.execPath, ...entry, 'serve',
       '--socket', this.socket,
       '--cni-conf-dir', this.node.confDir,
       '--cni-bin-dir', CNI_FIXTURE_BIN,

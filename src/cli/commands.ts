@@ -12,6 +12,7 @@ import { buildQemuNetArgs, interfaceInfoFromWire, spawnWithFds } from '../qemu'
 // The client and the daemon load the native addon: they are imported when a command needs them, so that
 // `--help`, `help`, `--version` and `ls` work without it (and a missing addon is an ordinary exit-1 failure).
 import type { FDClient } from '../client'
+import type { DaemonHooks } from '../daemon'
 // metrics.ts loads prom-client but not the addon.
 import { DaemonMetrics, startMetricsServer } from '../metrics'
 import { DEFAULT_STATE_DIR, StateStore } from '../state'
@@ -75,15 +76,16 @@ export const createCliClient: CliClientFactory = (socketPath) => {
 /**
  * Starts the server for `tapmanager serve`: the daemon (FDServer + TapFDSource, persisted state, automatic
  * recovery of the keys recorded in the state dir; each recovered, cleaned or skipped key is logged).
+ * `hooks` (default none) go to the daemon as they are: tests run the command line with their own hooks.
  */
-export async function startServer(opts: ServeOptions): Promise<ServerHandle> {
+export async function startServer(opts: ServeOptions, hooks: DaemonHooks = {}): Promise<ServerHandle> {
   // The metrics endpoint comes up first, so a long recovery is seen (/readyz answers 503 until the socket is served).
   const metrics = opts.metricsListen ? new DaemonMetrics() : undefined
   const endpoint = metrics ? await startMetricsServer(opts.metricsListen!, metrics) : undefined
   if (endpoint) opts.log.logger.info({ metrics: endpoint.address }, 'metrics endpoint listening')
   let daemon
   try {
-    daemon = await startDaemonFor(opts, metrics)
+    daemon = await startDaemonFor(opts, metrics, hooks)
   } catch (err) {
     await endpoint?.close()
     throw err
@@ -100,7 +102,7 @@ export async function startServer(opts: ServeOptions): Promise<ServerHandle> {
   }
 }
 
-async function startDaemonFor(opts: ServeOptions, metrics: DaemonMetrics | undefined) {
+async function startDaemonFor(opts: ServeOptions, metrics: DaemonMetrics | undefined, hooks: DaemonHooks) {
   const { startDaemon } = await import('../daemon')
   return startDaemon({
     socketPath: opts.socketPath,
@@ -121,6 +123,7 @@ async function startDaemonFor(opts: ServeOptions, metrics: DaemonMetrics | undef
     maxConnectionsPerUid: opts.maxConnectionsPerUid ?? undefined,
     log: opts.log,
     observer: metrics,
+    ...hooks,
   })
 }
 
