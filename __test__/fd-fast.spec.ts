@@ -45,7 +45,7 @@ function readFd(fd: number): string {
 }
 
 function fast(server: FDServer, key: string): boolean {
-  return server['listener']!.hasFastGet(key)
+  return server.isFastGet(key)
 }
 
 /** Waits (bounded, polling) until `cond()` holds; returns whether it did. */

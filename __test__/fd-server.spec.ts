@@ -36,8 +36,8 @@ async function fdCountSettled(expected: number): Promise<number> {
 
 /** Waits (bounded) until the server has closed its side of every connection. */
 async function serverIdle(server: FDServer): Promise<void> {
-  for (let i = 0; i < 400 && server['conns'].size > 0; i++) await new Promise((r) => setTimeout(r, 5))
-  if (server['conns'].size > 0) throw new Error('server connections did not close')
+  for (let i = 0; i < 400 && server.openConnections > 0; i++) await new Promise((r) => setTimeout(r, 5))
+  if (server.openConnections > 0) throw new Error('server connections did not close')
 }
 
 /** Reads a whole (small) file through an fd from its start, then closes the fd. */
@@ -185,8 +185,8 @@ test('stop() closes the listener, removes the socket, finishes in-flight request
   t.true(existsSync(sock))
   const inflight = client.addFDs('slow', { contents: ['s'] })
   // wait (bounded) until the request reached the source
-  for (const deadline = Date.now() + 20_000; !server['pending'].has('slow') && Date.now() < deadline; ) await new Promise((r) => setTimeout(r, 5))
-  t.true(server['pending'].has('slow'))
+  for (const deadline = Date.now() + 20_000; !server.isPending('slow') && Date.now() < deadline; ) await new Promise((r) => setTimeout(r, 5))
+  t.true(server.isPending('slow'))
   const stopping = server.stop()
   t.false(existsSync(sock))
   t.false(await client.isRunning())

@@ -331,6 +331,23 @@ export class FDServer {
     return this.listener !== null && !this.stopping
   }
 
+  // Read-only views of the server's state, for its owner and for tests (which wait on them with bounded polls).
+
+  /** Connections this side is serving now (each closed once its last response is written). */
+  get openConnections(): number {
+    return this.conns.size
+  }
+
+  /** Whether an add or recover of `key` is in progress (its source call has not returned yet). */
+  isPending(key: string): boolean {
+    return this.pending.has(key)
+  }
+
+  /** Whether gets of `key` are answered by the native fast path now (false before `serve()`; `stop()` empties the fast path). */
+  isFastGet(key: string): boolean {
+    return this.listener?.hasFastGet(key) ?? false
+  }
+
   /**
    * Stops: closes the listener and removes the socket file, lets requests being handled finish (their clients
    * get their responses, each within the write deadline), closes the connections, then calls `source.stop()`.
