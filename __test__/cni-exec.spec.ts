@@ -3,9 +3,11 @@
  * test "node" netns (execWrapper `ip netns exec <node>`), never in the root netns.
  */
 import test from 'ava'
+import { spawnSync } from 'node:child_process'
 import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { CniError, ExecCniClient, InvalidInputError, type CniResult } from '../src/index'
+import { deleteNetns, isNetnsMount } from '../src/native'
 import { CniTestNode, processAlive } from './helpers/cni'
 import { sh } from './helpers/env'
 
@@ -395,7 +397,7 @@ test('getDummyNetwork: creates its netns once per client, adds it with empty nam
   })
 })
 
-test('getDummyNetwork with the default ip-netns ops, and a failed ADD leaves no netns and is retried', async (t) => {
+test('getDummyNetwork with the default (native) netns ops, and a failed ADD leaves no netns and is retried', async (t) => {
   await withNode(async (node) => {
     node.writeConf('10-t.conflist', node.testConflist([{ mode: 'fail' }]))
     const dummyPodId = node.podId('tmdummy')
@@ -406,9 +408,37 @@ test('getDummyNetwork with the default ip-netns ops, and a failed ADD leaves no 
     node.writeConf('10-t.conflist', node.testConflist([{ links: [{ address: '169.254.1.9/32' }], mode: 'calico' }]))
     const d = await client.getDummyNetwork()
     t.deepEqual(d.result.ips, [{ address: '169.254.1.9/32' }])
-    t.true(existsSync(d.nsPath))
+    t.true(isNetnsMount(d.nsPath), 'a live netns is mounted at the dummy path')
+    t.true(sh('ip', ['netns', 'list']).split('\n').some((l) => l.split(' ')[0] === dummyPodId), '`ip netns` sees it')
     await client.releaseDummyNetwork()
     t.false(existsSync(d.nsPath))
+  })
+})
+
+test('getDummyNetwork in a netns dir of its own (native netns code, no `ip`/`unshare`/`umount`): made, added, released, file gone', async (t) => {
+  await withNode(async (node) => {
+    node.writeConf('10-t.conflist', node.testConflist([{ links: [{ address: '169.254.1.9/32' }], mode: 'calico' }]))
+    const netnsDir = join(node.dir, 'netns')
+    const dummyPodId = node.podId('tmdummy')
+    const client = node.client({ dummyPodId, netnsDir })
+    const d = await client.getDummyNetwork()
+    try {
+      t.is(d.nsPath, join(netnsDir, dummyPodId))
+      t.true(isNetnsMount(d.nsPath))
+      // The plugin ran inside it: the calico-like link is there.
+      t.true(sh('nsenter', [`--net=${d.nsPath}`, 'ip', '-br', 'addr']).includes('169.254.1.9/32'))
+      // A new client lifetime replaces it (DEL, delete, create) in the same dir.
+      const again = node.client({ dummyPodId, netnsDir })
+      const d2 = await again.getDummyNetwork()
+      t.true(isNetnsMount(d2.nsPath))
+      await again.releaseDummyNetwork()
+      t.false(existsSync(d2.nsPath))
+      t.deepEqual(readdirSync(netnsDir), [])
+    } finally {
+      if (existsSync(d.nsPath)) await deleteNetns(dummyPodId, netnsDir).catch(() => undefined)
+      // Creating a netns made the dir a (shared) mount point, as `ip netns add` does with /var/run/netns.
+      spawnSync('umount', ['-l', netnsDir])
+    }
   })
 })
 

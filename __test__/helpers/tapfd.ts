@@ -251,13 +251,14 @@ export class TapFdHarness {
     this.client = new FDClient(this.sock)
   }
 
-  /** The CNI client the source uses (plugins in the node netns, pods in the temp netns dir). */
+  /**
+   * The CNI client the source uses (plugins in the node netns, pods in the temp netns dir; the Calico dummy netns
+   * made there by the client's default, native netns ops).
+   */
   cniClient(): ReturnType<CniTestNode['client']> {
     return this.node.client({
       netnsDir: this.netnsDir,
       dummyPodId: this.dummyPodId,
-      createNetns: nativePodNetworkOps.createNetns,
-      deleteNetns: nativePodNetworkOps.deleteNetns,
       ...(this.binDirs.length ? { binDirs: [...this.binDirs, CNI_FIXTURE_BIN, DEBIAN_CNI_BIN] } : {}),
       ...this.clientOpts,
     })

@@ -6,10 +6,7 @@
  * `addSandboxToNetwork` and deletes it after `removeSandboxFromNetwork`. Only the dummy network
  * (`getDummyNetwork`) creates and deletes its own netns, through the injected `createNetns`/`deleteNetns`.
  */
-import { execFile } from 'node:child_process'
-import { mkdir, rm, stat } from 'node:fs/promises'
-import { basename, dirname } from 'node:path'
-import { promisify } from 'node:util'
+import { stat } from 'node:fs/promises'
 import { errorCode, InvalidInputError } from '../errors'
 import { isNetnsMount } from '../native'
 import { CniCache, type CniCacheEntry } from './cache'
@@ -18,8 +15,7 @@ import { CniError, type CniCommand } from './errors'
 import { execPlugin } from './exec'
 import { compareCniVersions, normalizeCniResult, type CniResult } from './result'
 import { DEFAULT_NETNS_DIR, podNetnsPath } from '../defaults'
-
-const execFileP = promisify(execFile)
+import { nativePodNetworkOps } from '../podnetwork'
 
 /** One pod attached to the network. */
 export interface CniAttachment {
@@ -61,35 +57,17 @@ export interface NetnsOps {
 }
 
 /**
- * The default {@link NetnsOps}: `ip netns add/del <name>` for paths in `/var/run/netns` or `/run/netns`;
- * elsewhere `unshare --net=<path> true` (bind-mounts a new netns on the file) and `umount` + `rm`.
+ * The default {@link NetnsOps}: the native netns code pods use ({@link nativePodNetworkOps}: `ip netns
+ * add/del`-compatible in any dir, without spawning anything; delete unmounts and removes the file, a missing
+ * one is fine).
  */
-export const ipNetnsOps: NetnsOps = {
-  async create(path) {
-    const dir = dirname(path)
-    if (dir === '/var/run/netns' || dir === '/run/netns') {
-      await execFileP('ip', ['netns', 'add', basename(path)])
-      return
-    }
-    await mkdir(dir, { recursive: true })
-    await execFileP('touch', [path])
-    try {
-      await execFileP('unshare', [`--net=${path}`, 'true'])
-    } catch (e) {
-      await rm(path, { force: true })
-      throw e
-    }
-  },
-  async delete(path) {
-    const dir = dirname(path)
-    if (dir === '/var/run/netns' || dir === '/run/netns') {
-      await execFileP('ip', ['netns', 'del', basename(path)])
-      return
-    }
-    await execFileP('umount', [path]).catch(() => undefined)
-    await rm(path, { force: true })
-  },
+export const nativeNetnsOps: NetnsOps = {
+  create: (path) => nativePodNetworkOps.createNetns(path),
+  delete: (path) => nativePodNetworkOps.deleteNetns(path),
 }
+
+/** @deprecated The former name of {@link nativeNetnsOps} (which no longer spawns `ip`, `unshare` or `umount`). */
+export const ipNetnsOps: NetnsOps = nativeNetnsOps
 
 /** Options of {@link ExecCniClient}. */
 export interface ExecCniClientOptions {
@@ -110,9 +88,9 @@ export interface ExecCniClientOptions {
    * `['ip', 'netns', 'exec', '<node netns>']` so plugins act in a test "node" netns. Default none.
    */
   execWrapper?: string[]
-  /** Creates the dummy network's netns at the given path. Default `ipNetnsOps.create` (`ip netns add`). */
+  /** Creates the dummy network's netns at the given path. Default `nativeNetnsOps.create`. */
   createNetns?: NetnsFn
-  /** Deletes the dummy network's netns at the given path. Default `ipNetnsOps.delete` (`ip netns del`). */
+  /** Deletes the dummy network's netns at the given path. Default `nativeNetnsOps.delete`. */
   deleteNetns?: NetnsFn
   /** The container id (and netns name) of the dummy pod. Default `tapmanager-dummy`. */
   dummyPodId?: string
@@ -165,7 +143,7 @@ export class ExecCniClient implements CniClient {
     this.timeoutMs = options.timeoutMs ?? 60_000
     this.ifName = options.ifName ?? 'eth0'
     this.execWrapper = options.execWrapper ?? []
-    this.netns = { create: options.createNetns ?? ipNetnsOps.create, delete: options.deleteNetns ?? ipNetnsOps.delete }
+    this.netns = { create: options.createNetns ?? nativeNetnsOps.create, delete: options.deleteNetns ?? nativeNetnsOps.delete }
     this.dummyPodId = options.dummyPodId ?? 'tapmanager-dummy'
     this.isNetns = options.isNetns ?? isNetnsMount
     this.onPluginRun = options.onPluginRun
