@@ -18,6 +18,7 @@ import {
 } from '../src/cli'
 import { StateStore } from '../src/state'
 import { FDServer, FDClient, ServerError } from '../src/index'
+import { validateKey } from '../src/protocol'
 import { FileFDSource } from '../examples/file-fd-source'
 
 interface Run {
@@ -114,7 +115,7 @@ test('usage errors exit 2 with a clear message and never connect', async (t) => 
     [['add', 'k', 'k2', '--pod-id', 'a', '--pod-name', 'b', '--pod-ns', 'c'], /takes one KEY/],
     [['get', 'x'.repeat(65)], /at most 64/],
     [['get', 'k '], /whitespace/],
-    [['get', 'ключ'], /printable ASCII/],
+    [['get', ''], /KEY: fd key is empty/],
     [['get', 'k', '--exec'], /get --exec needs -- CMD/],
     [['release', 'k', '--', 'echo'], /only for get --exec/],
     [['recover', 'k'], /recover needs --from/],
@@ -141,6 +142,28 @@ test('usage errors exit 2 with a clear message and never connect', async (t) => 
     t.regex(r.stderr, /tapmanager --help/)
     t.deepEqual(r.clientCalls, [], `${argv.join(' ')}: no connection`)
     t.is(r.stdout, '')
+  }
+})
+
+test('KEY is checked by the protocol one key rule: the command line refuses exactly the keys the client refuses', async (t) => {
+  const keys = ['k', 'ключ', 'pod/1 a', '\x01k', 'x'.repeat(64), 'й'.repeat(32), 'й'.repeat(33), 'x'.repeat(65), ' k', 'k\u00a0', '\u3000k', '']
+  for (const key of keys) {
+    let clientErr: string | undefined
+    try {
+      validateKey(key)
+    } catch (err) {
+      clientErr = (err as Error).message
+    }
+    const calls: unknown[] = []
+    const r = await run(['release', key], { createClient: fakeClient(calls) })
+    if (clientErr === undefined) {
+      t.is(r.code, EXIT_OK, `${JSON.stringify(key)}: ${r.stderr}`)
+      t.deepEqual(calls, [['release', key]])
+    } else {
+      t.is(r.code, EXIT_USAGE, JSON.stringify(key))
+      t.is(r.stderr.split('\n')[0], `tapmanager: KEY: ${clientErr}`)
+      t.deepEqual(calls, [])
+    }
   }
 })
 

@@ -5,13 +5,15 @@
  */
 import { InvalidInputError } from './errors'
 import { cmsgSpace } from './native'
+import { KEY_SIZE, goQuote, goTrimSpace, validateKey } from './key'
+
+// The key rules live in key.ts (no addon needed: the command line checks keys with them); exported here as before.
+export { KEY_SIZE, goQuote, goTrimSpace, validateKey }
 
 /** The magic number that starts every header. */
 export const FD_MAGIC = 0x42424242
 /** Header length in bytes. */
 export const HEADER_SIZE = 77
-/** Key field length in bytes. */
-export const KEY_SIZE = 64
 
 /** Request commands; a response carries `command | RESPONSE_FLAG`, an error response `ERROR_COMMAND`. */
 export const FDCommand = { Add: 0, Release: 1, Get: 2, Recover: 3 } as const
@@ -80,20 +82,6 @@ export function decodeHeader(b: Buffer): FrameHeader {
 /** The 64 key bytes of an error response: all NUL. */
 export const ERROR_KEY: Buffer = Buffer.alloc(KEY_SIZE, 0)
 
-/**
- * Checks that a key can be represented on the wire without being altered by the server's trimming:
- * at most 64 bytes of UTF-8, not empty, no NUL, no leading or trailing whitespace. (Go's client would cut a long
- * key silently; we refuse it.)
- */
-export function validateKey(key: string): void {
-  if (typeof key !== 'string') throw new InvalidInputError('fd key must be a string')
-  const len = Buffer.byteLength(key, 'utf8')
-  if (len === 0) throw new InvalidInputError('fd key is empty')
-  if (len > KEY_SIZE) throw new InvalidInputError(`fd key ${goQuote(key)} is ${len} bytes long, at most ${KEY_SIZE} fit`)
-  if (key.includes('\0')) throw new InvalidInputError(`fd key ${goQuote(key)} contains NUL`)
-  if (goTrimSpace(key) !== key) throw new InvalidInputError(`fd key ${goQuote(key)} has leading or trailing whitespace`)
-}
-
 /** Validates a key and encodes it as 64 bytes, right-padded with spaces. */
 export function encodeKey(key: string): Buffer {
   validateKey(key)
@@ -134,59 +122,6 @@ export function quoteKeyBytes(raw: Buffer): string {
     if (c === 0x22 || c === 0x5c) out += '\\' + String.fromCharCode(c)
     else if (c >= 0x20 && c < 0x7f) out += String.fromCharCode(c)
     else out += `\\x${c.toString(16).padStart(2, '0')}`
-  }
-  return out + '"'
-}
-
-// Unicode White_Space, as Go's unicode.IsSpace sees it.
-const GO_SPACE = '\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000'
-const TRIM_RE = new RegExp(`^[${GO_SPACE}]+|[${GO_SPACE}]+$`, 'gu')
-
-/** Go's `strings.TrimSpace`. */
-export function goTrimSpace(s: string): string {
-  return s.replace(TRIM_RE, '')
-}
-
-/** Go's `%q` of a string (strconv.Quote): printable runes as is, `\a \b \f \n \r \t \v \\ \"`, `\xNN` for other
- * control bytes, `\uNNNN`/`\UNNNNNNNN` for other non-printable runes. U+FFFD (an invalid byte after decoding) is
- * printed as is. */
-export function goQuote(s: string): string {
-  let out = '"'
-  for (const ch of s) {
-    const cp = ch.codePointAt(0)!
-    switch (ch) {
-      case '"':
-        out += '\\"'
-        continue
-      case '\\':
-        out += '\\\\'
-        continue
-      case '\x07':
-        out += '\\a'
-        continue
-      case '\b':
-        out += '\\b'
-        continue
-      case '\f':
-        out += '\\f'
-        continue
-      case '\n':
-        out += '\\n'
-        continue
-      case '\r':
-        out += '\\r'
-        continue
-      case '\t':
-        out += '\\t'
-        continue
-      case '\v':
-        out += '\\v'
-        continue
-    }
-    if (cp < 0x20 || cp === 0x7f) out += `\\x${cp.toString(16).padStart(2, '0')}`
-    else if (cp === 0x20 || !/[\p{C}\p{Z}]/u.test(ch)) out += ch
-    else if (cp < 0x10000) out += `\\u${cp.toString(16).padStart(4, '0')}`
-    else out += `\\U${cp.toString(16).padStart(8, '0')}`
   }
   return out + '"'
 }

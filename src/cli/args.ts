@@ -4,6 +4,7 @@
  */
 import { parseArgs } from 'node:util'
 import { TapmanagerError } from '../errors'
+import { validateKey } from '../key'
 import { LOG_LEVELS, type LogLevel, type RequestLogger } from '../log'
 // metrics.ts loads prom-client but not the addon.
 import { parseMetricsAddress } from '../metrics'
@@ -211,12 +212,16 @@ export function oneKey(p: Parsed): string {
   return checkKey(p.positionals[0])
 }
 
-/** A key the wire can carry: ASCII, at most 64 bytes, no leading/trailing whitespace, no NUL. */
+/**
+ * A key the wire can carry, by the one rule every TypeScript caller uses ({@link validateKey}: 1 to 64 bytes of
+ * UTF-8, no NUL, no leading/trailing whitespace); a bad key is a usage error (exit 2) with that rule's message.
+ */
 export function checkKey(key: string): string {
-  if (key.length === 0) throw new UsageError('KEY must not be empty')
-  if (!/^[\x20-\x7e]*$/.test(key)) throw new UsageError('KEY must be printable ASCII')
-  if (key.length > 64) throw new UsageError(`KEY is ${key.length} bytes; at most 64 fit in the protocol header`)
-  if (key.trim() !== key) throw new UsageError('KEY must not start or end with whitespace')
+  try {
+    validateKey(key)
+  } catch (err) {
+    throw new UsageError(`KEY: ${(err as Error).message}`)
+  }
   return key
 }
 
