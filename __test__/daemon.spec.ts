@@ -10,6 +10,7 @@ import { join } from 'node:path'
 import { FDClient } from '../src/client'
 import { startDaemon } from '../src/daemon'
 import { startDhcpServer, tapFdInfo } from '../src/native'
+import { nativePodNetworkOps, type PodNetworkOps } from '../src/podnetwork'
 import { CniTestNode } from './helpers/cni'
 import { addPayload, netnsNames, removeNetns } from './helpers/serve'
 
@@ -49,8 +50,18 @@ test.serial('close() stops DHCP and closes fds but keeps netns and state; a new 
     t.true(dhcp.running)
     await dhcp.stop()
 
-    daemon = await startDaemon(opts)
+    // Recovery hands the core the record's ContainerSideNetwork as the record holds it (nothing re-encoded).
+    const record = (await daemon.store.list()).records[0]
+    t.deepEqual(record.csn, csn, 'the record holds what the add answered')
+    const coreGot: string[] = []
+    const ops: PodNetworkOps = {
+      ...nativePodNetworkOps,
+      recoverContainerSide: (nsPath, csnJson) => (coreGot.push(`recover ${csnJson}`), nativePodNetworkOps.recoverContainerSide(nsPath, csnJson)),
+      startDhcpServer: (nsPath, csnJson) => (coreGot.push(`dhcp ${csnJson}`), nativePodNetworkOps.startDhcpServer(nsPath, csnJson)),
+    }
+    daemon = await startDaemon({ ...opts, ops })
     t.deepEqual(daemon.recovery.recovered, ['k'])
+    t.deepEqual(coreGot, [`recover ${JSON.stringify(record.csn)}`, `dhcp ${JSON.stringify(record.csn)}`])
     const { fds } = await client.getFDs('k')
     t.is(tapFdInfo(fds[0]).name, 'tap0')
     for (const fd of fds) closeSync(fd)

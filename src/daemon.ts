@@ -21,7 +21,7 @@ import { messageOf } from './errors'
 import { ExecCniClient, type CniClient, type CniPluginRunEvent } from './cni'
 import type { FDSource, GetFDsResult } from './fdsource'
 import type { RequestLogger } from './log'
-import { encodeContainerSideNetwork, encodeGetFDPayload, encodeRecoverPayload, parseContainerSideNetwork, parseGetFDPayload, type PodNetworkDesc } from './payloads'
+import { encodeGetFDPayload, parseContainerSideNetwork, parseGetFDPayload, type PodNetworkDesc, type RecoverPayload } from './payloads'
 import { nativePodNetworkOps, type PodNetworkOps } from './podnetwork'
 import { FDServer, type RequestLogEntry } from './server'
 import { forEachLimited } from './limit'
@@ -128,10 +128,12 @@ export interface Daemon {
 class PersistingSource implements FDSource {
   readonly stableInfo = true
   /**
-   * Keys being recovered at start from their own state record: recover need not write that record again (a
-   * rewrite is two fsyncs per pod, the largest part of recovering hundreds of pods).
+   * Keys being recovered at start from their own state record, with the record already parsed: recover uses it
+   * (no second parse of the payload, the ContainerSideNetwork handed to the core as the record holds it) and
+   * need not write that record again (a rewrite is two fsyncs per pod, the largest part of recovering hundreds
+   * of pods).
    */
-  readonly restoringFromState = new Set<string>()
+  readonly restoringFromState = new Map<string, { payload: RecoverPayload; csnJson: string }>()
   constructor(
     private readonly inner: TapFDSource,
     private readonly store: StateStore,
@@ -177,13 +179,11 @@ class PersistingSource implements FDSource {
   }
 
   async recover(key: string, data: Buffer): Promise<void> {
+    const restoring = this.restoringFromState.get(key)
+    if (restoring) return this.inner.recoverParsed(key, restoring.payload, restoring.csnJson)
     await this.inner.recover(key, data)
-    if (this.restoringFromState.has(key)) return
     const d = this.inner.describe(key)
-    if (d) {
-      const csn = JSON.parse(encodeContainerSideNetwork(d.csn))
-      await this.store.write({ key, status: 'ready', podNetworkDesc: wireDesc(d.podNetworkDesc), csn })
-    }
+    if (d) await this.store.write({ key, status: 'ready', podNetworkDesc: wireDesc(d.podNetworkDesc), csn: JSON.parse(d.csnJson) })
   }
 
   retrieveFDs(key: string): Promise<number[]> {
@@ -317,9 +317,13 @@ async function recoverPersisted(
       return
     }
     try {
-      const csn = parseContainerSideNetwork(JSON.stringify(rec.csn))
-      const payload = encodeRecoverPayload({ podNetworkDesc: desc, csn, haveRunningContainers: false })
-      persisting.restoringFromState.add(rec.key)
+      // The record's csn is what the core answered at add (or what recover passed on): it goes back as it is.
+      const csnJson = JSON.stringify(rec.csn)
+      const csn = parseContainerSideNetwork(csnJson)
+      // A record is a valid RecoverPayload as it is (its pod description is kept in wire form); the source is
+      // given the parsed form too, so it parses and encodes nothing again.
+      const payload = JSON.stringify({ podNetworkDesc: rec.podNetworkDesc, csn: rec.csn, haveRunningContainers: false })
+      persisting.restoringFromState.set(rec.key, { payload: { podNetworkDesc: desc, csn, haveRunningContainers: false }, csnJson })
       try {
         await server.restore(rec.key, Buffer.from(payload))
       } finally {

@@ -31,6 +31,7 @@ import {
   toGoCniResult,
   type ContainerSideNetwork,
   type PodNetworkDesc,
+  type RecoverPayload,
 } from './payloads'
 import { closeFd } from './native'
 import { nativePodNetworkOps, type PodNetworkOps, type DhcpServerHandle } from './podnetwork'
@@ -100,10 +101,13 @@ export class TapFDSource implements FDSource {
     return [...this.pods.keys()]
   }
 
-  /** The pod description and ContainerSideNetwork of a key (what recover needs), or undefined. */
-  describe(key: string): { podNetworkDesc: PodNetworkDesc; csn: ContainerSideNetwork } | undefined {
+  /**
+   * The pod description and ContainerSideNetwork of a key (what recover needs), or undefined; `csnJson` is the
+   * ContainerSideNetwork as the core's JSON (what setupContainerSide answered, or what recover passed on).
+   */
+  describe(key: string): { podNetworkDesc: PodNetworkDesc; csn: ContainerSideNetwork; csnJson: string } | undefined {
     const pod = this.pods.get(key)
-    return pod && { podNetworkDesc: pod.desc, csn: pod.csn }
+    return pod && { podNetworkDesc: pod.desc, csn: pod.csn, csnJson: pod.csnJson }
   }
 
   getFDs(key: string, data: Buffer): Promise<GetFDsResult> {
@@ -124,7 +128,16 @@ export class TapFDSource implements FDSource {
   }
 
   recover(key: string, data: Buffer): Promise<void> {
-    return this.serialised(key, () => this.recoverPod(key, data))
+    return this.serialised(key, () => this.recoverPod(key, () => parseRecoverPayload(data)))
+  }
+
+  /**
+   * {@link recover} from a payload already parsed (a daemon's own state record). `csnJson`, when given, is
+   * `payload.csn` as the core's JSON (e.g. what setupContainerSide answered) and goes to the core as it is,
+   * instead of being encoded again.
+   */
+  recoverParsed(key: string, payload: RecoverPayload, csnJson?: string): Promise<void> {
+    return this.serialised(key, () => this.recoverPod(key, () => payload, csnJson))
   }
 
   retrieveFDs(key: string): Promise<number[]> {
@@ -299,9 +312,9 @@ export class TapFDSource implements FDSource {
     if (errors.length) throw new AggregateOperationError(`releasing pod network ${desc.podId}`, errors)
   }
 
-  private async recoverPod(key: string, data: Buffer): Promise<void> {
+  private async recoverPod(key: string, payloadOf: () => RecoverPayload, givenCsnJson?: string): Promise<void> {
     if (this.pods.has(key)) throw new ExistsError(`pod network for key ${JSON.stringify(key)} exists`)
-    const payload = parseRecoverPayload(data)
+    const payload = payloadOf()
     const desc = payload.podNetworkDesc
     const csn = payload.csn
     const nsPath = csn.nsPath || this.nsPath(desc.podId)
@@ -309,7 +322,7 @@ export class TapFDSource implements FDSource {
     let fds: (number | null)[] = []
     try {
       if (!this.ops.netnsExists(nsPath)) throw new NotFoundError(`netns ${nsPath} of pod ${desc.podId} is gone`)
-      const csnJson = encodeContainerSideNetwork(csn)
+      const csnJson = givenCsnJson ?? encodeContainerSideNetwork(csn)
       fds = (await this.ops.recoverContainerSide(nsPath, csnJson)).fds
       // No DHCP for a pod of VFs only (the VM configures a VF from the CNI result).
       const dhcp: DhcpServerHandle | null = hasTap(csn) ? await this.ops.startDhcpServer(nsPath, csnJson) : null
