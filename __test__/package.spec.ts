@@ -137,6 +137,10 @@ test('without the native addon: require and import fail clearly; --help, -V, hel
     const ls = node(['dist/cli.js', 'ls', '--state-dir', join(dir, 'state')])
     t.is(ls.status, 0, ls.stderr)
     t.regex(ls.stdout, /no keys in/)
+    // KEY is checked by the protocol's key rule, which needs no addon: a usage error, exit 2.
+    const badKey = node(['dist/cli.js', 'release', 'k '])
+    t.is(badKey.status, 2, badKey.stderr)
+    t.regex(badKey.stderr, /^tapmanager: KEY: fd key "k " has leading or trailing whitespace/)
     const status = node(['dist/cli.js', 'status', '--socket', join(dir, 'none.sock')])
     t.is(status.status, EXIT_SERVER_ERROR)
     t.is(status.stdout, '')
