@@ -296,6 +296,13 @@ export interface CreateNetnsOptions {
    * `recreate` deletes it and creates a fresh, empty one.
    */
   ifExists?: 'fail' | 'reuse' | 'recreate'
+  /**
+   * `false`: IPv6 off by default for the links created later in the namespace
+   * (`net.ipv6.conf.default.disable_ipv6=1` inside it, set before it is mounted): they make no link-local
+   * address, DAD, router solicitations or MLD reports. A CNI plugin that gives a link an IPv6 address turns
+   * IPv6 on for that link. Default `true` (the kernel's defaults, as `ip netns add`).
+   */
+  ipv6?: boolean
 }
 
 /**
