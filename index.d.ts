@@ -623,7 +623,10 @@ export interface SetupContainerSideOptions {
   calicoSubnetSize?: number
   /** Whether SR-IOV VFs may be passed to the VM (default false: a VF is an `ERR_INVALID` error). */
   enableSriov?: boolean
-  /** The IPv4 address of the dummy network's Calico link: the VM's gateway for a Calico default route. */
+  /**
+   * The IPv4 address of the dummy network's Calico link: the VM's gateway for a Calico default route. Without
+   * it, a pod with such a route fails with `ERR_NEEDS_DUMMY_GATEWAY` before anything is changed.
+   */
   dummyGateway?: string
 }
 

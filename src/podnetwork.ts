@@ -56,9 +56,11 @@ export interface PodNetworkOps {
   createNetns(nsPath: string): Promise<void>
   /** Deletes the netns at `nsPath`; a missing one is not an error. */
   deleteNetns(nsPath: string): Promise<void>
-  /** True when a link in the netns has a default route via Calico's 169.254.1.1. */
-  needsDummyGateway(nsPath: string): Promise<boolean>
-  /** Rewires the netns for a VM; returns the ContainerSideNetwork JSON and one tap fd per interface. */
+  /**
+   * Rewires the netns for a VM; returns the ContainerSideNetwork JSON and one tap fd per interface. Fails with
+   * ERR_NEEDS_DUMMY_GATEWAY, having changed nothing, for a Calico pod with a default route via 169.254.1.1 when
+   * `opts.dummyGateway` is not given.
+   */
   setupContainerSide(nsPath: string, cniResultJson: string, opts: ContainerSideOptions): Promise<{ csn: string; fds: number[] }>
   /** Restores the netns to what CNI left (with `keepDevices`, but for the emptied bridges and taps). */
   teardownContainerSide(nsPath: string, csnJson: string, opts?: TeardownOptions): Promise<void>
@@ -79,7 +81,6 @@ export const nativePodNetworkOps: PodNetworkOps = {
     await native.createNetns(basename(nsPath), { dir: dirname(nsPath), ipv6: false })
   },
   deleteNetns: (nsPath) => native.deleteNetns(basename(nsPath), dirname(nsPath)),
-  needsDummyGateway: (nsPath) => native.needsDummyGateway(nsPath),
   setupContainerSide: (nsPath, resultJson, opts) => native.setupContainerSide(nsPath, resultJson, opts),
   teardownContainerSide: (nsPath, csnJson, opts) => native.teardownContainerSide(nsPath, csnJson, opts),
   recoverContainerSide: async (nsPath, csnJson) => {
