@@ -296,6 +296,13 @@ export interface CreateNetnsOptions {
    * `recreate` deletes it and creates a fresh, empty one.
    */
   ifExists?: 'fail' | 'reuse' | 'recreate'
+  /**
+   * `false`: IPv6 off by default for the links created later in the namespace
+   * (`net.ipv6.conf.default.disable_ipv6=1` inside it, set before it is mounted): they make no link-local
+   * address, DAD, router solicitations or MLD reports. A CNI plugin that gives a link an IPv6 address turns
+   * IPv6 on for that link. Default `true` (the kernel's defaults, as `ip netns add`).
+   */
+  ipv6?: boolean
 }
 
 /**
@@ -616,7 +623,10 @@ export interface SetupContainerSideOptions {
   calicoSubnetSize?: number
   /** Whether SR-IOV VFs may be passed to the VM (default false: a VF is an `ERR_INVALID` error). */
   enableSriov?: boolean
-  /** The IPv4 address of the dummy network's Calico link: the VM's gateway for a Calico default route. */
+  /**
+   * The IPv4 address of the dummy network's Calico link: the VM's gateway for a Calico default route. Without
+   * it, a pod with such a route fails with `ERR_NEEDS_DUMMY_GATEWAY` before anything is changed.
+   */
   dummyGateway?: string
 }
 

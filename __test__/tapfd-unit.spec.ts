@@ -28,8 +28,12 @@ function isOpen(fd: number): boolean {
   }
 }
 
-/** Recorded fakes; `gate` makes setupContainerSide wait for a test's signal; `fail` names steps that throw. */
-function fakes(opts: { fail?: string[]; gate?: Promise<void>; vf?: boolean } = {}) {
+/**
+ * Recorded fakes; `gate` makes setupContainerSide wait for a test's signal; `fail` names steps that throw;
+ * `calico`: setupContainerSide wants the dummy network's gateway (as the native one does for a Calico pod with
+ * a default route via 169.254.1.1).
+ */
+function fakes(opts: { fail?: string[]; gate?: Promise<void>; vf?: boolean; calico?: boolean } = {}) {
   const calls: string[] = []
   const fds: number[] = []
   const fail = new Set(opts.fail ?? [])
@@ -48,11 +52,14 @@ function fakes(opts: { fail?: string[]; gate?: Promise<void>; vf?: boolean } = {
       step(`deleteNetns ${p}`)
       netns.delete(p)
     },
-    needsDummyGateway: async () => false,
-    setupContainerSide: async (p) => {
+    setupContainerSide: async (p, _result, o) => {
       calls.push(`setup-start ${p}`)
       if (opts.gate) await opts.gate
-      step(`setupContainerSide ${p}`)
+      if (opts.calico && !o.dummyGateway) {
+        calls.push('setup-needs-dummy-gateway')
+        throw Object.assign(new Error('no dummy network gateway was given'), { code: 'ERR_NEEDS_DUMMY_GATEWAY' })
+      }
+      step(`setupContainerSide ${p}${o.dummyGateway ? ` via ${o.dummyGateway}` : ''}`)
       const fd = openSync('/dev/null', 'r')
       fds.push(fd)
       return { csn: CSN(p, opts.vf), fds: [fd] }
@@ -79,7 +86,10 @@ function fakes(opts: { fail?: string[]; gate?: Promise<void>; vf?: boolean } = {
     },
     removeSandboxFromNetwork: async (podId) => step(`cniDel ${podId}`),
     checkSandboxNetwork: async () => undefined,
-    getDummyNetwork: async () => attachment('dummy'),
+    getDummyNetwork: async () => {
+      step('dummyNetwork')
+      return { ...attachment('dummy'), result: { interfaces: [], ips: [{ address: '10.254.0.3/24' }], routes: [], dns: {} } as any }
+    },
   }
   const source = new TapFDSource(cni, { ops, netnsDir: '/ns' })
   return { calls, fds, source, netns }
@@ -101,6 +111,19 @@ test('a pod of SR-IOV VFs only gets no DHCP server, on add and on recover; get s
   const recoverPayload = Buffer.from(JSON.stringify({ podNetworkDesc: { podId: 'p2', podName: 'vm', podNs: 'default' }, csn: JSON.parse(CSN('/ns/p2', true)) }))
   await source2.recover('p2', recoverPayload)
   t.deepEqual(calls2, ['recoverContainerSide /ns/p2'])
+})
+
+test('only a pod whose setup asks for it (Calico, ERR_NEEDS_DUMMY_GATEWAY) gets the dummy network, and setup runs again with its gateway', async (t) => {
+  const { calls, source } = fakes({ calico: true })
+  await source.getFDs('p1', payload('p1'))
+  t.deepEqual(calls, [
+    'createNetns /ns/p1', 'cniAdd p1', 'setup-start /ns/p1', 'setup-needs-dummy-gateway', 'dummyNetwork',
+    'setup-start /ns/p1', 'setupContainerSide /ns/p1 via 10.254.0.3', 'startDhcpServer /ns/p1',
+  ])
+  // Any other setup error fails the add (rolled back) without a second try.
+  const { calls: calls2, source: source2 } = fakes({ fail: ['setupContainerSide'] })
+  await t.throwsAsync(source2.getFDs('p2', payload('p2')), { message: 'setupContainerSide failed' })
+  t.deepEqual(calls2, ['createNetns /ns/p2', 'cniAdd p2', 'setup-start /ns/p2', 'setupContainerSide /ns/p2', 'cniDel p2', 'deleteNetns /ns/p2'])
 })
 
 test('add runs netns, CNI, container side, DHCP in order; release undoes them in reverse and closes the fds', async (t) => {

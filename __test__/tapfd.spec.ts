@@ -272,6 +272,10 @@ async function runCase(t: ExecutionContext, c: Case, restart: boolean): Promise<
       t.not(link.address, w.mac, `${w.name} keeps its CNI MAC`)
       t.is(link.master, `br${want.indexOf(w)}`)
     }
+    // IPv6 is off for every link in the pod netns but lo (the pods here are IPv4): no link-local address, so no
+    // DAD, router solicitations or MLD reports that the node bridge would flood into every other pod.
+    const v6 = sh('nsenter', [`--net=${csn.NsPath}`, 'ip', '-6', '-o', 'addr', 'show'])
+    t.deepEqual(v6.split('\n').filter((l) => l.trim() && !/^\d+:\s+lo\s/.test(l)), [], v6)
 
     if (restart) {
       await h.restart()

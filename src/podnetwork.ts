@@ -45,13 +45,22 @@ export interface PodNetworkOps {
    * file left by a kill -9 between creating the file and mounting onto it, or a symlink, is not a netns.
    */
   netnsExists(nsPath: string): boolean
-  /** Creates the named netns at `nsPath` (`ip netns add`); fails with ERR_EXISTS when it exists. */
+  /**
+   * Creates the named netns at `nsPath` (`ip netns add`); fails with ERR_EXISTS when it exists. The real one
+   * makes IPv6 off by default for the links created in it (`net.ipv6.conf.default.disable_ipv6=1`): a pod's
+   * links are bridge ports and taps that need no IPv6 of their own, and each link-local address's DAD, router
+   * solicitations and MLD reports would be flooded by the node bridge into every other pod (while the kernel
+   * holds the rtnl lock every netns creation and link change waits for). A plugin that gives a link an IPv6
+   * address turns IPv6 on for that link.
+   */
   createNetns(nsPath: string): Promise<void>
   /** Deletes the netns at `nsPath`; a missing one is not an error. */
   deleteNetns(nsPath: string): Promise<void>
-  /** True when a link in the netns has a default route via Calico's 169.254.1.1. */
-  needsDummyGateway(nsPath: string): Promise<boolean>
-  /** Rewires the netns for a VM; returns the ContainerSideNetwork JSON and one tap fd per interface. */
+  /**
+   * Rewires the netns for a VM; returns the ContainerSideNetwork JSON and one tap fd per interface. Fails with
+   * ERR_NEEDS_DUMMY_GATEWAY, having changed nothing, for a Calico pod with a default route via 169.254.1.1 when
+   * `opts.dummyGateway` is not given.
+   */
   setupContainerSide(nsPath: string, cniResultJson: string, opts: ContainerSideOptions): Promise<{ csn: string; fds: number[] }>
   /** Restores the netns to what CNI left (with `keepDevices`, but for the emptied bridges and taps). */
   teardownContainerSide(nsPath: string, csnJson: string, opts?: TeardownOptions): Promise<void>
@@ -69,10 +78,9 @@ export interface PodNetworkOps {
 export const nativePodNetworkOps: PodNetworkOps = {
   netnsExists: (nsPath) => native.isNetnsMount(nsPath),
   createNetns: async (nsPath) => {
-    await native.createNetns(basename(nsPath), { dir: dirname(nsPath) })
+    await native.createNetns(basename(nsPath), { dir: dirname(nsPath), ipv6: false })
   },
   deleteNetns: (nsPath) => native.deleteNetns(basename(nsPath), dirname(nsPath)),
-  needsDummyGateway: (nsPath) => native.needsDummyGateway(nsPath),
   setupContainerSide: (nsPath, resultJson, opts) => native.setupContainerSide(nsPath, resultJson, opts),
   teardownContainerSide: (nsPath, csnJson, opts) => native.teardownContainerSide(nsPath, csnJson, opts),
   recoverContainerSide: async (nsPath, csnJson) => {

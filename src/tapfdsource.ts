@@ -228,14 +228,19 @@ export class TapFDSource implements FDSource {
       const result = { ...attachment.result }
       if (desc.dns) result.dns = { ...desc.dns }
 
-      let dummyGateway: string | undefined
-      if (await this.ops.needsDummyGateway(nsPath)) dummyGateway = await this.dummyGateway()
-
       const resultJson = goJsonStringify(toGoCniResult(result))
-      const side = await this.ops.setupContainerSide(nsPath, resultJson, {
-        enableSriov: this.enableSriov,
-        calicoSubnetSize: this.calicoSubnetSize,
-        dummyGateway,
+      const setup = (dummyGateway?: string) =>
+        this.ops.setupContainerSide(nsPath, resultJson, {
+          enableSriov: this.enableSriov,
+          calicoSubnetSize: this.calicoSubnetSize,
+          dummyGateway,
+        })
+      // Only a Calico pod with a default route via 169.254.1.1 needs the dummy network's gateway: setup says so
+      // (ERR_NEEDS_DUMMY_GATEWAY, before changing anything), and only then is it fetched. No separate look into
+      // the netns for every pod.
+      const side = await setup().catch(async (err) => {
+        if ((err as { code?: unknown } | null)?.code !== 'ERR_NEEDS_DUMMY_GATEWAY') throw err
+        return setup(await this.dummyGateway())
       })
       undo.push(async () => {
         for (const fd of side.fds) closeQuietly(fd)

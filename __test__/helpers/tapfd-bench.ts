@@ -94,7 +94,6 @@ const timedOps: PodNetworkOps = {
   ...nativePodNetworkOps,
   createNetns: (p) => timed('createNetns', () => nativePodNetworkOps.createNetns(p)),
   deleteNetns: (p) => timed('deleteNetns', () => nativePodNetworkOps.deleteNetns(p)),
-  needsDummyGateway: (p) => timed('needsDummyGateway', () => nativePodNetworkOps.needsDummyGateway(p)),
   setupContainerSide: (p, r, o) => timed('setupContainerSide', () => nativePodNetworkOps.setupContainerSide(p, r, o)),
   teardownContainerSide: (p, c, o) => timed('teardownContainerSide', () => nativePodNetworkOps.teardownContainerSide(p, c, o)),
   startDhcpServer: async (p, c) => {

@@ -46,7 +46,6 @@ const ops: PodNetworkOps = {
   ...nativePodNetworkOps,
   createNetns: (p) => timed('netns create', () => nativePodNetworkOps.createNetns(p)),
   deleteNetns: (p) => timed('netns delete', () => nativePodNetworkOps.deleteNetns(p)),
-  needsDummyGateway: (p) => timed('dummy gw check', () => nativePodNetworkOps.needsDummyGateway(p)),
   setupContainerSide: (p, r, o) => timed('container side', () => nativePodNetworkOps.setupContainerSide(p, r, o)),
   teardownContainerSide: (p, c, o) => timed('teardown', () => nativePodNetworkOps.teardownContainerSide(p, c, o)),
   recoverContainerSide: (p, c) => timed('recover container side', () => nativePodNetworkOps.recoverContainerSide(p, c)),
@@ -74,7 +73,7 @@ for (const [method, step] of [['write', 'state write'], ['remove', 'state remove
   }
 }
 
-const ADD_STEPS = ['netns create', 'CNI ADD', 'dummy gw check', 'container side', 'DHCP start', 'state write']
+const ADD_STEPS = ['netns create', 'CNI ADD', 'container side', 'DHCP start', 'state write']
 const REL_STEPS = ['DHCP stop', 'teardown', 'CNI DEL', 'netns delete', 'state remove']
 
 interface Phase {

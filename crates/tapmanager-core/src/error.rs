@@ -36,6 +36,9 @@ pub enum ErrorCode {
     SriovVfInUse,
     /// The PF of an SR-IOV VF (its device or its netdev) is not found.
     SriovPfNotFound,
+    /// Container-side setup found a Calico link with a default route via 169.254.1.1 but was given no dummy
+    /// network gateway. Nothing was changed: the caller gets the gateway (CNI's dummy network) and calls again.
+    NeedsDummyGateway,
 }
 
 impl ErrorCode {
@@ -56,6 +59,7 @@ impl ErrorCode {
             ErrorCode::SriovNoVfio => "ERR_SRIOV_NO_VFIO",
             ErrorCode::SriovVfInUse => "ERR_SRIOV_VF_IN_USE",
             ErrorCode::SriovPfNotFound => "ERR_SRIOV_PF_NOT_FOUND",
+            ErrorCode::NeedsDummyGateway => "ERR_NEEDS_DUMMY_GATEWAY",
         }
     }
 

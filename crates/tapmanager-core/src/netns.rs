@@ -35,6 +35,44 @@ pub enum IfExists {
     Recreate,
 }
 
+/// Settings of a namespace made by [`create_netns_with`], applied before it is mounted (so nothing ever sees
+/// it without them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetnsSettings {
+    /// What to do when the name is taken.
+    pub if_exists: IfExists,
+    /// `false`: IPv6 is off by default for every link created later in the namespace
+    /// (`sysctl net.ipv6.conf.default.disable_ipv6=1` inside it; `lo`, made with the namespace, keeps `::1`).
+    /// Such a link has no link-local address, so it does no DAD, router solicitations or MLD reports: on a
+    /// node bridge with hundreds of pods each of those multicasts is flooded into every pod, by the kernel,
+    /// while it holds the rtnl lock. A CNI plugin that gives a link an IPv6 address turns IPv6 on for that
+    /// link (`net.ipv6.conf.<link>.disable_ipv6=0`, as the containernetworking plugins do). `true` (the
+    /// default): the kernel's defaults, as `ip netns add`.
+    pub ipv6: bool,
+}
+
+impl Default for NetnsSettings {
+    fn default() -> Self {
+        NetnsSettings { if_exists: IfExists::Fail, ipv6: true }
+    }
+}
+
+/// Sets `net.ipv6.conf.<conf>.disable_ipv6` (`conf`: a link name, `default` or `all`) in the calling thread's
+/// netns (`/proc/sys/net` shows the netns of the thread that opens it). Equivalent to
+/// `sysctl -w net.ipv6.conf.<conf>.disable_ipv6=1|0`. A kernel without IPv6 (no such file) is not an error
+/// when disabling.
+pub fn set_ipv6_disabled_here(conf: &str, disabled: bool) -> Result<()> {
+    validate_netns_name(conf).map_err(|_| Error::invalid(format!("invalid link name {conf:?}")))?;
+    let path = format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6");
+    match std::fs::write(&path, if disabled { "1" } else { "0" }) {
+        Ok(()) => Ok(()),
+        Err(e) if disabled && e.kind() == io::ErrorKind::NotFound && !Path::new("/proc/sys/net/ipv6").exists() => {
+            Ok(())
+        }
+        Err(e) => Err(Error::io(format!("write {path}"), e)),
+    }
+}
+
 /// The outcome of [`create_netns`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetnsCreated {
@@ -121,6 +159,14 @@ fn prepare_netns_dir(dir: &Path) -> Result<()> {
 ///
 /// Blocks briefly (one short-lived thread); call it from a blocking context.
 pub fn create_netns(dir: &Path, name: &str, if_exists: IfExists) -> Result<NetnsCreated> {
+    create_netns_with(dir, name, &NetnsSettings { if_exists, ..NetnsSettings::default() })
+}
+
+/// [`create_netns`] with [`NetnsSettings`]: the settings are applied inside the new namespace before it is
+/// mounted at its path.
+pub fn create_netns_with(dir: &Path, name: &str, settings: &NetnsSettings) -> Result<NetnsCreated> {
+    let if_exists = settings.if_exists;
+    let ipv6 = settings.ipv6;
     validate_netns_name(name)?;
     let path = netns_path(dir, name);
     prepare_netns_dir(dir)?;
@@ -148,6 +194,9 @@ pub fn create_netns(dir: &Path, name: &str, if_exists: IfExists) -> Result<Netns
         .spawn(move || -> Result<()> {
             // This thread alone gets the new namespace; it exits right after, the mount keeps the netns alive.
             unshare(CloneFlags::CLONE_NEWNET).map_err(|e| Error::errno("unshare(CLONE_NEWNET)", e))?;
+            if !ipv6 {
+                set_ipv6_disabled_here("default", true)?;
+            }
             mount(Some("/proc/thread-self/ns/net"), &target, Some("none"), MsFlags::MS_BIND, None::<&str>)
                 .map_err(|e| Error::errno(format!("bind the new netns onto {}", target.display()), e))
         })

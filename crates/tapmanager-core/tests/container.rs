@@ -257,6 +257,15 @@ fn setup_bridges_the_tap_to_the_cni_link_and_teardown_restores_the_netns_exactly
         .collect();
     v4.sort();
     assert_eq!(v4, ["br0 169.254.254.2/24", "lo 127.0.0.1/8"]);
+    // The bridge and the tap we made have IPv6 off (no link-local address: no DAD, router solicitations or MLD
+    // flooded to the node bridge); the pod netns was made with the kernel's defaults, so this is setup's doing.
+    for link in ["br0", "tap0"] {
+        let conf = p.pod.exec("sysctl", &["-n", &format!("net.ipv6.conf.{link}.disable_ipv6")]);
+        assert_eq!(conf.trim(), "1", "{link}");
+        let v6 = p.pod.exec("ip", &["-6", "-o", "addr", "show", "dev", link]);
+        assert_eq!(v6.trim(), "", "{link} has no IPv6 address");
+    }
+    assert_eq!(p.pod.exec("sysctl", &["-n", "net.ipv6.conf.default.disable_ipv6"]).trim(), "0");
     let routes = p.pod.exec("ip", &["-4", "route", "show"]);
     assert!(!routes.contains("eth0"), "eth0 keeps no route: {routes}");
     let rules = p.pod.exec("/usr/sbin/nft", &["list", "table", "bridge", "tapmanager-dhcp-eth0"]);
@@ -489,9 +498,10 @@ fn a_calico_like_result_plus_a_second_network() {
     .to_string();
     let before = settled(&p);
 
-    // Without the dummy network's gateway the default route cannot be given to the VM.
+    // Without the dummy network's gateway the default route cannot be given to the VM: setup says so with its
+    // own code (the caller then gets the gateway and calls again), having changed nothing.
     let e = container::setup_container_side(Path::new(&path), result.as_bytes(), SetupOptions::default()).unwrap_err();
-    assert_eq!(e.code, ErrorCode::Invalid);
+    assert_eq!(e.code, ErrorCode::NeedsDummyGateway);
     p.assert_restored(&before);
 
     let mut opts = SetupOptions::default();

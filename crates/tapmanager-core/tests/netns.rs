@@ -11,6 +11,7 @@ use tapmanager_core::netns::{
     create_netns, delete_netns, enter_process_netns, in_netns, is_netns_mount, list_netns, run_in_netns,
     run_in_netns_with_sysfs, IfExists, DEFAULT_NETNS_DIR,
 };
+use tapmanager_core::netns::{create_netns_with, NetnsSettings};
 use tapmanager_core::ErrorCode;
 
 fn ns_inode(path: &Path) -> u64 {
@@ -115,6 +116,42 @@ fn a_custom_directory_is_made_a_shared_mount_and_works() {
     assert!(list_netns(&dir).unwrap().is_empty());
     // Undo the self-bind of the temporary directory (as `ip` leaves /run/netns mounted, we leave nothing).
     nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH).unwrap();
+}
+
+/// `ipv6: false`: links created later in the netns have IPv6 off (no link-local address), `lo` keeps `::1`, a
+/// link can have IPv6 turned on again (as a CNI plugin giving it an IPv6 address does); the default keeps the
+/// kernel's defaults.
+#[test]
+fn ipv6_can_be_off_by_default_for_the_links_made_in_a_new_netns() {
+    require_prereqs(&["ip", "sysctl"]);
+    let dir = Path::new(DEFAULT_NETNS_DIR);
+    let off = unique_name("tmns");
+    let _c1 = Cleanup(off.clone());
+    let on = unique_name("tmns");
+    let _c2 = Cleanup(on.clone());
+    create_netns_with(dir, &off, &NetnsSettings { ipv6: false, ..NetnsSettings::default() }).unwrap();
+    create_netns_with(dir, &on, &NetnsSettings::default()).unwrap();
+    let exec = |ns: &str, args: &[&str]| {
+        let mut a = vec!["netns", "exec", ns];
+        a.extend_from_slice(args);
+        sh("ip", &a)
+    };
+    for ns in [&off, &on] {
+        exec(ns, &["ip", "link", "add", "tmb0", "type", "bridge"]);
+        exec(ns, &["ip", "link", "set", "tmb0", "up"]);
+        exec(ns, &["ip", "link", "set", "lo", "up"]);
+    }
+    assert_eq!(exec(&off, &["sysctl", "-n", "net.ipv6.conf.default.disable_ipv6"]).trim(), "1");
+    assert_eq!(exec(&off, &["sysctl", "-n", "net.ipv6.conf.tmb0.disable_ipv6"]).trim(), "1");
+    assert_eq!(exec(&off, &["ip", "-6", "-o", "addr", "show", "dev", "tmb0"]).trim(), "");
+    assert!(exec(&off, &["ip", "-6", "-o", "addr", "show", "dev", "lo"]).contains("::1/128"));
+    // A link can get IPv6 back, e.g. from a plugin that configures an IPv6 address on it.
+    exec(&off, &["sysctl", "-qw", "net.ipv6.conf.tmb0.disable_ipv6=0"]);
+    exec(&off, &["ip", "addr", "add", "fd00:7::1/64", "dev", "tmb0", "nodad"]);
+    assert!(exec(&off, &["ip", "-6", "-o", "addr", "show", "dev", "tmb0"]).contains("fd00:7::1/64"));
+    // The default netns settings are the kernel's: the bridge has its link-local address (fe80::/64) at once.
+    assert_eq!(exec(&on, &["sysctl", "-n", "net.ipv6.conf.default.disable_ipv6"]).trim(), "0");
+    assert_eq!(exec(&on, &["sysctl", "-n", "net.ipv6.conf.tmb0.disable_ipv6"]).trim(), "0");
 }
 
 #[test]

@@ -22,7 +22,8 @@ pub struct SetupContainerSideOptions {
     pub calico_subnet_size: Option<u32>,
     /// Whether SR-IOV VFs may be passed to the VM (default false: a VF is an `ERR_INVALID` error).
     pub enable_sriov: Option<bool>,
-    /// The IPv4 address of the dummy network's Calico link: the VM's gateway for a Calico default route.
+    /// The IPv4 address of the dummy network's Calico link: the VM's gateway for a Calico default route. Without
+    /// it, a pod with such a route fails with `ERR_NEEDS_DUMMY_GATEWAY` before anything is changed.
     pub dummy_gateway: Option<String>,
 }
 

@@ -44,6 +44,11 @@ pub struct CreateNetnsOptions {
     /// `recreate` deletes it and creates a fresh, empty one.
     #[napi(ts_type = "'fail' | 'reuse' | 'recreate'")]
     pub if_exists: Option<String>,
+    /// `false`: IPv6 off by default for the links created later in the namespace
+    /// (`net.ipv6.conf.default.disable_ipv6=1` inside it, set before it is mounted): they make no link-local
+    /// address, DAD, router solicitations or MLD reports. A CNI plugin that gives a link an IPv6 address turns
+    /// IPv6 on for that link. Default `true` (the kernel's defaults, as `ip netns add`).
+    pub ipv6: Option<bool>,
 }
 
 /// A named namespace returned by `createNetns`.
@@ -65,9 +70,9 @@ pub fn create_netns<'env>(
     options: Option<CreateNetnsOptions>,
 ) -> napi::Result<PromiseRaw<'env, NetnsInfo>> {
     future_promise(env, async move {
-        let (dir, mode) = match options {
-            Some(o) => (dir_of(o.dir), o.if_exists),
-            None => (dir_of(None), None),
+        let (dir, mode, ipv6) = match options {
+            Some(o) => (dir_of(o.dir), o.if_exists, o.ipv6.unwrap_or(true)),
+            None => (dir_of(None), None, true),
         };
         let mode = match mode.as_deref() {
             None | Some("fail") => netns::IfExists::Fail,
@@ -80,7 +85,8 @@ pub fn create_netns<'env>(
             }
         };
         let n = name.clone();
-        let created = blocking(move || netns::create_netns(&dir, &n, mode)).await?;
+        let settings = netns::NetnsSettings { if_exists: mode, ipv6 };
+        let created = blocking(move || netns::create_netns_with(&dir, &n, &settings)).await?;
         Ok(NetnsInfo { name, path: created.path.to_string_lossy().into_owned(), created: created.created })
     })
 }

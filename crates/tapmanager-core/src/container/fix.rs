@@ -119,10 +119,13 @@ pub fn fix_result(result: &mut CniResult, ns_path: &str, snap: &NetSnapshot, cal
         ip.address = IpNet::V4(masked);
         if snap.routes_of(link.index).any(|r| r.is_default() && r.gateway == Some(CALICO_GATEWAY)) {
             let gw = calico.dummy_gateway.ok_or_else(|| {
-                Error::invalid(format!(
-                    "link {} is Calico's with a default route via {CALICO_GATEWAY}, but no dummy network gateway was given",
-                    link.name
-                ))
+                Error::new(
+                    ErrorCode::NeedsDummyGateway,
+                    format!(
+                        "link {} is Calico's with a default route via {CALICO_GATEWAY}, but no dummy network gateway was given",
+                        link.name
+                    ),
+                )
             })?;
             ip.gateway = Some(IpAddr::V4(gw));
             default_via_dummy = Some(gw);

@@ -119,9 +119,12 @@ pub trait NetOps {
     fn set_mac(&mut self, link: u32, mac: [u8; 6]) -> Result<()>;
     /// `ip link set dev <link> master <bridge>` (`Some`) or `nomaster` (`None`).
     fn set_master(&mut self, link: u32, master: Option<u32>) -> Result<()>;
-    /// `ip tuntap add dev <name> mode tap` + `ip link set dev <name> mtu <mtu>`; returns the new index.
+    /// `ip tuntap add dev <name> mode tap` + `ip link set dev <name> mtu <mtu>` +
+    /// `sysctl -w net.ipv6.conf.<name>.disable_ipv6=1`; returns the new index. The VM does its own IPv6 through
+    /// the tap: the tap itself needs none (no link-local address, no DAD, router solicitations or MLD).
     fn create_tap(&mut self, name: &str, mtu: u32) -> Result<u32>;
-    /// `ip link add <name> mtu <mtu> type bridge ageing_time 0`; returns the new index.
+    /// `ip link add <name> mtu <mtu> type bridge ageing_time 0` + `sysctl -w net.ipv6.conf.<name>.disable_ipv6=1`
+    /// (the bridge's only address is the DHCP server's IPv4 one); returns the new index.
     fn create_bridge(&mut self, name: &str, mtu: u32) -> Result<u32>;
     /// `ip link del dev <link>`.
     fn delete_link(&mut self, link: u32) -> Result<()>;

@@ -217,7 +217,7 @@ impl NetOps for RealNet {
 
     fn create_tap(&mut self, name: &str, mtu: u32) -> Result<u32> {
         tap::create_tap_here(name, &tap::TapCreateOptions { mtu: Some(mtu), multi_queue: false, up: false })?;
-        match self.block(self.nl.link_by_name(name)) {
+        match netns::set_ipv6_disabled_here(name, true).and_then(|()| self.block(self.nl.link_by_name(name))) {
             Ok(l) => Ok(l.index),
             Err(e) => {
                 let _ = tap::delete_tap_here(name);
@@ -227,7 +227,12 @@ impl NetOps for RealNet {
     }
 
     fn create_bridge(&mut self, name: &str, mtu: u32) -> Result<u32> {
-        self.block(self.nl.create_bridge(name, Some(mtu)))
+        let index = self.block(self.nl.create_bridge(name, Some(mtu)))?;
+        if let Err(e) = netns::set_ipv6_disabled_here(name, true) {
+            let _ = self.block(self.nl.delete_link(index));
+            return Err(e);
+        }
+        Ok(index)
     }
 
     fn delete_link(&mut self, link: u32) -> Result<()> {

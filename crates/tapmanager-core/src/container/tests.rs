@@ -330,8 +330,9 @@ fn calico_default_route_without_dummy_gateway_is_an_error_and_undone() {
         r#"{"interfaces":[{"name":"eth0","mac":"42:a4:a6:22:80:2e","sandbox":"/var/run/netns/pod1"}],
             "ips":[{"version":"4","interface":0,"address":"192.168.84.7/32"}],"routes":[{"dst":"0.0.0.0/0"}]}"#,
     );
+    // Its own code, before any change: the caller (TapFDSource) gets the dummy gateway only then and calls again.
     let e = setup(&mut net, NS, r.clone(), &opts()).unwrap_err();
-    assert_eq!(e.code, ErrorCode::Invalid);
+    assert_eq!(e.code, ErrorCode::NeedsDummyGateway);
     assert!(e.message.contains("dummy network gateway"), "{}", e.message);
     assert_eq!(view(&net), before);
     // Without the default route no gateway is needed; the mask still widens to the default 24.
