@@ -3,7 +3,10 @@
  * isolation, each checked against what iproute2/nft show. Runs as root in namespaces it creates.
  */
 import test from 'ava'
-import { closeSync } from 'node:fs'
+import { spawnSync } from 'node:child_process'
+import { closeSync, mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import {
   NetlinkHandle,
   addDhcpIsolation,
@@ -18,7 +21,7 @@ import {
   removeDhcpIsolation,
   tapFdInfo,
 } from '../src/native'
-import { TestNetns, listNetns as ipNetnsList, nsExec, openFdCount, requirePrereqs, uniqueName } from './helpers/env'
+import { TestNetns, listNetns as ipNetnsList, nsExec, openFdCount, requirePrereqs, sh, uniqueName } from './helpers/env'
 
 /** nftables' CLI by absolute path: under npm, `nft` on PATH may be @vercel/nft from node_modules/.bin. */
 const NFT = '/usr/sbin/nft'
@@ -194,5 +197,35 @@ test('DHCP isolation rules are added and removed exactly, inside the pod netns o
   } finally {
     pod.cleanup()
     node.cleanup()
+  }
+})
+
+test('pod netns: IPv6 off by default for new links (nativePodNetworkOps), kernel defaults with podNetworkOpsWithIpv6 (serve --pod-ipv6)', async (t) => {
+  requirePrereqs(['ip', 'nsenter'])
+  const { nativePodNetworkOps, podNetworkOpsWithIpv6 } = await import('../src/podnetwork')
+  const dir = mkdtempSync(join(tmpdir(), 'tm-v6-'))
+  const reference = new TestNetns('tmv6r')
+  const off = join(dir, uniqueName('tmv6o'))
+  const on = join(dir, uniqueName('tmv6k'))
+  const sysctl = (ns: string, conf: string) =>
+    sh('nsenter', [`--net=${ns}`, 'cat', `/proc/sys/net/ipv6/conf/${conf}/disable_ipv6`]).trim()
+  try {
+    await nativePodNetworkOps.createNetns(off)
+    await podNetworkOpsWithIpv6.createNetns(on)
+    t.is(sysctl(off, 'default'), '1', 'links made later in a pod netns get no IPv6')
+    t.is(sysctl(off, 'lo'), sysctl(reference.path, 'lo'), 'lo keeps its IPv6 (::1)')
+    t.is(sysctl(on, 'default'), sysctl(reference.path, 'default'), '--pod-ipv6: as `ip netns add` makes it')
+    // A link made in the pod netns afterwards (as a CNI plugin's veth end) has no IPv6 address.
+    sh('nsenter', [`--net=${off}`, 'ip', 'link', 'add', 'tmv6d', 'type', 'veth', 'peer', 'name', 'tmv6p'])
+    sh('nsenter', [`--net=${off}`, 'ip', 'link', 'set', 'tmv6d', 'up'])
+    t.is(sysctl(off, 'tmv6d'), '1')
+    t.is(sh('nsenter', [`--net=${off}`, 'ip', '-6', '-o', 'addr', 'show', 'dev', 'tmv6d']).trim(), '')
+  } finally {
+    await nativePodNetworkOps.deleteNetns(off)
+    await nativePodNetworkOps.deleteNetns(on)
+    reference.cleanup()
+    // The netns code made the dir a (shared) mount point of its own.
+    spawnSync('umount', ['-l', dir])
+    rmSync(dir, { recursive: true, force: true })
   }
 })

@@ -22,7 +22,7 @@ import { ExecCniClient, type CniClient, type CniPluginRunEvent } from './cni'
 import type { FDSource, GetFDsResult } from './fdsource'
 import type { RequestLogger } from './log'
 import { encodeGetFDPayload, parseContainerSideNetwork, parseGetFDPayload, type PodNetworkDesc, type RecoverPayload } from './payloads'
-import { nativePodNetworkOps, type PodNetworkOps } from './podnetwork'
+import { nativePodNetworkOps, podNetworkOpsWithIpv6, type PodNetworkOps } from './podnetwork'
 import { FDServer, type RequestLogEntry } from './server'
 import { forEachLimited } from './limit'
 import { keyToFileName, StateStore } from './state'
@@ -47,6 +47,11 @@ export interface DaemonOptions {
   stateDir: string
   calicoSubnetSize?: number
   sriov?: boolean
+  /**
+   * Pod netns keep the kernel's IPv6 defaults (true), or IPv6 is off by default for the links made in them
+   * (false, the default): see {@link PodNetworkOps.createNetns}. Only for the real operations (not `ops`).
+   */
+  podIpv6?: boolean
   maxDataSize?: number
   /** Connection caps (FDServer's `maxConnections`, `maxConnectionsPerUid`; defaults there). */
   maxConnections?: number
@@ -217,7 +222,7 @@ export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
       onPluginRun: observer?.onCniPluginRun ? (r) => observe(observer.onCniPluginRun, r) : undefined,
     })
   const cni: CniClient = opts.wrapCni ? opts.wrapCni(execCni) : execCni
-  const baseOps = opts.ops ?? nativePodNetworkOps
+  const baseOps = opts.ops ?? (opts.podIpv6 ? podNetworkOpsWithIpv6 : nativePodNetworkOps)
   const source = new TapFDSource(cni, {
     enableSriov: opts.sriov,
     calicoSubnetSize: opts.calicoSubnetSize,

@@ -91,3 +91,14 @@ export const nativePodNetworkOps: PodNetworkOps = {
   startDhcpServer: (nsPath, csnJson) => native.startDhcpServer(nsPath, csnJson),
   drainTapFd: (fd) => native.drainTapFd(fd),
 }
+
+/**
+ * The real operations, but pod netns keep the kernel's IPv6 defaults (`serve --pod-ipv6`): for CNI plugins that
+ * give a link an IPv6 address without turning IPv6 on for it, or pods that rely on SLAAC before the rewiring.
+ */
+export const podNetworkOpsWithIpv6: PodNetworkOps = {
+  ...nativePodNetworkOps,
+  createNetns: async (nsPath) => {
+    await native.createNetns(basename(nsPath), { dir: dirname(nsPath), ipv6: true })
+  },
+}

@@ -41,6 +41,8 @@ export interface ServeOptions {
   stateDir: string
   calicoSubnetSize: number
   sriov: boolean
+  /** Keep the kernel's IPv6 defaults in pod netns (default: IPv6 off for links made there; see `--pod-ipv6`). */
+  podIpv6: boolean
   logLevel: LogLevel
   /** The largest request payload accepted (DataSize cap). */
   maxDataSize: number
@@ -83,6 +85,7 @@ const COMMAND_OPTIONS = {
     'state-dir': { type: 'string' },
     'calico-subnet-size': { type: 'string' },
     sriov: { type: 'boolean' },
+    'pod-ipv6': { type: 'boolean' },
     'log-level': { type: 'string' },
     'max-data-size': { type: 'string' },
     'cni-timeout': { type: 'string' },
@@ -123,6 +126,8 @@ Commands:
       --state-dir DIR           persisted state (default ${DEFAULT_STATE_DIR})
       --calico-subnet-size N    prefix length for Calico pods (default ${DEFAULT_CALICO_SUBNET_SIZE})
       --sriov                   enable SR-IOV VF passthrough
+      --pod-ipv6                keep the kernel's IPv6 defaults in pod netns (default: IPv6 off for
+                                the links made there; a CNI plugin that adds an IPv6 address turns it on)
       --log-level LEVEL         ${LOG_LEVELS.join('|')} (default info)
       --max-data-size BYTES     largest request payload (default ${DEFAULT_MAX_DATA_SIZE})
       --cni-timeout MS          time limit of one CNI plugin run (default ${DEFAULT_CNI_TIMEOUT_MS})
@@ -279,6 +284,7 @@ export function serveOptionsFromFlags(values: Parsed['values'], env: NodeJS.Proc
     stateDir: (values['state-dir'] as string | undefined) ?? DEFAULT_STATE_DIR,
     calicoSubnetSize: intFlag(values['calico-subnet-size'], 'calico-subnet-size', DEFAULT_CALICO_SUBNET_SIZE, 1, 32),
     sriov: values.sriov === true,
+    podIpv6: values['pod-ipv6'] === true,
     logLevel: level as LogLevel,
     maxDataSize: intFlag(values['max-data-size'], 'max-data-size', DEFAULT_MAX_DATA_SIZE, 1, 0xffffffff),
     cniTimeoutMs: intFlag(values['cni-timeout'], 'cni-timeout', DEFAULT_CNI_TIMEOUT_MS, 1, 3_600_000),

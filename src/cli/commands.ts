@@ -117,6 +117,7 @@ async function startDaemonFor(opts: ServeOptions, metrics: DaemonMetrics | undef
     stateDir: opts.stateDir,
     calicoSubnetSize: opts.calicoSubnetSize,
     sriov: opts.sriov,
+    podIpv6: opts.podIpv6,
     maxDataSize: opts.maxDataSize,
     cniTimeoutMs: opts.cniTimeoutMs,
     maxConnections: opts.maxConnections ?? undefined,
