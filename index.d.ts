@@ -29,19 +29,28 @@ export declare class DhcpServer {
 /**
  * Runs FDServer requests like `fdRequest`, but reports every completion through one long-lived callback
  * instead of a Promise per request (a Promise from native code costs a threadsafe function and an event-loop
- * handle per call). The callback gets an `FdDone`. The port does not keep the process alive unless `hold(true)`
- * (call it while requests are pending).
+ * handle per call). The callback gets an `FdDone`. A request on a new connection waits for its response on the
+ * JavaScript thread's own event loop when the port was made with `waitOnLoop` and libuv is there (Node: one
+ * thread wake-up per request; see uvwait.rs), else on the native runtime, whose completions keep the process
+ * alive only while `hold(true)` (call it while such requests are pending).
  */
 export declare class FdRequestPort {
-  /** `onDone` is called on the JavaScript thread with each finished request. */
-  constructor(onDone: (done: FdDone) => void)
+  /**
+   * `onDone` is called on the JavaScript thread with each finished request. `waitOnLoop` asks for the event
+   * loop path (only on Node: Bun and Deno lack libuv or stub it); `waitsOnLoop` tells whether it is in use.
+   */
+  constructor(onDone: (done: FdDone) => void, waitOnLoop?: boolean | undefined | null)
+  /** Whether requests on new connections wait on the JavaScript thread's event loop (see the constructor). */
+  get waitsOnLoop(): boolean
   /** Whether the port keeps the event loop alive (`true` while requests are pending). */
   hold(on: boolean): void
   /**
    * One FDServer request on a new connection, exactly as `fdRequest` (connect and send happen before this
-   * returns, when they can without waiting); the outcome goes to `onDone` with `id`.
+   * returns, when they can without waiting); the outcome goes to `onDone` with `id`. Returns true when the
+   * request waits on the event loop (it keeps the process alive by itself), false when it went to the
+   * runtime (see `hold`).
    */
-  request(id: number, path: string, request: Buffer, timeoutMs?: number | undefined | null): void
+  request(id: number, path: string, request: Buffer, timeoutMs?: number | undefined | null): boolean
   /**
    * One FDServer request on an open connection `conn` (kept open for further requests: the protocol allows
    * several on one connection, in order): writes `request`, reads the response frame as `request` does. The

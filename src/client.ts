@@ -36,39 +36,72 @@ interface Response {
 
 /**
  * Requests in flight share one native completion callback (cheaper than a native Promise per request); each
- * waits here under its id. The port keeps the process alive only while something waits.
+ * waits here under its id. A request on a new connection waits for its response on this thread's event loop
+ * (Node: libuv polls the socket, one thread wake-up per request) and keeps the process alive by itself; one
+ * waiting on the native runtime (`waitOn: 'runtime'`, Bun, Deno, keep-alive connections) needs the port's
+ * `hold` while it is pending.
  */
-const waiting = new Map<number, { resolve: (f: Frame) => void; reject: (e: Error) => void }>()
-let port: FdRequestPort | null = null
+interface Waiter {
+  resolve: (f: Frame) => void
+  reject: (e: Error) => void
+  /** The port whose `hold` it counts in (waiting on the runtime), else null. */
+  heldOn: FdRequestPort | null
+}
+const waiting = new Map<number, Waiter>()
+/** Ports by where their requests on new connections wait: `loop` (the event loop where it can) or `runtime`. */
+const ports: { loop: FdRequestPort | null; runtime: FdRequestPort | null } = { loop: null, runtime: null }
+/** Requests pending on the runtime, per port. */
+const held = new Map<FdRequestPort, number>()
 let lastId = 0
+
+/** Bun and Deno lack libuv's functions or stub them: only Node waits on its event loop. */
+const LOOP_WAITS_POSSIBLE = typeof process === 'object' && !process.versions.bun && !process.versions.deno
+
+function hold(p: FdRequestPort, delta: 1 | -1): void {
+  const n = (held.get(p) ?? 0) + delta
+  held.set(p, n)
+  if (delta === 1 && n === 1) p.hold(true)
+  else if (delta === -1 && n === 0) p.hold(false)
+}
 
 function onDone(d: FdDone): void {
   const w = waiting.get(d.id)
   if (!w) return
   waiting.delete(d.id)
-  if (waiting.size === 0) port!.hold(false)
+  if (w.heldOn) hold(w.heldOn, -1)
   if (d.frame) w.resolve(d.frame)
   else w.reject(Object.assign(new Error(d.message ?? 'request failed'), { code: d.code, notSent: d.notSent ?? false }))
 }
 
+function portFor(waitOn: 'loop' | 'runtime'): FdRequestPort {
+  if (waitOn === 'loop') return (ports.loop ??= new FdRequestPort(onDone, LOOP_WAITS_POSSIBLE))
+  return (ports.runtime ??= new FdRequestPort(onDone, false))
+}
+
 /**
- * One request through the shared port: on a new connection to `path` (see the native `fdRequest`), or on the
+ * One request through a shared port: on a new connection to `path` (see the native `fdRequest`), or on the
  * open connection `conn` (`requestOn`; the error then carries `notSent`).
  */
-function fdRequest(path: string, request: Buffer, timeoutMs: number, conn?: UnixConnection): Promise<Frame> {
-  port ??= new FdRequestPort(onDone)
-  const p = port
+function fdRequest(waitOn: 'loop' | 'runtime', path: string, request: Buffer, timeoutMs: number, conn?: UnixConnection): Promise<Frame> {
+  const p = portFor(waitOn)
   lastId = lastId >= 0xffffffff ? 1 : lastId + 1
   const id = lastId
   return new Promise<Frame>((resolve, reject) => {
-    waiting.set(id, { resolve, reject })
-    if (waiting.size === 1) p.hold(true)
+    const w: Waiter = { resolve, reject, heldOn: null }
+    waiting.set(id, w)
     try {
-      if (conn) p.requestOn(id, conn, request, timeoutMs)
-      else p.request(id, path, request, timeoutMs)
+      if (conn) {
+        w.heldOn = p
+        hold(p, 1)
+        p.requestOn(id, conn, request, timeoutMs)
+      } else if (!p.request(id, path, request, timeoutMs)) {
+        // went to the runtime (the completion may only come once this returned: it is queued to this thread)
+        w.heldOn = p
+        hold(p, 1)
+      }
     } catch (err) {
       waiting.delete(id)
-      if (waiting.size === 0) p.hold(false)
+      if (w.heldOn) hold(p, -1)
       reject(err as Error)
     }
   })
@@ -91,6 +124,12 @@ export interface FDClientOptions {
    * wait for the next request (ours: `readTimeoutMs`, 10 s by default).
    */
   idleTimeoutMs?: number
+  /**
+   * Where a request on a new connection waits for its response: `loop` (default), on this thread's event loop
+   * (libuv polls the socket; one thread wake-up per request), or `runtime`, on the addon's native runtime
+   * (two). Bun and Deno always use `runtime` (they lack libuv's functions); keep-alive connections too.
+   */
+  waitOn?: 'loop' | 'runtime'
 }
 
 /** An open connection of a keep-alive FDClient. */
@@ -193,6 +232,8 @@ export class FDClient implements FDManager {
   readonly timeoutMs: number
   /** Whether requests reuse open connections (see {@link FDClientOptions.keepAlive}). */
   readonly keepAlive: boolean
+  /** Where requests wait for their responses (see {@link FDClientOptions.waitOn}). */
+  readonly waitOn: 'loop' | 'runtime'
   private readonly pool: ConnectionPool | null
 
   /** See {@link FDClientOptions}: by default a new connection per request, each bounded by 30 s. */
@@ -200,6 +241,8 @@ export class FDClient implements FDManager {
     this.socketPath = socketPath
     this.timeoutMs = options.timeoutMs ?? 30_000
     this.keepAlive = options.keepAlive ?? false
+    this.waitOn = options.waitOn ?? 'loop'
+    if (this.waitOn !== 'loop' && this.waitOn !== 'runtime') throw new InvalidInputError(`waitOn must be 'loop' or 'runtime', not ${String(this.waitOn)}`)
     const max = options.maxConnections ?? 16
     const idle = options.idleTimeoutMs ?? 5000
     if (!Number.isInteger(max) || max < 1) throw new InvalidInputError(`maxConnections must be a positive integer, not ${max}`)
@@ -279,7 +322,7 @@ export class FDClient implements FDManager {
     // One native call: connect, write header and payload, read the 77-byte header, then one recvmsg for the
     // payload and the fds (as the Go client does), close.
     const bytes = payload.length > 0 ? Buffer.concat([head, payload]) : head
-    const frame = this.pool ? await this.pooledRequest(this.pool, bytes) : await fdRequest(this.socketPath, bytes, this.timeoutMs)
+    const frame = this.pool ? await this.pooledRequest(this.pool, bytes) : await fdRequest(this.waitOn, this.socketPath, bytes, this.timeoutMs)
     const received = frame.fds
     try {
       const hdr = decodeHeader(frame.header)
@@ -311,7 +354,7 @@ export class FDClient implements FDManager {
       const { c, fresh } = await pool.acquire()
       let frame: Frame
       try {
-        frame = await fdRequest(this.socketPath, bytes, this.timeoutMs, c.conn)
+        frame = await fdRequest('runtime', this.socketPath, bytes, this.timeoutMs, c.conn)
       } catch (err) {
         pool.drop(c)
         if (!fresh && (err as { notSent?: boolean }).notSent) continue

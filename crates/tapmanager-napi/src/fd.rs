@@ -4,6 +4,7 @@
 //! [`close_fd`]). Fds passed in for sending stay owned by JavaScript.
 
 use std::os::fd::{BorrowedFd, IntoRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use napi_derive::napi;
 use tapmanager_core::unix::{self, BindOptions};
 
 use crate::error::{invalid, spawn_future_promise, to_js, JsError};
+use crate::uvwait::{self, LoopWaits};
 
 /// Returns the version of the native addon (a smoke test of the binding).
 #[napi]
@@ -127,7 +129,7 @@ pub struct FdDone {
 
 impl FdDone {
     /// The completion of request `id`: its frame, or its error's code and message (`not_sent` only with an error).
-    fn of(id: u32, r: tapmanager_core::Result<unix::Frame>, not_sent: Option<bool>) -> FdDone {
+    pub(crate) fn of(id: u32, r: tapmanager_core::Result<unix::Frame>, not_sent: Option<bool>) -> FdDone {
         match r {
             Ok(f) => FdDone { id, frame: Some(to_js_frame(f)), code: None, message: None, not_sent: None },
             Err(e) => {
@@ -141,22 +143,36 @@ type DoneFn = ThreadsafeFunction<FdDone, (), FdDone, napi::Status, false, true>;
 
 /// Runs FDServer requests like `fdRequest`, but reports every completion through one long-lived callback
 /// instead of a Promise per request (a Promise from native code costs a threadsafe function and an event-loop
-/// handle per call). The callback gets an `FdDone`. The port does not keep the process alive unless `hold(true)`
-/// (call it while requests are pending).
+/// handle per call). The callback gets an `FdDone`. A request on a new connection waits for its response on the
+/// JavaScript thread's own event loop when the port was made with `waitOnLoop` and libuv is there (Node: one
+/// thread wake-up per request; see uvwait.rs), else on the native runtime, whose completions keep the process
+/// alive only while `hold(true)` (call it while such requests are pending).
 #[napi]
 pub struct FdRequestPort {
     done: Arc<DoneFn>,
+    on_loop: Option<Rc<LoopWaits>>,
 }
 
 #[napi]
 impl FdRequestPort {
-    /// `onDone` is called on the JavaScript thread with each finished request.
+    /// `onDone` is called on the JavaScript thread with each finished request. `waitOnLoop` asks for the event
+    /// loop path (only on Node: Bun and Deno lack libuv or stub it); `waitsOnLoop` tells whether it is in use.
     #[napi(constructor)]
     pub fn new(
+        env: Env,
         #[napi(ts_arg_type = "(done: FdDone) => void")] on_done: Function<'_, FdDone, ()>,
+        wait_on_loop: Option<bool>,
     ) -> napi::Result<Self> {
+        let on_loop =
+            if wait_on_loop.unwrap_or(false) { uvwait::LoopWaits::new(env.raw(), napi::JsValue::raw(&on_done)) } else { None };
         let done = on_done.build_threadsafe_function::<FdDone>().callee_handled::<false>().weak::<true>().build()?;
-        Ok(FdRequestPort { done: Arc::new(done) })
+        Ok(FdRequestPort { done: Arc::new(done), on_loop })
+    }
+
+    /// Whether requests on new connections wait on the JavaScript thread's event loop (see the constructor).
+    #[napi(getter)]
+    pub fn waits_on_loop(&self) -> bool {
+        self.on_loop.is_some()
     }
 
     /// Whether the port keeps the event loop alive (`true` while requests are pending).
@@ -178,12 +194,30 @@ impl FdRequestPort {
     }
 
     /// One FDServer request on a new connection, exactly as `fdRequest` (connect and send happen before this
-    /// returns, when they can without waiting); the outcome goes to `onDone` with `id`.
+    /// returns, when they can without waiting); the outcome goes to `onDone` with `id`. Returns true when the
+    /// request waits on the event loop (it keeps the process alive by itself), false when it went to the
+    /// runtime (see `hold`).
     #[napi]
-    pub fn request(&self, id: u32, path: String, request: Buffer, timeout_ms: Option<u32>) {
+    pub fn request(&self, id: u32, path: String, request: Buffer, timeout_ms: Option<u32>) -> bool {
         let req: Vec<u8> = request.to_vec();
         let d = deadline(timeout_ms);
-        let started = unix::start_request(&path, &req);
+        let mut started = unix::start_request(&path, &req);
+        let req = match (&self.on_loop, started) {
+            (Some(waits), Ok(Some((stream, written)))) => {
+                let ms = d.map_or(0, |d| d.as_millis() as u64);
+                match uvwait::wait(waits, id, OwnedFd::from(stream), req, written, ms) {
+                    Ok(()) => return true,
+                    Err((sock, req)) => {
+                        started = Ok(Some((std::os::unix::net::UnixStream::from(sock), written)));
+                        req
+                    }
+                }
+            }
+            (_, s) => {
+                started = s;
+                req
+            }
+        };
         let done = self.done.clone();
         napi::bindgen_prelude::spawn(async move {
             let r = match started {
@@ -193,6 +227,7 @@ impl FdRequestPort {
             };
             done.call(FdDone::of(id, r, None), ThreadsafeFunctionCallMode::NonBlocking);
         });
+        false
     }
 
     /// One FDServer request on an open connection `conn` (kept open for further requests: the protocol allows
