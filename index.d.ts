@@ -142,11 +142,13 @@ export declare class UnixConnection {
   readResponseFrame(timeoutMs?: number | undefined | null): Promise<Frame>
   /**
    * Writes a response: `head` with a plain write, then `data` with the `fds` in one `sendmsg` (nothing when
-   * both are empty; data must not be empty when fds are sent), within `writeTimeoutMs` (when > 0). The fds are
-   * duplicated before this returns, so the caller may close its copies at once. Resolves with the outcome
-   * (never rejects for a failed write: `writeError` says why), so the caller can log what really happened.
+   * both are empty; data must not be empty when fds are sent), within `writeTimeoutMs` (when > 0). Tries at
+   * once without waiting: when the socket takes it all (the usual case) the outcome is returned directly,
+   * else a Promise of it (the rest is written on the runtime). Either way the fds are sent or duplicated
+   * before this returns, so the caller may close its copies at once. Never throws or rejects for a failed
+   * write (`writeError` says why), so the caller can log what really happened.
    */
-  respond(head: Buffer, data: Buffer, fds: Array<number>, writeTimeoutMs?: number | undefined | null): Promise<Written>
+  respond(head: Buffer, data: Buffer, fds: Array<number>, writeTimeoutMs?: number | undefined | null): Written | Promise<Written>
   /**
    * Reads the next request frame like `readRequestFrame` (within `timeoutMs` when > 0); on a connection from
    * `nextIncoming`, the requests the listener's native fast path can answer are answered natively first, and

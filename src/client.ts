@@ -15,8 +15,9 @@ import {
   ERROR_COMMAND,
   FD_ERROR_TEXT,
   FD_MAGIC,
+  HEADER_SIZE,
+  KEY_SIZE,
   RESPONSE_FLAG,
-  decodeHeader,
   decodeKey,
   encodeHeader,
   encodeKey,
@@ -28,6 +29,9 @@ export interface GetFDsResponse {
   fds: number[]
   info: Buffer
 }
+
+/** The empty payload of get, release and list requests (never written to). */
+const EMPTY = Buffer.alloc(0)
 
 interface Response {
   data: Buffer
@@ -263,7 +267,7 @@ export class FDClient implements FDManager {
 
   /** Releases `key`. */
   async releaseFDs(key: string): Promise<void> {
-    await this.request(FDCommand.Release, key, Buffer.alloc(0))
+    await this.request(FDCommand.Release, key, EMPTY)
   }
 
   /** Recovers `key` after a server restart; `data` is a Buffer or a JSON value. */
@@ -273,7 +277,7 @@ export class FDClient implements FDManager {
 
   /** Gets the fds of `key` (now owned by the caller) and the source's info for them. */
   async getFDs(key: string): Promise<GetFDsResponse> {
-    const r = await this.request(FDCommand.Get, key, Buffer.alloc(0))
+    const r = await this.request(FDCommand.Get, key, EMPTY)
     return { fds: r.fds, info: r.data }
   }
 
@@ -283,7 +287,7 @@ export class FDClient implements FDManager {
    * answers `bad command`: a {@link ServerError} with code `ERR_UNSUPPORTED`.
    */
   async list(): Promise<ServerListing> {
-    const r = await this.request(FD_EXT_COMMAND.list, 'list', Buffer.alloc(0))
+    const r = await this.request(FD_EXT_COMMAND.list, 'list', EMPTY)
     let v: unknown
     try {
       v = JSON.parse(r.data.toString('utf8'))
@@ -325,22 +329,25 @@ export class FDClient implements FDManager {
     const frame = this.pool ? await this.pooledRequest(this.pool, bytes) : await fdRequest(this.waitOn, this.socketPath, bytes, this.timeoutMs)
     const received = frame.fds
     try {
-      const hdr = decodeHeader(frame.header)
-      if (hdr.magic !== FD_MAGIC || !frame.data) throw new ProtocolError('bad magic')
+      // The header's fields read in place (no decoded copy: this runs once per request).
+      const h = frame.header
       const data = frame.data
-      if (hdr.command === ERROR_COMMAND) throw new ServerError(data.toString('utf8'))
-      if (hdr.command !== (command | RESPONSE_FLAG)) {
-        throw new ProtocolError(`unexpected command ${hdr.command.toString(16).padStart(2, '0')}`)
-      }
+      if (h.length !== HEADER_SIZE || h.readUInt32BE(0) !== FD_MAGIC || !data) throw new ProtocolError('bad magic')
+      const cmd = h[4]
+      if (cmd === ERROR_COMMAND) throw new ServerError(data.toString('utf8'))
+      if (cmd !== (command | RESPONSE_FLAG)) throw new ProtocolError(`unexpected command ${cmd.toString(16).padStart(2, '0')}`)
       // The server echoes the key bytes it got (a byte comparison settles the usual case without decoding).
-      if (!hdr.key.equals(keyBytes) && decodeKey(hdr.key) !== key) throw new ProtocolError(FD_ERROR_TEXT.keyMismatch)
+      if (h.compare(keyBytes, 0, KEY_SIZE, 13, 13 + KEY_SIZE) !== 0 && decodeKey(h.subarray(13, 13 + KEY_SIZE)) !== key) {
+        throw new ProtocolError(FD_ERROR_TEXT.keyMismatch)
+      }
       if (command !== FDCommand.Get && received.length > 0) throw new ProtocolError(`unexpected fds in a ${command} response`)
-      if (command === FDCommand.Get && hdr.oobSize > 0 && received.length === 0) {
+      if (command === FDCommand.Get && received.length === 0 && h.readUInt32BE(9) > 0) {
         throw new ProtocolError('unexpected number of socket control messages: 0 instead of 1')
       }
-      return { data, fds: received.splice(0) }
+      frame.fds = []
+      return { data, fds: received }
     } finally {
-      for (const fd of received) closeFd(fd)
+      for (const fd of frame.fds) closeFd(fd)
     }
   }
 

@@ -478,9 +478,12 @@ export class FDServer {
   }
 
   /**
-   * Hands a response to the native side (which duplicates the fds before this returns, so a release right after
-   * cannot close them under the sendmsg; `owned` are closed here), and returns the pending turn: once the write
-   * is done (or failed) the request is logged with its real outcome, then the next frame is read.
+   * Hands a response to the native side, which writes it at once when the socket takes it (the usual case: the
+   * outcome comes back directly, no trip through the native runtime), else finishes it there within the write
+   * deadline (a Promise of the outcome); either way the fds are sent or duplicated before it returns, so a
+   * release right after cannot close them under the sendmsg (`owned` are closed here). Returns the pending
+   * turn: once the write is done (or failed) the request is logged with its real outcome, then the next frame is
+   * read.
    */
   private respond(
     conn: UnixConnection,
@@ -490,20 +493,22 @@ export class FDServer {
     owned: number[],
     req: { key: string; command: number; started: number; failure: string | undefined; peer: PeerCredentials | undefined },
   ): Promise<Frame | null> {
-    let written: Promise<Written>
+    let written: Written | Promise<Written>
     try {
       written = conn.respond(head, body, fds, this.opts.writeTimeoutMs)
     } finally {
       for (const fd of owned) closeFd(fd)
     }
+    const after = (w: Written, durationMs: number | undefined): Promise<Frame | null> | null => {
+      const failure = w.writeError == null ? req.failure : `${req.failure ?? 'ok'}; response not sent: ${w.writeError}`
+      this.log(req.key, req.command, req.started, failure, req.peer, durationMs)
+      if (w.writeError != null) return null
+      return conn.readNext(this.opts.maxDataSize, this.opts.readTimeoutMs).catch(() => null)
+    }
+    if (!(written instanceof Promise)) return Promise.resolve(after(written, undefined))
     const handed = performance.now()
     return written.then(
-      (w) => {
-        const failure = w.writeError == null ? req.failure : `${req.failure ?? 'ok'}; response not sent: ${w.writeError}`
-        this.log(req.key, req.command, req.started, failure, req.peer, handed - req.started + w.writeMs)
-        if (w.writeError != null) return null
-        return conn.readNext(this.opts.maxDataSize, this.opts.readTimeoutMs).catch(() => null)
-      },
+      (w) => after(w, handed - req.started + w.writeMs),
       () => null,
     )
   }

@@ -389,3 +389,45 @@ async fn response_reader_eof_and_truncated_control_data_are_errors_and_leak_noth
     drop((files, client, server));
     assert_eq!(fd_count(), before, "no fd leaked");
 }
+
+#[tokio::test]
+async fn try_respond_writes_at_once_or_hands_the_rest_to_respond_rest_with_the_fds() {
+    let _g = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_l, client, server) = pair(&dir).await;
+    let f = temp_file("sent-now");
+    // the usual case: all of it at once, fds with the data
+    let head = frame(0x82, 1, cmsg_space(1) as u32, 0x4242_4242);
+    let (done, _) = server.try_respond(&head, b"i", &[f.as_fd()]).unwrap();
+    assert!(done);
+    let got = client.read_response_frame(Some(Duration::from_secs(10))).await.unwrap();
+    assert_eq!((got.header, got.data.as_deref()), (head.clone(), Some(&b"i"[..])));
+    assert_eq!(read_all(got.fds.into_iter().next().unwrap()), "sent-now");
+    // a peer that does not read: fill the socket buffer with one big response, then the next one cannot go out
+    // now; respond_rest sends it, fds included, once the peer reads
+    let big = vec![7u8; 4 << 20];
+    let (done, sent) = server.try_respond(&frame(0x80, big.len() as u32, 0, 0x4242_4242), &big, &[]).unwrap();
+    assert!(!done, "4 MiB does not fit in a socket buffer");
+    let g = temp_file("sent-later");
+    let (done, sent2) = server.try_respond(&head, b"j", &[g.as_fd()]).unwrap();
+    assert!(!done);
+    let dup = g.as_fd().try_clone_to_owned().unwrap();
+    drop(g); // respond_rest holds its own duplicate
+    let writer = async {
+        server
+            .respond_rest(&frame(0x80, big.len() as u32, 0, 0x4242_4242), &big, Vec::new(), sent, None)
+            .await
+            .unwrap();
+        server.respond_rest(&head, b"j", vec![dup], sent2, Some(Duration::from_secs(30))).await.unwrap();
+    };
+    let reader = async {
+        let first = client.read_response_frame(Some(Duration::from_secs(30))).await.unwrap();
+        assert_eq!(first.data.map(|d| d.len()), Some(big.len()));
+        let second = client.read_response_frame(Some(Duration::from_secs(30))).await.unwrap();
+        assert_eq!(second.data.as_deref(), Some(&b"j"[..]));
+        assert_eq!(read_all(second.fds.into_iter().next().unwrap()), "sent-later");
+    };
+    tokio::join!(writer, reader);
+    // bad arguments are refused before anything is written
+    assert_eq!(server.try_respond(&head, b"", &[f.as_fd()]).unwrap_err().code, ErrorCode::Invalid);
+}

@@ -8,7 +8,7 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use napi::bindgen_prelude::{within_runtime_if_available, Buffer, Function, PromiseRaw};
+use napi::bindgen_prelude::{within_runtime_if_available, Buffer, Either, Function, PromiseRaw};
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::Env;
 use napi_derive::napi;
@@ -163,8 +163,11 @@ impl FdRequestPort {
         #[napi(ts_arg_type = "(done: FdDone) => void")] on_done: Function<'_, FdDone, ()>,
         wait_on_loop: Option<bool>,
     ) -> napi::Result<Self> {
-        let on_loop =
-            if wait_on_loop.unwrap_or(false) { uvwait::LoopWaits::new(env.raw(), napi::JsValue::raw(&on_done)) } else { None };
+        let on_loop = if wait_on_loop.unwrap_or(false) {
+            uvwait::LoopWaits::new(env.raw(), napi::JsValue::raw(&on_done))
+        } else {
+            None
+        };
         let done = on_done.build_threadsafe_function::<FdDone>().callee_handled::<false>().weak::<true>().build()?;
         Ok(FdRequestPort { done: Arc::new(done), on_loop })
     }
@@ -676,10 +679,12 @@ impl UnixConnection {
     }
 
     /// Writes a response: `head` with a plain write, then `data` with the `fds` in one `sendmsg` (nothing when
-    /// both are empty; data must not be empty when fds are sent), within `writeTimeoutMs` (when > 0). The fds are
-    /// duplicated before this returns, so the caller may close its copies at once. Resolves with the outcome
-    /// (never rejects for a failed write: `writeError` says why), so the caller can log what really happened.
-    #[napi(ts_return_type = "Promise<Written>")]
+    /// both are empty; data must not be empty when fds are sent), within `writeTimeoutMs` (when > 0). Tries at
+    /// once without waiting: when the socket takes it all (the usual case) the outcome is returned directly,
+    /// else a Promise of it (the rest is written on the runtime). Either way the fds are sent or duplicated
+    /// before this returns, so the caller may close its copies at once. Never throws or rejects for a failed
+    /// write (`writeError` says why), so the caller can log what really happened.
+    #[napi(ts_return_type = "Written | Promise<Written>")]
     pub fn respond<'env>(
         &self,
         env: &'env Env,
@@ -687,24 +692,42 @@ impl UnixConnection {
         data: Buffer,
         fds: Vec<i32>,
         write_timeout_ms: Option<u32>,
-    ) -> napi::Result<PromiseRaw<'env, Written>> {
-        let c = self.get_or_closed();
-        let dups = unix::dup_fds(&fds);
+    ) -> napi::Result<Either<Written, PromiseRaw<'env, Written>>> {
+        let started = std::time::Instant::now();
+        let ms = move || started.elapsed().as_secs_f64() * 1000.0;
+        let failed =
+            |e: tapmanager_core::Error| Ok(Either::A(Written { write_error: Some(e.message), write_ms: ms() }));
+        let c = match self.get_or_closed() {
+            Ok(c) => c,
+            Err(e) => return failed(e),
+        };
+        if let Some(&bad) = fds.iter().find(|&&f| f < 0) {
+            return failed(tapmanager_core::Error::invalid(format!("bad fd {bad}")));
+        }
+        // SAFETY: the fds are owned by JavaScript, open for the duration of this call; only borrowed for it.
+        let borrowed: Vec<BorrowedFd<'_>> =
+            fds.iter().map(|&f| unsafe { BorrowedFd::borrow_raw(f as RawFd) }).collect();
+        let sent = match c.try_respond(&head, &data, &borrowed) {
+            Ok((true, _)) => return Ok(Either::A(Written { write_error: None, write_ms: ms() })),
+            Ok((false, sent)) => sent,
+            Err(e) => return failed(e),
+        };
+        let dups = match unix::dup_fds(&fds) {
+            Ok(d) => d,
+            Err(e) => return failed(e),
+        };
         let head: Vec<u8> = head.to_vec();
         let data: Vec<u8> = data.to_vec();
         let wd = deadline(write_timeout_ms);
         spawn_future_promise(
             env,
             async move {
-                let started = std::time::Instant::now();
-                let written = match (c, dups) {
-                    (Ok(c), Ok(dups)) => c.respond(&head, &data, dups, wd).await,
-                    (Err(e), _) | (_, Err(e)) => Err(e),
-                };
+                let written = c.respond_rest(&head, &data, dups, sent, wd).await;
                 Ok((written.err().map(|e| e.message), started.elapsed().as_secs_f64() * 1000.0))
             },
             |(write_error, write_ms): (Option<String>, f64)| Written { write_error, write_ms },
         )
+        .map(Either::B)
     }
 
     /// Reads the next request frame like `readRequestFrame` (within `timeoutMs` when > 0); on a connection from

@@ -254,7 +254,9 @@ unsafe extern "C" fn on_poll(handle: *mut c_void, status: c_int, _events: c_int)
                 // SAFETY: the poll handle is live and started; restarting it changes the events it waits for.
                 if unsafe { (uv.poll_start)(handle, UV_READABLE, on_poll) } != 0 {
                     // SAFETY: as above.
-                    return unsafe { finish(p, Err(CoreError::new(ErrorCode::Io, "request: cannot wait on the event loop"))) };
+                    return unsafe {
+                        finish(p, Err(CoreError::new(ErrorCode::Io, "request: cannot wait on the event loop")))
+                    };
                 }
             }
         }

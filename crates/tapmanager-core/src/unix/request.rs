@@ -123,7 +123,13 @@ impl Default for ResponseReader {
 impl ResponseReader {
     /// A reader at the start of a response frame.
     pub fn new() -> ResponseReader {
-        ResponseReader { header: [0; FRAME_HEADER_LEN], got: 0, phase: Phase::Header, data: Vec::new(), fds: Vec::new() }
+        ResponseReader {
+            header: [0; FRAME_HEADER_LEN],
+            got: 0,
+            phase: Phase::Header,
+            data: Vec::new(),
+            fds: Vec::new(),
+        }
     }
 
     /// Reads what `sock` (non-blocking) has: `Ok(Some(frame))` once the frame is complete, `Ok(None)` when it
@@ -177,7 +183,10 @@ impl ResponseReader {
                         ));
                     }
                     if n == 0 {
-                        return Err(Error::new(ErrorCode::Closed, "read response: connection closed before the payload"));
+                        return Err(Error::new(
+                            ErrorCode::Closed,
+                            "read response: connection closed before the payload",
+                        ));
                     }
                     self.fds = fds;
                     if size == 0 {

@@ -105,7 +105,7 @@ pub fn dup_fds(fds: &[RawFd]) -> Result<Vec<OwnedFd>> {
 }
 
 /// `sendmsg(fd, data, SCM_RIGHTS(fds), MSG_NOSIGNAL)`; returns the bytes sent. No fds: no control message.
-fn sendmsg_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<usize> {
+pub(super) fn sendmsg_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<usize> {
     let iov = [io::IoSlice::new(data)];
     let rights = [ControlMessage::ScmRights(fds)];
     let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &rights };
