@@ -402,11 +402,14 @@ export class FDServer {
   /** Serves the requests of one connection, in order, until EOF, a deadline, a fatal error or stop(). */
   private async serveConn(conn: UnixConnection, first: Frame): Promise<void> {
     this.conns.add(conn)
+    // The peer's credentials only go into log entries: asked for (a syscall) only when there is a hook.
     let peer: PeerCredentials | undefined
-    try {
-      peer = conn.peerCred()
-    } catch {
-      peer = undefined
+    if (this.opts.onRequest) {
+      try {
+        peer = conn.peerCred()
+      } catch {
+        peer = undefined
+      }
     }
     try {
       let frame: Frame | null = first
