@@ -61,6 +61,17 @@ export declare class FdRequestPort {
 }
 
 /**
+ * One long-lived callback that receives the frames `UnixConnection.readNextTo` reads, for a server's
+ * connections. Does not keep the process alive unless `hold(true)` (call it while reads are pending).
+ */
+export declare class FrameSink {
+  /** `onFrame` is called on the JavaScript thread with each finished read. */
+  constructor(onFrame: (next: NextFrame) => void)
+  /** Whether the sink keeps the event loop alive (`true` while reads are pending). */
+  hold(on: boolean): void
+}
+
+/**
  * A netlink connection to one network namespace; every method is named after the `ip` command it equals.
  * Links are addressed by index (`linkByName` finds one). Call `close()` when done.
  */
@@ -149,6 +160,12 @@ export declare class UnixConnection {
    * write (`writeError` says why), so the caller can log what really happened.
    */
   respond(head: Buffer, data: Buffer, fds: Array<number>, writeTimeoutMs?: number | undefined | null): Written | Promise<Written>
+  /**
+   * Reads the next request frame exactly as `readNext` does, but hands the outcome to `sink`'s callback with
+   * `token` instead of settling a Promise (a Promise from native code costs a threadsafe function per call;
+   * the sink's is made once): `frame`, or `error` when the read failed or the connection ended.
+   */
+  readNextTo(sink: FrameSink, token: number, maxData: number, timeoutMs?: number | undefined | null): void
   /**
    * Reads the next request frame like `readRequestFrame` (within `timeoutMs` when > 0); on a connection from
    * `nextIncoming`, the requests the listener's native fast path can answer are answered natively first, and
@@ -528,6 +545,16 @@ export interface NetnsInfo {
 
 /** The path of a named namespace (no check that it exists). */
 export declare function netnsPath(name: string, dir?: string | undefined | null): string
+
+/**
+ * The outcome of `UnixConnection.readNextTo`: its token, and the frame or why there is none (EOF, deadline,
+ * closed).
+ */
+export interface NextFrame {
+  token: number
+  frame?: Frame
+  error?: string
+}
 
 /**
  * Opens an existing tap (`IFF_TAP | IFF_NO_PI`) and returns its fds, one per queue. The caller owns them

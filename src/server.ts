@@ -6,7 +6,18 @@
 import { readFileSync } from 'node:fs'
 import { InvalidInputError, TapmanagerError, capText, messageOf } from './errors'
 import type { FDSource } from './fdsource'
-import { UnixConnection, UnixListener, closeFd, dupFds, type Frame, type IncomingRequest, type PeerCredentials, type Written } from './native'
+import {
+  FrameSink,
+  UnixConnection,
+  UnixListener,
+  closeFd,
+  dupFds,
+  type Frame,
+  type IncomingRequest,
+  type NextFrame,
+  type PeerCredentials,
+  type Written,
+} from './native'
 import {
   FDCommand,
   FD_EXT_COMMAND,
@@ -506,7 +517,7 @@ export class FDServer {
       const failure = w.writeError == null ? req.failure : `${req.failure ?? 'ok'}; response not sent: ${w.writeError}`
       this.log(req.key, req.command, req.started, failure, req.peer, durationMs)
       if (w.writeError != null) return null
-      return conn.readNext(this.opts.maxDataSize, this.opts.readTimeoutMs).catch(() => null)
+      return this.readNext(conn)
     }
     if (!(written instanceof Promise)) return Promise.resolve(after(written, undefined))
     const handed = performance.now()
@@ -515,6 +526,39 @@ export class FDServer {
       () => null,
     )
   }
+  /** Reads of connections' next frames in flight, by token; their outcomes come through one native callback. */
+  private readonly reads = new Map<number, (f: Frame | null) => void>()
+  private sink: FrameSink | null = null
+  private lastToken = 0
+
+  /**
+   * The connection's next request frame (after answering natively what the fast path can), or null at EOF, on
+   * the read deadline or any read error. Delivered through the server's one `FrameSink` callback (no native
+   * Promise per request); the sink keeps the process alive while reads are pending, as a Promise would.
+   */
+  private readNext(conn: UnixConnection): Promise<Frame | null> {
+    const sink = (this.sink ??= new FrameSink((n) => this.onFrame(n)))
+    this.lastToken = this.lastToken >= 0xffffffff ? 1 : this.lastToken + 1
+    const token = this.lastToken
+    return new Promise<Frame | null>((resolve) => {
+      this.reads.set(token, resolve)
+      if (this.reads.size === 1) sink.hold(true)
+      try {
+        conn.readNextTo(sink, token, this.opts.maxDataSize, this.opts.readTimeoutMs)
+      } catch {
+        this.onFrame({ token })
+      }
+    })
+  }
+
+  private onFrame(n: NextFrame): void {
+    const resolve = this.reads.get(n.token)
+    if (!resolve) return
+    this.reads.delete(n.token)
+    if (this.reads.size === 0) this.sink?.hold(false)
+    resolve(n.frame ?? null)
+  }
+
   private async dispatch(hdr: FrameHeader, key: string, data: Buffer): Promise<{ data: Buffer; fds: number[]; owned?: true }> {
     const none = Buffer.alloc(0)
     switch (hdr.command) {

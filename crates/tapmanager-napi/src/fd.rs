@@ -267,6 +267,54 @@ impl FdRequestPort {
     }
 }
 
+/// The outcome of `UnixConnection.readNextTo`: its token, and the frame or why there is none (EOF, deadline,
+/// closed).
+#[napi(object, object_from_js = false)]
+pub struct NextFrame {
+    pub token: u32,
+    pub frame: Option<Frame>,
+    pub error: Option<String>,
+}
+
+type NextFn = ThreadsafeFunction<NextFrame, (), NextFrame, napi::Status, false, true>;
+
+/// One long-lived callback that receives the frames `UnixConnection.readNextTo` reads, for a server's
+/// connections. Does not keep the process alive unless `hold(true)` (call it while reads are pending).
+#[napi]
+pub struct FrameSink {
+    done: Arc<NextFn>,
+}
+
+#[napi]
+impl FrameSink {
+    /// `onFrame` is called on the JavaScript thread with each finished read.
+    #[napi(constructor)]
+    pub fn new(
+        #[napi(ts_arg_type = "(next: NextFrame) => void")] on_frame: Function<'_, NextFrame, ()>,
+    ) -> napi::Result<Self> {
+        let done = on_frame.build_threadsafe_function::<NextFrame>().callee_handled::<false>().weak::<true>().build()?;
+        Ok(FrameSink { done: Arc::new(done) })
+    }
+
+    /// Whether the sink keeps the event loop alive (`true` while reads are pending).
+    #[napi]
+    pub fn hold(&self, env: &Env, on: bool) -> napi::Result<()> {
+        // SAFETY: called on the JavaScript thread with this environment; the threadsafe function lives as long as
+        // self.
+        let status = unsafe {
+            if on {
+                napi::sys::napi_ref_threadsafe_function(env.raw(), self.done.raw())
+            } else {
+                napi::sys::napi_unref_threadsafe_function(env.raw(), self.done.raw())
+            }
+        };
+        if status != napi::sys::Status::napi_ok {
+            return Err(napi::Error::from_reason(format!("FrameSink.hold: napi status {status}")));
+        }
+        Ok(())
+    }
+}
+
 /// A connection with its first request frame already read (see `UnixListener.startIncoming`).
 #[napi(object, object_from_js = false)]
 pub struct IncomingRequest {
@@ -728,6 +776,33 @@ impl UnixConnection {
             |(write_error, write_ms): (Option<String>, f64)| Written { write_error, write_ms },
         )
         .map(Either::B)
+    }
+
+    /// Reads the next request frame exactly as `readNext` does, but hands the outcome to `sink`'s callback with
+    /// `token` instead of settling a Promise (a Promise from native code costs a threadsafe function per call;
+    /// the sink's is made once): `frame`, or `error` when the read failed or the connection ended.
+    #[napi]
+    pub fn read_next_to(&self, sink: &FrameSink, token: u32, max_data: u32, timeout_ms: Option<u32>) {
+        let c = self.get_or_closed();
+        let d = deadline(timeout_ms);
+        let fast = self.fast.clone();
+        let done = sink.done.clone();
+        napi::bindgen_prelude::spawn(async move {
+            let r = async {
+                let c = c?;
+                let frame = c.read_request_frame(max_data as usize, d).await?;
+                match fast {
+                    Some(fast) => c.serve_fast_gets(frame, &fast, max_data as usize, d).await,
+                    None => Ok(frame),
+                }
+            }
+            .await;
+            let next = match r {
+                Ok(f) => NextFrame { token, frame: Some(to_js_frame(f)), error: None },
+                Err(e) => NextFrame { token, frame: None, error: Some(e.message) },
+            };
+            done.call(next, ThreadsafeFunctionCallMode::NonBlocking);
+        });
     }
 
     /// Reads the next request frame like `readRequestFrame` (within `timeoutMs` when > 0); on a connection from
