@@ -50,6 +50,8 @@ interface Waiter {
   reject: (e: Error) => void
   /** The port whose `hold` it counts in (waiting on the runtime), else null. */
   heldOn: FdRequestPort | null
+  /** Whether it waits on the event loop (counted in `onLoop`). */
+  onLoop: boolean
 }
 const waiting = new Map<number, Waiter>()
 /** Ports by where their requests on new connections wait: `loop` (the event loop where it can) or `runtime`. */
@@ -57,6 +59,14 @@ const ports: { loop: FdRequestPort | null; runtime: FdRequestPort | null } = { l
 /** Requests pending on the runtime, per port. */
 const held = new Map<FdRequestPort, number>()
 let lastId = 0
+/** Requests waiting on the event loop now. */
+let onLoop = 0
+/**
+ * The most requests that wait on the event loop at once; more concurrent ones wait on the runtime. Measured
+ * (bench/fd.ts, loop/runtime column): the loop wins with one request at a time (one thread wake-up instead of
+ * two), while many concurrent ones go faster with the runtime's threads reading their responses in parallel.
+ */
+const LOOP_MAX = 4
 
 /** Bun and Deno lack libuv's functions or stub them: only Node waits on its event loop. */
 const LOOP_WAITS_POSSIBLE = typeof process === 'object' && !process.versions.bun && !process.versions.deno
@@ -73,6 +83,7 @@ function onDone(d: FdDone): void {
   if (!w) return
   waiting.delete(d.id)
   if (w.heldOn) hold(w.heldOn, -1)
+  if (w.onLoop) onLoop--
   if (d.frame) w.resolve(d.frame)
   else w.reject(Object.assign(new Error(d.message ?? 'request failed'), { code: d.code, notSent: d.notSent ?? false }))
 }
@@ -87,18 +98,21 @@ function portFor(waitOn: 'loop' | 'runtime'): FdRequestPort {
  * open connection `conn` (`requestOn`; the error then carries `notSent`).
  */
 function fdRequest(waitOn: 'loop' | 'runtime', path: string, request: Buffer, timeoutMs: number, conn?: UnixConnection): Promise<Frame> {
-  const p = portFor(waitOn)
+  const p = portFor(waitOn === 'loop' && onLoop < LOOP_MAX && !conn ? 'loop' : 'runtime')
   lastId = lastId >= 0xffffffff ? 1 : lastId + 1
   const id = lastId
   return new Promise<Frame>((resolve, reject) => {
-    const w: Waiter = { resolve, reject, heldOn: null }
+    const w: Waiter = { resolve, reject, heldOn: null, onLoop: false }
     waiting.set(id, w)
     try {
       if (conn) {
         w.heldOn = p
         hold(p, 1)
         p.requestOn(id, conn, request, timeoutMs)
-      } else if (!p.request(id, path, request, timeoutMs)) {
+      } else if (p.request(id, path, request, timeoutMs)) {
+        w.onLoop = true
+        onLoop++
+      } else {
         // went to the runtime (the completion may only come once this returned: it is queued to this thread)
         w.heldOn = p
         hold(p, 1)
@@ -130,8 +144,10 @@ export interface FDClientOptions {
   idleTimeoutMs?: number
   /**
    * Where a request on a new connection waits for its response: `loop` (default), on this thread's event loop
-   * (libuv polls the socket; one thread wake-up per request), or `runtime`, on the addon's native runtime
-   * (two). Bun and Deno always use `runtime` (they lack libuv's functions); keep-alive connections too.
+   * (libuv polls the socket; one thread wake-up per request) for up to 4 requests at once (more concurrent ones
+   * wait on the runtime, which reads their responses on its threads in parallel), or `runtime`, always on the
+   * addon's native runtime (two wake-ups). Bun and Deno always use `runtime` (they lack libuv's functions);
+   * keep-alive connections too.
    */
   waitOn?: 'loop' | 'runtime'
 }
