@@ -63,10 +63,11 @@ let lastId = 0
 let onLoop = 0
 /**
  * The most requests that wait on the event loop at once; more concurrent ones wait on the runtime. Measured
- * (bench/fd.ts, loop/runtime column): the loop wins with one request at a time (one thread wake-up instead of
- * two), while many concurrent ones go faster with the runtime's threads reading their responses in parallel.
+ * (bench/fd.ts, loop/runtime column, 7 runs at load 6-9): with one request at a time the loop is 0.85-1.57x,
+ * median 1.21x, the runtime wait (one thread wake-up instead of two); with 16 concurrent ones it was 0.65-1.16x,
+ * median 0.89x, while the runtime's threads read responses in parallel.
  */
-const LOOP_MAX = 4
+const LOOP_MAX = 1
 
 /** Bun and Deno lack libuv's functions or stub them: only Node waits on its event loop. */
 const LOOP_WAITS_POSSIBLE = typeof process === 'object' && !process.versions.bun && !process.versions.deno
@@ -144,8 +145,8 @@ export interface FDClientOptions {
   idleTimeoutMs?: number
   /**
    * Where a request on a new connection waits for its response: `loop` (default), on this thread's event loop
-   * (libuv polls the socket; one thread wake-up per request) for up to 4 requests at once (more concurrent ones
-   * wait on the runtime, which reads their responses on its threads in parallel), or `runtime`, always on the
+   * (libuv polls the socket; one thread wake-up per request) for one request at a time (concurrent ones wait on
+   * the runtime, which reads their responses on its threads in parallel), or `runtime`, always on the
    * addon's native runtime (two wake-ups). Bun and Deno always use `runtime` (they lack libuv's functions);
    * keep-alive connections too.
    */

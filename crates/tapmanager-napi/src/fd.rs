@@ -292,7 +292,8 @@ impl FrameSink {
     pub fn new(
         #[napi(ts_arg_type = "(next: NextFrame) => void")] on_frame: Function<'_, NextFrame, ()>,
     ) -> napi::Result<Self> {
-        let done = on_frame.build_threadsafe_function::<NextFrame>().callee_handled::<false>().weak::<true>().build()?;
+        let done =
+            on_frame.build_threadsafe_function::<NextFrame>().callee_handled::<false>().weak::<true>().build()?;
         Ok(FrameSink { done: Arc::new(done) })
     }
 
