@@ -56,8 +56,10 @@ export declare class FdRequestPort {
    * several on one connection, in order): writes `request`, reads the response frame as `request` does. The
    * caller sends one request at a time per connection. The outcome goes to `onDone` with `id`; `notSent` tells
    * whether the request never got out (the server had closed the connection). `timeoutMs` (when > 0) bounds it.
+   * Returns true when it waits on the event loop (a port made with `waitOnLoop`), false when on the runtime
+   * (see `hold`).
    */
-  requestOn(id: number, conn: UnixConnection, request: Buffer, timeoutMs?: number | undefined | null): void
+  requestOn(id: number, conn: UnixConnection, request: Buffer, timeoutMs?: number | undefined | null): boolean
 }
 
 /**

@@ -48,7 +48,7 @@ test.serial('on Node the port waits on the event loop when asked, else on the ru
   t.throws(() => new FDClient('/nonexistent.sock', { waitOn: 'elsewhere' as 'loop' }), { code: 'ERR_INVALID' })
 })
 
-test.serial('both waits against our FDServer: the same adds, gets with fds, errors and releases, concurrently', async (t) => {
+test.serial('both waits, per call and keep-alive, against our FDServer: the same adds, gets with fds, errors and releases, concurrently', async (t) => {
   const { dir, sock } = tempSock()
   const file = join(dir, 'content')
   writeFileSync(file, 'payload-file')
@@ -73,8 +73,9 @@ test.serial('both waits against our FDServer: the same adds, gets with fds, erro
   const before = fdCount()
   try {
     const results: Record<string, string[]> = {}
-    for (const waitOn of ['loop', 'runtime'] as const) {
-      const client = new FDClient(sock, { waitOn })
+    const modes = { loop: { waitOn: 'loop' }, runtime: { waitOn: 'runtime' }, loopkeep: { waitOn: 'loop', keepAlive: true }, runtimekeep: { waitOn: 'runtime', keepAlive: true } } as const
+    for (const [waitOn, options] of Object.entries(modes)) {
+      const client = new FDClient(sock, options)
       const seen: string[] = []
       await Promise.all(
         Array.from({ length: 12 }, async (_, i) => {
@@ -95,8 +96,11 @@ test.serial('both waits against our FDServer: the same adds, gets with fds, erro
         }),
       )
       results[waitOn] = seen.sort()
+      client.close()
     }
     t.deepEqual(results.loop, results.runtime)
+    t.deepEqual(results.loopkeep, results.runtime)
+    t.deepEqual(results.runtimekeep, results.runtime)
     t.is(results.loop.length, 24)
     t.is(held.size, 0)
     t.true(await until(() => fdCount() === before), `fds back to ${before} (now ${fdCount()})`)

@@ -41,9 +41,9 @@ interface Response {
 /**
  * Requests in flight share one native completion callback (cheaper than a native Promise per request); each
  * waits here under its id. A request on a new connection waits for its response on this thread's event loop
- * (Node: libuv polls the socket, one thread wake-up per request) and keeps the process alive by itself; one
- * waiting on the native runtime (`waitOn: 'runtime'`, Bun, Deno, keep-alive connections) needs the port's
- * `hold` while it is pending.
+ * (Node: libuv polls the socket, one thread wake-up per request; also on a keep-alive connection) and keeps
+ * the process alive by itself; one waiting on the native runtime (`waitOn: 'runtime'`, Bun, Deno, concurrent
+ * requests) needs the port's `hold` while it is pending.
  */
 interface Waiter {
   resolve: (f: Frame) => void
@@ -99,18 +99,14 @@ function portFor(waitOn: 'loop' | 'runtime'): FdRequestPort {
  * open connection `conn` (`requestOn`; the error then carries `notSent`).
  */
 function fdRequest(waitOn: 'loop' | 'runtime', path: string, request: Buffer, timeoutMs: number, conn?: UnixConnection): Promise<Frame> {
-  const p = portFor(waitOn === 'loop' && onLoop < LOOP_MAX && !conn ? 'loop' : 'runtime')
+  const p = portFor(waitOn === 'loop' && onLoop < LOOP_MAX ? 'loop' : 'runtime')
   lastId = lastId >= 0xffffffff ? 1 : lastId + 1
   const id = lastId
   return new Promise<Frame>((resolve, reject) => {
     const w: Waiter = { resolve, reject, heldOn: null, onLoop: false }
     waiting.set(id, w)
     try {
-      if (conn) {
-        w.heldOn = p
-        hold(p, 1)
-        p.requestOn(id, conn, request, timeoutMs)
-      } else if (p.request(id, path, request, timeoutMs)) {
+      if (conn ? p.requestOn(id, conn, request, timeoutMs) : p.request(id, path, request, timeoutMs)) {
         w.onLoop = true
         onLoop++
       } else {
@@ -147,8 +143,8 @@ export interface FDClientOptions {
    * Where a request on a new connection waits for its response: `loop` (default), on this thread's event loop
    * (libuv polls the socket; one thread wake-up per request) for one request at a time (concurrent ones wait on
    * the runtime, which reads their responses on its threads in parallel), or `runtime`, always on the
-   * addon's native runtime (two wake-ups). Bun and Deno always use `runtime` (they lack libuv's functions);
-   * keep-alive connections too.
+   * addon's native runtime (two wake-ups). Bun and Deno always use `runtime` (they lack libuv's functions).
+   * Both with and without `keepAlive`.
    */
   waitOn?: 'loop' | 'runtime'
 }
@@ -378,7 +374,7 @@ export class FDClient implements FDManager {
       const { c, fresh } = await pool.acquire()
       let frame: Frame
       try {
-        frame = await fdRequest('runtime', this.socketPath, bytes, this.timeoutMs, c.conn)
+        frame = await fdRequest(this.waitOn, this.socketPath, bytes, this.timeoutMs, c.conn)
       } catch (err) {
         pool.drop(c)
         if (!fresh && (err as { notSent?: boolean }).notSent) continue

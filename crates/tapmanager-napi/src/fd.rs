@@ -208,12 +208,13 @@ impl FdRequestPort {
         let req = match (&self.on_loop, started) {
             (Some(waits), Ok(Some((stream, written)))) => {
                 let ms = d.map_or(0, |d| d.as_millis() as u64);
-                match uvwait::wait(waits, id, OwnedFd::from(stream), req, written, ms) {
+                match uvwait::wait(waits, id, uvwait::Sock::Own(OwnedFd::from(stream)), req, written, ms) {
                     Ok(()) => return true,
-                    Err((sock, req)) => {
+                    Err((uvwait::Sock::Own(sock), req)) => {
                         started = Ok(Some((std::os::unix::net::UnixStream::from(sock), written)));
                         req
                     }
+                    Err((uvwait::Sock::Kept(_), _)) => unreachable!("an own socket comes back as it went"),
                 }
             }
             (_, s) => {
@@ -237,11 +238,48 @@ impl FdRequestPort {
     /// several on one connection, in order): writes `request`, reads the response frame as `request` does. The
     /// caller sends one request at a time per connection. The outcome goes to `onDone` with `id`; `notSent` tells
     /// whether the request never got out (the server had closed the connection). `timeoutMs` (when > 0) bounds it.
+    /// Returns true when it waits on the event loop (a port made with `waitOnLoop`), false when on the runtime
+    /// (see `hold`).
     #[napi]
-    pub fn request_on(&self, id: u32, conn: &UnixConnection, request: Buffer, timeout_ms: Option<u32>) {
+    pub fn request_on(&self, id: u32, conn: &UnixConnection, request: Buffer, timeout_ms: Option<u32>) -> bool {
         let req: Vec<u8> = request.to_vec();
         let d = deadline(timeout_ms);
         let c = conn.get_or_closed();
+        // On the event loop (see `request`): the request is written now as far as the socket takes it, the rest
+        // and the response wait on the loop. A write that fails at once goes the runtime way (same outcome).
+        let (c, req) = match (&self.on_loop, c) {
+            (Some(waits), Ok(kept)) => {
+                let mut written = 0;
+                // SAFETY: the connection lives while `kept` (an Arc of it) does.
+                let fd = unsafe { BorrowedFd::borrow_raw(kept.as_raw_fd()) };
+                match unix::continue_write(fd, &req, &mut written) {
+                    Ok(_) => {
+                        let ms = d.map_or(0, |d| d.as_millis() as u64);
+                        match uvwait::wait(waits, id, uvwait::Sock::Kept(kept), req, written, ms) {
+                            Ok(()) => return true,
+                            Err((uvwait::Sock::Kept(kept), req)) if written == 0 => (Ok(kept), req),
+                            Err(_) => {
+                                let e = tapmanager_core::Error::new(
+                                    tapmanager_core::ErrorCode::Io,
+                                    "request: cannot wait on the event loop",
+                                );
+                                self.done
+                                    .call(FdDone::of(id, Err(e), Some(false)), ThreadsafeFunctionCallMode::NonBlocking);
+                                return false;
+                            }
+                        }
+                    }
+                    // nothing went out: the runtime way gives the same outcome (notSent)
+                    Err(_) if written == 0 => (Ok(kept), req),
+                    Err(e) => {
+                        // part of it went out: the stream is out of step, the request may have reached the server
+                        self.done.call(FdDone::of(id, Err(e), Some(false)), ThreadsafeFunctionCallMode::NonBlocking);
+                        return false;
+                    }
+                }
+            }
+            (_, c) => (c, req),
+        };
         let done = self.done.clone();
         napi::bindgen_prelude::spawn(async move {
             let mut not_sent = true;
@@ -264,6 +302,7 @@ impl FdRequestPort {
             let not_sent = not_sent && !matches!(&r, Err(e) if e.code == tapmanager_core::ErrorCode::Timeout);
             done.call(FdDone::of(id, r, Some(not_sent)), ThreadsafeFunctionCallMode::NonBlocking);
         });
+        false
     }
 }
 

@@ -9,10 +9,10 @@
 
 use std::cell::Cell;
 use std::ffi::{c_int, c_void, CStr};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr;
 use std::rc::Rc;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use napi::bindgen_prelude::ToNapiValue;
 use napi::sys;
@@ -160,6 +160,23 @@ impl Drop for LoopWaits {
     }
 }
 
+/// The socket of a request waiting on the loop: its own (closed when done), or a kept-open connection (only
+/// borrowed: the `Arc` keeps it open meanwhile).
+pub enum Sock {
+    Own(OwnedFd),
+    Kept(Arc<unix::UnixConnection>),
+}
+
+impl Sock {
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Sock::Own(fd) => fd.as_fd(),
+            // SAFETY: the connection (and so its fd) lives as long as the Arc this borrow comes from.
+            Sock::Kept(c) => unsafe { BorrowedFd::borrow_raw(c.as_raw_fd()) },
+        }
+    }
+}
+
 /// One request waiting on the loop. `poll` must stay the first field: libuv hands its callbacks the handle's
 /// address, which is then the request's.
 #[repr(C)]
@@ -168,7 +185,10 @@ struct Waiting {
     timer: [u64; HANDLE_WORDS],
     waits: Rc<LoopWaits>,
     id: u32,
-    sock: Option<OwnedFd>,
+    sock: Option<Sock>,
+    /// On a kept-open connection: the outcome says whether the request never got out (`notSent`).
+    kept: bool,
+    write_failed: bool,
     request: Vec<u8>,
     written: usize,
     reader: ResponseReader,
@@ -184,19 +204,22 @@ struct Waiting {
 pub fn wait(
     waits: &Rc<LoopWaits>,
     id: u32,
-    sock: OwnedFd,
+    sock: Sock,
     request: Vec<u8>,
     written: usize,
     timeout_ms: u64,
-) -> Result<(), (OwnedFd, Vec<u8>)> {
+) -> Result<(), (Sock, Vec<u8>)> {
     let Some(uv) = uv() else { return Err((sock, request)) };
-    let raw_fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
+    let raw_fd = std::os::fd::AsRawFd::as_raw_fd(&sock.fd());
+    let kept = matches!(sock, Sock::Kept(_));
     let w = Box::new(Waiting {
         poll: [0; HANDLE_WORDS],
         timer: [0; HANDLE_WORDS],
         waits: waits.clone(),
         id,
         sock: Some(sock),
+        kept,
+        write_failed: false,
         request,
         written,
         reader: ResponseReader::new(),
@@ -245,10 +268,13 @@ unsafe extern "C" fn on_poll(handle: *mut c_void, status: c_int, _events: c_int)
     }
     let Some(sock) = w.sock.as_ref() else { return };
     if w.written < w.request.len() {
-        match unix::continue_write(sock.as_fd(), &w.request, &mut w.written) {
+        match unix::continue_write(sock.fd(), &w.request, &mut w.written) {
             Ok(false) => return,
-            // SAFETY: as above.
-            Err(e) => return unsafe { finish(p, Err(e)) },
+            Err(e) => {
+                w.write_failed = true;
+                // SAFETY: as above.
+                return unsafe { finish(p, Err(e)) };
+            }
             Ok(true) => {
                 let uv = uv().expect("libuv resolved before the request started");
                 // SAFETY: the poll handle is live and started; restarting it changes the events it waits for.
@@ -261,7 +287,7 @@ unsafe extern "C" fn on_poll(handle: *mut c_void, status: c_int, _events: c_int)
             }
         }
     }
-    match w.reader.advance(sock.as_fd()) {
+    match w.reader.advance(sock.fd()) {
         Ok(None) => {}
         // SAFETY: as above.
         Ok(Some(frame)) => unsafe { finish(p, Ok(frame)) },
@@ -316,7 +342,7 @@ unsafe fn finish(p: *mut Waiting, r: tapmanager_core::Result<unix::Frame>) {
     // SAFETY: the handles are initialised (open counts them) and not closed yet (done was false).
     unsafe {
         (uv.poll_stop)(poll);
-        w.sock = None; // closed after the poll stopped, as libuv requires
+        w.sock = None; // an own socket is closed after the poll stopped, as libuv requires
         if w.open.get() == 2 {
             let timer = ptr::addr_of_mut!(w.timer).cast::<c_void>();
             (uv.timer_stop)(timer);
@@ -325,5 +351,6 @@ unsafe fn finish(p: *mut Waiting, r: tapmanager_core::Result<unix::Frame>) {
         (uv.close)(poll, Some(on_poll_closed));
     }
     let waits = w.waits.clone();
-    waits.call(FdDone::of(w.id, r, None));
+    let not_sent = if w.kept { Some(w.write_failed) } else { None };
+    waits.call(FdDone::of(w.id, r, not_sent));
 }
