@@ -29,26 +29,48 @@ export declare class DhcpServer {
 /**
  * Runs FDServer requests like `fdRequest`, but reports every completion through one long-lived callback
  * instead of a Promise per request (a Promise from native code costs a threadsafe function and an event-loop
- * handle per call). The callback gets an `FdDone`. The port does not keep the process alive unless `hold(true)`
- * (call it while requests are pending).
+ * handle per call). The callback gets an `FdDone`. A request on a new connection waits for its response on the
+ * JavaScript thread's own event loop when the port was made with `waitOnLoop` and libuv is there (Node: one
+ * thread wake-up per request; see uvwait.rs), else on the native runtime, whose completions keep the process
+ * alive only while `hold(true)` (call it while such requests are pending).
  */
 export declare class FdRequestPort {
-  /** `onDone` is called on the JavaScript thread with each finished request. */
-  constructor(onDone: (done: FdDone) => void)
+  /**
+   * `onDone` is called on the JavaScript thread with each finished request. `waitOnLoop` asks for the event
+   * loop path (only on Node: Bun and Deno lack libuv or stub it); `waitsOnLoop` tells whether it is in use.
+   */
+  constructor(onDone: (done: FdDone) => void, waitOnLoop?: boolean | undefined | null)
+  /** Whether requests on new connections wait on the JavaScript thread's event loop (see the constructor). */
+  get waitsOnLoop(): boolean
   /** Whether the port keeps the event loop alive (`true` while requests are pending). */
   hold(on: boolean): void
   /**
    * One FDServer request on a new connection, exactly as `fdRequest` (connect and send happen before this
-   * returns, when they can without waiting); the outcome goes to `onDone` with `id`.
+   * returns, when they can without waiting); the outcome goes to `onDone` with `id`. Returns true when the
+   * request waits on the event loop (it keeps the process alive by itself), false when it went to the
+   * runtime (see `hold`).
    */
-  request(id: number, path: string, request: Buffer, timeoutMs?: number | undefined | null): void
+  request(id: number, path: string, request: Buffer, timeoutMs?: number | undefined | null): boolean
   /**
    * One FDServer request on an open connection `conn` (kept open for further requests: the protocol allows
    * several on one connection, in order): writes `request`, reads the response frame as `request` does. The
    * caller sends one request at a time per connection. The outcome goes to `onDone` with `id`; `notSent` tells
    * whether the request never got out (the server had closed the connection). `timeoutMs` (when > 0) bounds it.
+   * Returns true when it waits on the event loop (a port made with `waitOnLoop`), false when on the runtime
+   * (see `hold`).
    */
-  requestOn(id: number, conn: UnixConnection, request: Buffer, timeoutMs?: number | undefined | null): void
+  requestOn(id: number, conn: UnixConnection, request: Buffer, timeoutMs?: number | undefined | null): boolean
+}
+
+/**
+ * One long-lived callback that receives the frames `UnixConnection.readNextTo` reads, for a server's
+ * connections. Does not keep the process alive unless `hold(true)` (call it while reads are pending).
+ */
+export declare class FrameSink {
+  /** `onFrame` is called on the JavaScript thread with each finished read. */
+  constructor(onFrame: (next: NextFrame) => void)
+  /** Whether the sink keeps the event loop alive (`true` while reads are pending). */
+  hold(on: boolean): void
 }
 
 /**
@@ -133,11 +155,19 @@ export declare class UnixConnection {
   readResponseFrame(timeoutMs?: number | undefined | null): Promise<Frame>
   /**
    * Writes a response: `head` with a plain write, then `data` with the `fds` in one `sendmsg` (nothing when
-   * both are empty; data must not be empty when fds are sent), within `writeTimeoutMs` (when > 0). The fds are
-   * duplicated before this returns, so the caller may close its copies at once. Resolves with the outcome
-   * (never rejects for a failed write: `writeError` says why), so the caller can log what really happened.
+   * both are empty; data must not be empty when fds are sent), within `writeTimeoutMs` (when > 0). Tries at
+   * once without waiting: when the socket takes it all (the usual case) the outcome is returned directly,
+   * else a Promise of it (the rest is written on the runtime). Either way the fds are sent or duplicated
+   * before this returns, so the caller may close its copies at once. Never throws or rejects for a failed
+   * write (`writeError` says why), so the caller can log what really happened.
    */
-  respond(head: Buffer, data: Buffer, fds: Array<number>, writeTimeoutMs?: number | undefined | null): Promise<Written>
+  respond(head: Buffer, data: Buffer, fds: Array<number>, writeTimeoutMs?: number | undefined | null): Written | Promise<Written>
+  /**
+   * Reads the next request frame exactly as `readNext` does, but hands the outcome to `sink`'s callback with
+   * `token` instead of settling a Promise (a Promise from native code costs a threadsafe function per call;
+   * the sink's is made once): `frame`, or `error` when the read failed or the connection ended.
+   */
+  readNextTo(sink: FrameSink, token: number, maxData: number, timeoutMs?: number | undefined | null): void
   /**
    * Reads the next request frame like `readRequestFrame` (within `timeoutMs` when > 0); on a connection from
    * `nextIncoming`, the requests the listener's native fast path can answer are answered natively first, and
@@ -524,6 +554,16 @@ export interface NetnsInfo {
 
 /** The path of a named namespace (no check that it exists). */
 export declare function netnsPath(name: string, dir?: string | undefined | null): string
+
+/**
+ * The outcome of `UnixConnection.readNextTo`: its token, and the frame or why there is none (EOF, deadline,
+ * closed).
+ */
+export interface NextFrame {
+  token: number
+  frame?: Frame
+  error?: string
+}
 
 /**
  * Opens an existing tap (`IFF_TAP | IFF_NO_PI`) and returns its fds, one per queue. The caller owns them

@@ -837,6 +837,7 @@ module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __n
 module.exports = nativeBinding
 module.exports.DhcpServer = nativeBinding.DhcpServer
 module.exports.FdRequestPort = nativeBinding.FdRequestPort
+module.exports.FrameSink = nativeBinding.FrameSink
 module.exports.NetlinkHandle = nativeBinding.NetlinkHandle
 module.exports.UnixConnection = nativeBinding.UnixConnection
 module.exports.UnixListener = nativeBinding.UnixListener

@@ -2,7 +2,9 @@
  * `npm run bench` part: fd-passing round trips. Prints tables; asserts nothing.
  *
  * Clients: our FDClient (this process), per call (a new connection per request, as Virtlet's Go client) and
- * keep-alive (`keepAlive: true`: requests back to back on open connections); and a minimal Rust-only client
+ * keep-alive (`keepAlive: true`: requests back to back on open connections); per call also with
+ * `waitOn: 'runtime'` ("TS rt": the response awaited on the native runtime instead of this thread's event
+ * loop, as on Bun and Deno), to compare both waits in one run; and a minimal Rust-only client
  * built on tapmanager-core (crates/tapmanager-core/examples/fd_floor.rs, release build), in both modes too.
  * Servers: our FDServer (a child process, bench/fd-server-proc.ts, with a JavaScript source) and the Rust-only
  * server of fd_floor. Every client meets every server, in separate processes.
@@ -100,7 +102,18 @@ function table(title: string, head: string[], rows: string[][]): void {
 }
 
 /** The client/server pairs measured, by column name. */
-const PAIRS = ['TS->TS', 'TS->TS keep', 'Rust->TS', 'Rust->TS keep', 'TS->Rust', 'TS->Rust keep', 'Rust->Rust', 'Rust->Rust keep'] as const
+const PAIRS = [
+  'TS->TS',
+  'TS rt->TS',
+  'TS->TS keep',
+  'Rust->TS',
+  'Rust->TS keep',
+  'TS->Rust',
+  'TS rt->Rust',
+  'TS->Rust keep',
+  'Rust->Rust',
+  'Rust->Rust keep',
+] as const
 type Pair = (typeof PAIRS)[number]
 
 async function main(): Promise<void> {
@@ -118,13 +131,13 @@ async function main(): Promise<void> {
   try {
     await waitReady(tsServer, 'the TypeScript server')
     await waitSocket(rsSock)
-    const client = (sock: string, keepAlive: boolean) => {
-      const c = new FDClient(sock, { keepAlive })
+    const client = (sock: string, keepAlive: boolean, waitOn: 'loop' | 'runtime' = 'loop') => {
+      const c = new FDClient(sock, { keepAlive, waitOn })
       clients.push(c)
       return c
     }
-    const ts = { perCall: client(tsSock, false), keep: client(tsSock, true) }
-    const tsOnRust = { perCall: client(rsSock, false), keep: client(rsSock, true) }
+    const ts = { perCall: client(tsSock, false), rt: client(tsSock, false, 'runtime'), keep: client(tsSock, true) }
+    const tsOnRust = { perCall: client(rsSock, false), rt: client(rsSock, false, 'runtime'), keep: client(rsSock, true) }
     await ts.perCall.addFDs('g1', {})
     await ts.perCall.addFDs('g4', {})
     const cases: Array<{ name: string; mode: 'get' | 'addrel'; conc: number; nfds: number }> = [
@@ -137,7 +150,7 @@ async function main(): Promise<void> {
     // Warm-up of both sides (long enough for V8 to finish optimising the client's hot path: on a small shared
     // machine its background compiles otherwise land in the first measured case).
     for (const nfds of [1, 4]) {
-      for (const c of [ts.perCall, ts.keep, tsOnRust.perCall, tsOnRust.keep]) {
+      for (const c of [ts.perCall, ts.rt, ts.keep, tsOnRust.perCall, tsOnRust.rt, tsOnRust.keep]) {
         await tsRun(c, 'get', 1, 1000, nfds)
         await tsRun(c, 'get', 16, 1000, nfds)
       }
@@ -154,10 +167,12 @@ async function main(): Promise<void> {
         const ops = c.mode === 'addrel' ? OPS / 2 : OPS
         const runs: Record<Pair, () => Promise<Figures> | Figures> = {
           'TS->TS': () => tsRun(ts.perCall, c.mode, c.conc, ops, c.nfds),
+          'TS rt->TS': () => tsRun(ts.rt, c.mode, c.conc, ops, c.nfds),
           'TS->TS keep': () => tsRun(ts.keep, c.mode, c.conc, ops, c.nfds),
           'Rust->TS': () => floorRun(bin, tsSock, c.mode, c.conc, ops, c.nfds),
           'Rust->TS keep': () => floorRun(bin, tsSock, c.mode, c.conc, ops, c.nfds, true),
           'TS->Rust': () => tsRun(tsOnRust.perCall, c.mode, c.conc, ops, c.nfds),
+          'TS rt->Rust': () => tsRun(tsOnRust.rt, c.mode, c.conc, ops, c.nfds),
           'TS->Rust keep': () => tsRun(tsOnRust.keep, c.mode, c.conc, ops, c.nfds),
           'Rust->Rust': () => floorRun(bin, rsSock, c.mode, c.conc, ops, c.nfds),
           'Rust->Rust keep': () => floorRun(bin, rsSock, c.mode, c.conc, ops, c.nfds, true),
@@ -187,11 +202,22 @@ async function main(): Promise<void> {
     )
     table(
       'ratios of ops/s in the same run (> 1: the first is faster)',
-      ['case', 'TS client/Rust client, per call, TS server', 'same, Rust server', 'TS keep/TS per call', 'TS->TS/Rust->Rust (floor)', 'TS->TS keep/floor'],
+      [
+        'case',
+        'TS client/Rust client, per call, TS server',
+        'same, Rust server',
+        'loop/runtime wait (TS server)',
+        'same, Rust server',
+        'TS keep/TS per call',
+        'TS->TS/Rust->Rust (floor)',
+        'TS->TS keep/floor',
+      ],
       cases.map((c, ci) => [
         c.name,
         (rate(ci, 'TS->TS') / rate(ci, 'Rust->TS')).toFixed(2),
         (rate(ci, 'TS->Rust') / rate(ci, 'Rust->Rust')).toFixed(2),
+        (rate(ci, 'TS->TS') / rate(ci, 'TS rt->TS')).toFixed(2),
+        (rate(ci, 'TS->Rust') / rate(ci, 'TS rt->Rust')).toFixed(2),
         (rate(ci, 'TS->TS keep') / rate(ci, 'TS->TS')).toFixed(2),
         (rate(ci, 'TS->TS') / rate(ci, 'Rust->Rust')).toFixed(2),
         (rate(ci, 'TS->TS keep') / rate(ci, 'Rust->Rust')).toFixed(2),

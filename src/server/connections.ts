@@ -3,7 +3,7 @@
  * fds, log the outcome, read the next), and what stop() waits for (connection loops, dispatches in progress).
  */
 import { messageOf } from '../errors'
-import { UnixConnection, closeFd, type Frame, type PeerCredentials, type Written } from '../native'
+import { FrameSink, UnixConnection, closeFd, type Frame, type NextFrame, type PeerCredentials, type Written } from '../native'
 import {
   FDCommand,
   FD_EXT_COMMAND,
@@ -46,11 +46,14 @@ export class Connections {
   /** Serves the requests of one connection, in order, until EOF, a deadline, a fatal error or stop(). */
   async serveConn(conn: UnixConnection, first: Frame): Promise<void> {
     this.conns.add(conn)
+    // The peer's credentials only go into log entries: asked for (a syscall) only when there is a hook.
     let peer: PeerCredentials | undefined
-    try {
-      peer = conn.peerCred()
-    } catch {
-      peer = undefined
+    if (this.opts.onRequest) {
+      try {
+        peer = conn.peerCred()
+      } catch {
+        peer = undefined
+      }
     }
     try {
       let frame: Frame | null = first
@@ -122,9 +125,12 @@ export class Connections {
   }
 
   /**
-   * Hands a response to the native side (which duplicates the fds before this returns, so a release right after
-   * cannot close them under the sendmsg; `owned` are closed here), and returns the pending turn: once the write
-   * is done (or failed) the request is logged with its real outcome, then the next frame is read.
+   * Hands a response to the native side, which writes it at once when the socket takes it (the usual case: the
+   * outcome comes back directly, no trip through the native runtime), else finishes it there within the write
+   * deadline (a Promise of the outcome); either way the fds are sent or duplicated before it returns, so a
+   * release right after cannot close them under the sendmsg (`owned` are closed here). Returns the pending
+   * turn: once the write is done (or failed) the request is logged with its real outcome, then the next frame is
+   * read.
    */
   private respond(
     conn: UnixConnection,
@@ -134,22 +140,57 @@ export class Connections {
     owned: number[],
     req: { key: string; command: number; started: number; failure: string | undefined; peer: PeerCredentials | undefined },
   ): Promise<Frame | null> {
-    let written: Promise<Written>
+    let written: Written | Promise<Written>
     try {
       written = conn.respond(head, body, fds, this.opts.writeTimeoutMs)
     } finally {
       for (const fd of owned) closeFd(fd)
     }
+    const after = (w: Written, durationMs: number | undefined): Promise<Frame | null> | null => {
+      const failure = w.writeError == null ? req.failure : `${req.failure ?? 'ok'}; response not sent: ${w.writeError}`
+      this.requestLog.log(req.key, req.command, req.started, failure, req.peer, durationMs)
+      if (w.writeError != null) return null
+      return this.readNext(conn)
+    }
+    if (!(written instanceof Promise)) return Promise.resolve(after(written, undefined))
     const handed = performance.now()
     return written.then(
-      (w) => {
-        const failure = w.writeError == null ? req.failure : `${req.failure ?? 'ok'}; response not sent: ${w.writeError}`
-        this.requestLog.log(req.key, req.command, req.started, failure, req.peer, handed - req.started + w.writeMs)
-        if (w.writeError != null) return null
-        return conn.readNext(this.opts.maxDataSize, this.opts.readTimeoutMs).catch(() => null)
-      },
+      (w) => after(w, handed - req.started + w.writeMs),
       () => null,
     )
+  }
+
+  /** Reads of connections' next frames in flight, by token; their outcomes come through one native callback. */
+  private readonly reads = new Map<number, (f: Frame | null) => void>()
+  private sink: FrameSink | null = null
+  private lastToken = 0
+
+  /**
+   * The connection's next request frame (after answering natively what the fast path can), or null at EOF, on
+   * the read deadline or any read error. Delivered through the server's one `FrameSink` callback (no native
+   * Promise per request); the sink keeps the process alive while reads are pending, as a Promise would.
+   */
+  private readNext(conn: UnixConnection): Promise<Frame | null> {
+    const sink = (this.sink ??= new FrameSink((n) => this.onFrame(n)))
+    this.lastToken = this.lastToken >= 0xffffffff ? 1 : this.lastToken + 1
+    const token = this.lastToken
+    return new Promise<Frame | null>((resolve) => {
+      this.reads.set(token, resolve)
+      if (this.reads.size === 1) sink.hold(true)
+      try {
+        conn.readNextTo(sink, token, this.opts.maxDataSize, this.opts.readTimeoutMs)
+      } catch {
+        this.onFrame({ token })
+      }
+    })
+  }
+
+  private onFrame(n: NextFrame): void {
+    const resolve = this.reads.get(n.token)
+    if (!resolve) return
+    this.reads.delete(n.token)
+    if (this.reads.size === 0) this.sink?.hold(false)
+    resolve(n.frame ?? null)
   }
   private async dispatch(hdr: FrameHeader, key: string, data: Buffer): Promise<{ data: Buffer; fds: number[]; owned?: true }> {
     const none = Buffer.alloc(0)

@@ -288,3 +288,146 @@ async fn incoming_requests_respond_then_read_and_shutdown_read() {
     drop(slow);
     assert!(tokio::time::timeout(Duration::from_secs(5), incoming.recv()).await.unwrap().is_none());
 }
+
+/// A non-blocking socket pair: (the client's end, the server's end).
+fn nb_pair() -> (std::os::unix::net::UnixStream, std::os::unix::net::UnixStream) {
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    a.set_nonblocking(true).unwrap();
+    (a, b)
+}
+
+/// Sends `data` with `fds` in one sendmsg from a blocking std socket.
+fn send_fds(s: &std::os::unix::net::UnixStream, data: &[u8], fds: &[std::os::fd::RawFd]) {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let iov = [std::io::IoSlice::new(data)];
+    let rights = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &rights };
+    sendmsg::<()>(s.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), None).unwrap();
+}
+
+#[tokio::test]
+async fn response_reader_reads_a_frame_arriving_in_pieces_with_fds_and_payload_rest() {
+    use tapmanager_core::unix::ResponseReader;
+    let _g = SERIAL.lock().await;
+    let before = fd_count();
+    let (client, mut server) = nb_pair();
+    let mut r = ResponseReader::new();
+    assert!(r.advance(client.as_fd()).unwrap().is_none(), "nothing sent yet: wait");
+    let head = frame(0x82, 5, cmsg_space(2) as u32, 0x4242_4242);
+    // the header in two writes, each followed by a step that must wait for more
+    server.write_all(&head[..30]).unwrap();
+    assert!(r.advance(client.as_fd()).unwrap().is_none());
+    server.write_all(&head[30..]).unwrap();
+    assert!(r.advance(client.as_fd()).unwrap().is_none(), "header complete, payload not there yet");
+    // the first 2 payload bytes with 2 fds in one message, the other 3 later by a plain write
+    let (f1, f2) = (temp_file("one"), temp_file("two"));
+    send_fds(&server, b"in", &[f1.as_raw_fd(), f2.as_raw_fd()]);
+    assert!(r.advance(client.as_fd()).unwrap().is_none(), "payload incomplete");
+    server.write_all(b"fo!").unwrap();
+    let f = r.advance(client.as_fd()).unwrap().expect("complete");
+    assert_eq!(f.header, head);
+    assert_eq!(f.data.as_deref(), Some(&b"info!"[..]));
+    let mut fds = f.fds.into_iter();
+    assert_eq!(read_all(fds.next().unwrap()), "one");
+    assert_eq!(read_all(fds.next().unwrap()), "two");
+    assert!(fds.next().is_none());
+
+    // a frame with fds and DataSize 0: the dummy byte is dropped
+    let mut r = ResponseReader::new();
+    server.write_all(&frame(0x82, 0, cmsg_space(1) as u32, 0x4242_4242)).unwrap();
+    send_fds(&server, &[0], &[f1.as_raw_fd()]);
+    let f = r.advance(client.as_fd()).unwrap().expect("complete");
+    assert_eq!(f.data.as_deref(), Some(&b""[..]));
+    assert_eq!(read_all(f.fds.into_iter().next().unwrap()), "one");
+
+    // an empty response is complete with its header; bad magic is returned as is without reading on
+    let mut r = ResponseReader::new();
+    server.write_all(&frame(0x83, 0, 0, 0x4242_4242)).unwrap();
+    let f = r.advance(client.as_fd()).unwrap().expect("complete");
+    assert_eq!((f.data.as_deref(), f.fds.len()), (Some(&b""[..]), 0));
+    let mut r = ResponseReader::new();
+    server.write_all(&frame(0x83, 9, 0, 0x1111_1111)).unwrap();
+    let f = r.advance(client.as_fd()).unwrap().expect("complete");
+    assert!(f.data.is_none());
+    drop((f1, f2));
+    drop((client, server));
+    assert_eq!(fd_count(), before, "no fd leaked");
+}
+
+#[tokio::test]
+async fn response_reader_eof_and_truncated_control_data_are_errors_and_leak_nothing() {
+    use tapmanager_core::unix::ResponseReader;
+    let _g = SERIAL.lock().await;
+    let before = fd_count();
+    // EOF in the header
+    let (client, mut server) = nb_pair();
+    server.write_all(&frame(0x82, 1, 0, 0x4242_4242)[..10]).unwrap();
+    drop(server);
+    let e = ResponseReader::new().advance(client.as_fd()).unwrap_err();
+    assert_eq!(e.code, ErrorCode::Closed);
+    assert!(e.message.contains("connection closed after 10"), "{}", e.message);
+    drop(client);
+    // EOF before the payload, and in the payload rest
+    let (client, mut server) = nb_pair();
+    server.write_all(&frame(0x82, 4, 0, 0x4242_4242)).unwrap();
+    drop(server);
+    assert_eq!(ResponseReader::new().advance(client.as_fd()).unwrap_err().code, ErrorCode::Closed);
+    drop(client);
+    let (client, mut server) = nb_pair();
+    server.write_all(&frame(0x82, 4, 0, 0x4242_4242)).unwrap();
+    server.write_all(b"ab").unwrap();
+    drop(server);
+    assert_eq!(ResponseReader::new().advance(client.as_fd()).unwrap_err().code, ErrorCode::Closed);
+    drop(client);
+    // 4 fds sent where OobSize announces room for 1: truncated, and the fd that arrived is closed
+    let (client, mut server) = nb_pair();
+    let files: Vec<_> = (0..4).map(|i| temp_file(&i.to_string())).collect();
+    server.write_all(&frame(0x82, 1, cmsg_space(1) as u32, 0x4242_4242)).unwrap();
+    send_fds(&server, b"x", &files.iter().map(|f| f.as_raw_fd()).collect::<Vec<_>>());
+    let e = ResponseReader::new().advance(client.as_fd()).unwrap_err();
+    assert_eq!(e.code, ErrorCode::TooLarge);
+    drop((files, client, server));
+    assert_eq!(fd_count(), before, "no fd leaked");
+}
+
+#[tokio::test]
+async fn try_respond_writes_at_once_or_hands_the_rest_to_respond_rest_with_the_fds() {
+    let _g = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_l, client, server) = pair(&dir).await;
+    let f = temp_file("sent-now");
+    // the usual case: all of it at once, fds with the data
+    let head = frame(0x82, 1, cmsg_space(1) as u32, 0x4242_4242);
+    let (done, _) = server.try_respond(&head, b"i", &[f.as_fd()]).unwrap();
+    assert!(done);
+    let got = client.read_response_frame(Some(Duration::from_secs(10))).await.unwrap();
+    assert_eq!((got.header, got.data.as_deref()), (head.clone(), Some(&b"i"[..])));
+    assert_eq!(read_all(got.fds.into_iter().next().unwrap()), "sent-now");
+    // a peer that does not read: fill the socket buffer with one big response, then the next one cannot go out
+    // now; respond_rest sends it, fds included, once the peer reads
+    let big = vec![7u8; 4 << 20];
+    let (done, sent) = server.try_respond(&frame(0x80, big.len() as u32, 0, 0x4242_4242), &big, &[]).unwrap();
+    assert!(!done, "4 MiB does not fit in a socket buffer");
+    let g = temp_file("sent-later");
+    let (done, sent2) = server.try_respond(&head, b"j", &[g.as_fd()]).unwrap();
+    assert!(!done);
+    let dup = g.as_fd().try_clone_to_owned().unwrap();
+    drop(g); // respond_rest holds its own duplicate
+    let writer = async {
+        server
+            .respond_rest(&frame(0x80, big.len() as u32, 0, 0x4242_4242), &big, Vec::new(), sent, None)
+            .await
+            .unwrap();
+        server.respond_rest(&head, b"j", vec![dup], sent2, Some(Duration::from_secs(30))).await.unwrap();
+    };
+    let reader = async {
+        let first = client.read_response_frame(Some(Duration::from_secs(30))).await.unwrap();
+        assert_eq!(first.data.map(|d| d.len()), Some(big.len()));
+        let second = client.read_response_frame(Some(Duration::from_secs(30))).await.unwrap();
+        assert_eq!(second.data.as_deref(), Some(&b"j"[..]));
+        assert_eq!(read_all(second.fds.into_iter().next().unwrap()), "sent-later");
+    };
+    tokio::join!(writer, reader);
+    // bad arguments are refused before anything is written
+    assert_eq!(server.try_respond(&head, b"", &[f.as_fd()]).unwrap_err().code, ErrorCode::Invalid);
+}

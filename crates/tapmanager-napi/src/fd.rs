@@ -4,16 +4,18 @@
 //! [`close_fd`]). Fds passed in for sending stay owned by JavaScript.
 
 use std::os::fd::{BorrowedFd, IntoRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use napi::bindgen_prelude::{within_runtime_if_available, Buffer, Function, PromiseRaw};
+use napi::bindgen_prelude::{within_runtime_if_available, Buffer, Either, Function, PromiseRaw};
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::Env;
 use napi_derive::napi;
 use tapmanager_core::unix::{self, BindOptions};
 
 use crate::error::{invalid, spawn_future_promise, to_js, JsError};
+use crate::uvwait::{self, LoopWaits};
 
 /// Returns the version of the native addon (a smoke test of the binding).
 #[napi]
@@ -127,7 +129,7 @@ pub struct FdDone {
 
 impl FdDone {
     /// The completion of request `id`: its frame, or its error's code and message (`not_sent` only with an error).
-    fn of(id: u32, r: tapmanager_core::Result<unix::Frame>, not_sent: Option<bool>) -> FdDone {
+    pub(crate) fn of(id: u32, r: tapmanager_core::Result<unix::Frame>, not_sent: Option<bool>) -> FdDone {
         match r {
             Ok(f) => FdDone { id, frame: Some(to_js_frame(f)), code: None, message: None, not_sent: None },
             Err(e) => {
@@ -141,22 +143,39 @@ type DoneFn = ThreadsafeFunction<FdDone, (), FdDone, napi::Status, false, true>;
 
 /// Runs FDServer requests like `fdRequest`, but reports every completion through one long-lived callback
 /// instead of a Promise per request (a Promise from native code costs a threadsafe function and an event-loop
-/// handle per call). The callback gets an `FdDone`. The port does not keep the process alive unless `hold(true)`
-/// (call it while requests are pending).
+/// handle per call). The callback gets an `FdDone`. A request on a new connection waits for its response on the
+/// JavaScript thread's own event loop when the port was made with `waitOnLoop` and libuv is there (Node: one
+/// thread wake-up per request; see uvwait.rs), else on the native runtime, whose completions keep the process
+/// alive only while `hold(true)` (call it while such requests are pending).
 #[napi]
 pub struct FdRequestPort {
     done: Arc<DoneFn>,
+    on_loop: Option<Rc<LoopWaits>>,
 }
 
 #[napi]
 impl FdRequestPort {
-    /// `onDone` is called on the JavaScript thread with each finished request.
+    /// `onDone` is called on the JavaScript thread with each finished request. `waitOnLoop` asks for the event
+    /// loop path (only on Node: Bun and Deno lack libuv or stub it); `waitsOnLoop` tells whether it is in use.
     #[napi(constructor)]
     pub fn new(
+        env: Env,
         #[napi(ts_arg_type = "(done: FdDone) => void")] on_done: Function<'_, FdDone, ()>,
+        wait_on_loop: Option<bool>,
     ) -> napi::Result<Self> {
+        let on_loop = if wait_on_loop.unwrap_or(false) {
+            uvwait::LoopWaits::new(env.raw(), napi::JsValue::raw(&on_done))
+        } else {
+            None
+        };
         let done = on_done.build_threadsafe_function::<FdDone>().callee_handled::<false>().weak::<true>().build()?;
-        Ok(FdRequestPort { done: Arc::new(done) })
+        Ok(FdRequestPort { done: Arc::new(done), on_loop })
+    }
+
+    /// Whether requests on new connections wait on the JavaScript thread's event loop (see the constructor).
+    #[napi(getter)]
+    pub fn waits_on_loop(&self) -> bool {
+        self.on_loop.is_some()
     }
 
     /// Whether the port keeps the event loop alive (`true` while requests are pending).
@@ -178,12 +197,31 @@ impl FdRequestPort {
     }
 
     /// One FDServer request on a new connection, exactly as `fdRequest` (connect and send happen before this
-    /// returns, when they can without waiting); the outcome goes to `onDone` with `id`.
+    /// returns, when they can without waiting); the outcome goes to `onDone` with `id`. Returns true when the
+    /// request waits on the event loop (it keeps the process alive by itself), false when it went to the
+    /// runtime (see `hold`).
     #[napi]
-    pub fn request(&self, id: u32, path: String, request: Buffer, timeout_ms: Option<u32>) {
+    pub fn request(&self, id: u32, path: String, request: Buffer, timeout_ms: Option<u32>) -> bool {
         let req: Vec<u8> = request.to_vec();
         let d = deadline(timeout_ms);
-        let started = unix::start_request(&path, &req);
+        let mut started = unix::start_request(&path, &req);
+        let req = match (&self.on_loop, started) {
+            (Some(waits), Ok(Some((stream, written)))) => {
+                let ms = d.map_or(0, |d| d.as_millis() as u64);
+                match uvwait::wait(waits, id, uvwait::Sock::Own(OwnedFd::from(stream)), req, written, ms) {
+                    Ok(()) => return true,
+                    Err((uvwait::Sock::Own(sock), req)) => {
+                        started = Ok(Some((std::os::unix::net::UnixStream::from(sock), written)));
+                        req
+                    }
+                    Err((uvwait::Sock::Kept(_), _)) => unreachable!("an own socket comes back as it went"),
+                }
+            }
+            (_, s) => {
+                started = s;
+                req
+            }
+        };
         let done = self.done.clone();
         napi::bindgen_prelude::spawn(async move {
             let r = match started {
@@ -193,17 +231,55 @@ impl FdRequestPort {
             };
             done.call(FdDone::of(id, r, None), ThreadsafeFunctionCallMode::NonBlocking);
         });
+        false
     }
 
     /// One FDServer request on an open connection `conn` (kept open for further requests: the protocol allows
     /// several on one connection, in order): writes `request`, reads the response frame as `request` does. The
     /// caller sends one request at a time per connection. The outcome goes to `onDone` with `id`; `notSent` tells
     /// whether the request never got out (the server had closed the connection). `timeoutMs` (when > 0) bounds it.
+    /// Returns true when it waits on the event loop (a port made with `waitOnLoop`), false when on the runtime
+    /// (see `hold`).
     #[napi]
-    pub fn request_on(&self, id: u32, conn: &UnixConnection, request: Buffer, timeout_ms: Option<u32>) {
+    pub fn request_on(&self, id: u32, conn: &UnixConnection, request: Buffer, timeout_ms: Option<u32>) -> bool {
         let req: Vec<u8> = request.to_vec();
         let d = deadline(timeout_ms);
         let c = conn.get_or_closed();
+        // On the event loop (see `request`): the request is written now as far as the socket takes it, the rest
+        // and the response wait on the loop. A write that fails at once goes the runtime way (same outcome).
+        let (c, req) = match (&self.on_loop, c) {
+            (Some(waits), Ok(kept)) => {
+                let mut written = 0;
+                // SAFETY: the connection lives while `kept` (an Arc of it) does.
+                let fd = unsafe { BorrowedFd::borrow_raw(kept.as_raw_fd()) };
+                match unix::continue_write(fd, &req, &mut written) {
+                    Ok(_) => {
+                        let ms = d.map_or(0, |d| d.as_millis() as u64);
+                        match uvwait::wait(waits, id, uvwait::Sock::Kept(kept), req, written, ms) {
+                            Ok(()) => return true,
+                            Err((uvwait::Sock::Kept(kept), req)) if written == 0 => (Ok(kept), req),
+                            Err(_) => {
+                                let e = tapmanager_core::Error::new(
+                                    tapmanager_core::ErrorCode::Io,
+                                    "request: cannot wait on the event loop",
+                                );
+                                self.done
+                                    .call(FdDone::of(id, Err(e), Some(false)), ThreadsafeFunctionCallMode::NonBlocking);
+                                return false;
+                            }
+                        }
+                    }
+                    // nothing went out: the runtime way gives the same outcome (notSent)
+                    Err(_) if written == 0 => (Ok(kept), req),
+                    Err(e) => {
+                        // part of it went out: the stream is out of step, the request may have reached the server
+                        self.done.call(FdDone::of(id, Err(e), Some(false)), ThreadsafeFunctionCallMode::NonBlocking);
+                        return false;
+                    }
+                }
+            }
+            (_, c) => (c, req),
+        };
         let done = self.done.clone();
         napi::bindgen_prelude::spawn(async move {
             let mut not_sent = true;
@@ -226,6 +302,56 @@ impl FdRequestPort {
             let not_sent = not_sent && !matches!(&r, Err(e) if e.code == tapmanager_core::ErrorCode::Timeout);
             done.call(FdDone::of(id, r, Some(not_sent)), ThreadsafeFunctionCallMode::NonBlocking);
         });
+        false
+    }
+}
+
+/// The outcome of `UnixConnection.readNextTo`: its token, and the frame or why there is none (EOF, deadline,
+/// closed).
+#[napi(object, object_from_js = false)]
+pub struct NextFrame {
+    pub token: u32,
+    pub frame: Option<Frame>,
+    pub error: Option<String>,
+}
+
+type NextFn = ThreadsafeFunction<NextFrame, (), NextFrame, napi::Status, false, true>;
+
+/// One long-lived callback that receives the frames `UnixConnection.readNextTo` reads, for a server's
+/// connections. Does not keep the process alive unless `hold(true)` (call it while reads are pending).
+#[napi]
+pub struct FrameSink {
+    done: Arc<NextFn>,
+}
+
+#[napi]
+impl FrameSink {
+    /// `onFrame` is called on the JavaScript thread with each finished read.
+    #[napi(constructor)]
+    pub fn new(
+        #[napi(ts_arg_type = "(next: NextFrame) => void")] on_frame: Function<'_, NextFrame, ()>,
+    ) -> napi::Result<Self> {
+        let done =
+            on_frame.build_threadsafe_function::<NextFrame>().callee_handled::<false>().weak::<true>().build()?;
+        Ok(FrameSink { done: Arc::new(done) })
+    }
+
+    /// Whether the sink keeps the event loop alive (`true` while reads are pending).
+    #[napi]
+    pub fn hold(&self, env: &Env, on: bool) -> napi::Result<()> {
+        // SAFETY: called on the JavaScript thread with this environment; the threadsafe function lives as long as
+        // self.
+        let status = unsafe {
+            if on {
+                napi::sys::napi_ref_threadsafe_function(env.raw(), self.done.raw())
+            } else {
+                napi::sys::napi_unref_threadsafe_function(env.raw(), self.done.raw())
+            }
+        };
+        if status != napi::sys::Status::napi_ok {
+            return Err(napi::Error::from_reason(format!("FrameSink.hold: napi status {status}")));
+        }
+        Ok(())
     }
 }
 
@@ -641,10 +767,12 @@ impl UnixConnection {
     }
 
     /// Writes a response: `head` with a plain write, then `data` with the `fds` in one `sendmsg` (nothing when
-    /// both are empty; data must not be empty when fds are sent), within `writeTimeoutMs` (when > 0). The fds are
-    /// duplicated before this returns, so the caller may close its copies at once. Resolves with the outcome
-    /// (never rejects for a failed write: `writeError` says why), so the caller can log what really happened.
-    #[napi(ts_return_type = "Promise<Written>")]
+    /// both are empty; data must not be empty when fds are sent), within `writeTimeoutMs` (when > 0). Tries at
+    /// once without waiting: when the socket takes it all (the usual case) the outcome is returned directly,
+    /// else a Promise of it (the rest is written on the runtime). Either way the fds are sent or duplicated
+    /// before this returns, so the caller may close its copies at once. Never throws or rejects for a failed
+    /// write (`writeError` says why), so the caller can log what really happened.
+    #[napi(ts_return_type = "Written | Promise<Written>")]
     pub fn respond<'env>(
         &self,
         env: &'env Env,
@@ -652,24 +780,69 @@ impl UnixConnection {
         data: Buffer,
         fds: Vec<i32>,
         write_timeout_ms: Option<u32>,
-    ) -> napi::Result<PromiseRaw<'env, Written>> {
-        let c = self.get_or_closed();
-        let dups = unix::dup_fds(&fds);
+    ) -> napi::Result<Either<Written, PromiseRaw<'env, Written>>> {
+        let started = std::time::Instant::now();
+        let ms = move || started.elapsed().as_secs_f64() * 1000.0;
+        let failed =
+            |e: tapmanager_core::Error| Ok(Either::A(Written { write_error: Some(e.message), write_ms: ms() }));
+        let c = match self.get_or_closed() {
+            Ok(c) => c,
+            Err(e) => return failed(e),
+        };
+        if let Some(&bad) = fds.iter().find(|&&f| f < 0) {
+            return failed(tapmanager_core::Error::invalid(format!("bad fd {bad}")));
+        }
+        // SAFETY: the fds are owned by JavaScript, open for the duration of this call; only borrowed for it.
+        let borrowed: Vec<BorrowedFd<'_>> =
+            fds.iter().map(|&f| unsafe { BorrowedFd::borrow_raw(f as RawFd) }).collect();
+        let sent = match c.try_respond(&head, &data, &borrowed) {
+            Ok((true, _)) => return Ok(Either::A(Written { write_error: None, write_ms: ms() })),
+            Ok((false, sent)) => sent,
+            Err(e) => return failed(e),
+        };
+        let dups = match unix::dup_fds(&fds) {
+            Ok(d) => d,
+            Err(e) => return failed(e),
+        };
         let head: Vec<u8> = head.to_vec();
         let data: Vec<u8> = data.to_vec();
         let wd = deadline(write_timeout_ms);
         spawn_future_promise(
             env,
             async move {
-                let started = std::time::Instant::now();
-                let written = match (c, dups) {
-                    (Ok(c), Ok(dups)) => c.respond(&head, &data, dups, wd).await,
-                    (Err(e), _) | (_, Err(e)) => Err(e),
-                };
+                let written = c.respond_rest(&head, &data, dups, sent, wd).await;
                 Ok((written.err().map(|e| e.message), started.elapsed().as_secs_f64() * 1000.0))
             },
             |(write_error, write_ms): (Option<String>, f64)| Written { write_error, write_ms },
         )
+        .map(Either::B)
+    }
+
+    /// Reads the next request frame exactly as `readNext` does, but hands the outcome to `sink`'s callback with
+    /// `token` instead of settling a Promise (a Promise from native code costs a threadsafe function per call;
+    /// the sink's is made once): `frame`, or `error` when the read failed or the connection ended.
+    #[napi]
+    pub fn read_next_to(&self, sink: &FrameSink, token: u32, max_data: u32, timeout_ms: Option<u32>) {
+        let c = self.get_or_closed();
+        let d = deadline(timeout_ms);
+        let fast = self.fast.clone();
+        let done = sink.done.clone();
+        napi::bindgen_prelude::spawn(async move {
+            let r = async {
+                let c = c?;
+                let frame = c.read_request_frame(max_data as usize, d).await?;
+                match fast {
+                    Some(fast) => c.serve_fast_gets(frame, &fast, max_data as usize, d).await,
+                    None => Ok(frame),
+                }
+            }
+            .await;
+            let next = match r {
+                Ok(f) => NextFrame { token, frame: Some(to_js_frame(f)), error: None },
+                Err(e) => NextFrame { token, frame: None, error: Some(e.message) },
+            };
+            done.call(next, ThreadsafeFunctionCallMode::NonBlocking);
+        });
     }
 
     /// Reads the next request frame like `readRequestFrame` (within `timeoutMs` when > 0); on a connection from

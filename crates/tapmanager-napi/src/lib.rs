@@ -9,3 +9,4 @@ mod dhcp;
 mod error;
 mod fd;
 mod net;
+mod uvwait;

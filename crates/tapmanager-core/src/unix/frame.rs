@@ -1,8 +1,11 @@
 //! The 77-byte frame of the FDServer protocol (PROTOCOL.md): reading request and response frames off a
 //! connection, writing responses, and the bytes of error frames and keys.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::Duration;
+
+use super::scm::{sendmsg_fds, MAX_FDS};
 
 use super::socket::{PeerCred, UnixConnection};
 use super::with_deadline;
@@ -105,6 +108,103 @@ impl UnixConnection {
             self.write_all(head).await?;
             let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
             self.send_with_fds(data, &borrowed).await
+        };
+        with_deadline(deadline, "write response", fut).await
+    }
+}
+
+/// How much of a response [`UnixConnection::try_respond`] got out: bytes of the head, bytes of the data (the fds
+/// went with the first data byte).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sent {
+    head: usize,
+    data: usize,
+}
+
+/// One non-blocking `send` (`MSG_NOSIGNAL`): `Ok(None)` when the socket takes nothing now (EAGAIN); EINTR retried.
+fn send_now(sock: RawFd, buf: &[u8]) -> io::Result<Option<usize>> {
+    loop {
+        // SAFETY: buf is valid for reads of its length; sock is a socket the caller keeps open.
+        let n = unsafe { libc::send(sock, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+        if n >= 0 {
+            return Ok(Some(n as usize));
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::WouldBlock => return Ok(None),
+            io::ErrorKind::Interrupted => continue,
+            _ => return Err(e),
+        }
+    }
+}
+
+impl UnixConnection {
+    /// Writes a response now, without waiting, as far as the socket takes it: `head` with a plain write, then
+    /// `data` with `fds` in one `sendmsg` (nothing when both are empty), as [`respond`](Self::respond) does.
+    /// Returns true when all of it went out (the usual case: a response is far smaller than the socket buffer),
+    /// else false and the progress, to finish with [`respond_rest`](Self::respond_rest). The fds are only
+    /// borrowed: once `data` started going out, the kernel holds its own references. No other write may be in
+    /// progress on the connection.
+    pub fn try_respond(&self, head: &[u8], data: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(bool, Sent)> {
+        if data.is_empty() && !fds.is_empty() {
+            return Err(Error::invalid("sendmsg: fds need at least one data byte"));
+        }
+        if fds.len() > MAX_FDS {
+            return Err(Error::invalid(format!("sendmsg: {} fds, at most {MAX_FDS}", fds.len())));
+        }
+        let sock = self.as_raw_fd();
+        let mut sent = Sent::default();
+        while sent.head < head.len() {
+            match send_now(sock, &head[sent.head..]) {
+                Ok(Some(n)) => sent.head += n,
+                Ok(None) => return Ok((false, sent)),
+                Err(e) => return Err(Error::io(format!("write {} bytes", head.len()), e)),
+            }
+        }
+        if data.is_empty() {
+            return Ok((true, sent));
+        }
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        loop {
+            match sendmsg_fds(sock, data, &raw) {
+                Ok(n) => {
+                    sent.data = n;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((false, sent)),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::io(format!("sendmsg {} bytes with {} fds", data.len(), fds.len()), e)),
+            }
+        }
+        while sent.data < data.len() {
+            match send_now(sock, &data[sent.data..]) {
+                Ok(Some(n)) => sent.data += n,
+                Ok(None) => return Ok((false, sent)),
+                Err(e) => return Err(Error::io(format!("write {} bytes", data.len()), e)),
+            }
+        }
+        Ok((true, sent))
+    }
+
+    /// Finishes a response [`try_respond`](Self::try_respond) could not get out whole, from `sent` on, within
+    /// `deadline` when given (`ERR_TIMEOUT`). `fds` are owned duplicates of the ones given to `try_respond`
+    /// (only sent when no data byte went out yet), closed once sent.
+    pub async fn respond_rest(
+        &self,
+        head: &[u8],
+        data: &[u8],
+        fds: Vec<OwnedFd>,
+        sent: Sent,
+        deadline: Option<Duration>,
+    ) -> Result<()> {
+        let fut = async {
+            self.write_all(&head[sent.head..]).await?;
+            if sent.data == 0 {
+                let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+                self.send_with_fds(data, &borrowed).await
+            } else {
+                self.write_all(&data[sent.data..]).await
+            }
         };
         with_deadline(deadline, "write response", fut).await
     }

@@ -27,8 +27,8 @@ mod socket;
 
 pub use admission::{Admission, AdmissionStats, ConnLimits, ConnSlot, PeerFilter};
 pub use fast_gets::{FastGetLog, FastGetRecord, FastGets, FastLogWake};
-pub use frame::{Frame, FRAME_HEADER_LEN};
-pub use request::{finish_request, request, start_request};
+pub use frame::{Frame, Sent, FRAME_HEADER_LEN};
+pub use request::{continue_write, finish_request, request, start_request, ResponseReader};
 pub use scm::{cmsg_space, dup_fds, MAX_FDS};
 pub use socket::{BindOptions, PeerCred, ServeConfig, UnixConnection, UnixListener};
 

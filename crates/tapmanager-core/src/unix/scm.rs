@@ -105,7 +105,7 @@ pub fn dup_fds(fds: &[RawFd]) -> Result<Vec<OwnedFd>> {
 }
 
 /// `sendmsg(fd, data, SCM_RIGHTS(fds), MSG_NOSIGNAL)`; returns the bytes sent. No fds: no control message.
-fn sendmsg_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<usize> {
+pub(super) fn sendmsg_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<usize> {
     let iov = [io::IoSlice::new(data)];
     let rights = [ControlMessage::ScmRights(fds)];
     let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &rights };
@@ -115,7 +115,7 @@ fn sendmsg_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<usize> {
 /// `recvmsg(fd, data, control[..control_len], MSG_CMSG_CLOEXEC)`; returns bytes read, owned fds, and whether
 /// control data was truncated (`MSG_CTRUNC`). `control` must hold at least `control_len` bytes; it is `u64`s so
 /// that the control messages are aligned.
-fn recvmsg_fds(
+pub(super) fn recvmsg_fds(
     sock: RawFd,
     data: &mut [u8],
     control: &mut [u64],

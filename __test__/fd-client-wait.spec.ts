@@ -1,0 +1,209 @@
+// Where FDClient waits for a response on a new connection: on this thread's event loop (libuv polls the socket,
+// the default on Node) or on the native runtime (`waitOn: 'runtime'`, what Bun and Deno use). Both against our
+// FDServer with identical results; the loop path against hand-written servers that answer in pieces, never, or
+// close early; no fd left behind; and a request waiting on the loop keeps the process alive by itself.
+import test from 'ava'
+import { spawn } from 'node:child_process'
+import { closeSync, mkdtempSync, openSync, readdirSync, readSync, rmSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { FDClient, FDServer, type FDSource } from '../src/index'
+import { FdRequestPort, UnixListener, type UnixConnection } from '../src/native'
+
+const root = process.cwd()
+
+function tempSock(): { dir: string; sock: string } {
+  const dir = mkdtempSync(join(tmpdir(), `tm-wait-${process.pid}-`))
+  return { dir, sock: join(dir, 's.sock') }
+}
+
+function header(cmd: number, key: string, dataSize = 0, oobSize = 0): Buffer {
+  const b = Buffer.alloc(77, 0x20)
+  b.writeUInt32BE(0x42424242, 0)
+  b[4] = cmd
+  b.writeUInt32BE(dataSize, 5)
+  b.writeUInt32BE(oobSize, 9)
+  b.write(key, 13)
+  return b
+}
+
+const fdCount = () => readdirSync('/proc/self/fd').length
+
+/** Polls `cond` every 10 ms for up to `ms`. */
+async function until(cond: () => boolean, ms = 10_000): Promise<boolean> {
+  const end = Date.now() + ms
+  while (Date.now() < end) {
+    if (cond()) return true
+    await new Promise((r) => setTimeout(r, 10))
+  }
+  return cond()
+}
+
+test.serial('on Node the port waits on the event loop when asked, else on the runtime; waitOn is checked', (t) => {
+  t.true(new FdRequestPort(() => undefined, true).waitsOnLoop)
+  t.false(new FdRequestPort(() => undefined, false).waitsOnLoop)
+  t.false(new FdRequestPort(() => undefined).waitsOnLoop)
+  t.is(new FDClient('/nonexistent.sock').waitOn, 'loop')
+  t.is(new FDClient('/nonexistent.sock', { waitOn: 'runtime' }).waitOn, 'runtime')
+  t.throws(() => new FDClient('/nonexistent.sock', { waitOn: 'elsewhere' as 'loop' }), { code: 'ERR_INVALID' })
+})
+
+test.serial('both waits, per call and keep-alive, against our FDServer: the same adds, gets with fds, errors and releases, concurrently', async (t) => {
+  const { dir, sock } = tempSock()
+  const file = join(dir, 'content')
+  writeFileSync(file, 'payload-file')
+  const held = new Map<string, number[]>()
+  const source: FDSource = {
+    getFDs(key) {
+      const fds = [openSync(file, 'r'), openSync(file, 'r'), openSync(file, 'r')]
+      held.set(key, fds)
+      return { fds, data: Buffer.from(`added:${key}`) }
+    },
+    release(key) {
+      for (const fd of held.get(key) ?? []) closeSync(fd)
+      held.delete(key)
+    },
+    getInfo: (key) => Buffer.from(`info:${key}`),
+    recover() {},
+    retrieveFDs: () => [],
+    stop() {},
+  }
+  const server = new FDServer(sock, source)
+  await server.serve()
+  const before = fdCount()
+  try {
+    const results: Record<string, string[]> = {}
+    const modes = { loop: { waitOn: 'loop' }, runtime: { waitOn: 'runtime' }, loopkeep: { waitOn: 'loop', keepAlive: true }, runtimekeep: { waitOn: 'runtime', keepAlive: true } } as const
+    for (const [waitOn, options] of Object.entries(modes)) {
+      const client = new FDClient(sock, options)
+      const seen: string[] = []
+      await Promise.all(
+        Array.from({ length: 12 }, async (_, i) => {
+          const key = `${waitOn}-${i}`
+          seen.push((await client.addFDs(key, {})).toString().replace(waitOn, 'W'))
+          for (let j = 0; j < 3; j++) {
+            const { fds, info } = await client.getFDs(key)
+            t.is(info.toString(), `info:${key}`)
+            t.is(fds.length, 3)
+            const buf = Buffer.alloc(12)
+            t.is(readSync(fds[2], buf, 0, 12, 0), 12)
+            t.is(buf.toString(), 'payload-file')
+            for (const fd of fds) closeSync(fd)
+          }
+          const err = await t.throwsAsync(client.getFDs(`missing-${key}`))
+          seen.push(err!.message.replace(waitOn, 'W'))
+          await client.releaseFDs(key)
+        }),
+      )
+      results[waitOn] = seen.sort()
+      client.close()
+    }
+    t.deepEqual(results.loop, results.runtime)
+    t.deepEqual(results.loopkeep, results.runtime)
+    t.deepEqual(results.runtimekeep, results.runtime)
+    t.is(results.loop.length, 24)
+    t.is(held.size, 0)
+    t.true(await until(() => fdCount() === before), `fds back to ${before} (now ${fdCount()})`)
+  } finally {
+    await server.stop()
+    rmSync(dir, { recursive: true, force: true })
+  }
+})
+
+test.serial('loop wait: a response in pieces (split header, fds with the first payload bytes, the rest later)', async (t) => {
+  const { dir, sock } = tempSock()
+  const listener = UnixListener.bind(sock)
+  const file = join(dir, 'content')
+  writeFileSync(file, 'piecewise')
+  const client = new FDClient(sock)
+  const step = () => new Promise((r) => setTimeout(r, 30))
+  const server = (async () => {
+    const conn = await listener.accept()
+    await conn.readExact(77, 10_000)
+    const h = header(0x82, 'pk', 6, 24)
+    await conn.write(h.subarray(0, 20))
+    await step()
+    await conn.write(h.subarray(20))
+    await step()
+    const fd = openSync(file, 'r')
+    try {
+      await conn.writeThenSend(Buffer.alloc(0), Buffer.from('inf'), [fd], 10_000)
+    } finally {
+      closeSync(fd)
+    }
+    await step()
+    await conn.write(Buffer.from('o!!'))
+    conn.close()
+  })()
+  try {
+    const { fds, info } = await client.getFDs('pk')
+    t.is(info.toString(), 'info!!')
+    t.is(fds.length, 1)
+    const buf = Buffer.alloc(9)
+    t.is(readSync(fds[0], buf, 0, 9, 0), 9)
+    t.is(buf.toString(), 'piecewise')
+    closeSync(fds[0])
+    await server
+  } finally {
+    listener.close(true)
+    rmSync(dir, { recursive: true, force: true })
+  }
+})
+
+test.serial('loop wait: no answer within timeoutMs is ERR_TIMEOUT and the connection is closed; early EOF is ERR_CLOSED', async (t) => {
+  const { dir, sock } = tempSock()
+  const listener = UnixListener.bind(sock)
+  const before = fdCount()
+  try {
+    const client = new FDClient(sock, { timeoutMs: 200 })
+    let conn: UnixConnection | undefined
+    const accepted = listener.accept().then((c) => (conn = c))
+    await t.throwsAsync(client.getFDs('silent'), { code: 'ERR_TIMEOUT', message: 'request: not done within 200 ms' })
+    await accepted
+    // the client's socket is closed: the server side sees the request, then EOF
+    t.is((await conn!.readExact(77, 10_000)).subarray(13, 19).toString(), 'silent')
+    await t.throwsAsync(conn!.readExact(1, 10_000), { code: 'ERR_CLOSED' })
+    conn!.close()
+
+    const half = (async () => {
+      const c = await listener.accept()
+      await c.readExact(77, 10_000)
+      await c.write(header(0x82, 'half', 1, 0).subarray(0, 40))
+      c.close()
+    })()
+    await t.throwsAsync(new FDClient(sock).getFDs('half'), { code: 'ERR_CLOSED', message: 'read 77 bytes: connection closed after 40' })
+    await half
+    t.true(await until(() => fdCount() === before), `fds back to ${before} (now ${fdCount()})`)
+  } finally {
+    listener.close(true)
+    rmSync(dir, { recursive: true, force: true })
+  }
+})
+
+test.serial('loop wait: a pending request keeps the process alive by itself until its response', async (t) => {
+  const { dir, sock } = tempSock()
+  const listener = UnixListener.bind(sock)
+  const script = join(dir, 'child.ts')
+  // The child holds nothing else open: without the poll handle's reference it would exit before the answer.
+  writeFileSync(
+    script,
+    `import { FDClient } from ${JSON.stringify(join(root, 'src/index.ts'))}\n` +
+      `new FDClient(${JSON.stringify(sock)}).releaseFDs('late').then(() => console.log('released'), (e) => console.log('failed', e.message))\n`,
+  )
+  try {
+    const child = spawn(process.execPath, ['--import', '@oxc-node/core/register', script], { cwd: root, stdio: ['ignore', 'pipe', 'inherit'] })
+    let out = ''
+    child.stdout!.on('data', (d: Buffer) => (out += d.toString()))
+    const exited = new Promise<number | null>((r) => child.once('exit', r))
+    const conn = await listener.accept()
+    await conn.readExact(77, 30_000)
+    await new Promise((r) => setTimeout(r, 300))
+    await conn.write(header(0x81, 'late'))
+    t.is(await exited, 0)
+    t.is(out.trim(), 'released')
+    conn.close()
+  } finally {
+    listener.close(true)
+    rmSync(dir, { recursive: true, force: true })
+  }
+})

@@ -1,0 +1,356 @@
+//! Waiting for an FDServer response on the JavaScript thread's own libuv loop: a `uv_poll_t` on the request's
+//! socket, and the response read (`recvmsg` with the fds) right there when it is readable. One thread wake-up
+//! per request, where the runtime path takes two (the tokio reactor, then the threadsafe function's
+//! `uv_async` to the JavaScript thread).
+//!
+//! libuv is not part of Node-API: the `uv_*` functions are looked up at run time in the process (`dlsym`), so
+//! the addon still loads where they are missing. Node exports them; Bun and Deno lack them or stub them, so
+//! the JavaScript side only asks for this path on Node (the runtime path stays for the others).
+
+use std::cell::Cell;
+use std::ffi::{c_int, c_void, CStr};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::ptr;
+use std::rc::Rc;
+use std::sync::{Arc, OnceLock};
+
+use napi::bindgen_prelude::ToNapiValue;
+use napi::sys;
+use tapmanager_core::unix::{self, ResponseReader};
+use tapmanager_core::{Error as CoreError, ErrorCode};
+
+use crate::fd::FdDone;
+
+type PollCb = unsafe extern "C" fn(*mut c_void, c_int, c_int);
+type TimerCb = unsafe extern "C" fn(*mut c_void);
+type CloseCb = unsafe extern "C" fn(*mut c_void);
+
+/// The libuv functions used, resolved once.
+struct Uv {
+    poll_init: unsafe extern "C" fn(*mut c_void, *mut c_void, c_int) -> c_int,
+    poll_start: unsafe extern "C" fn(*mut c_void, c_int, PollCb) -> c_int,
+    poll_stop: unsafe extern "C" fn(*mut c_void) -> c_int,
+    timer_init: unsafe extern "C" fn(*mut c_void, *mut c_void) -> c_int,
+    timer_start: unsafe extern "C" fn(*mut c_void, TimerCb, u64, u64) -> c_int,
+    timer_stop: unsafe extern "C" fn(*mut c_void) -> c_int,
+    close: unsafe extern "C" fn(*mut c_void, Option<CloseCb>),
+}
+
+/// `UV_READABLE` and `UV_WRITABLE` (uv.h, stable across libuv 1.x).
+const UV_READABLE: c_int = 1;
+const UV_WRITABLE: c_int = 2;
+/// `UV_POLL` and `UV_TIMER` of `uv_handle_type` (stable across libuv 1.x).
+const UV_POLL: c_int = 8;
+const UV_TIMER: c_int = 13;
+/// Room for one handle; `uv_handle_size` must fit (about 160 bytes for either on 64-bit Linux).
+const HANDLE_WORDS: usize = 64;
+
+fn sym<T: Copy>(name: &CStr) -> Option<T> {
+    // SAFETY: dlsym with RTLD_DEFAULT only looks a name up; the caller states the function's C signature.
+    let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    debug_assert_eq!(std::mem::size_of::<T>(), std::mem::size_of::<*mut c_void>());
+    // SAFETY: T is a function pointer type of the same size as p, with the signature uv.h declares for `name`.
+    Some(unsafe { std::mem::transmute_copy::<*mut c_void, T>(&p) })
+}
+
+fn uv() -> Option<&'static Uv> {
+    static UV: OnceLock<Option<Uv>> = OnceLock::new();
+    UV.get_or_init(|| {
+        let handle_size: unsafe extern "C" fn(c_int) -> usize = sym(c"uv_handle_size")?;
+        // SAFETY: uv_handle_size is a pure lookup of a handle type's size.
+        let fits = unsafe { handle_size(UV_POLL) <= HANDLE_WORDS * 8 && handle_size(UV_TIMER) <= HANDLE_WORDS * 8 };
+        if !fits {
+            return None;
+        }
+        Some(Uv {
+            poll_init: sym(c"uv_poll_init")?,
+            poll_start: sym(c"uv_poll_start")?,
+            poll_stop: sym(c"uv_poll_stop")?,
+            timer_init: sym(c"uv_timer_init")?,
+            timer_start: sym(c"uv_timer_start")?,
+            timer_stop: sym(c"uv_timer_stop")?,
+            close: sym(c"uv_close")?,
+        })
+    })
+    .as_ref()
+}
+
+/// What every request waiting on the loop shares: the environment, its loop, the `onDone` callback and the
+/// async context it is called in. Lives on the JavaScript thread only.
+pub struct LoopWaits {
+    env: sys::napi_env,
+    uv_loop: *mut c_void,
+    on_done: sys::napi_ref,
+    async_ctx: sys::napi_async_context,
+}
+
+impl LoopWaits {
+    /// The loop path for `env`, or `None` when libuv's functions or the loop are not available.
+    pub fn new(env: sys::napi_env, on_done: sys::napi_value) -> Option<Rc<LoopWaits>> {
+        let uv_api = uv();
+        uv_api?;
+        let mut uv_loop: *mut sys::uv_loop_s = ptr::null_mut();
+        // SAFETY: env is the calling environment (we are on its thread); the out pointers are valid.
+        unsafe {
+            if sys::napi_get_uv_event_loop(env, &mut uv_loop) != sys::Status::napi_ok || uv_loop.is_null() {
+                return None;
+            }
+            let mut on_done_ref = ptr::null_mut();
+            if sys::napi_create_reference(env, on_done, 1, &mut on_done_ref) != sys::Status::napi_ok {
+                return None;
+            }
+            let name = c"tapmanager:FdRequest";
+            let mut js_name = ptr::null_mut();
+            let mut async_ctx = ptr::null_mut();
+            if sys::napi_create_string_utf8(env, name.as_ptr(), name.count_bytes() as isize, &mut js_name)
+                != sys::Status::napi_ok
+                || sys::napi_async_init(env, ptr::null_mut(), js_name, &mut async_ctx) != sys::Status::napi_ok
+            {
+                sys::napi_delete_reference(env, on_done_ref);
+                return None;
+            }
+            Some(Rc::new(LoopWaits { env, uv_loop: uv_loop.cast(), on_done: on_done_ref, async_ctx }))
+        }
+    }
+
+    /// Calls `onDone(done)` from the loop (not from JavaScript): in its own handle scope and callback scope, so
+    /// the Promise reactions it causes run right after. A throw becomes an uncaught exception, as from any
+    /// event-loop callback.
+    fn call(&self, done: FdDone) {
+        let env = self.env;
+        // SAFETY: on the JavaScript thread of env, outside any other napi call (a libuv callback); every napi
+        // value lives in the handle scope opened here.
+        unsafe {
+            let mut scope = ptr::null_mut();
+            if sys::napi_open_handle_scope(env, &mut scope) != sys::Status::napi_ok {
+                return;
+            }
+            let mut func = ptr::null_mut();
+            let mut global = ptr::null_mut();
+            let arg = FdDone::to_napi_value(env, done);
+            if let Ok(arg) = arg {
+                if sys::napi_get_reference_value(env, self.on_done, &mut func) == sys::Status::napi_ok
+                    && sys::napi_get_global(env, &mut global) == sys::Status::napi_ok
+                {
+                    let mut result = ptr::null_mut();
+                    let status = sys::napi_make_callback(env, self.async_ctx, global, func, 1, &arg, &mut result);
+                    if status == sys::Status::napi_pending_exception {
+                        let mut err = ptr::null_mut();
+                        if sys::napi_get_and_clear_last_exception(env, &mut err) == sys::Status::napi_ok {
+                            sys::napi_fatal_exception(env, err);
+                        }
+                    }
+                }
+            }
+            sys::napi_close_handle_scope(env, scope);
+        }
+    }
+}
+
+impl Drop for LoopWaits {
+    fn drop(&mut self) {
+        // SAFETY: dropped on the JavaScript thread (the port's finaliser or the last request's completion).
+        unsafe {
+            sys::napi_async_destroy(self.env, self.async_ctx);
+            sys::napi_delete_reference(self.env, self.on_done);
+        }
+    }
+}
+
+/// The socket of a request waiting on the loop: its own (closed when done), or a kept-open connection (only
+/// borrowed: the `Arc` keeps it open meanwhile).
+pub enum Sock {
+    Own(OwnedFd),
+    Kept(Arc<unix::UnixConnection>),
+}
+
+impl Sock {
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Sock::Own(fd) => fd.as_fd(),
+            // SAFETY: the connection (and so its fd) lives as long as the Arc this borrow comes from.
+            Sock::Kept(c) => unsafe { BorrowedFd::borrow_raw(c.as_raw_fd()) },
+        }
+    }
+}
+
+/// One request waiting on the loop. `poll` must stay the first field: libuv hands its callbacks the handle's
+/// address, which is then the request's.
+#[repr(C)]
+struct Waiting {
+    poll: [u64; HANDLE_WORDS],
+    timer: [u64; HANDLE_WORDS],
+    waits: Rc<LoopWaits>,
+    id: u32,
+    sock: Option<Sock>,
+    /// On a kept-open connection: the outcome says whether the request never got out (`notSent`).
+    kept: bool,
+    write_failed: bool,
+    request: Vec<u8>,
+    written: usize,
+    reader: ResponseReader,
+    timeout_ms: u64,
+    /// Handles still open (freed when the last one's close callback ran).
+    open: Cell<u8>,
+    done: bool,
+}
+
+/// Waits on the loop for the rest of a request started with `unix::start_request` on `sock` (`written` of
+/// `request`'s bytes are out): writes the rest, reads the response frame, then calls `onDone` with `id`.
+/// `timeout_ms` (when > 0) bounds it. On a setup failure the request is handed back (`Err`) for the runtime path.
+pub fn wait(
+    waits: &Rc<LoopWaits>,
+    id: u32,
+    sock: Sock,
+    request: Vec<u8>,
+    written: usize,
+    timeout_ms: u64,
+) -> Result<(), (Sock, Vec<u8>)> {
+    let Some(uv) = uv() else { return Err((sock, request)) };
+    let raw_fd = std::os::fd::AsRawFd::as_raw_fd(&sock.fd());
+    let kept = matches!(sock, Sock::Kept(_));
+    let w = Box::new(Waiting {
+        poll: [0; HANDLE_WORDS],
+        timer: [0; HANDLE_WORDS],
+        waits: waits.clone(),
+        id,
+        sock: Some(sock),
+        kept,
+        write_failed: false,
+        request,
+        written,
+        reader: ResponseReader::new(),
+        timeout_ms,
+        open: Cell::new(0),
+        done: false,
+    });
+    let p = Box::into_raw(w);
+    // SAFETY: p is a live, exclusively owned allocation; the handles live inside it until their close
+    // callbacks ran (then `closed` frees it); everything happens on the loop's thread.
+    unsafe {
+        let poll = ptr::addr_of_mut!((*p).poll).cast::<c_void>();
+        if (uv.poll_init)(waits.uv_loop, poll, raw_fd) != 0 {
+            let w = Box::from_raw(p);
+            let mut w = *w;
+            return Err((w.sock.take().expect("socket"), std::mem::take(&mut w.request)));
+        }
+        (*p).open.set(1);
+        let events = if (*p).written < (*p).request.len() { UV_WRITABLE } else { UV_READABLE };
+        if (uv.poll_start)(poll, events, on_poll) != 0 {
+            finish(p, Err(CoreError::new(ErrorCode::Io, "request: cannot wait on the event loop")));
+            return Ok(());
+        }
+        if timeout_ms > 0 {
+            let timer = ptr::addr_of_mut!((*p).timer).cast::<c_void>();
+            if (uv.timer_init)(waits.uv_loop, timer) == 0 {
+                (*p).open.set(2);
+                (uv.timer_start)(timer, on_timer, timeout_ms, 0);
+            }
+        }
+    }
+    Ok(())
+}
+
+unsafe extern "C" fn on_poll(handle: *mut c_void, status: c_int, _events: c_int) {
+    let p = handle.cast::<Waiting>();
+    // SAFETY: handle is the poll handle at offset 0 of a live Waiting (it is only freed after its close callback).
+    let w = unsafe { &mut *p };
+    if w.done {
+        return;
+    }
+    if status < 0 {
+        let e = CoreError::io("request: wait for the socket", std::io::Error::from_raw_os_error(-status));
+        // SAFETY: as above.
+        return unsafe { finish(p, Err(e)) };
+    }
+    let Some(sock) = w.sock.as_ref() else { return };
+    if w.written < w.request.len() {
+        match unix::continue_write(sock.fd(), &w.request, &mut w.written) {
+            Ok(false) => return,
+            Err(e) => {
+                w.write_failed = true;
+                // SAFETY: as above.
+                return unsafe { finish(p, Err(e)) };
+            }
+            Ok(true) => {
+                let uv = uv().expect("libuv resolved before the request started");
+                // SAFETY: the poll handle is live and started; restarting it changes the events it waits for.
+                if unsafe { (uv.poll_start)(handle, UV_READABLE, on_poll) } != 0 {
+                    // SAFETY: as above.
+                    return unsafe {
+                        finish(p, Err(CoreError::new(ErrorCode::Io, "request: cannot wait on the event loop")))
+                    };
+                }
+            }
+        }
+    }
+    match w.reader.advance(sock.fd()) {
+        Ok(None) => {}
+        // SAFETY: as above.
+        Ok(Some(frame)) => unsafe { finish(p, Ok(frame)) },
+        // SAFETY: as above.
+        Err(e) => unsafe { finish(p, Err(e)) },
+    }
+}
+
+unsafe extern "C" fn on_timer(handle: *mut c_void) {
+    // SAFETY: handle is the timer field of a live Waiting.
+    let p = unsafe { handle.cast::<u8>().sub(std::mem::offset_of!(Waiting, timer)).cast::<Waiting>() };
+    // SAFETY: as above.
+    let ms = unsafe { (*p).timeout_ms };
+    let e = CoreError::new(ErrorCode::Timeout, format!("request: not done within {ms} ms"));
+    // SAFETY: as above.
+    unsafe { finish(p, Err(e)) }
+}
+
+unsafe extern "C" fn on_poll_closed(handle: *mut c_void) {
+    // SAFETY: handle is the poll field (offset 0) of a live Waiting.
+    unsafe { closed(handle.cast::<Waiting>()) }
+}
+
+unsafe extern "C" fn on_timer_closed(handle: *mut c_void) {
+    // SAFETY: handle is the timer field of a live Waiting.
+    unsafe { closed(handle.cast::<u8>().sub(std::mem::offset_of!(Waiting, timer)).cast::<Waiting>()) }
+}
+
+/// One of a request's handles is closed; the last one frees the request.
+unsafe fn closed(p: *mut Waiting) {
+    // SAFETY: p is live until the last close callback, which is this one when `open` drops to 0.
+    unsafe {
+        let left = (*p).open.get() - 1;
+        (*p).open.set(left);
+        if left == 0 {
+            drop(Box::from_raw(p));
+        }
+    }
+}
+
+/// Ends a request once: stops and closes its handles (the socket is closed now, the memory freed by the last
+/// close callback) and reports the outcome to JavaScript.
+unsafe fn finish(p: *mut Waiting, r: tapmanager_core::Result<unix::Frame>) {
+    let uv = uv().expect("libuv resolved before the request started");
+    // SAFETY: p is live (the caller's contract); only this thread touches it.
+    let w = unsafe { &mut *p };
+    if w.done {
+        return;
+    }
+    w.done = true;
+    let poll = ptr::addr_of_mut!(w.poll).cast::<c_void>();
+    // SAFETY: the handles are initialised (open counts them) and not closed yet (done was false).
+    unsafe {
+        (uv.poll_stop)(poll);
+        w.sock = None; // an own socket is closed after the poll stopped, as libuv requires
+        if w.open.get() == 2 {
+            let timer = ptr::addr_of_mut!(w.timer).cast::<c_void>();
+            (uv.timer_stop)(timer);
+            (uv.close)(timer, Some(on_timer_closed));
+        }
+        (uv.close)(poll, Some(on_poll_closed));
+    }
+    let waits = w.waits.clone();
+    let not_sent = if w.kept { Some(w.write_failed) } else { None };
+    waits.call(FdDone::of(w.id, r, not_sent));
+}
