@@ -5,6 +5,9 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::Duration;
 
+use nix::errno::Errno;
+use nix::sys::socket::MsgFlags;
+
 use super::scm::{sendmsg_fds, MAX_FDS};
 
 use super::socket::{PeerCred, UnixConnection};
@@ -124,16 +127,11 @@ pub struct Sent {
 /// One non-blocking `send` (`MSG_NOSIGNAL`): `Ok(None)` when the socket takes nothing now (EAGAIN); EINTR retried.
 fn send_now(sock: RawFd, buf: &[u8]) -> io::Result<Option<usize>> {
     loop {
-        // SAFETY: buf is valid for reads of its length; sock is a socket the caller keeps open.
-        let n = unsafe { libc::send(sock, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
-        if n >= 0 {
-            return Ok(Some(n as usize));
-        }
-        let e = io::Error::last_os_error();
-        match e.kind() {
-            io::ErrorKind::WouldBlock => return Ok(None),
-            io::ErrorKind::Interrupted => continue,
-            _ => return Err(e),
+        match nix::sys::socket::send(sock, buf, MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT) {
+            Ok(n) => return Ok(Some(n)),
+            Err(Errno::EAGAIN) => return Ok(None),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
         }
     }
 }

@@ -4,9 +4,12 @@
 
 use std::io;
 use std::mem;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::socket::{connect, recv, send, socket, AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr};
 
 use super::frame::{frame_sizes, Frame, FRAME_HEADER_LEN, FRAME_MAGIC};
 use super::scm::recvmsg_fds;
@@ -37,32 +40,15 @@ pub fn start_request(
 ) -> Result<Option<(std::os::unix::net::UnixStream, usize)>> {
     let path = path.as_ref();
     let connect_err = |e: io::Error| Error::io(format!("connect {}", path.display()), e);
-    let bytes = path.as_os_str().as_encoded_bytes();
-    // SAFETY: sockaddr_un is plain old data; all-zero is a valid empty value.
-    let mut addr: libc::sockaddr_un = unsafe { mem::zeroed() };
-    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
-        return Err(connect_err(io::Error::from_raw_os_error(libc::EINVAL)));
-    }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (d, &b) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = b as libc::c_char;
-    }
-    // SAFETY: plain socket(2); the result is checked and owned at once.
-    let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(connect_err(io::Error::last_os_error()));
-    }
-    // SAFETY: raw is a fresh socket that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let len = (mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
-    // SAFETY: addr is a valid sockaddr_un of at least len bytes; fd is a valid socket.
-    let rc = unsafe { libc::connect(fd.as_raw_fd(), (&addr as *const libc::sockaddr_un).cast(), len) };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        return match e.raw_os_error() {
-            Some(libc::EAGAIN) | Some(libc::EINPROGRESS) => Ok(None),
-            _ => Err(connect_err(e)),
-        };
+    // A path too long for sun_path or with a NUL byte is EINVAL, as before (nix says ENAMETOOLONG for the former).
+    let addr = UnixAddr::new(path).map_err(|_| connect_err(io::Error::from_raw_os_error(libc::EINVAL)))?;
+    let fd: OwnedFd =
+        socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)
+            .map_err(|e| connect_err(e.into()))?;
+    match connect(fd.as_raw_fd(), &addr) {
+        Ok(()) => {}
+        Err(Errno::EAGAIN) | Err(Errno::EINPROGRESS) => return Ok(None),
+        Err(e) => return Err(connect_err(e.into())),
     }
     let stream = std::os::unix::net::UnixStream::from(fd);
     let written = match io::Write::write(&mut &stream, request) {
@@ -232,16 +218,11 @@ impl ResponseReader {
 /// One non-blocking `read`: `Ok(None)` when nothing is there yet (EAGAIN), `Ok(Some(0))` at EOF; EINTR is retried.
 fn read_some(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
     loop {
-        // SAFETY: buf is valid for writes of buf.len() bytes; fd is a socket the caller keeps open.
-        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        if n >= 0 {
-            return Ok(Some(n as usize));
-        }
-        let e = io::Error::last_os_error();
-        match e.kind() {
-            io::ErrorKind::WouldBlock => return Ok(None),
-            io::ErrorKind::Interrupted => continue,
-            _ => return Err(e),
+        match recv(fd, buf, MsgFlags::empty()) {
+            Ok(n) => return Ok(Some(n)),
+            Err(Errno::EAGAIN) => return Ok(None),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -250,24 +231,12 @@ fn read_some(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
 /// all of it is written, `Ok(false)` when it must wait until the socket is writable.
 pub fn continue_write(sock: BorrowedFd<'_>, request: &[u8], written: &mut usize) -> Result<bool> {
     while *written < request.len() {
-        // SAFETY: the slice is valid for reads of its length; MSG_NOSIGNAL: a closed peer is EPIPE, not SIGPIPE.
-        let n = unsafe {
-            libc::send(
-                sock.as_raw_fd(),
-                request[*written..].as_ptr().cast(),
-                request.len() - *written,
-                libc::MSG_NOSIGNAL,
-            )
-        };
-        if n >= 0 {
-            *written += n as usize;
-            continue;
-        }
-        let e = io::Error::last_os_error();
-        match e.kind() {
-            io::ErrorKind::WouldBlock => return Ok(false),
-            io::ErrorKind::Interrupted => continue,
-            _ => return Err(Error::io(format!("write {} bytes", request.len()), e)),
+        // MSG_NOSIGNAL: a closed peer is EPIPE, not SIGPIPE.
+        match send(sock.as_raw_fd(), &request[*written..], MsgFlags::MSG_NOSIGNAL) {
+            Ok(n) => *written += n,
+            Err(Errno::EAGAIN) => return Ok(false),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(Error::io(format!("write {} bytes", request.len()), e.into())),
         }
     }
     Ok(true)
