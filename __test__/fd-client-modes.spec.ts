@@ -3,10 +3,11 @@
 // keep-alive (requests back to back on open connections, a bounded pool, idle connections closed, a request on
 // a connection the server had closed sent again on a new one, close()).
 import test from 'ava'
-import { closeSync, mkdtempSync, openSync, readSync, rmSync, writeFileSync } from 'node:fs'
+import { closeSync, mkdtempSync, readSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { FDClient, FDServer, type FDSource } from '../src/index'
+import { FDClient, FDServer } from '../src/index'
+import { sameFileSource } from './helpers/sources'
 import { UnixListener, type UnixConnection } from '../src/native'
 
 const MAGIC = Buffer.from([0x42, 0x42, 0x42, 0x42])
@@ -186,22 +187,7 @@ test('keep-alive against our FDServer: adds, gets with fds, server errors and re
   const { dir, sock } = tempSock()
   const file = join(dir, 'content')
   writeFileSync(file, 'payload-file')
-  const held = new Map<string, number[]>()
-  const source: FDSource = {
-    getFDs(key) {
-      const fds = [openSync(file, 'r'), openSync(file, 'r')]
-      held.set(key, fds)
-      return { fds, data: Buffer.from(`added:${key}`) }
-    },
-    release(key) {
-      for (const fd of held.get(key) ?? []) closeSync(fd)
-      held.delete(key)
-    },
-    getInfo: (key) => Buffer.from(`info:${key}`),
-    recover() {},
-    retrieveFDs: () => [],
-    stop() {},
-  }
+  const source = sameFileSource(file, 2)
   const server = new FDServer(sock, source)
   await server.serve()
   const client = new FDClient(sock, { keepAlive: true, maxConnections: 4 })
@@ -224,7 +210,7 @@ test('keep-alive against our FDServer: adds, gets with fds, server errors and re
         await client.releaseFDs(key)
       }),
     )
-    t.is(held.size, 0)
+    t.is(source.held.size, 0)
   } finally {
     client.close()
     await server.stop()

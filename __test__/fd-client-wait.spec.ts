@@ -7,7 +7,8 @@ import { spawn } from 'node:child_process'
 import { closeSync, mkdtempSync, openSync, readdirSync, readSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { FDClient, FDServer, type FDSource } from '../src/index'
+import { FDClient, FDServer } from '../src/index'
+import { sameFileSource } from './helpers/sources'
 import { FdRequestPort, UnixListener, type UnixConnection } from '../src/native'
 
 const root = process.cwd()
@@ -52,22 +53,7 @@ test.serial('both waits, per call and keep-alive, against our FDServer: the same
   const { dir, sock } = tempSock()
   const file = join(dir, 'content')
   writeFileSync(file, 'payload-file')
-  const held = new Map<string, number[]>()
-  const source: FDSource = {
-    getFDs(key) {
-      const fds = [openSync(file, 'r'), openSync(file, 'r'), openSync(file, 'r')]
-      held.set(key, fds)
-      return { fds, data: Buffer.from(`added:${key}`) }
-    },
-    release(key) {
-      for (const fd of held.get(key) ?? []) closeSync(fd)
-      held.delete(key)
-    },
-    getInfo: (key) => Buffer.from(`info:${key}`),
-    recover() {},
-    retrieveFDs: () => [],
-    stop() {},
-  }
+  const source = sameFileSource(file, 3)
   const server = new FDServer(sock, source)
   await server.serve()
   const before = fdCount()
@@ -102,7 +88,7 @@ test.serial('both waits, per call and keep-alive, against our FDServer: the same
     t.deepEqual(results.loopkeep, results.runtime)
     t.deepEqual(results.runtimekeep, results.runtime)
     t.is(results.loop.length, 24)
-    t.is(held.size, 0)
+    t.is(source.held.size, 0)
     t.true(await until(() => fdCount() === before), `fds back to ${before} (now ${fdCount()})`)
   } finally {
     await server.stop()

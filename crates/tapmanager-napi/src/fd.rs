@@ -141,6 +141,29 @@ impl FdDone {
 
 type DoneFn = ThreadsafeFunction<FdDone, (), FdDone, napi::Status, false, true>;
 
+/// Makes the threadsafe function `tsfn` keep the event loop alive (`on`) or not (napi's ref/unref). `tsfn` must
+/// be alive for the call (its owner holds it); `what` names the caller in the error.
+fn hold_threadsafe_function(
+    env: &Env,
+    tsfn: napi::sys::napi_threadsafe_function,
+    on: bool,
+    what: &str,
+) -> napi::Result<()> {
+    // SAFETY: called on the JavaScript thread (a #[napi] method) with its environment; the caller keeps `tsfn`
+    // alive for the call.
+    let status = unsafe {
+        if on {
+            napi::sys::napi_ref_threadsafe_function(env.raw(), tsfn)
+        } else {
+            napi::sys::napi_unref_threadsafe_function(env.raw(), tsfn)
+        }
+    };
+    if status != napi::sys::Status::napi_ok {
+        return Err(napi::Error::from_reason(format!("{what}: napi status {status}")));
+    }
+    Ok(())
+}
+
 /// Runs FDServer requests like `fdRequest`, but reports every completion through one long-lived callback
 /// instead of a Promise per request (a Promise from native code costs a threadsafe function and an event-loop
 /// handle per call). The callback gets an `FdDone`. A request on a new connection waits for its response on the
@@ -181,19 +204,8 @@ impl FdRequestPort {
     /// Whether the port keeps the event loop alive (`true` while requests are pending).
     #[napi]
     pub fn hold(&self, env: &Env, on: bool) -> napi::Result<()> {
-        // SAFETY: called on the JavaScript thread with this environment; the threadsafe function lives as long as
-        // self (it is only released when the port is dropped).
-        let status = unsafe {
-            if on {
-                napi::sys::napi_ref_threadsafe_function(env.raw(), self.done.raw())
-            } else {
-                napi::sys::napi_unref_threadsafe_function(env.raw(), self.done.raw())
-            }
-        };
-        if status != napi::sys::Status::napi_ok {
-            return Err(napi::Error::from_reason(format!("FdRequestPort.hold: napi status {status}")));
-        }
-        Ok(())
+        // The threadsafe function lives as long as self (it is only released when the port is dropped).
+        hold_threadsafe_function(env, self.done.raw(), on, "FdRequestPort.hold")
     }
 
     /// One FDServer request on a new connection, exactly as `fdRequest` (connect and send happen before this
@@ -339,19 +351,8 @@ impl FrameSink {
     /// Whether the sink keeps the event loop alive (`true` while reads are pending).
     #[napi]
     pub fn hold(&self, env: &Env, on: bool) -> napi::Result<()> {
-        // SAFETY: called on the JavaScript thread with this environment; the threadsafe function lives as long as
-        // self.
-        let status = unsafe {
-            if on {
-                napi::sys::napi_ref_threadsafe_function(env.raw(), self.done.raw())
-            } else {
-                napi::sys::napi_unref_threadsafe_function(env.raw(), self.done.raw())
-            }
-        };
-        if status != napi::sys::Status::napi_ok {
-            return Err(napi::Error::from_reason(format!("FrameSink.hold: napi status {status}")));
-        }
-        Ok(())
+        // The threadsafe function lives as long as self.
+        hold_threadsafe_function(env, self.done.raw(), on, "FrameSink.hold")
     }
 }
 

@@ -12,7 +12,7 @@ use nix::errno::Errno;
 use nix::sys::socket::{connect, recv, send, socket, AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr};
 
 use super::frame::{frame_sizes, Frame, FRAME_HEADER_LEN, FRAME_MAGIC};
-use super::scm::recvmsg_fds;
+use super::scm::{control_truncated, recvmsg_fds};
 use super::socket::UnixConnection;
 use super::with_deadline;
 use crate::error::{Error, ErrorCode, Result};
@@ -163,10 +163,7 @@ impl ResponseReader {
                     };
                     if truncated {
                         drop(fds);
-                        return Err(Error::new(
-                            ErrorCode::TooLarge,
-                            format!("recvmsg: control data truncated (buffer of {oob} bytes too small); received fds closed"),
-                        ));
+                        return Err(control_truncated(oob));
                     }
                     if n == 0 {
                         return Err(Error::new(

@@ -15,6 +15,14 @@ use crate::error::{Error, ErrorCode, Result};
 /// The most fds one message may carry (the kernel's `SCM_MAX_FD`).
 pub const MAX_FDS: usize = 253;
 
+/// The error of a `recvmsg` whose control data did not fit in `control_len` bytes (the fds that came were closed).
+pub(super) fn control_truncated(control_len: usize) -> Error {
+    Error::new(
+        ErrorCode::TooLarge,
+        format!("recvmsg: control data truncated (buffer of {control_len} bytes too small); received fds closed"),
+    )
+}
+
 /// `CMSG_SPACE(4 * nfds)`: the control buffer size a receiver needs for `nfds` fds (24 for 1 or 2 fds and
 /// 32 for 3 or 4 on x86_64 and aarch64). Zero fds need no control buffer.
 pub fn cmsg_space(nfds: usize) -> usize {
@@ -74,12 +82,7 @@ impl UnixConnection {
         };
         if truncated {
             drop(fds);
-            return Err(Error::new(
-                ErrorCode::TooLarge,
-                format!(
-                    "recvmsg: control data truncated (buffer of {control_len} bytes too small); received fds closed"
-                ),
-            ));
+            return Err(control_truncated(control_len));
         }
         data.truncate(n.min(data_len));
         if data_len == 0 && n > 0 {
