@@ -4,7 +4,7 @@
  */
 import test, { type ExecutionContext } from 'ava'
 import { randomBytes } from 'node:crypto'
-import { mkdtempSync, rmSync } from 'node:fs'
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import {
@@ -15,6 +15,7 @@ import {
   InvalidInputError,
   IoError,
   NativeLoadError,
+  NeedsDummyGatewayError,
   NetlinkError,
   NotFoundError,
   NotRunningError,
@@ -23,6 +24,10 @@ import {
   ReadError,
   ServerError,
   ServerFailedError,
+  SriovNoIommuGroupError,
+  SriovNoVfioError,
+  SriovPfNotFoundError,
+  SriovVfInUseError,
   TapmanagerError,
   TimeoutError,
   TooLargeError,
@@ -61,6 +66,11 @@ const ONE_OF_EACH: Record<ErrorCode, () => TapmanagerError> = {
   ERR_MULTIPLE: () => new AggregateOperationError('m', []),
   ERR_READ: () => new ReadError('m'),
   ERR_USAGE: () => new UsageError('m'),
+  ERR_NEEDS_DUMMY_GATEWAY: () => new NeedsDummyGatewayError('m'),
+  ERR_SRIOV_NO_IOMMU_GROUP: () => new SriovNoIommuGroupError('m'),
+  ERR_SRIOV_NO_VFIO: () => new SriovNoVfioError('m'),
+  ERR_SRIOV_VF_IN_USE: () => new SriovVfInUseError('m'),
+  ERR_SRIOV_PF_NOT_FOUND: () => new SriovPfNotFoundError('m'),
 }
 
 /** The classes native codes become. */
@@ -76,7 +86,25 @@ const NATIVE: Partial<Record<ErrorCode, abstract new (...a: never[]) => Tapmanag
   ERR_NETLINK: NetlinkError,
   ERR_IO: IoError,
   ERR_TAPMANAGER_NATIVE: NativeLoadError,
+  ERR_NEEDS_DUMMY_GATEWAY: NeedsDummyGatewayError,
+  ERR_SRIOV_NO_IOMMU_GROUP: SriovNoIommuGroupError,
+  ERR_SRIOV_NO_VFIO: SriovNoVfioError,
+  ERR_SRIOV_VF_IN_USE: SriovVfInUseError,
+  ERR_SRIOV_PF_NOT_FOUND: SriovPfNotFoundError,
 }
+
+test('every code of the Rust core (crates/tapmanager-core/src/error.rs) is an ErrorCode with its own class when it reaches JavaScript', (t) => {
+  const source = readFileSync(join(process.cwd(), 'crates/tapmanager-core/src/error.rs'), 'utf8')
+  const coreCodes = [...source.matchAll(/=> "(ERR_[A-Z_]+)"/g)].map((m) => m[1])
+  t.true(coreCodes.length >= 10, `codes found in error.rs: ${coreCodes.join(' ')}`)
+  for (const code of coreCodes) {
+    t.true(Object.hasOwn(ONE_OF_EACH, code), `${code} is in the ErrorCode union`)
+    t.truthy(NATIVE[code as ErrorCode], `${code} becomes its own class in src/native.ts`)
+    const w = fromNativeError(Object.assign(new Error('m'), { code })) as TapmanagerError
+    t.is(w.code as string, code)
+    t.not(w.constructor, TapmanagerError)
+  }
+})
 
 test('every ErrorCode has its own TapmanagerError subclass carrying it', (t) => {
   const names = new Set<string>()

@@ -30,6 +30,11 @@ export type ErrorCode =
   | 'ERR_MULTIPLE'
   | 'ERR_READ'
   | 'ERR_USAGE'
+  | 'ERR_NEEDS_DUMMY_GATEWAY'
+  | 'ERR_SRIOV_NO_IOMMU_GROUP'
+  | 'ERR_SRIOV_NO_VFIO'
+  | 'ERR_SRIOV_VF_IN_USE'
+  | 'ERR_SRIOV_PF_NOT_FOUND'
 
 /** The base class of every error tapmanager throws. */
 export class TapmanagerError extends Error {
@@ -146,6 +151,44 @@ export class ReadError extends TapmanagerError {
   }
 }
 
+/**
+ * A Calico-like pod (default route via 169.254.1.1) was set up without the dummy network's gateway; nothing was
+ * changed (TapFDSource then fetches the gateway and sets the pod up again).
+ */
+export class NeedsDummyGatewayError extends TapmanagerError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('ERR_NEEDS_DUMMY_GATEWAY', message, options)
+  }
+}
+
+/** An SR-IOV VF has no IOMMU group (the node's IOMMU is off: `intel_iommu=on` / `amd_iommu=on`). */
+export class SriovNoIommuGroupError extends TapmanagerError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('ERR_SRIOV_NO_IOMMU_GROUP', message, options)
+  }
+}
+
+/** The vfio-pci driver is missing (module not loaded) or its device node did not appear. */
+export class SriovNoVfioError extends TapmanagerError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('ERR_SRIOV_NO_VFIO', message, options)
+  }
+}
+
+/** The VF is in use (bound to vfio-pci or held by another pod). */
+export class SriovVfInUseError extends TapmanagerError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('ERR_SRIOV_VF_IN_USE', message, options)
+  }
+}
+
+/** The VF's physical function (its netdev) was not found. */
+export class SriovPfNotFoundError extends TapmanagerError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('ERR_SRIOV_PF_NOT_FOUND', message, options)
+  }
+}
+
 /** The codes the native addon puts in `err.code`, and the class each becomes (see src/native.ts). */
 const NATIVE_ERROR_CLASSES = {
   ERR_NOT_FOUND: NotFoundError,
@@ -159,6 +202,11 @@ const NATIVE_ERROR_CLASSES = {
   ERR_NETLINK: NetlinkError,
   ERR_IO: IoError,
   ERR_TAPMANAGER_NATIVE: NativeLoadError,
+  ERR_NEEDS_DUMMY_GATEWAY: NeedsDummyGatewayError,
+  ERR_SRIOV_NO_IOMMU_GROUP: SriovNoIommuGroupError,
+  ERR_SRIOV_NO_VFIO: SriovNoVfioError,
+  ERR_SRIOV_VF_IN_USE: SriovVfInUseError,
+  ERR_SRIOV_PF_NOT_FOUND: SriovPfNotFoundError,
 } as const satisfies Partial<Record<ErrorCode, new (message: string, options?: { cause?: unknown }) => TapmanagerError>>
 
 /**

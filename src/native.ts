@@ -86,6 +86,8 @@ export const DhcpServer = classExport(binding.DhcpServer)
 export type DhcpServer = binding.DhcpServer
 export const FdRequestPort = classExport(binding.FdRequestPort)
 export type FdRequestPort = binding.FdRequestPort
+export const FrameSink = classExport(binding.FrameSink)
+export type FrameSink = binding.FrameSink
 export const NetlinkHandle = classExport(binding.NetlinkHandle)
 export type NetlinkHandle = binding.NetlinkHandle
 export const UnixConnection = classExport(binding.UnixConnection)
@@ -93,7 +95,7 @@ export type UnixConnection = binding.UnixConnection
 export const UnixListener = classExport(binding.UnixListener)
 export type UnixListener = binding.UnixListener
 /** The addon's classes, unwrapped (for tests: every method is wrapped). */
-export const NATIVE_CLASSES = [binding.DhcpServer, binding.FdRequestPort, binding.NetlinkHandle, binding.UnixConnection, binding.UnixListener] as const
+export const NATIVE_CLASSES = [binding.DhcpServer, binding.FdRequestPort, binding.FrameSink, binding.NetlinkHandle, binding.UnixConnection, binding.UnixListener] as const
 
 // The addon's functions, wrapped (these exports take the place of the same names from `export *` above).
 export const addDhcpIsolation = wrapFunction(binding.addDhcpIsolation)
