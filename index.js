@@ -863,5 +863,6 @@ module.exports.removeDhcpIsolation = nativeBinding.removeDhcpIsolation
 module.exports.reopenTaps = nativeBinding.reopenTaps
 module.exports.setupContainerSide = nativeBinding.setupContainerSide
 module.exports.startDhcpServer = nativeBinding.startDhcpServer
+module.exports.startDhcpServerParsed = nativeBinding.startDhcpServerParsed
 module.exports.tapFdInfo = nativeBinding.tapFdInfo
 module.exports.teardownContainerSide = nativeBinding.teardownContainerSide

@@ -36,6 +36,8 @@ function isOpen(fd: number): boolean {
 function fakes(opts: { fail?: string[]; gate?: Promise<void>; vf?: boolean; calico?: boolean } = {}) {
   const calls: string[] = []
   const fds: number[] = []
+  /** What startDhcpServer got as `parsed`, per call. */
+  const dhcpParsed: unknown[] = []
   const fail = new Set(opts.fail ?? [])
   const step = (name: string) => {
     calls.push(name)
@@ -62,7 +64,7 @@ function fakes(opts: { fail?: string[]; gate?: Promise<void>; vf?: boolean; cali
       step(`setupContainerSide ${p}${o.dummyGateway ? ` via ${o.dummyGateway}` : ''}`)
       const fd = openSync('/dev/null', 'r')
       fds.push(fd)
-      return { csn: CSN(p, opts.vf), fds: [fd] }
+      return { csn: CSN(p, opts.vf), fds: [fd], parsed: { parsedOf: p } }
     },
     teardownContainerSide: async (p, _csn, o) => step(`teardownContainerSide ${p}${o?.keepDevices ? ' keepDevices' : ''}`),
     recoverContainerSide: async (p) => {
@@ -73,7 +75,8 @@ function fakes(opts: { fail?: string[]; gate?: Promise<void>; vf?: boolean; cali
       step(`reopenTaps ${p}`)
       return [openSync('/dev/null', 'r')]
     },
-    startDhcpServer: async (p) => {
+    startDhcpServer: async (p, _csn, parsed) => {
+      dhcpParsed.push(parsed)
       step(`startDhcpServer ${p}`)
       return { stop: async () => step(`dhcpStop ${p}`) }
     },
@@ -92,10 +95,21 @@ function fakes(opts: { fail?: string[]; gate?: Promise<void>; vf?: boolean; cali
     },
   }
   const source = new TapFDSource(cni, { ops, netnsDir: '/ns' })
-  return { calls, fds, source, netns }
+  return { calls, fds, source, netns, dhcpParsed }
 }
 
 const payload = (podId: string) => Buffer.from(encodeGetFDPayload({ podNetworkDesc: { podId, podName: 'vm', podNs: 'default', dns: null } }))
+
+test('add hands the DHCP server the ContainerSideNetwork setup answered as parsed (no JSON parsed again); recover has none', async (t) => {
+  const { source, dhcpParsed, netns } = fakes()
+  await source.getFDs('p1', payload('p1'))
+  t.deepEqual(dhcpParsed, [{ parsedOf: '/ns/p1' }])
+  netns.add('/ns/p2')
+  await source.recover('p2', Buffer.from(JSON.stringify({ podNetworkDesc: { podId: 'p2', podName: 'vm', podNs: 'default' }, csn: JSON.parse(CSN('/ns/p2')) })))
+  t.deepEqual(dhcpParsed, [{ parsedOf: '/ns/p1' }, undefined])
+  await source.release('p1')
+  await source.release('p2')
+})
 
 test('a pod of SR-IOV VFs only gets no DHCP server, on add and on recover; get says type 1 with the PCI address', async (t) => {
   const { calls, source } = fakes({ vf: true })

@@ -191,8 +191,8 @@ export class DaemonMetrics implements DaemonObserver {
   wrapOps(ops: PodNetworkOps): PodNetworkOps {
     return {
       ...ops,
-      startDhcpServer: async (nsPath, csnJson) => {
-        const h = await ops.startDhcpServer(nsPath, csnJson)
+      startDhcpServer: async (nsPath, csnJson, parsed) => {
+        const h = await ops.startDhcpServer(nsPath, csnJson, parsed)
         this.dhcpLive.add(h)
         return {
           stop: async () => {

@@ -59,17 +59,21 @@ export interface PodNetworkOps {
   /**
    * Rewires the netns for a VM; returns the ContainerSideNetwork JSON and one tap fd per interface. Fails with
    * ERR_NEEDS_DUMMY_GATEWAY, having changed nothing, for a Calico pod with a default route via 169.254.1.1 when
-   * `opts.dummyGateway` is not given.
+   * `opts.dummyGateway` is not given. The real one also answers `parsed`: the same ContainerSideNetwork as the
+   * core holds it (an opaque native value), which `startDhcpServer` takes instead of parsing the JSON again.
    */
-  setupContainerSide(nsPath: string, cniResultJson: string, opts: ContainerSideOptions): Promise<{ csn: string; fds: number[] }>
+  setupContainerSide(nsPath: string, cniResultJson: string, opts: ContainerSideOptions): Promise<{ csn: string; fds: number[]; parsed?: unknown }>
   /** Restores the netns to what CNI left (with `keepDevices`, but for the emptied bridges and taps). */
   teardownContainerSide(nsPath: string, csnJson: string, opts?: TeardownOptions): Promise<void>
   /** Reopens the taps after a restart; a tap a running VM holds gives null. */
   recoverContainerSide(nsPath: string, csnJson: string): Promise<{ fds: (number | null)[] }>
   /** Reopens the taps of a recovered pod (ERR_BUSY while a VM holds one). */
   reopenTaps(nsPath: string, csnJson: string): Promise<number[]>
-  /** Starts the pod's DHCP server; it is bound when this resolves. */
-  startDhcpServer(nsPath: string, csnJson: string): Promise<DhcpServerHandle>
+  /**
+   * Starts the pod's DHCP server; it is bound when this resolves. `parsed` (what setupContainerSide answered, when
+   * it did) is used instead of `csnJson` when given.
+   */
+  startDhcpServer(nsPath: string, csnJson: string, parsed?: unknown): Promise<DhcpServerHandle>
   /** Discards the frames queued on a tap fd (non-blocking); returns how many. Optional (fakes may leave it out). */
   drainTapFd?(fd: number): number
 }
@@ -88,7 +92,10 @@ export const nativePodNetworkOps: PodNetworkOps = {
     return { fds: fds.map((fd) => fd ?? null) }
   },
   reopenTaps: (nsPath, csnJson) => native.reopenTaps(nsPath, csnJson),
-  startDhcpServer: (nsPath, csnJson) => native.startDhcpServer(nsPath, csnJson),
+  startDhcpServer: (nsPath, csnJson, parsed) =>
+    parsed === undefined
+      ? native.startDhcpServer(nsPath, csnJson)
+      : native.startDhcpServerParsed(nsPath, parsed as Parameters<typeof native.startDhcpServerParsed>[1]),
   drainTapFd: (fd) => native.drainTapFd(fd),
 }
 

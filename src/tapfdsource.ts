@@ -249,7 +249,7 @@ export class TapFDSource implements FDSource {
 
       const csn = parseContainerSideNetwork(Buffer.from(side.csn))
       // No DHCP for SR-IOV VFs (the VM configures them from the CNI result): a pod of VFs only has no server.
-      const dhcp = hasTap(csn) ? await this.ops.startDhcpServer(nsPath, side.csn) : null
+      const dhcp = hasTap(csn) ? await this.ops.startDhcpServer(nsPath, side.csn, side.parsed) : null
       if (dhcp) undo.push(() => dhcp.stop())
 
       this.pods.set(key, { desc, csn, csnJson: side.csn, fds: [...side.fds], dhcp })

@@ -45,8 +45,8 @@ export function crashHooks(spec: string): DaemonHooks {
       hit('after-container-side', basename(nsPath))
       return r
     },
-    startDhcpServer: async (nsPath, csnJson) => {
-      const r = await nativePodNetworkOps.startDhcpServer(nsPath, csnJson)
+    startDhcpServer: async (nsPath, csnJson, parsed) => {
+      const r = await nativePodNetworkOps.startDhcpServer(nsPath, csnJson, parsed)
       hit('after-dhcp', basename(nsPath))
       return r
     },

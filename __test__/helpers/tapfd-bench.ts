@@ -96,8 +96,8 @@ const timedOps: PodNetworkOps = {
   deleteNetns: (p) => timed('deleteNetns', () => nativePodNetworkOps.deleteNetns(p)),
   setupContainerSide: (p, r, o) => timed('setupContainerSide', () => nativePodNetworkOps.setupContainerSide(p, r, o)),
   teardownContainerSide: (p, c, o) => timed('teardownContainerSide', () => nativePodNetworkOps.teardownContainerSide(p, c, o)),
-  startDhcpServer: async (p, c) => {
-    const h = await timed('startDhcpServer', () => nativePodNetworkOps.startDhcpServer(p, c))
+  startDhcpServer: async (p, c, parsed) => {
+    const h = await timed('startDhcpServer', () => nativePodNetworkOps.startDhcpServer(p, c, parsed))
     return { stop: () => timed('dhcp stop', () => h.stop()) }
   },
 }

@@ -49,8 +49,8 @@ const ops: PodNetworkOps = {
   setupContainerSide: (p, r, o) => timed('container side', () => nativePodNetworkOps.setupContainerSide(p, r, o)),
   teardownContainerSide: (p, c, o) => timed('teardown', () => nativePodNetworkOps.teardownContainerSide(p, c, o)),
   recoverContainerSide: (p, c) => timed('recover container side', () => nativePodNetworkOps.recoverContainerSide(p, c)),
-  startDhcpServer: async (p, c) => {
-    const h = await timed('DHCP start', () => nativePodNetworkOps.startDhcpServer(p, c))
+  startDhcpServer: async (p, c, parsed) => {
+    const h = await timed('DHCP start', () => nativePodNetworkOps.startDhcpServer(p, c, parsed))
     return { stop: () => timed('DHCP stop', () => h.stop()) }
   },
 }

@@ -6,10 +6,11 @@ use std::net::Ipv4Addr;
 use std::os::fd::IntoRawFd;
 use std::path::PathBuf;
 
-use napi::bindgen_prelude::PromiseRaw;
+use napi::bindgen_prelude::{External, PromiseRaw};
 use napi::Env;
 use napi_derive::napi;
 use tapmanager_core::container::{self, CalicoOptions, SetupOptions, TeardownOptions};
+use tapmanager_core::types::ContainerSideNetwork;
 use tapmanager_core::{Error as CoreError, Result as CoreResult};
 
 use crate::error::spawn_blocking_promise;
@@ -28,10 +29,13 @@ pub struct SetupContainerSideOptions {
 }
 
 /// What `setupContainerSide` resolves to.
-#[napi(object)]
+#[napi(object, object_from_js = false)]
 pub struct ContainerSideSetup {
     /// The ContainerSideNetwork, Go's JSON (what the add response carries and what recover needs).
     pub csn: String,
+    /// The same ContainerSideNetwork as the core holds it, for `startDhcpServerParsed` (no JSON parsed again).
+    #[napi(ts_type = "ExternalObject<'ContainerSideNetwork'>")]
+    pub parsed: External<ContainerSideNetwork>,
     /// One tap fd per interface, in `Interfaces` order. The caller owns them and must close them.
     pub fds: Vec<i32>,
 }
@@ -84,6 +88,7 @@ pub fn setup_container_side<'env>(
         },
         |out| ContainerSideSetup {
             csn: out.csn.to_json(),
+            parsed: External::new(out.csn),
             fds: out.fds.into_iter().map(IntoRawFd::into_raw_fd).collect(),
         },
     )

@@ -4,7 +4,7 @@
 use std::net::Ipv4Addr;
 use std::sync::Mutex;
 
-use napi::bindgen_prelude::PromiseRaw;
+use napi::bindgen_prelude::{External, PromiseRaw};
 use napi::Env;
 use napi_derive::napi;
 use tapmanager_core::dhcp::{DhcpConfig, DhcpServer as CoreServer, DhcpStats};
@@ -129,9 +129,28 @@ pub fn start_dhcp_server<'env>(
     csn_json: String,
     opts: Option<DhcpServerOptions>,
 ) -> napi::Result<PromiseRaw<'env, DhcpServer>> {
+    let config = ContainerSideNetwork::from_json(csn_json.as_bytes()).and_then(|csn| config_from(&csn, opts));
+    start_with(env, ns_path, config)
+}
+
+/// `startDhcpServer` for the ContainerSideNetwork `setupContainerSide` answered as `parsed` (no JSON parsed again).
+#[napi(ts_return_type = "Promise<DhcpServer>")]
+pub fn start_dhcp_server_parsed<'env>(
+    env: &'env Env,
+    ns_path: String,
+    #[napi(ts_arg_type = "ExternalObject<'ContainerSideNetwork'>")] csn: &External<ContainerSideNetwork>,
+    opts: Option<DhcpServerOptions>,
+) -> napi::Result<PromiseRaw<'env, DhcpServer>> {
+    start_with(env, ns_path, config_from(csn, opts))
+}
+
+fn start_with<'env>(
+    env: &'env Env,
+    ns_path: String,
+    config: tapmanager_core::Result<DhcpConfig>,
+) -> napi::Result<PromiseRaw<'env, DhcpServer>> {
     let fut = async move {
-        let config = config_from(&csn_json, opts)?;
-        let server = CoreServer::start(&ns_path, config).await?;
+        let server = CoreServer::start(&ns_path, config?).await?;
         Ok::<_, CoreError>(DhcpServer {
             ns_path,
             bridges: server.bridges().to_vec(),
@@ -141,15 +160,14 @@ pub fn start_dhcp_server<'env>(
     future_promise(env, fut)
 }
 
-fn config_from(csn_json: &str, opts: Option<DhcpServerOptions>) -> tapmanager_core::Result<DhcpConfig> {
-    let csn = ContainerSideNetwork::from_json(csn_json.as_bytes())?;
+fn config_from(csn: &ContainerSideNetwork, opts: Option<DhcpServerOptions>) -> tapmanager_core::Result<DhcpConfig> {
     let opts = opts.unwrap_or(DhcpServerOptions { bridges: None, server_ip: None });
     let mut config = match opts.bridges {
         Some(map) => {
             let map: Vec<(String, usize)> = map.into_iter().map(|m| (m.bridge, m.interface as usize)).collect();
-            DhcpConfig::from_csn_with_bridges(&csn, &map)?
+            DhcpConfig::from_csn_with_bridges(csn, &map)?
         }
-        None => DhcpConfig::from_csn(&csn)?,
+        None => DhcpConfig::from_csn(csn)?,
     };
     if let Some(ip) = opts.server_ip {
         config.server_ip = ip
