@@ -229,7 +229,7 @@ pub fn vfio_group_path(paths: &SriovPaths, group: &str) -> PathBuf {
 }
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes.
-fn wait_for(timeout: Duration, mut cond: impl FnMut() -> Result<bool>) -> Result<bool> {
+pub(crate) fn wait_for(timeout: Duration, mut cond: impl FnMut() -> Result<bool>) -> Result<bool> {
     let deadline = Instant::now() + timeout;
     loop {
         if cond()? {

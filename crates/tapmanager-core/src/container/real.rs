@@ -63,6 +63,19 @@ impl RealNet {
     }
 
     /// The netdevs of PCI device `pci` in the netns at `ns` (a sysfs mounted there lists them).
+    /// The netdev of VF `pci`: in the pod netns (`None`) or in one of the host's netns, if it has one yet.
+    fn find_vf_netdev(&self, pci: &str) -> Result<Option<(Option<PathBuf>, String)>> {
+        if let Some(n) = self.netdevs_in(&self.ns_path, pci)?.into_iter().next() {
+            return Ok(Some((None, n)));
+        }
+        for ns in host_netns_candidates() {
+            if let Some(n) = self.netdevs_in(&ns, pci)?.into_iter().next() {
+                return Ok(Some((Some(ns), n)));
+            }
+        }
+        Ok(None)
+    }
+
     fn netdevs_in(&self, ns: &Path, pci: &str) -> Result<Vec<String>> {
         if !self.sriov.is_real_sysfs() {
             return sriov::netdevs_of(&self.sriov.sysfs, pci);
@@ -301,28 +314,16 @@ impl NetOps for RealNet {
             return Err(Error::new(ErrorCode::NotFound, format!("no host driver took VF {pci} back")));
         }
         // The host driver registers a new netdev in the initial netns (or it is still here, never unbound).
-        let deadline = std::time::Instant::now() + self.sriov.timeout;
-        let (ns, current) = loop {
-            if let Some(n) = self.netdevs_in(&self.ns_path, pci)?.into_iter().next() {
-                break (None, n);
-            }
-            let mut found = None;
-            for ns in host_netns_candidates() {
-                if let Some(n) = self.netdevs_in(&ns, pci)?.into_iter().next() {
-                    found = Some((Some(ns), n));
-                    break;
-                }
-            }
-            if let Some(f) = found {
-                break f;
-            }
-            if std::time::Instant::now() >= deadline {
-                return Err(Error::new(
-                    ErrorCode::Timeout,
-                    format!("VF {pci} has no netdev {:?} after binding it to {driver:?}", self.sriov.timeout),
-                ));
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
+        let mut found: Option<(Option<PathBuf>, String)> = None;
+        sriov::wait_for(self.sriov.timeout, || {
+            found = self.find_vf_netdev(pci)?;
+            Ok(found.is_some())
+        })?;
+        let Some((ns, current)) = found else {
+            return Err(Error::new(
+                ErrorCode::Timeout,
+                format!("VF {pci} has no netdev {:?} after binding it to {driver:?}", self.sriov.timeout),
+            ));
         };
         let index = match ns {
             None => self.block(self.nl.link_by_name(&current))?.index,
