@@ -9,6 +9,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { FDClient, FDServer } from '../src/index'
 import { sameFileSource } from './helpers/sources'
+import { until } from './helpers/env'
 import { FdRequestPort, UnixListener, type UnixConnection } from '../src/native'
 
 const root = process.cwd()
@@ -30,15 +31,6 @@ function header(cmd: number, key: string, dataSize = 0, oobSize = 0): Buffer {
 
 const fdCount = () => readdirSync('/proc/self/fd').length
 
-/** Polls `cond` every 10 ms for up to `ms`. */
-async function until(cond: () => boolean, ms = 10_000): Promise<boolean> {
-  const end = Date.now() + ms
-  while (Date.now() < end) {
-    if (cond()) return true
-    await new Promise((r) => setTimeout(r, 10))
-  }
-  return cond()
-}
 
 test.serial('on Node the port waits on the event loop when asked, else on the runtime; waitOn is checked', (t) => {
   t.true(new FdRequestPort(() => undefined, true).waitsOnLoop)

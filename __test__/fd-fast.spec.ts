@@ -9,7 +9,7 @@ import { FDServer, FDClient, closeFd, type RequestLogEntry } from '../src/index'
 import { UnixConnection, UnixListener } from '../src/native'
 import { encodeHeader, encodeKey, FDCommand } from '../src/protocol'
 import { FileFDSource } from '../examples/file-fd-source'
-import { openFdCount, requirePrereqs } from './helpers/env'
+import { openFdCount, requirePrereqs, until as pollUntil } from './helpers/env'
 import { getAsNobody } from './helpers/nobody'
 
 /** FileFDSource's info depends only on the key's files, which never change until release. */
@@ -48,11 +48,8 @@ function fast(server: FDServer, key: string): boolean {
   return server.isFastGet(key)
 }
 
-/** Waits (bounded, polling) until `cond()` holds; returns whether it did. */
-async function until(cond: () => boolean): Promise<boolean> {
-  for (let i = 0; i < 1000 && !cond(); i++) await new Promise((r) => setTimeout(r, 5))
-  return cond()
-}
+/** Waits (bounded: 5 s, polling every 5 ms) until `cond()` holds; returns whether it did. */
+const until = (cond: () => boolean) => pollUntil(cond, 5_000, 5)
 
 /** One raw get on its own connection, read as the Go client does; returns header, data and fds. */
 async function rawGet(sock: string, key: string) {

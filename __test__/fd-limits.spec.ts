@@ -13,7 +13,7 @@ import { createInterface } from 'node:readline'
 import { FDServer, FDClient, closeFd, type RequestLogEntry, type LimitsReport } from '../src/index'
 import { FileFDSource } from '../examples/file-fd-source'
 import { UnixConnection } from '../src/native'
-import { requirePrereqs } from './helpers/env'
+import { requirePrereqs, until as pollUntil } from './helpers/env'
 
 const NODE_ARGS = ['--import', '@oxc-node/core/register']
 const CHILD_ENV = { ...process.env, OXC_TSCONFIG_PATH: './__test__/tsconfig.json' }
@@ -25,14 +25,8 @@ function tempDir(t: { teardown: (f: () => void) => void }): string {
   return dir
 }
 
-async function until(cond: () => boolean | Promise<boolean>, ms = 30_000): Promise<boolean> {
-  const end = Date.now() + ms
-  while (Date.now() < end) {
-    if (await cond()) return true
-    await new Promise((r) => setTimeout(r, 20))
-  }
-  return cond()
-}
+/** Polls every 20 ms for up to `ms` (the stuck-writes check counts polls at that pace). */
+const until = (cond: () => boolean | Promise<boolean>, ms = 30_000) => pollUntil(cond, ms, 20)
 
 /** Opens `n` idle connections from this process (those refused or failing are counted, not thrown). */
 async function flood(sock: string, n: number): Promise<{ sockets: Socket[]; failed: number }> {

@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { FDServer, FDClient, closeFd, ServerError, InvalidInputError, type RequestLogEntry } from '../src/index'
 import { FileFDSource } from '../examples/file-fd-source'
-import { openFdCount } from './helpers/env'
+import { openFdCount, until } from './helpers/env'
 
 function setup(opts: ConstructorParameters<typeof FDServer>[2] = {}) {
   const dir = mkdtempSync(join(tmpdir(), 'tm-fd-'))
@@ -36,8 +36,7 @@ async function fdCountSettled(expected: number): Promise<number> {
 
 /** Waits (bounded) until the server has closed its side of every connection. */
 async function serverIdle(server: FDServer): Promise<void> {
-  for (let i = 0; i < 400 && server.openConnections > 0; i++) await new Promise((r) => setTimeout(r, 5))
-  if (server.openConnections > 0) throw new Error('server connections did not close')
+  if (!(await until(() => server.openConnections === 0, 2_000, 5))) throw new Error('server connections did not close')
 }
 
 /** Reads a whole (small) file through an fd from its start, then closes the fd. */
@@ -153,7 +152,7 @@ test('source errors come back as server errors, the server keeps serving; the re
     await client.addFDs('good', { contents: ['g'] })
     await client.releaseFDs('good')
     // the hook runs right after the response is written: wait (bounded) for the last entry
-    for (let i = 0; i < 1000 && log.length < 4; i++) await new Promise((r) => setTimeout(r, 1))
+    await until(() => log.length >= 4, 1_000, 1)
     t.deepEqual(
       log.map((e) => [e.key, e.command, e.outcome]),
       [
@@ -185,7 +184,7 @@ test('stop() closes the listener, removes the socket, finishes in-flight request
   t.true(existsSync(sock))
   const inflight = client.addFDs('slow', { contents: ['s'] })
   // wait (bounded) until the request reached the source
-  for (const deadline = Date.now() + 20_000; !server.isPending('slow') && Date.now() < deadline; ) await new Promise((r) => setTimeout(r, 5))
+  await until(() => server.isPending('slow'), 20_000, 5)
   t.true(server.isPending('slow'))
   const stopping = server.stop()
   t.false(existsSync(sock))

@@ -62,3 +62,13 @@ export function listNetns(): string[] {
 export function openFdCount(): number {
   return readdirSync('/proc/self/fd').length
 }
+
+/** Polls `cond` every `everyMs` until it holds or `ms` have passed; returns whether it did (a last look at the end). */
+export async function until(cond: () => boolean | Promise<boolean>, ms = 10_000, everyMs = 10): Promise<boolean> {
+  const end = Date.now() + ms
+  while (Date.now() < end) {
+    if (await cond()) return true
+    await new Promise((r) => setTimeout(r, everyMs))
+  }
+  return cond()
+}
