@@ -3,11 +3,11 @@
 // keep-alive (requests back to back on open connections, a bounded pool, idle connections closed, a request on
 // a connection the server had closed sent again on a new one, close()).
 import test from 'ava'
-import { closeSync, mkdtempSync, readSync, rmSync, writeFileSync } from 'node:fs'
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { FDClient, FDServer } from '../src/index'
-import { sameFileSource } from './helpers/sources'
+import { getAndRead, sameFileSource } from './helpers/sources'
 import { UnixListener, type UnixConnection } from '../src/native'
 
 const MAGIC = Buffer.from([0x42, 0x42, 0x42, 0x42])
@@ -196,15 +196,7 @@ test('keep-alive against our FDServer: adds, gets with fds, server errors and re
       Array.from({ length: 16 }, async (_, i) => {
         const key = `k${i}`
         t.is((await client.addFDs(key, {})).toString(), `added:${key}`)
-        for (let j = 0; j < 3; j++) {
-          const { fds, info } = await client.getFDs(key)
-          t.is(info.toString(), `info:${key}`)
-          t.is(fds.length, 2)
-          const buf = Buffer.alloc(12)
-          t.is(readSync(fds[0], buf, 0, 12, 0), 12)
-          t.is(buf.toString(), 'payload-file')
-          for (const fd of fds) closeSync(fd)
-        }
+        for (let j = 0; j < 3; j++) await getAndRead(t, client, key, 2, 0, 'payload-file')
         // an error frame leaves the connection usable
         await t.throwsAsync(client.getFDs(`missing${i}`), { message: `server returned error: bad fd key: "missing${i}"` })
         await client.releaseFDs(key)

@@ -8,7 +8,7 @@ import { closeSync, mkdtempSync, openSync, readdirSync, readSync, rmSync, writeF
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { FDClient, FDServer } from '../src/index'
-import { sameFileSource } from './helpers/sources'
+import { getAndRead, sameFileSource } from './helpers/sources'
 import { until } from './helpers/env'
 import { FdRequestPort, UnixListener, type UnixConnection } from '../src/native'
 
@@ -59,15 +59,7 @@ test.serial('both waits, per call and keep-alive, against our FDServer: the same
         Array.from({ length: 12 }, async (_, i) => {
           const key = `${waitOn}-${i}`
           seen.push((await client.addFDs(key, {})).toString().replace(waitOn, 'W'))
-          for (let j = 0; j < 3; j++) {
-            const { fds, info } = await client.getFDs(key)
-            t.is(info.toString(), `info:${key}`)
-            t.is(fds.length, 3)
-            const buf = Buffer.alloc(12)
-            t.is(readSync(fds[2], buf, 0, 12, 0), 12)
-            t.is(buf.toString(), 'payload-file')
-            for (const fd of fds) closeSync(fd)
-          }
+          for (let j = 0; j < 3; j++) await getAndRead(t, client, key, 3, 2, 'payload-file')
           const err = await t.throwsAsync(client.getFDs(`missing-${key}`))
           seen.push(err!.message.replace(waitOn, 'W'))
           await client.releaseFDs(key)

@@ -1,5 +1,7 @@
 /** FDSources for protocol tests. */
-import { closeSync, openSync } from 'node:fs'
+import type { ExecutionContext } from 'ava'
+import { closeSync, openSync, readSync } from 'node:fs'
+import type { FDClient } from '../../src/client'
 import type { FDSource } from '../../src/fdsource'
 
 /**
@@ -24,4 +26,18 @@ export function sameFileSource(file: string, count: number): FDSource & { readon
     retrieveFDs: () => [],
     stop() {},
   }
+}
+
+/**
+ * One get of `key` from a {@link sameFileSource} server: checks the info and the number of fds, reads `content`
+ * through fd `readIndex`, closes every fd.
+ */
+export async function getAndRead(t: ExecutionContext, client: FDClient, key: string, count: number, readIndex: number, content: string): Promise<void> {
+  const { fds, info } = await client.getFDs(key)
+  t.is(info.toString(), `info:${key}`)
+  t.is(fds.length, count)
+  const buf = Buffer.alloc(content.length)
+  t.is(readSync(fds[readIndex], buf, 0, content.length, 0), content.length)
+  t.is(buf.toString(), content)
+  for (const fd of fds) closeSync(fd)
 }
