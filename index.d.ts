@@ -170,17 +170,13 @@ export declare class UnixConnection {
    */
   respond(head: Buffer, data: Buffer, fds: Array<number>, writeTimeoutMs?: number | undefined | null): Written | Promise<Written>
   /**
-   * Reads the next request frame exactly as `readNext` does, but hands the outcome to `sink`'s callback with
-   * `token` instead of settling a Promise (a Promise from native code costs a threadsafe function per call;
-   * the sink's is made once): `frame`, or `error` when the read failed or the connection ended.
-   */
-  readNextTo(sink: FrameSink, token: number, maxData: number, timeoutMs?: number | undefined | null): void
-  /**
    * Reads the next request frame like `readRequestFrame` (within `timeoutMs` when > 0); on a connection from
    * `nextIncoming`, the requests the listener's native fast path can answer are answered natively first, and
-   * the frame returned is the first one it cannot.
+   * the frame delivered is the first one it cannot. Hands the outcome to `sink`'s callback with `token` (no
+   * Promise per call: a Promise from native code costs a threadsafe function; the sink's is made once):
+   * `frame`, or `error` when the read failed or the connection ended.
    */
-  readNext(maxData: number, timeoutMs?: number | undefined | null): Promise<Frame>
+  readNextTo(sink: FrameSink, token: number, maxData: number, timeoutMs?: number | undefined | null): void
   /** Writes all of `data`. */
   write(data: Buffer): Promise<void>
   /**
@@ -218,8 +214,8 @@ export declare class UnixListener {
    * `maxConnections` or `maxConnectionsPerUid` are closed at once; peers outside `allowedUids`/`allowedGids`
    * get one `permission denied` error response natively: all counted in `stats()`, none reaches JavaScript.
    * Get requests for keys registered with `registerGet` are answered natively (within `writeTimeoutMs`), on this
-   * connection loop and on connections' later requests (see `UnixConnection.respondThenRead`); every other
-   * request is delivered by `nextIncoming` (or `respondThenRead`).
+   * connection loop and on connections' later requests (see `UnixConnection.readNextTo`); every other
+   * request is delivered by `nextIncoming` (or `readNextTo`).
    */
   startIncoming(opts: IncomingOpts): void
   /** What the listener refused or survived since `startIncoming` (all zero before). */

@@ -497,8 +497,8 @@ impl UnixListener {
     /// `maxConnections` or `maxConnectionsPerUid` are closed at once; peers outside `allowedUids`/`allowedGids`
     /// get one `permission denied` error response natively: all counted in `stats()`, none reaches JavaScript.
     /// Get requests for keys registered with `registerGet` are answered natively (within `writeTimeoutMs`), on this
-    /// connection loop and on connections' later requests (see `UnixConnection.respondThenRead`); every other
-    /// request is delivered by `nextIncoming` (or `respondThenRead`).
+    /// connection loop and on connections' later requests (see `UnixConnection.readNextTo`); every other
+    /// request is delivered by `nextIncoming` (or `readNextTo`).
     #[napi]
     pub fn start_incoming(&self, opts: IncomingOpts) -> Result<(), JsError> {
         let l = self.get_or_closed().map_err(to_js)?;
@@ -819,9 +819,11 @@ impl UnixConnection {
         .map(Either::B)
     }
 
-    /// Reads the next request frame exactly as `readNext` does, but hands the outcome to `sink`'s callback with
-    /// `token` instead of settling a Promise (a Promise from native code costs a threadsafe function per call;
-    /// the sink's is made once): `frame`, or `error` when the read failed or the connection ended.
+    /// Reads the next request frame like `readRequestFrame` (within `timeoutMs` when > 0); on a connection from
+    /// `nextIncoming`, the requests the listener's native fast path can answer are answered natively first, and
+    /// the frame delivered is the first one it cannot. Hands the outcome to `sink`'s callback with `token` (no
+    /// Promise per call: a Promise from native code costs a threadsafe function; the sink's is made once):
+    /// `frame`, or `error` when the read failed or the connection ended.
     #[napi]
     pub fn read_next_to(&self, sink: &FrameSink, token: u32, max_data: u32, timeout_ms: Option<u32>) {
         let c = self.get_or_closed();
@@ -844,33 +846,6 @@ impl UnixConnection {
             };
             done.call(next, ThreadsafeFunctionCallMode::NonBlocking);
         });
-    }
-
-    /// Reads the next request frame like `readRequestFrame` (within `timeoutMs` when > 0); on a connection from
-    /// `nextIncoming`, the requests the listener's native fast path can answer are answered natively first, and
-    /// the frame returned is the first one it cannot.
-    #[napi(ts_return_type = "Promise<Frame>")]
-    pub fn read_next<'env>(
-        &self,
-        env: &'env Env,
-        max_data: u32,
-        timeout_ms: Option<u32>,
-    ) -> napi::Result<PromiseRaw<'env, Frame>> {
-        let c = self.get_or_closed();
-        let d = deadline(timeout_ms);
-        let fast = self.fast.clone();
-        spawn_future_promise(
-            env,
-            async move {
-                let c = c?;
-                let frame = c.read_request_frame(max_data as usize, d).await?;
-                match fast {
-                    Some(fast) => c.serve_fast_gets(frame, &fast, max_data as usize, d).await,
-                    None => Ok(frame),
-                }
-            },
-            to_js_frame,
-        )
     }
 
     /// Writes all of `data`.
