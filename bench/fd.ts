@@ -15,6 +15,9 @@
  * FD_BENCH_OPS sets the round trips per case (default 4000); on a busy machine larger runs are steadier.
  * FD_BENCH_GO=<binary> adds Virtlet's own Go client and server (build it with bench/virtlet-go/build.sh from a Virtlet
  * checkout) and a table relative to Go client -> Go server.
+ * A last table gives the CPU time (user + system) each side spent per op, summed over the repeats: where a
+ * client's time goes when its ops/s differ (the in-process TypeScript client from `process.cpuUsage()`, a
+ * child-process client and every server from /proc, in clock ticks of 10 ms: read it at FD_BENCH_OPS >= 4000).
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process'
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
@@ -31,7 +34,20 @@ interface Figures {
   secs: number
   p50_us: number
   p99_us: number
+  /** CPU time of the client side (user, system) in µs over the whole run. */
+  cpu?: { user: number; system: number }
 }
+
+/** User and system CPU of process `pid` (`self` for this one), and of its waited-for children, in µs. */
+function procCpu(pid: number | 'self'): { user: number; system: number; childUser: number; childSystem: number } {
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
+  // fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15, cutime 16, cstime 17
+  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
+  const us = (i: number) => (Number(f[i - 3]) * 1e6) / TICKS
+  return { user: us(14), system: us(15), childUser: us(16), childSystem: us(17) }
+}
+/** Clock ticks per second of /proc's times (USER_HZ: 100 on Linux). */
+const TICKS = Number(process.env.FD_BENCH_CLK_TCK ?? 100)
 
 function pct(sorted: number[], p: number): number {
   return sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * p))]
@@ -61,6 +77,7 @@ async function waitSocket(sock: string): Promise<void> {
 
 async function tsRun(client: FDClient, mode: 'get' | 'addrel', conc: number, ops: number, nfds: number): Promise<Figures> {
   const lat: number[] = []
+  const cpu0 = process.cpuUsage()
   const start = performance.now()
   await Promise.all(
     Array.from({ length: conc }, async (_, w) => {
@@ -79,14 +96,19 @@ async function tsRun(client: FDClient, mode: 'get' | 'addrel', conc: number, ops
     }),
   )
   const secs = (performance.now() - start) / 1000
+  const cpu = process.cpuUsage(cpu0)
   lat.sort((a, b) => a - b)
-  return { ops: lat.length, secs, p50_us: pct(lat, 0.5), p99_us: pct(lat, 0.99) }
+  return { ops: lat.length, secs, p50_us: pct(lat, 0.5), p99_us: pct(lat, 0.99), cpu }
 }
 
 function floorRun(bin: string, sock: string, mode: string, conc: number, ops: number, nfds: number, keep = false): Figures {
   const args = ['client', sock, mode, String(conc), String(ops), String(nfds), ...(keep ? ['keep'] : [])]
+  const before = procCpu('self')
   const out = execFileSync(bin, args, { encoding: 'utf8' })
-  return JSON.parse(out.trim()) as Figures
+  const after = procCpu('self')
+  const f = JSON.parse(out.trim()) as Figures
+  f.cpu = { user: after.childUser - before.childUser, system: after.childSystem - before.childSystem }
+  return f
 }
 
 function median(xs: number[]): number {
@@ -179,6 +201,12 @@ async function main(): Promise<void> {
     // rates[case][pair] = ops/s of each repeat; p50s likewise (µs)
     const rates = cases.map(() => new Map<Pair, number[]>(pairs.map((p) => [p, []])))
     const p50s = cases.map(() => new Map<Pair, number[]>(pairs.map((p) => [p, []])))
+    // cpu[case][pair]: client user, client system, server CPU (µs) and ops, summed over the repeats
+    const cpu = cases.map(() => new Map<Pair, { cu: number; cs: number; srv: number; ops: number }>(pairs.map((p) => [p, { cu: 0, cs: 0, srv: 0, ops: 0 }])))
+    const serverOf = (p: Pair): number | undefined => {
+      const server = p.split('->')[1].split(' ')[0]
+      return (server === 'TS' ? tsServer : server === 'Rust' ? rsServer : goServer)?.pid
+    }
     for (let r = 0; r < REPEAT; r++) {
       for (const [ci, c] of cases.entries()) {
         const ops = c.mode === 'addrel' ? OPS / 2 : OPS
@@ -199,9 +227,18 @@ async function main(): Promise<void> {
           'TS keep->Go': () => tsRun(tsOnGo.keep, c.mode, c.conc, ops, c.nfds),
         }
         for (const p of pairs) {
+          const spid = serverOf(p)
+          const s0 = spid ? procCpu(spid) : null
           const f = await runs[p]()
+          const s1 = spid ? procCpu(spid) : null
           rates[ci].get(p)!.push(f.ops / f.secs)
           p50s[ci].get(p)!.push(f.p50_us)
+          const acc = cpu[ci].get(p)!
+          acc.cu += f.cpu?.user ?? 0
+          acc.cs += f.cpu?.system ?? 0
+          if (s0 && s1) acc.srv += s1.user + s1.system - (s0.user + s0.system)
+          // add+release: per cycle (two requests), as the rates
+          acc.ops += f.ops
         }
       }
     }
@@ -254,6 +291,19 @@ async function main(): Promise<void> {
         cases.map((c, ci) => [c.name, ...goCols.map((p) => (rate(ci, p) / rate(ci, 'Go->Go')).toFixed(2))]),
       )
     }
+    const cpuCols: Pair[] = ['TS->TS', 'Rust->TS', 'TS->Rust', 'Rust->Rust', 'TS->TS keep', ...(GO_BIN ? (['Go->Go', 'Go->TS'] as Pair[]) : [])]
+    table(
+      'CPU per op in µs, summed over the runs: client user + system / server (user + system); add+release: per cycle',
+      ['case', ...cpuCols],
+      cases.map((c, ci) => [
+        c.name,
+        ...cpuCols.map((p) => {
+          const a = cpu[ci].get(p)!
+          const per = (x: number) => (a.ops > 0 ? (x / a.ops).toFixed(0) : '-')
+          return `${per(a.cu)}+${per(a.cs)} / ${per(a.srv)}`
+        }),
+      ]),
+    )
   } finally {
     for (const c of clients) c.close()
     goServer?.kill('SIGTERM')
