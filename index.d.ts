@@ -560,6 +560,17 @@ export interface NetnsInfo {
 /** The path of a named namespace (no check that it exists). */
 export declare function netnsPath(name: string, dir?: string | undefined | null): string
 
+/** The pool of `setNetnsPool`, or null when there is none. */
+export declare function netnsPoolStatus(): NetnsPoolStatus | null
+
+/** The spare-namespace pool's state: its size, spares ready now, IPv6 setting, and why making one failed last. */
+export interface NetnsPoolStatus {
+  size: number
+  spare: number
+  ipv6: boolean
+  lastError?: string
+}
+
 /**
  * The outcome of `UnixConnection.readNextTo`: its token, and the frame or why there is none (EOF, deadline,
  * closed).
@@ -652,6 +663,15 @@ export interface RouteSpec {
   /** The table; default main (254). */
   table?: number
 }
+
+/**
+ * Keeps `size` spare network namespaces made ahead of time (IPv6 setting `ipv6`, as `createNetns`'s option),
+ * so that `createNetns` with the same setting only binds one onto its path: making a namespace waits behind
+ * the kernel's cleanup of deleted ones, off the caller's path then. The spares are held by fds of this process
+ * and mounted nowhere (nothing is left behind when it ends). `size` 0 stops the pool and closes its spares (a
+ * pool made before is replaced either way). Call it from the process's own netns.
+ */
+export declare function setNetnsPool(size: number, ipv6?: boolean | undefined | null): void
 
 /**
  * Sets up the container side in the pod netns at `nsPath` for a CNI result (any spec version): fixes the

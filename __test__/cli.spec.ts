@@ -381,6 +381,7 @@ test('serve passes every flag (and the defaults) to startServer and closes it on
     calicoSubnetSize: 24,
     sriov: false,
     podIpv6: false,
+    netnsPool: 2,
     logLevel: 'info',
     maxDataSize: 65536,
     cniTimeoutMs: 60000,
@@ -390,7 +391,7 @@ test('serve passes every flag (and the defaults) to startServer and closes it on
   })
   const f = await run(
     ['serve', '--socket', '/tmp/x.sock', '--socket-mode', '0600', '--socket-group', 'kvm', '--allow-uid', '0,1000', '--allow-uid', '107', '--allow-gid', '36',
-      '--cni-conf-dir', '/c', '--cni-bin-dir', '/b1', '--cni-bin-dir', '/b2', '--netns-dir', '/n', '--state-dir', '/s', '--calico-subnet-size', '26', '--sriov', '--pod-ipv6',
+      '--cni-conf-dir', '/c', '--cni-bin-dir', '/b1', '--cni-bin-dir', '/b2', '--netns-dir', '/n', '--state-dir', '/s', '--calico-subnet-size', '26', '--sriov', '--pod-ipv6', '--netns-pool', '0',
       '--log-level', 'silent', '--max-data-size', '4096', '--cni-timeout', '5000', '--metrics-listen', '127.0.0.1:9731', '--max-connections', '100', '--max-connections-per-uid', '10'],
     deps,
   )
@@ -409,6 +410,7 @@ test('serve passes every flag (and the defaults) to startServer and closes it on
     calicoSubnetSize: 26,
     sriov: true,
     podIpv6: true,
+    netnsPool: 0,
     logLevel: 'silent',
     maxDataSize: 4096,
     cniTimeoutMs: 5000,

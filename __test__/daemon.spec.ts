@@ -5,14 +5,27 @@
  * file is quarantined and reported, not fatal; bad options fail the start without leaving anything open.
  */
 import test from 'ava'
-import { closeSync, readdirSync, readlinkSync, writeFileSync } from 'node:fs'
+import { closeSync, readdirSync, readlinkSync, statSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { FDClient } from '../src/client'
 import { startDaemon } from '../src/daemon'
-import { startDhcpServer, tapFdInfo } from '../src/native'
+import { netnsPoolStatus, startDhcpServer, tapFdInfo } from '../src/native'
 import { nativePodNetworkOps, type PodNetworkOps } from '../src/podnetwork'
 import { CniTestNode } from './helpers/cni'
+import { until } from './helpers/env'
 import { addPayload, netnsNames, removeNetns } from './helpers/serve'
+
+/** This process's fds on network namespaces, as `<fd> net:[<inode>]`. */
+function netnsFds(): string[] {
+  return readdirSync('/proc/self/fd').flatMap((f) => {
+    try {
+      const target = readlinkSync(`/proc/self/fd/${f}`)
+      return target.startsWith('net:[') ? [`${f} ${target}`] : []
+    } catch {
+      return []
+    }
+  })
+}
 
 function tapFds(): number {
   return readdirSync('/proc/self/fd').filter((f) => {
@@ -105,6 +118,61 @@ test.serial('bad options fail the start and leave nothing open or listening', as
     t.false(await new FDClient(socketPath).isRunning())
     t.is(readdirSync('/proc/self/fd').length, fdsBefore)
   } finally {
+    node.cleanup()
+  }
+})
+
+test.serial('the daemon keeps spare netns made ahead: adds bind them, they are mounted nowhere, close() lets them go', async (t) => {
+  const node = new CniTestNode('tmdp')
+  node.writeConf('10-bridge.conflist', node.bridgeConflist({ subnet: '10.75.0.0/24', bridge: 'tmdpbr0' }))
+  const pods = [node.podId('tmdpa'), node.podId('tmdpb')]
+  const stateDir = join(node.dir, 'state')
+  const socketPath = join(node.dir, 'tm.sock')
+  const daemons: Array<{ close(): Promise<void> }> = []
+  try {
+    await t.throwsAsync(startDaemon({ socketPath, stateDir, cni: node.client(), netnsPool: -1 }), { code: 'ERR_INVALID', message: /netnsPool/ })
+    t.is(netnsPoolStatus(), null)
+    const fdsBefore = netnsFds()
+    const namesBefore = netnsNames()
+    const daemon = await startDaemon({ socketPath, stateDir, cni: node.client({ cacheDir: join(stateDir, 'cni') }), netnsPool: 3 })
+    daemons.push(daemon)
+    t.true(await until(() => netnsPoolStatus()?.spare === 3), JSON.stringify(netnsPoolStatus()))
+    t.deepEqual(netnsPoolStatus(), { size: 3, spare: 3, ipv6: false })
+    const sparesNow = () => netnsFds().filter((f) => !fdsBefore.includes(f))
+    t.is(sparesNow().length, 3, 'three spare namespaces, each held by an fd')
+    t.deepEqual(netnsNames(), namesBefore, 'spares are mounted nowhere')
+
+    const client = new FDClient(socketPath)
+    for (const podId of pods) {
+      t.true(await until(() => netnsPoolStatus()?.spare === 3))
+      const spares = sparesNow()
+      const csn = JSON.parse((await client.addFDs(podId, addPayload(podId))).toString()) as { NsPath: string; Result: { ips: unknown[] } }
+      t.is(csn.Result.ips.length, 1, 'CNI configured the pod in its netns')
+      // The pod's netns is one of the spares (bound onto its path by the add), not one made on the way.
+      const ino = statSync(csn.NsPath).ino
+      t.true(spares.some((f) => f.endsWith(`net:[${ino}]`)), `pod netns ${ino} came from the pool: ${spares.join(', ')}`)
+    }
+    t.deepEqual(netnsNames().filter((n) => !namesBefore.includes(n)).sort(), [...pods].sort())
+    t.true(await until(() => netnsPoolStatus()?.spare === 3), 'the pool fills up again')
+    for (const podId of pods) await client.releaseFDs(podId)
+    t.deepEqual(netnsNames(), namesBefore)
+    t.deepEqual(node.leases('tmbridge'), [])
+    await daemon.close()
+    t.is(netnsPoolStatus(), null)
+    t.deepEqual(netnsFds(), fdsBefore, 'no spare left open')
+
+    // netnsPool 0: no pool, adds make their own netns.
+    const plain = await startDaemon({ socketPath, stateDir, cni: node.client({ cacheDir: join(stateDir, 'cni') }), netnsPool: 0 })
+    daemons.push(plain)
+    t.is(netnsPoolStatus(), null)
+    await client.addFDs(pods[0], addPayload(pods[0]))
+    t.true(netnsNames().includes(pods[0]))
+    await client.releaseFDs(pods[0])
+    await plain.close()
+    t.deepEqual(netnsFds(), fdsBefore)
+  } finally {
+    for (const d of daemons) await d.close().catch(() => undefined)
+    for (const p of pods) removeNetns(p)
     node.cleanup()
   }
 })

@@ -8,8 +8,8 @@
  * with 0, N and again 0 live pods, broken down per step, and the recovery time of N live pods at start.
  * Knobs: TAPFD_BENCH_ROUNDS (pods at concurrency 1, default 30), TAPFD_BENCH_LIVE (live pods for memory, 100),
  * TAPFD_BENCH_SCALE_LIVE (live pods for scaling and recovery, 250), TAPFD_BENCH_SCALE_CYCLES (cycles per
- * phase, 20), TAPFD_BENCH_RECOVERY_CONC (recovery concurrencies to measure, "8,64"), TAPFD_BENCH_ONLY=scale (only
- * the scaling part).
+ * phase, 20), TAPFD_BENCH_RECOVERY_CONC (recovery concurrencies to measure, "8,64"), TAPFD_BENCH_NETNS_POOL
+ * (spare netns the daemon keeps, default 2 as `serve`; 0: none), TAPFD_BENCH_ONLY=scale (only the scaling part).
  */
 const TEST_TSCONFIG = './__test__/tsconfig.json'
 

@@ -15,9 +15,9 @@
  * `ip netns exec`, which unshares a mount namespace; use `nsenter --net=...` to run it in another netns).
  */
 import { existsSync, mkdirSync, readFileSync, realpathSync } from 'node:fs'
-import { isNetnsMount } from './native'
+import { isNetnsMount, setNetnsPool } from './native'
 import { dirname, join } from 'node:path'
-import { messageOf } from './errors'
+import { InvalidInputError, messageOf } from './errors'
 import { ExecCniClient, type CniClient, type CniPluginRunEvent } from './cni'
 import type { FDSource, GetFDsResult } from './fdsource'
 import type { RequestLogger } from './log'
@@ -27,7 +27,7 @@ import { FDServer, type RequestLogEntry } from './server'
 import { forEachLimited } from './limit'
 import { keyToFileName, StateStore } from './state'
 import { TapFDSource } from './tapfdsource'
-import { DEFAULT_NETNS_DIR } from './defaults'
+import { DEFAULT_NETNS_DIR, DEFAULT_NETNS_POOL } from './defaults'
 
 /** Options of {@link startDaemon}. */
 export interface DaemonOptions {
@@ -52,6 +52,12 @@ export interface DaemonOptions {
    * (false, the default): see {@link PodNetworkOps.createNetns}. Only for the real operations (not `ops`).
    */
   podIpv6?: boolean
+  /**
+   * Spare pod netns kept made ahead of time (default {@link DEFAULT_NETNS_POOL}; 0: none), so an add only binds
+   * one (see the native `setNetnsPool`; process-wide, held by fds, mounted nowhere: nothing is left behind
+   * however the process ends). With `ops`, only when given. Stopped by `close()`.
+   */
+  netnsPool?: number
   maxDataSize?: number
   /** Connection caps (FDServer's `maxConnections`, `maxConnectionsPerUid`; defaults there). */
   maxConnections?: number
@@ -223,6 +229,9 @@ export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
     })
   const cni: CniClient = opts.wrapCni ? opts.wrapCni(execCni) : execCni
   const baseOps = opts.ops ?? (opts.podIpv6 ? podNetworkOpsWithIpv6 : nativePodNetworkOps)
+  const poolSize = opts.netnsPool ?? DEFAULT_NETNS_POOL
+  if (!Number.isInteger(poolSize) || poolSize < 0 || poolSize > 64) throw new InvalidInputError(`netnsPool must be an integer from 0 to 64, not ${poolSize}`)
+  const usesPool = poolSize > 0 && (opts.ops === undefined || opts.netnsPool !== undefined)
   const source = new TapFDSource(cni, {
     enableSriov: opts.sriov,
     calicoSubnetSize: opts.calicoSubnetSize,
@@ -267,10 +276,13 @@ export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
     if (opts.log) logRecovery(opts.log, recovery)
     observe(observer?.onRecovery, recovery)
     mkdirSync(dirname(opts.socketPath), { recursive: true })
+    // After recovery (which makes no netns): the pool fills while the server starts.
+    if (usesPool) setNetnsPool(poolSize, opts.podIpv6 === true)
     await server.serve()
   } catch (err) {
-    // Nothing may stay open after a failed start (DHCP servers of recovered keys, their fds).
+    // Nothing may stay open after a failed start (DHCP servers of recovered keys, their fds, spare netns).
     await server.stop().catch(() => undefined)
+    if (usesPool) setNetnsPool(0)
     throw err
   }
   const daemon: Daemon = {
@@ -278,7 +290,13 @@ export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
     source,
     store,
     recovery,
-    close: () => server.stop(),
+    close: async () => {
+      try {
+        await server.stop()
+      } finally {
+        if (usesPool) setNetnsPool(0)
+      }
+    },
   }
   observe(observer?.onStarted, daemon)
   return daemon

@@ -10,6 +10,12 @@ export const DEFAULT_NETNS_DIR = '/var/run/netns'
 /** The prefix length Calico's /32 pod addresses are widened to. */
 export const DEFAULT_CALICO_SUBNET_SIZE = 24
 
+/**
+ * Spare pod netns the daemon keeps made ahead of time (`serve --netns-pool`): an add then only binds one onto
+ * its path, and making a namespace (which waits behind the kernel's cleanup of deleted ones) happens off it.
+ */
+export const DEFAULT_NETNS_POOL = 2
+
 /** The netns path of a pod: `<netnsDir>/<podId>` (what CNI plugins get as CNI_NETNS). */
 export function podNetnsPath(netnsDir: string, podId: string): string {
   return join(netnsDir, podId)

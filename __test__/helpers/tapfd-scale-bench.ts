@@ -17,6 +17,7 @@ import { join } from 'node:path'
 import type { CniClient } from '../../src/cni'
 import { FDClient } from '../../src/client'
 import { startDaemon, type Daemon } from '../../src/daemon'
+import { DEFAULT_NETNS_POOL } from '../../src/defaults'
 import { nativePodNetworkOps, type PodNetworkOps } from '../../src/podnetwork'
 import { StateStore } from '../../src/state'
 import { TapFdHarness } from './tapfd'
@@ -130,6 +131,8 @@ function threads(): number {
 export async function scaling(): Promise<void> {
   const live = Number(process.env.TAPFD_BENCH_SCALE_LIVE ?? 250)
   const n = Number(process.env.TAPFD_BENCH_SCALE_CYCLES ?? 20)
+  // spare netns made ahead, as `serve` keeps by default (TAPFD_BENCH_NETNS_POOL=0: each add makes its own)
+  const netnsPool = Number(process.env.TAPFD_BENCH_NETNS_POOL ?? DEFAULT_NETNS_POOL)
   const h = new TapFdHarness()
   h.node.writeConf('10-bridge.conflist', h.node.bridgeConflist({ subnet: '10.81.0.0/16' }))
   h.cni = h.cniClient()
@@ -137,7 +140,7 @@ export async function scaling(): Promise<void> {
   const stateDir = join(h.node.dir, 'state')
   const sock = join(h.node.dir, 'scale.sock')
   const start = (recoveryConcurrency?: number) =>
-    startDaemon({ socketPath: sock, stateDir, netnsDir: h.netnsDir, cni: timedCni(h.cniClient()), ops, recoveryConcurrency })
+    startDaemon({ socketPath: sock, stateDir, netnsDir: h.netnsDir, cni: timedCni(h.cniClient()), ops, recoveryConcurrency, netnsPool })
   const concs = (process.env.TAPFD_BENCH_RECOVERY_CONC ?? '8,64').split(',').map(Number)
   let daemon: Daemon | null = await start()
   const client = new FDClient(sock)
@@ -189,7 +192,7 @@ export async function scaling(): Promise<void> {
     const load = readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ')
     console.log(
       `\nlive pods: add/release of one pod (Debian bridge + host-local, real daemon with state) with 0, ${live}, then 0 live pods; ` +
-        `${n} cycles each, p50 in ms; load average ${load}`,
+        `${n} cycles each, p50 in ms; spare netns pool ${netnsPool}; load average ${load}`,
     )
     const phases: Array<[string, Phase]> = [['0 live', before], [`${live} live`, at], ['0 again', after]]
     const w = 26

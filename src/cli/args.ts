@@ -9,7 +9,7 @@ import { LOG_LEVELS, type LogLevel, type RequestLogger } from '../log'
 // metrics.ts loads prom-client but not the addon.
 import { parseMetricsAddress } from '../metrics'
 import { DEFAULT_STATE_DIR } from '../state'
-import { DEFAULT_CALICO_SUBNET_SIZE, DEFAULT_NETNS_DIR } from '../defaults'
+import { DEFAULT_CALICO_SUBNET_SIZE, DEFAULT_NETNS_DIR, DEFAULT_NETNS_POOL } from '../defaults'
 
 export { DEFAULT_CALICO_SUBNET_SIZE, DEFAULT_NETNS_DIR } from '../defaults'
 
@@ -43,6 +43,8 @@ export interface ServeOptions {
   sriov: boolean
   /** Keep the kernel's IPv6 defaults in pod netns (default: IPv6 off for links made there; see `--pod-ipv6`). */
   podIpv6: boolean
+  /** Spare pod netns kept made ahead of time (`--netns-pool`; 0: none). */
+  netnsPool: number
   logLevel: LogLevel
   /** The largest request payload accepted (DataSize cap). */
   maxDataSize: number
@@ -86,6 +88,7 @@ const COMMAND_OPTIONS = {
     'calico-subnet-size': { type: 'string' },
     sriov: { type: 'boolean' },
     'pod-ipv6': { type: 'boolean' },
+    'netns-pool': { type: 'string' },
     'log-level': { type: 'string' },
     'max-data-size': { type: 'string' },
     'cni-timeout': { type: 'string' },
@@ -128,6 +131,8 @@ Commands:
       --sriov                   enable SR-IOV VF passthrough
       --pod-ipv6                keep the kernel's IPv6 defaults in pod netns (default: IPv6 off for
                                 the links made there; a CNI plugin that adds an IPv6 address turns it on)
+      --netns-pool N            spare pod netns kept made ahead of time, so an add only binds one
+                                (default ${DEFAULT_NETNS_POOL}; 0: none; held open, mounted nowhere)
       --log-level LEVEL         ${LOG_LEVELS.join('|')} (default info)
       --max-data-size BYTES     largest request payload (default ${DEFAULT_MAX_DATA_SIZE})
       --cni-timeout MS          time limit of one CNI plugin run (default ${DEFAULT_CNI_TIMEOUT_MS})
@@ -285,6 +290,7 @@ export function serveOptionsFromFlags(values: Parsed['values'], env: NodeJS.Proc
     calicoSubnetSize: intFlag(values['calico-subnet-size'], 'calico-subnet-size', DEFAULT_CALICO_SUBNET_SIZE, 1, 32),
     sriov: values.sriov === true,
     podIpv6: values['pod-ipv6'] === true,
+    netnsPool: intFlag(values['netns-pool'], 'netns-pool', DEFAULT_NETNS_POOL, 0, 64),
     logLevel: level as LogLevel,
     maxDataSize: intFlag(values['max-data-size'], 'max-data-size', DEFAULT_MAX_DATA_SIZE, 1, 0xffffffff),
     cniTimeoutMs: intFlag(values['cni-timeout'], 'cni-timeout', DEFAULT_CNI_TIMEOUT_MS, 1, 3_600_000),

@@ -118,6 +118,7 @@ async function startDaemonFor(opts: ServeOptions, metrics: DaemonMetrics | undef
     calicoSubnetSize: opts.calicoSubnetSize,
     sriov: opts.sriov,
     podIpv6: opts.podIpv6,
+    netnsPool: opts.netnsPool,
     maxDataSize: opts.maxDataSize,
     cniTimeoutMs: opts.cniTimeoutMs,
     maxConnections: opts.maxConnections ?? undefined,

@@ -12,7 +12,10 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{setns, unshare, CloneFlags};
@@ -165,6 +168,18 @@ pub fn create_netns(dir: &Path, name: &str, if_exists: IfExists) -> Result<Netns
 /// [`create_netns`] with [`NetnsSettings`]: the settings are applied inside the new namespace before it is
 /// mounted at its path.
 pub fn create_netns_with(dir: &Path, name: &str, settings: &NetnsSettings) -> Result<NetnsCreated> {
+    create_netns_from(dir, name, settings, None)
+}
+
+/// [`create_netns_with`], taking the namespace from `pool` when it has a spare one made with the same IPv6
+/// setting: then only a bind mount is done here (no `unshare`, which waits behind the kernel's cleanup of
+/// deleted namespaces). Otherwise, or with no pool, the namespace is made here as [`create_netns_with`] does.
+pub fn create_netns_from(
+    dir: &Path,
+    name: &str,
+    settings: &NetnsSettings,
+    pool: Option<&NetnsPool>,
+) -> Result<NetnsCreated> {
     let if_exists = settings.if_exists;
     let ipv6 = settings.ipv6;
     validate_netns_name(name)?;
@@ -188,8 +203,33 @@ pub fn create_netns_with(dir: &Path, name: &str, settings: &NetnsSettings) -> Re
         .create_new(true)
         .open(&path)
         .map_err(|e| Error::io(format!("create netns file {}", path.display()), e))?;
-    let target = path.clone();
-    let bound = std::thread::Builder::new()
+    let spare = pool.filter(|p| p.ipv6() == ipv6).and_then(NetnsPool::take);
+    let bound = match spare {
+        // The spare namespace is held by an fd of this process: bind it as `ip netns attach` binds a
+        // process's (its settings were applied when it was made).
+        Some(fd) => mount(
+            Some(format!("/proc/self/fd/{}", fd.as_raw_fd()).as_str()),
+            &path,
+            Some("none"),
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| Error::errno(format!("bind a spare netns onto {}", path.display()), e))
+        // never seen; a namespace made here does as well
+        .or_else(|_| new_netns_at(&path, ipv6)),
+        None => new_netns_at(&path, ipv6),
+    };
+    if let Err(e) = bound {
+        let _ = std::fs::remove_file(&path);
+        return Err(e.context(format!("create netns {name:?}")));
+    }
+    Ok(NetnsCreated { path, created: true })
+}
+
+/// Makes a new namespace on a thread made for it and binds it onto the (existing, empty) file `path`.
+fn new_netns_at(path: &Path, ipv6: bool) -> Result<()> {
+    let target = path.to_path_buf();
+    std::thread::Builder::new()
         .name("tapmanager-netns-add".into())
         .spawn(move || -> Result<()> {
             // This thread alone gets the new namespace; it exits right after, the mount keeps the netns alive.
@@ -202,12 +242,151 @@ pub fn create_netns_with(dir: &Path, name: &str, settings: &NetnsSettings) -> Re
         })
         .map_err(|e| Error::io("spawn netns thread", e))?
         .join()
-        .map_err(|_| Error::new(ErrorCode::Io, "the netns creation thread panicked"))?;
-    if let Err(e) = bound {
-        let _ = std::fs::remove_file(&path);
-        return Err(e.context(format!("create netns {name:?}")));
+        .map_err(|_| Error::new(ErrorCode::Io, "the netns creation thread panicked"))?
+}
+
+/// Makes a new namespace with the IPv6 setting `ipv6` (see [`NetnsSettings::ipv6`]), held by the returned fd
+/// only (mounted nowhere: it vanishes when the fd is closed).
+fn new_netns_fd(ipv6: bool) -> Result<OwnedFd> {
+    std::thread::Builder::new()
+        .name("tapmanager-netns-spare".into())
+        .spawn(move || -> Result<OwnedFd> {
+            // This thread alone enters the new namespace and exits right after; the fd keeps the netns alive.
+            unshare(CloneFlags::CLONE_NEWNET).map_err(|e| Error::errno("unshare(CLONE_NEWNET)", e))?;
+            if !ipv6 {
+                set_ipv6_disabled_here("default", true)?;
+            }
+            let f = File::open("/proc/thread-self/ns/net").map_err(|e| Error::io("open the new netns", e))?;
+            Ok(f.into())
+        })
+        .map_err(|e| Error::io("spawn netns thread", e))?
+        .join()
+        .map_err(|_| Error::new(ErrorCode::Io, "the netns creation thread panicked"))?
+}
+
+/// Network namespaces made ahead of time, so that [`create_netns_from`] only binds one onto its path. Making a
+/// namespace (`unshare(CLONE_NEWNET)`) waits behind the kernel's cleanup of namespaces deleted before it,
+/// which on a busy node (pods going away) can take longer than the rest of a pod's add; here that wait happens
+/// on the pool's own thread, off the add.
+///
+/// The spare namespaces are held by fds of this process and mounted nowhere: nothing is left behind when the
+/// process ends, however it ends, and `ip netns list` never shows them. One thread (made by [`NetnsPool::new`],
+/// in the calling thread's netns: call it from the process's own) keeps `size` of them; it is stopped and
+/// joined, and the spares closed, when the pool is dropped.
+pub struct NetnsPool {
+    shared: Arc<PoolShared>,
+    filler: Option<std::thread::JoinHandle<()>>,
+}
+
+struct PoolShared {
+    state: Mutex<PoolState>,
+    wake: Condvar,
+    size: usize,
+    ipv6: bool,
+}
+
+#[derive(Default)]
+struct PoolState {
+    spare: Vec<OwnedFd>,
+    closed: bool,
+    /// Why the last attempt to make one failed (the pool retries with a backoff up to 5 s).
+    last_error: Option<String>,
+}
+
+impl NetnsPool {
+    /// A pool keeping `size` (at least 1) spare namespaces with the IPv6 setting `ipv6`; it starts filling at once.
+    pub fn new(size: usize, ipv6: bool) -> Result<NetnsPool> {
+        let shared = Arc::new(PoolShared { state: Mutex::default(), wake: Condvar::new(), size: size.max(1), ipv6 });
+        let s = shared.clone();
+        let filler = std::thread::Builder::new()
+            .name("tapmanager-netns-pool".into())
+            .spawn(move || fill(&s))
+            .map_err(|e| Error::io("spawn the netns pool thread", e))?;
+        Ok(NetnsPool { shared, filler: Some(filler) })
     }
-    Ok(NetnsCreated { path, created: true })
+
+    /// The IPv6 setting of its namespaces.
+    pub fn ipv6(&self) -> bool {
+        self.shared.ipv6
+    }
+
+    /// How many spares it keeps.
+    pub fn size(&self) -> usize {
+        self.shared.size
+    }
+
+    /// How many spares it holds now.
+    pub fn spare(&self) -> usize {
+        self.shared.state.lock().map(|s| s.spare.len()).unwrap_or(0)
+    }
+
+    /// Why making a spare failed last (cleared by the next success).
+    pub fn last_error(&self) -> Option<String> {
+        self.shared.state.lock().ok().and_then(|s| s.last_error.clone())
+    }
+
+    /// A spare namespace, if one is ready (never waits); the pool makes another.
+    pub fn take(&self) -> Option<OwnedFd> {
+        let fd = self.shared.state.lock().ok()?.spare.pop();
+        self.shared.wake.notify_one();
+        fd
+    }
+}
+
+/// The pool's thread: keeps `size` spares until the pool is dropped.
+fn fill(s: &PoolShared) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        {
+            let Ok(mut st) = s.state.lock() else { return };
+            while !st.closed && st.spare.len() >= s.size {
+                st = match s.wake.wait(st) {
+                    Ok(g) => g,
+                    Err(_) => return,
+                };
+            }
+            if st.closed {
+                return;
+            }
+        }
+        match new_netns_fd(s.ipv6) {
+            Ok(fd) => {
+                backoff = Duration::from_millis(100);
+                let Ok(mut st) = s.state.lock() else { return };
+                st.last_error = None;
+                if st.closed {
+                    return;
+                }
+                st.spare.push(fd);
+            }
+            Err(e) => {
+                // e.g. no CAP_SYS_ADMIN: adds make their own namespace (and fail as they would without a pool)
+                let Ok(mut st) = s.state.lock() else { return };
+                st.last_error = Some(e.to_string());
+                let (g, _) = match s.wake.wait_timeout_while(st, backoff, |st| !st.closed) {
+                    Ok(r) => r,
+                    Err(_) => return,
+                };
+                if g.closed {
+                    return;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+impl Drop for NetnsPool {
+    fn drop(&mut self) {
+        if let Ok(mut st) = self.shared.state.lock() {
+            st.closed = true;
+            st.spare.clear();
+        }
+        self.shared.wake.notify_all();
+        if let Some(t) = self.filler.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Deletes the named namespace `name` under `dir`: lazily unmounts it (`MNT_DETACH`) and removes the file.

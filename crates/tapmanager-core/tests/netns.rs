@@ -7,11 +7,12 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use common::{require_prereqs, sh, unique_name};
+use nix::mount::{umount2, MntFlags};
 use tapmanager_core::netns::{
     create_netns, delete_netns, enter_process_netns, in_netns, is_netns_mount, list_netns, run_in_netns,
     run_in_netns_with_sysfs, IfExists, DEFAULT_NETNS_DIR,
 };
-use tapmanager_core::netns::{create_netns_with, NetnsSettings};
+use tapmanager_core::netns::{create_netns_from, create_netns_with, NetnsPool, NetnsSettings};
 use tapmanager_core::ErrorCode;
 
 fn ns_inode(path: &Path) -> u64 {
@@ -264,4 +265,86 @@ fn plain_files_and_symlinks_are_no_netns_and_delete_never_follows_a_symlink() {
     delete_netns(&dir, &link).unwrap();
     delete_netns(&dir, &live).unwrap();
     nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH).unwrap();
+}
+
+/// Waits (bounded) until `f` holds.
+fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !f() {
+        assert!(std::time::Instant::now() < end, "timed out waiting until {what}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// This process's fds on namespace files, as (fd, target) pairs (`net:[<inode>]`).
+fn netns_fds() -> Vec<(String, String)> {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let t = std::fs::read_link(e.path()).ok()?.to_string_lossy().into_owned();
+            t.starts_with("net:[").then(|| (e.file_name().to_string_lossy().into_owned(), t))
+        })
+        .collect()
+}
+
+#[test]
+fn a_pool_hands_out_fresh_namespaces_with_its_settings_refills_and_leaves_nothing_when_dropped() {
+    require_prereqs(&["ip", "sysctl", "nsenter"]);
+    // Its own netns dir, so names and counts are this test's alone.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir_buf = tmp.path().join("netns");
+    let dir = dir_buf.as_path();
+    let before = netns_fds();
+    let pool = NetnsPool::new(2, false).unwrap();
+    until("the pool holds 2 spares", || pool.spare() == 2);
+    // The spares: namespace fds that appeared, each on a namespace of its own (tests running alongside may open
+    // namespace files too: those are never the pool's namespaces).
+    let spares: Vec<_> = netns_fds().into_iter().filter(|f| !before.contains(f)).collect();
+    assert!(spares.len() >= 2, "{spares:?}");
+    let exec = |path: &Path, args: &[&str]| {
+        let net = format!("--net={}", path.display());
+        let mut a = vec![net.as_str()];
+        a.extend_from_slice(args);
+        sh("nsenter", &a)
+    };
+
+    // Two namespaces from the pool: distinct, mounted, fresh (only lo), with the pool's IPv6 setting.
+    let settings = NetnsSettings { ipv6: false, ..NetnsSettings::default() };
+    let pa = create_netns_from(dir, "a", &settings, Some(&pool)).unwrap().path;
+    let pb = create_netns_from(dir, "b", &settings, Some(&pool)).unwrap().path;
+    assert!(is_netns_mount(&pa) && is_netns_mount(&pb));
+    assert_ne!(ns_inode(&pa), ns_inode(&pb));
+    assert_ne!(ns_inode(&pa), std::fs::metadata("/proc/self/ns/net").unwrap().ino());
+    for p in [&pa, &pb] {
+        assert_eq!(exec(p, &["sysctl", "-n", "net.ipv6.conf.default.disable_ipv6"]).trim(), "1");
+        let links = exec(p, &["ip", "-o", "link", "show"]);
+        assert_eq!(links.lines().count(), 1, "only lo: {links}");
+    }
+    // The pool's namespaces are the ones it held: both inodes were among the spares' fds.
+    for p in [&pa, &pb] {
+        let target = format!("net:[{}]", ns_inode(p));
+        assert!(spares.iter().any(|(_, t)| *t == target), "{target} was not a spare: {spares:?}");
+    }
+    // A namespace with another IPv6 setting is made on the spot (not from the pool).
+    let pc = create_netns_from(dir, "c", &NetnsSettings::default(), Some(&pool)).unwrap().path;
+    assert_eq!(exec(&pc, &["sysctl", "-n", "net.ipv6.conf.default.disable_ipv6"]).trim(), "0");
+    let target = format!("net:[{}]", ns_inode(&pc));
+    assert!(!spares.iter().any(|(_, t)| *t == target));
+    until("the pool is full again", || pool.spare() == 2);
+    assert_eq!(pool.last_error(), None);
+    // The spares are mounted nowhere: the dir lists exactly the three created by name.
+    assert_eq!(list_netns(dir).unwrap(), vec!["a", "b", "c"]);
+    delete_netns(dir, "a").unwrap();
+    assert_eq!(list_netns(dir).unwrap(), vec!["b", "c"]);
+    // Dropping the pool stops its thread and closes its spares (the refills' too).
+    let held: Vec<_> = netns_fds().into_iter().filter(|f| !before.contains(f)).collect();
+    drop(pool);
+    let after = netns_fds();
+    let left: Vec<_> = held.iter().filter(|f| after.contains(f)).collect();
+    assert!(left.is_empty(), "spares still open: {left:?}");
+    for n in ["b", "c"] {
+        delete_netns(dir, n).unwrap();
+    }
+    let _ = umount2(dir, MntFlags::MNT_DETACH);
 }

@@ -86,8 +86,57 @@ pub fn create_netns<'env>(
         };
         let n = name.clone();
         let settings = netns::NetnsSettings { if_exists: mode, ipv6 };
-        let created = blocking(move || netns::create_netns_with(&dir, &n, &settings)).await?;
+        let created = blocking(move || {
+            let pool = netns_pool();
+            netns::create_netns_from(&dir, &n, &settings, pool.as_deref())
+        })
+        .await?;
         Ok(NetnsInfo { name, path: created.path.to_string_lossy().into_owned(), created: created.created })
+    })
+}
+
+/// The process's pool of spare namespaces (`setNetnsPool`), if any.
+fn netns_pool() -> Option<std::sync::Arc<netns::NetnsPool>> {
+    NETNS_POOL.lock().ok().and_then(|p| p.clone())
+}
+
+static NETNS_POOL: std::sync::Mutex<Option<std::sync::Arc<netns::NetnsPool>>> = std::sync::Mutex::new(None);
+
+/// Keeps `size` spare network namespaces made ahead of time (IPv6 setting `ipv6`, as `createNetns`'s option),
+/// so that `createNetns` with the same setting only binds one onto its path: making a namespace waits behind
+/// the kernel's cleanup of deleted ones, off the caller's path then. The spares are held by fds of this process
+/// and mounted nowhere (nothing is left behind when it ends). `size` 0 stops the pool and closes its spares (a
+/// pool made before is replaced either way). Call it from the process's own netns.
+#[napi]
+pub fn set_netns_pool(size: u32, ipv6: Option<bool>) -> Result<(), JsError> {
+    let pool = if size == 0 {
+        None
+    } else {
+        Some(std::sync::Arc::new(netns::NetnsPool::new(size as usize, ipv6.unwrap_or(true)).map_err(to_js)?))
+    };
+    let old = NETNS_POOL.lock().map(|mut p| std::mem::replace(&mut *p, pool)).unwrap_or(None);
+    // the old pool's thread is joined here (at most one namespace being made) unless an add still holds it
+    drop(old);
+    Ok(())
+}
+
+/// The spare-namespace pool's state: its size, spares ready now, IPv6 setting, and why making one failed last.
+#[napi(object)]
+pub struct NetnsPoolStatus {
+    pub size: u32,
+    pub spare: u32,
+    pub ipv6: bool,
+    pub last_error: Option<String>,
+}
+
+/// The pool of `setNetnsPool`, or null when there is none.
+#[napi]
+pub fn netns_pool_status() -> Option<NetnsPoolStatus> {
+    netns_pool().map(|p| NetnsPoolStatus {
+        size: p.size() as u32,
+        spare: p.spare() as u32,
+        ipv6: p.ipv6(),
+        last_error: p.last_error(),
     })
 }
 
