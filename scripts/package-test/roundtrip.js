@@ -13,6 +13,8 @@ const exec = process.env.RT_EXEC ? JSON.parse(process.env.RT_EXEC) : [process.ex
 const iterations = Number(process.env.RT_ITER || 50)
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), `tm-pkg-${process.pid}-`))
 const sock = path.join(dir, 's.sock')
+/** The step the program is at, printed with a failure (which request of the round trip failed or hung). */
+let step = 'start'
 const fail = (msg) => {
   throw new Error(`${name}: ${msg}`)
 }
@@ -58,6 +60,7 @@ function runBin(args) {
 async function main() {
   const source = new FileSource()
   const server = new FDServer(sock, source)
+  step = 'serve'
   await server.serve()
   const client = new FDClient(sock)
   const content = `hello from ${name} ${process.pid}`
@@ -65,6 +68,7 @@ async function main() {
   let first = true
   let denoCloseSync = null
   try {
+    step = 'add'
     const added = JSON.parse((await client.addFDs('k1', { content })).toString('utf8'))
     if (!added.file) fail('add response has no file')
     const read = (fd) => {
@@ -108,23 +112,29 @@ async function main() {
         }
       }
     }
+    step = 'first get'
     await once()
     const times = []
     for (let i = 0; i < iterations; i++) {
+      step = `get ${i + 1} of ${iterations}`
       const t0 = performance.now()
       await once()
       times.push(performance.now() - t0)
     }
     times.sort((a, b) => a - b)
+    step = 'bin --version'
     const version = runBin(['--version'])
     const expected = JSON.parse(fs.readFileSync(resolve('tapmanager/package.json'), 'utf8')).version
     if (version.code !== 0 || version.stdout.trim() !== expected) fail(`tapmanager --version: ${JSON.stringify(version)}`)
+    step = 'bin status'
     const status = runBin(['status', '--json', '--socket', sock])
     if (status.code !== 0) fail(`tapmanager status --json: ${JSON.stringify(status)}`)
     const st = JSON.parse(status.stdout)
     if (st.running !== true || st.socket !== sock) fail(`status --json said ${status.stdout}`)
+    step = 'release'
     await client.releaseFDs('k1')
     if (source.keys.size !== 0 || fs.existsSync(added.file)) fail('release left the key or its file')
+    step = 'stop'
     await server.stop()
     if (fs.existsSync(sock)) fail('stop left the socket file')
     const down = runBin(['status', '--json', '--socket', sock])
@@ -151,6 +161,7 @@ async function main() {
 }
 
 main().catch((err) => {
+  console.error(`${name}: failed at step "${step}" after ${Math.round(performance.now() - started)} ms`)
   console.error(err && err.stack ? err.stack : err)
   process.exit(1)
 })
