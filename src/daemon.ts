@@ -27,7 +27,7 @@ import { FDServer, type RequestLogEntry } from './server'
 import { forEachLimited } from './limit'
 import { keyToFileName, StateStore } from './state'
 import { TapFDSource } from './tapfdsource'
-import { DEFAULT_NETNS_DIR, DEFAULT_NETNS_POOL } from './defaults'
+import { DEFAULT_NETNS_DIR, DEFAULT_NETNS_POOL, MAX_NETNS_POOL } from './defaults'
 
 /** Options of {@link startDaemon}. */
 export interface DaemonOptions {
@@ -230,7 +230,9 @@ export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
   const cni: CniClient = opts.wrapCni ? opts.wrapCni(execCni) : execCni
   const baseOps = opts.ops ?? (opts.podIpv6 ? podNetworkOpsWithIpv6 : nativePodNetworkOps)
   const poolSize = opts.netnsPool ?? DEFAULT_NETNS_POOL
-  if (!Number.isInteger(poolSize) || poolSize < 0 || poolSize > 64) throw new InvalidInputError(`netnsPool must be an integer from 0 to 64, not ${poolSize}`)
+  if (!Number.isInteger(poolSize) || poolSize < 0 || poolSize > MAX_NETNS_POOL) {
+    throw new InvalidInputError(`netnsPool must be an integer from 0 to ${MAX_NETNS_POOL}, not ${poolSize}`)
+  }
   const usesPool = poolSize > 0 && (opts.ops === undefined || opts.netnsPool !== undefined)
   const source = new TapFDSource(cni, {
     enableSriov: opts.sriov,

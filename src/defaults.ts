@@ -15,6 +15,8 @@ export const DEFAULT_CALICO_SUBNET_SIZE = 24
  * its path, and making a namespace (which waits behind the kernel's cleanup of deleted ones) happens off it.
  */
 export const DEFAULT_NETNS_POOL = 2
+/** The most spare pod netns `serve --netns-pool` / `DaemonOptions.netnsPool` take. */
+export const MAX_NETNS_POOL = 64
 
 /** The netns path of a pod: `<netnsDir>/<podId>` (what CNI plugins get as CNI_NETNS). */
 export function podNetnsPath(netnsDir: string, podId: string): string {

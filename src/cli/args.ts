@@ -9,7 +9,7 @@ import { LOG_LEVELS, type LogLevel, type RequestLogger } from '../log'
 // metrics.ts loads prom-client but not the addon.
 import { parseMetricsAddress } from '../metrics'
 import { DEFAULT_STATE_DIR } from '../state'
-import { DEFAULT_CALICO_SUBNET_SIZE, DEFAULT_NETNS_DIR, DEFAULT_NETNS_POOL } from '../defaults'
+import { DEFAULT_CALICO_SUBNET_SIZE, DEFAULT_NETNS_DIR, DEFAULT_NETNS_POOL, MAX_NETNS_POOL } from '../defaults'
 
 export { DEFAULT_CALICO_SUBNET_SIZE, DEFAULT_NETNS_DIR } from '../defaults'
 
@@ -290,7 +290,7 @@ export function serveOptionsFromFlags(values: Parsed['values'], env: NodeJS.Proc
     calicoSubnetSize: intFlag(values['calico-subnet-size'], 'calico-subnet-size', DEFAULT_CALICO_SUBNET_SIZE, 1, 32),
     sriov: values.sriov === true,
     podIpv6: values['pod-ipv6'] === true,
-    netnsPool: intFlag(values['netns-pool'], 'netns-pool', DEFAULT_NETNS_POOL, 0, 64),
+    netnsPool: intFlag(values['netns-pool'], 'netns-pool', DEFAULT_NETNS_POOL, 0, MAX_NETNS_POOL),
     logLevel: level as LogLevel,
     maxDataSize: intFlag(values['max-data-size'], 'max-data-size', DEFAULT_MAX_DATA_SIZE, 1, 0xffffffff),
     cniTimeoutMs: intFlag(values['cni-timeout'], 'cni-timeout', DEFAULT_CNI_TIMEOUT_MS, 1, 3_600_000),

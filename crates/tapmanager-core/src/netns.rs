@@ -7,7 +7,8 @@
 //!
 //! Named namespaces follow iproute2's layout, so `ip netns list`, `ip netns exec` and CNI plugins see them:
 //! the directory (default [`DEFAULT_NETNS_DIR`]) is a shared mount point, and each namespace is an empty file
-//! in it on which `/proc/thread-self/ns/net` of a thread that ran `unshare(CLONE_NEWNET)` is bind-mounted.
+//! in it on which a new namespace is bind-mounted (`/proc/self/fd/<n>` of an fd opened on
+//! `/proc/thread-self/ns/net` by a thread that ran `unshare(CLONE_NEWNET)`; made on the spot or by a [`NetnsPool`]).
 //! No `ip` process is ever spawned.
 
 use std::fs::{File, OpenOptions};
@@ -203,21 +204,12 @@ pub fn create_netns_from(
         .create_new(true)
         .open(&path)
         .map_err(|e| Error::io(format!("create netns file {}", path.display()), e))?;
+    // A spare from the pool when it has one with these settings, else one made now; bound onto the path either
+    // way. (A spare whose bind fails, never seen, is replaced by one made now.)
     let spare = pool.filter(|p| p.ipv6() == ipv6).and_then(NetnsPool::take);
-    let bound = match spare {
-        // The spare namespace is held by an fd of this process: bind it as `ip netns attach` binds a
-        // process's (its settings were applied when it was made).
-        Some(fd) => mount(
-            Some(format!("/proc/self/fd/{}", fd.as_raw_fd()).as_str()),
-            &path,
-            Some("none"),
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(|e| Error::errno(format!("bind a spare netns onto {}", path.display()), e))
-        // never seen; a namespace made here does as well
-        .or_else(|_| new_netns_at(&path, ipv6)),
-        None => new_netns_at(&path, ipv6),
+    let bound = match spare.map(|fd| bind_netns_fd(&fd, &path)) {
+        Some(Ok(())) => Ok(()),
+        _ => new_netns_fd(ipv6).and_then(|fd| bind_netns_fd(&fd, &path)),
     };
     if let Err(e) = bound {
         let _ = std::fs::remove_file(&path);
@@ -226,30 +218,24 @@ pub fn create_netns_from(
     Ok(NetnsCreated { path, created: true })
 }
 
-/// Makes a new namespace on a thread made for it and binds it onto the (existing, empty) file `path`.
-fn new_netns_at(path: &Path, ipv6: bool) -> Result<()> {
-    let target = path.to_path_buf();
-    std::thread::Builder::new()
-        .name("tapmanager-netns-add".into())
-        .spawn(move || -> Result<()> {
-            // This thread alone gets the new namespace; it exits right after, the mount keeps the netns alive.
-            unshare(CloneFlags::CLONE_NEWNET).map_err(|e| Error::errno("unshare(CLONE_NEWNET)", e))?;
-            if !ipv6 {
-                set_ipv6_disabled_here("default", true)?;
-            }
-            mount(Some("/proc/thread-self/ns/net"), &target, Some("none"), MsFlags::MS_BIND, None::<&str>)
-                .map_err(|e| Error::errno(format!("bind the new netns onto {}", target.display()), e))
-        })
-        .map_err(|e| Error::io("spawn netns thread", e))?
-        .join()
-        .map_err(|_| Error::new(ErrorCode::Io, "the netns creation thread panicked"))?
+/// Binds the namespace held by `fd` onto the (existing, empty) file `path`, as `ip netns attach` binds a
+/// process's; the mount keeps it alive after `fd` is closed.
+fn bind_netns_fd(fd: &OwnedFd, path: &Path) -> Result<()> {
+    mount(
+        Some(format!("/proc/self/fd/{}", fd.as_raw_fd()).as_str()),
+        path,
+        Some("none"),
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| Error::errno(format!("bind the new netns onto {}", path.display()), e))
 }
 
 /// Makes a new namespace with the IPv6 setting `ipv6` (see [`NetnsSettings::ipv6`]), held by the returned fd
 /// only (mounted nowhere: it vanishes when the fd is closed).
 fn new_netns_fd(ipv6: bool) -> Result<OwnedFd> {
     std::thread::Builder::new()
-        .name("tapmanager-netns-spare".into())
+        .name("tapmanager-netns-add".into())
         .spawn(move || -> Result<OwnedFd> {
             // This thread alone enters the new namespace and exits right after; the fd keeps the netns alive.
             unshare(CloneFlags::CLONE_NEWNET).map_err(|e| Error::errno("unshare(CLONE_NEWNET)", e))?;

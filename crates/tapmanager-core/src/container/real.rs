@@ -62,7 +62,6 @@ impl RealNet {
         self
     }
 
-    /// The netdevs of PCI device `pci` in the netns at `ns` (a sysfs mounted there lists them).
     /// The netdev of VF `pci`: in the pod netns (`None`) or in one of the host's netns, if it has one yet.
     fn find_vf_netdev(&self, pci: &str) -> Result<Option<(Option<PathBuf>, String)>> {
         if let Some(n) = self.netdevs_in(&self.ns_path, pci)?.into_iter().next() {
@@ -76,6 +75,7 @@ impl RealNet {
         Ok(None)
     }
 
+    /// The netdevs of PCI device `pci` in the netns at `ns` (a sysfs mounted there lists them).
     fn netdevs_in(&self, ns: &Path, pci: &str) -> Result<Vec<String>> {
         if !self.sriov.is_real_sysfs() {
             return sriov::netdevs_of(&self.sriov.sysfs, pci);
