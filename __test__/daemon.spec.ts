@@ -9,6 +9,7 @@ import { closeSync, readdirSync, readlinkSync, statSync, writeFileSync } from 'n
 import { join } from 'node:path'
 import { FDClient } from '../src/client'
 import { startDaemon } from '../src/daemon'
+import { DEFAULT_NETNS_DIR, podNetnsPath } from '../src/defaults'
 import { netnsPoolStatus, startDhcpServer, tapFdInfo } from '../src/native'
 import { nativePodNetworkOps, type PodNetworkOps } from '../src/podnetwork'
 import { CniTestNode } from './helpers/cni'
@@ -139,7 +140,7 @@ test.serial('the daemon keeps spare netns made ahead: adds bind them, they are m
     const mountedInodes = () =>
       netnsNames().flatMap((n) => {
         try {
-          return [statSync(join('/var/run/netns', n)).ino]
+          return [statSync(podNetnsPath(DEFAULT_NETNS_DIR, n)).ino]
         } catch {
           return []
         }
