@@ -71,11 +71,18 @@ export declare class FdRequestPort {
 
 /**
  * One long-lived callback that receives the frames `UnixConnection.readNextTo` reads, for a server's
- * connections. Does not keep the process alive unless `hold(true)` (call it while reads are pending).
+ * connections. A read on the runtime does not keep the process alive unless `hold(true)` (call it while reads
+ * are pending); one on the event loop does by itself.
  */
 export declare class FrameSink {
-  /** `onFrame` is called on the JavaScript thread with each finished read. */
-  constructor(onFrame: (next: NextFrame) => void)
+  /**
+   * `onFrame` is called on the JavaScript thread with each finished read. `readOnLoop` asks for reads on the
+   * JavaScript thread's own event loop (only on Node: Bun and Deno lack libuv or stub it); `readsOnLoop`
+   * tells whether it is in use.
+   */
+  constructor(onFrame: (next: NextFrame) => void, readOnLoop?: boolean | undefined | null)
+  /** Whether reads wait on the JavaScript thread's event loop (see the constructor). */
+  get readsOnLoop(): boolean
   /** Whether the sink keeps the event loop alive (`true` while reads are pending). */
   hold(on: boolean): void
 }
@@ -174,7 +181,9 @@ export declare class UnixConnection {
    * `nextIncoming`, the requests the listener's native fast path can answer are answered natively first, and
    * the frame delivered is the first one it cannot. Hands the outcome to `sink`'s callback with `token` (no
    * Promise per call: a Promise from native code costs a threadsafe function; the sink's is made once):
-   * `frame`, or `error` when the read failed or the connection ended.
+   * `frame`, or `error` when the read failed or the connection ended. With a sink that reads on the event loop
+   * the frame is read there (one wake-up of the JavaScript thread, no runtime thread), and a get the fast path
+   * answers is handed to the runtime.
    */
   readNextTo(sink: FrameSink, token: number, maxData: number, timeoutMs?: number | undefined | null): void
   /** Writes all of `data`. */

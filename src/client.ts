@@ -4,7 +4,7 @@
  */
 import { InvalidInputError, ProtocolError, ServerError } from './errors'
 import type { FDManager } from './fdsource'
-import { FdRequestPort, UnixConnection, closeFd, type FdDone, type Frame } from './native'
+import { FdRequestPort, LOOP_WAITS_POSSIBLE, UnixConnection, closeFd, type FdDone, type Frame } from './native'
 
 /** Closes an fd received from `getFDs` (the caller owns those). */
 export { closeFd }
@@ -69,8 +69,6 @@ let onLoop = 0
  */
 const LOOP_MAX = 1
 
-/** Bun and Deno lack libuv's functions or stub them: only Node waits on its event loop. */
-const LOOP_WAITS_POSSIBLE = typeof process === 'object' && !process.versions.bun && !process.versions.deno
 
 function hold(p: FdRequestPort, delta: 1 | -1): void {
   const n = (held.get(p) ?? 0) + delta

@@ -95,6 +95,12 @@ export type UnixConnection = binding.UnixConnection
 export const UnixListener = classExport(binding.UnixListener)
 export type UnixListener = binding.UnixListener
 /** The addon's classes, unwrapped (for tests: every method is wrapped). */
+/**
+ * Bun and Deno lack libuv's functions or stub them: only on Node does the addon wait on the JavaScript thread's
+ * own event loop (the client's responses, the server's next requests).
+ */
+export const LOOP_WAITS_POSSIBLE = typeof process === 'object' && !process.versions.bun && !process.versions.deno
+
 export const NATIVE_CLASSES = [binding.DhcpServer, binding.FdRequestPort, binding.FrameSink, binding.NetlinkHandle, binding.UnixConnection, binding.UnixListener] as const
 
 // The addon's functions, wrapped (these exports take the place of the same names from `export *` above).

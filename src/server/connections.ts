@@ -3,7 +3,7 @@
  * fds, log the outcome, read the next), and what stop() waits for (connection loops, dispatches in progress).
  */
 import { messageOf } from '../errors'
-import { FrameSink, UnixConnection, closeFd, type Frame, type NextFrame, type PeerCredentials, type Written } from '../native'
+import { FrameSink, LOOP_WAITS_POSSIBLE, UnixConnection, closeFd, type Frame, type NextFrame, type PeerCredentials, type Written } from '../native'
 import {
   FDCommand,
   FD_EXT_COMMAND,
@@ -168,10 +168,11 @@ export class Connections {
   /**
    * The connection's next request frame (after answering natively what the fast path can), or null at EOF, on
    * the read deadline or any read error. Delivered through the server's one `FrameSink` callback (no native
-   * Promise per request); the sink keeps the process alive while reads are pending, as a Promise would.
+   * Promise per request); read on this thread's event loop (`readOn: 'loop'`, on Node) or on the native runtime,
+   * where the sink keeps the process alive while reads are pending, as a Promise would.
    */
   private readNext(conn: UnixConnection): Promise<Frame | null> {
-    const sink = (this.sink ??= new FrameSink((n) => this.onFrame(n)))
+    const sink = (this.sink ??= new FrameSink((n) => this.onFrame(n), this.opts.readOn !== 'runtime' && LOOP_WAITS_POSSIBLE))
     this.lastToken = this.lastToken >= 0xffffffff ? 1 : this.lastToken + 1
     const token = this.lastToken
     return new Promise<Frame | null>((resolve) => {

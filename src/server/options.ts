@@ -80,6 +80,13 @@ export interface FDServerOptions {
    * entries are counted instead ({@link RequestLogEntry.dropped}, {@link FDServer.droppedLogEntries}).
    */
   onRequest?: (entry: RequestLogEntry) => void
+  /**
+   * Where a connection's requests after its first are read: `loop` (default; on Node) on this thread's own event
+   * loop, one wake-up of this thread per request and no runtime thread; `runtime` on the addon's native runtime,
+   * delivered through a threadsafe function (what Bun and Deno always use: they lack libuv's functions).
+   * Behaviour is the same either way; `runtime` is there to compare (bench/fd.ts).
+   */
+  readOn?: 'loop' | 'runtime'
 }
 
 /** The most bytes of error text an error response (and its log entry) carries; longer texts are cut (`...`). */
@@ -169,6 +176,9 @@ export function resolveOptions(options: FDServerOptions): ResolvedOptions {
     if (!Array.isArray(ids) || !ids.every((id) => Number.isInteger(id) && id >= 0 && id <= 0xffff_ffff)) {
       throw new InvalidInputError(`${name} must be integers from 0 to 4294967295 (uids/gids are u32)`)
     }
+  }
+  if (opts.readOn !== undefined && opts.readOn !== 'loop' && opts.readOn !== 'runtime') {
+    throw new InvalidInputError(`readOn must be 'loop' or 'runtime', not ${String(opts.readOn)}`)
   }
   return opts
 }

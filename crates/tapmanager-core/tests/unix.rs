@@ -431,3 +431,64 @@ async fn try_respond_writes_at_once_or_hands_the_rest_to_respond_rest_with_the_f
     // bad arguments are refused before anything is written
     assert_eq!(server.try_respond(&head, b"", &[f.as_fd()]).unwrap_err().code, ErrorCode::Invalid);
 }
+
+#[tokio::test]
+async fn request_reader_reads_frames_in_pieces_and_leaves_oversize_or_bad_payloads_unread() {
+    use tapmanager_core::unix::RequestReader;
+    let _g = SERIAL.lock().await;
+    let (server, mut client) = nb_pair();
+    let mut r = RequestReader::new(16);
+    assert!(r.advance(server.as_fd()).unwrap().is_none(), "nothing sent yet: wait");
+    // the header in two writes and the payload in two more, each followed by a step that must wait for more
+    let head = frame(0, 5, 0, 0x4242_4242);
+    client.write_all(&head[..40]).unwrap();
+    assert!(r.advance(server.as_fd()).unwrap().is_none());
+    client.write_all(&head[40..]).unwrap();
+    assert!(r.advance(server.as_fd()).unwrap().is_none(), "header complete, payload not there yet");
+    client.write_all(b"ab").unwrap();
+    assert!(r.advance(server.as_fd()).unwrap().is_none(), "payload incomplete");
+    client.write_all(b"cde").unwrap();
+    let f = r.advance(server.as_fd()).unwrap().expect("complete");
+    assert_eq!((f.header, f.data.as_deref()), (head, Some(&b"abcde"[..])));
+
+    // Two frames back to back: a fresh reader takes exactly one frame each time, the stream stays in step
+    // (a payload that looks like a header is payload).
+    let get = frame(2, 0, 0, 0x4242_4242);
+    let mut both = frame(1, 77, 0, 0x4242_4242);
+    both.extend_from_slice(&get);
+    both.extend_from_slice(&get);
+    client.write_all(&both).unwrap();
+    let f = RequestReader::new(1024).advance(server.as_fd()).unwrap().expect("first");
+    assert_eq!((f.header[4], f.data.as_deref()), (1, Some(&get[..])));
+    let f = RequestReader::new(1024).advance(server.as_fd()).unwrap().expect("second");
+    assert_eq!((f.header, f.data.as_deref()), (get.clone(), Some(&b""[..])));
+
+    // DataSize over the limit, and a bad magic: returned with the header only; the payload stays unread
+    client.write_all(&frame(0, 17, 0, 0x4242_4242)).unwrap();
+    client.write_all(b"not read").unwrap();
+    let f = RequestReader::new(16).advance(server.as_fd()).unwrap().expect("oversize");
+    assert!(f.data.is_none());
+    let mut rest = [0u8; 8];
+    (&server).read_exact(&mut rest).unwrap();
+    assert_eq!(&rest, b"not read");
+    client.write_all(&frame(2, 3, 0, 0x1111_1111)).unwrap();
+    let f = RequestReader::new(16).advance(server.as_fd()).unwrap().expect("bad magic");
+    assert_eq!((f.header[0], f.data.is_none()), (0x11, true));
+
+    // EOF: before anything, in the header, in the payload
+    drop(client);
+    let e = RequestReader::new(16).advance(server.as_fd()).unwrap_err();
+    assert_eq!(e.code, ErrorCode::Closed);
+    let (server, mut client) = nb_pair();
+    client.write_all(&get[..10]).unwrap();
+    drop(client);
+    let e = RequestReader::new(16).advance(server.as_fd()).unwrap_err();
+    assert_eq!(e.code, ErrorCode::Closed);
+    assert!(e.message.contains("read 77 bytes: connection closed after 10"), "{}", e.message);
+    let (server, mut client) = nb_pair();
+    client.write_all(&frame(0, 4, 0, 0x4242_4242)).unwrap();
+    client.write_all(b"ab").unwrap();
+    drop(client);
+    let e = RequestReader::new(16).advance(server.as_fd()).unwrap_err();
+    assert!(e.message.contains("read 4 bytes: connection closed after 2"), "{}", e.message);
+}

@@ -187,7 +187,7 @@ impl FdRequestPort {
         wait_on_loop: Option<bool>,
     ) -> napi::Result<Self> {
         let on_loop = if wait_on_loop.unwrap_or(false) {
-            uvwait::LoopWaits::new(env.raw(), napi::JsValue::raw(&on_done))
+            uvwait::LoopWaits::new(env.raw(), napi::JsValue::raw(&on_done), c"tapmanager:FdRequest")
         } else {
             None
         };
@@ -327,25 +327,52 @@ pub struct NextFrame {
     pub error: Option<String>,
 }
 
+impl NextFrame {
+    /// The outcome of the read with `token`: its frame, or why there is none.
+    pub(crate) fn of(token: u32, r: tapmanager_core::Result<unix::Frame>) -> NextFrame {
+        match r {
+            Ok(f) => NextFrame { token, frame: Some(to_js_frame(f)), error: None },
+            Err(e) => NextFrame { token, frame: None, error: Some(e.message) },
+        }
+    }
+}
+
 type NextFn = ThreadsafeFunction<NextFrame, (), NextFrame, napi::Status, false, true>;
 
 /// One long-lived callback that receives the frames `UnixConnection.readNextTo` reads, for a server's
-/// connections. Does not keep the process alive unless `hold(true)` (call it while reads are pending).
+/// connections. A read on the runtime does not keep the process alive unless `hold(true)` (call it while reads
+/// are pending); one on the event loop does by itself.
 #[napi]
 pub struct FrameSink {
     done: Arc<NextFn>,
+    on_loop: Option<Rc<LoopWaits>>,
 }
 
 #[napi]
 impl FrameSink {
-    /// `onFrame` is called on the JavaScript thread with each finished read.
+    /// `onFrame` is called on the JavaScript thread with each finished read. `readOnLoop` asks for reads on the
+    /// JavaScript thread's own event loop (only on Node: Bun and Deno lack libuv or stub it); `readsOnLoop`
+    /// tells whether it is in use.
     #[napi(constructor)]
     pub fn new(
+        env: Env,
         #[napi(ts_arg_type = "(next: NextFrame) => void")] on_frame: Function<'_, NextFrame, ()>,
+        read_on_loop: Option<bool>,
     ) -> napi::Result<Self> {
+        let on_loop = if read_on_loop.unwrap_or(false) {
+            uvwait::LoopWaits::new(env.raw(), napi::JsValue::raw(&on_frame), c"tapmanager:FrameSink")
+        } else {
+            None
+        };
         let done =
             on_frame.build_threadsafe_function::<NextFrame>().callee_handled::<false>().weak::<true>().build()?;
-        Ok(FrameSink { done: Arc::new(done) })
+        Ok(FrameSink { done: Arc::new(done), on_loop })
+    }
+
+    /// Whether reads wait on the JavaScript thread's event loop (see the constructor).
+    #[napi(getter)]
+    pub fn reads_on_loop(&self) -> bool {
+        self.on_loop.is_some()
     }
 
     /// Whether the sink keeps the event loop alive (`true` while reads are pending).
@@ -823,28 +850,46 @@ impl UnixConnection {
     /// `nextIncoming`, the requests the listener's native fast path can answer are answered natively first, and
     /// the frame delivered is the first one it cannot. Hands the outcome to `sink`'s callback with `token` (no
     /// Promise per call: a Promise from native code costs a threadsafe function; the sink's is made once):
-    /// `frame`, or `error` when the read failed or the connection ended.
+    /// `frame`, or `error` when the read failed or the connection ended. With a sink that reads on the event loop
+    /// the frame is read there (one wake-up of the JavaScript thread, no runtime thread), and a get the fast path
+    /// answers is handed to the runtime.
     #[napi]
     pub fn read_next_to(&self, sink: &FrameSink, token: u32, max_data: u32, timeout_ms: Option<u32>) {
-        let c = self.get_or_closed();
+        let mut c = self.get_or_closed();
         let d = deadline(timeout_ms);
         let fast = self.fast.clone();
         let done = sink.done.clone();
+        let serve = move |c: Arc<unix::UnixConnection>, frame: unix::Frame| async move {
+            match fast {
+                Some(fast) => c.serve_fast_gets(frame, &fast, max_data as usize, d).await,
+                None => Ok(frame),
+            }
+        };
+        if let (Some(waits), Ok(conn)) = (&sink.on_loop, &c) {
+            let handoff = self.fast.clone().map(|fast| {
+                let (conn, done, serve) = (conn.clone(), done.clone(), serve.clone());
+                let hand: uvwait::Handoff = Box::new(move |frame| {
+                    napi::bindgen_prelude::spawn(async move {
+                        let r = serve(conn, frame).await;
+                        done.call(NextFrame::of(token, r), ThreadsafeFunctionCallMode::NonBlocking);
+                    });
+                });
+                (fast, hand)
+            });
+            let ms = d.map_or(0, |d| d.as_millis() as u64);
+            match uvwait::read_next(waits, conn.clone(), token, max_data as usize, ms, handoff) {
+                Ok(()) => return,
+                Err(conn) => c = Ok(conn),
+            }
+        }
         napi::bindgen_prelude::spawn(async move {
             let r = async {
                 let c = c?;
                 let frame = c.read_request_frame(max_data as usize, d).await?;
-                match fast {
-                    Some(fast) => c.serve_fast_gets(frame, &fast, max_data as usize, d).await,
-                    None => Ok(frame),
-                }
+                serve(c, frame).await
             }
             .await;
-            let next = match r {
-                Ok(f) => NextFrame { token, frame: Some(to_js_frame(f)), error: None },
-                Err(e) => NextFrame { token, frame: None, error: Some(e.message) },
-            };
-            done.call(next, ThreadsafeFunctionCallMode::NonBlocking);
+            done.call(NextFrame::of(token, r), ThreadsafeFunctionCallMode::NonBlocking);
         });
     }
 

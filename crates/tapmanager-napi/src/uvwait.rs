@@ -1,7 +1,8 @@
-//! Waiting for an FDServer response on the JavaScript thread's own libuv loop: a `uv_poll_t` on the request's
-//! socket, and the response read (`recvmsg` with the fds) right there when it is readable. One thread wake-up
-//! per request, where the runtime path takes two (the tokio reactor, then the threadsafe function's
-//! `uv_async` to the JavaScript thread).
+//! Waiting on the JavaScript thread's own libuv loop: a `uv_poll_t` on a socket, and the frame read right there
+//! when it is readable. For a client, an FDServer response (`recvmsg` with the fds); for the server, a
+//! connection's next request frame (`UnixConnection.readNextTo`). One thread wake-up per frame, where the
+//! runtime path takes two or more (the tokio reactor and a worker, then the threadsafe function's `uv_async` to
+//! the JavaScript thread).
 //!
 //! libuv is not part of Node-API: the `uv_*` functions are looked up at run time in the process (`dlsym`), so
 //! the addon still loads where they are missing. Node exports them; Bun and Deno lack them or stub them, so
@@ -16,10 +17,10 @@ use std::sync::{Arc, OnceLock};
 
 use napi::bindgen_prelude::ToNapiValue;
 use napi::sys;
-use tapmanager_core::unix::{self, ResponseReader};
+use tapmanager_core::unix::{self, FastGets, RequestReader, ResponseReader};
 use tapmanager_core::{Error as CoreError, ErrorCode};
 
-use crate::fd::FdDone;
+use crate::fd::{FdDone, NextFrame};
 
 type PollCb = unsafe extern "C" fn(*mut c_void, c_int, c_int);
 type TimerCb = unsafe extern "C" fn(*mut c_void);
@@ -78,8 +79,8 @@ fn uv() -> Option<&'static Uv> {
     .as_ref()
 }
 
-/// What every request waiting on the loop shares: the environment, its loop, the `onDone` callback and the
-/// async context it is called in. Lives on the JavaScript thread only.
+/// What every wait on the loop of one port or sink shares: the environment, its loop, the callback outcomes go
+/// to and the async context it is called in. Lives on the JavaScript thread only.
 pub struct LoopWaits {
     env: sys::napi_env,
     uv_loop: *mut c_void,
@@ -88,8 +89,9 @@ pub struct LoopWaits {
 }
 
 impl LoopWaits {
-    /// The loop path for `env`, or `None` when libuv's functions or the loop are not available.
-    pub fn new(env: sys::napi_env, on_done: sys::napi_value) -> Option<Rc<LoopWaits>> {
+    /// The loop path for `env` reporting to `on_done` (async resource `name`), or `None` when libuv's functions
+    /// or the loop are not available.
+    pub fn new(env: sys::napi_env, on_done: sys::napi_value, name: &CStr) -> Option<Rc<LoopWaits>> {
         let uv_api = uv();
         uv_api?;
         let mut uv_loop: *mut sys::uv_loop_s = ptr::null_mut();
@@ -102,7 +104,6 @@ impl LoopWaits {
             if sys::napi_create_reference(env, on_done, 1, &mut on_done_ref) != sys::Status::napi_ok {
                 return None;
             }
-            let name = c"tapmanager:FdRequest";
             let mut js_name = ptr::null_mut();
             let mut async_ctx = ptr::null_mut();
             if sys::napi_create_string_utf8(env, name.as_ptr(), name.count_bytes() as isize, &mut js_name)
@@ -116,10 +117,10 @@ impl LoopWaits {
         }
     }
 
-    /// Calls `onDone(done)` from the loop (not from JavaScript): in its own handle scope and callback scope, so
-    /// the Promise reactions it causes run right after. A throw becomes an uncaught exception, as from any
-    /// event-loop callback.
-    fn call(&self, done: FdDone) {
+    /// Calls the callback with `done` from the loop (not from JavaScript): in its own handle scope and callback
+    /// scope, so the Promise reactions it causes run right after. A throw becomes an uncaught exception, as from
+    /// any event-loop callback.
+    fn call<T: ToNapiValue>(&self, done: T) {
         let env = self.env;
         // SAFETY: on the JavaScript thread of env, outside any other napi call (a libuv callback); every napi
         // value lives in the handle scope opened here.
@@ -130,7 +131,7 @@ impl LoopWaits {
             }
             let mut func = ptr::null_mut();
             let mut global = ptr::null_mut();
-            let arg = FdDone::to_napi_value(env, done);
+            let arg = T::to_napi_value(env, done);
             if let Ok(arg) = arg {
                 if sys::napi_get_reference_value(env, self.on_done, &mut func) == sys::Status::napi_ok
                     && sys::napi_get_global(env, &mut global) == sys::Status::napi_ok
@@ -177,21 +178,35 @@ impl Sock {
     }
 }
 
-/// One request waiting on the loop. `poll` must stay the first field: libuv hands its callbacks the handle's
-/// address, which is then the request's.
+/// What a wait on the loop is for, and how far it got.
+enum Work {
+    /// A client request (reported as `FdDone`): the rest of `request` to write, then the response frame to read.
+    Request {
+        id: u32,
+        /// On a kept-open connection: the outcome says whether the request never got out (`notSent`).
+        kept: bool,
+        write_failed: bool,
+        request: Vec<u8>,
+        written: usize,
+        reader: ResponseReader,
+    },
+    /// A server connection's next request frame (reported as `NextFrame`). A get the native fast path would
+    /// answer goes to `handoff` instead (answered on the runtime, as the runtime path does).
+    NextRequest { token: u32, reader: RequestReader, handoff: Option<(Arc<FastGets>, Handoff)> },
+}
+
+/// Takes a request frame the fast path answers (and everything after it on the connection) to the runtime.
+pub type Handoff = Box<dyn FnOnce(unix::Frame)>;
+
+/// One wait on the loop. `poll` must stay the first field: libuv hands its callbacks the handle's address,
+/// which is then the wait's.
 #[repr(C)]
 struct Waiting {
     poll: [u64; HANDLE_WORDS],
     timer: [u64; HANDLE_WORDS],
     waits: Rc<LoopWaits>,
-    id: u32,
     sock: Option<Sock>,
-    /// On a kept-open connection: the outcome says whether the request never got out (`notSent`).
-    kept: bool,
-    write_failed: bool,
-    request: Vec<u8>,
-    written: usize,
-    reader: ResponseReader,
+    work: Work,
     timeout_ms: u64,
     /// Handles still open (freed when the last one's close callback ran).
     open: Cell<u8>,
@@ -209,20 +224,54 @@ pub fn wait(
     written: usize,
     timeout_ms: u64,
 ) -> Result<(), (Sock, Vec<u8>)> {
-    let Some(uv) = uv() else { return Err((sock, request)) };
-    let raw_fd = std::os::fd::AsRawFd::as_raw_fd(&sock.fd());
     let kept = matches!(sock, Sock::Kept(_));
+    let events = if written < request.len() { UV_WRITABLE } else { UV_READABLE };
+    let work = Work::Request { id, kept, write_failed: false, request, written, reader: ResponseReader::new() };
+    start(waits, sock, work, events, timeout_ms).map_err(|b| {
+        let (sock, work) = *b;
+        match work {
+            Work::Request { request, .. } => (sock, request),
+            Work::NextRequest { .. } => unreachable!("a request comes back as it went"),
+        }
+    })
+}
+
+/// Waits on the loop for the next request frame of the server connection `conn` (payloads over `max_data` left
+/// unread, as `read_request_frame`), then calls the sink's callback with `token` and the frame or why there is
+/// none (EOF, error, `timeout_ms` when > 0). A get `fast` would answer goes to `handoff` instead. On a setup
+/// failure nothing was read and the connection is handed back (`Err`) for the runtime path.
+pub fn read_next(
+    waits: &Rc<LoopWaits>,
+    conn: Arc<unix::UnixConnection>,
+    token: u32,
+    max_data: usize,
+    timeout_ms: u64,
+    handoff: Option<(Arc<FastGets>, Handoff)>,
+) -> Result<(), Arc<unix::UnixConnection>> {
+    let work = Work::NextRequest { token, reader: RequestReader::new(max_data), handoff };
+    start(waits, Sock::Kept(conn), work, UV_READABLE, timeout_ms).map_err(|b| match b.0 {
+        Sock::Kept(c) => c,
+        Sock::Own(_) => unreachable!("a kept connection comes back as it went"),
+    })
+}
+
+/// Starts waiting for `events` on `sock` for `work`, with a timer when `timeout_ms` > 0. Hands both back when the
+/// loop cannot take the wait (nothing happened yet).
+fn start(
+    waits: &Rc<LoopWaits>,
+    sock: Sock,
+    work: Work,
+    events: c_int,
+    timeout_ms: u64,
+) -> Result<(), Box<(Sock, Work)>> {
+    let Some(uv) = uv() else { return Err(Box::new((sock, work))) };
+    let raw_fd = std::os::fd::AsRawFd::as_raw_fd(&sock.fd());
     let w = Box::new(Waiting {
         poll: [0; HANDLE_WORDS],
         timer: [0; HANDLE_WORDS],
         waits: waits.clone(),
-        id,
         sock: Some(sock),
-        kept,
-        write_failed: false,
-        request,
-        written,
-        reader: ResponseReader::new(),
+        work,
         timeout_ms,
         open: Cell::new(0),
         done: false,
@@ -233,14 +282,12 @@ pub fn wait(
     unsafe {
         let poll = ptr::addr_of_mut!((*p).poll).cast::<c_void>();
         if (uv.poll_init)(waits.uv_loop, poll, raw_fd) != 0 {
-            let w = Box::from_raw(p);
-            let mut w = *w;
-            return Err((w.sock.take().expect("socket"), std::mem::take(&mut w.request)));
+            let w = *Box::from_raw(p);
+            return Err(Box::new((w.sock.expect("socket"), w.work)));
         }
         (*p).open.set(1);
-        let events = if (*p).written < (*p).request.len() { UV_WRITABLE } else { UV_READABLE };
         if (uv.poll_start)(poll, events, on_poll) != 0 {
-            finish(p, Err(CoreError::new(ErrorCode::Io, "request: cannot wait on the event loop")));
+            finish(p, Err(CoreError::new(ErrorCode::Io, "cannot wait on the event loop")));
             return Ok(());
         }
         if timeout_ms > 0 {
@@ -262,32 +309,45 @@ unsafe extern "C" fn on_poll(handle: *mut c_void, status: c_int, _events: c_int)
         return;
     }
     if status < 0 {
-        let e = CoreError::io("request: wait for the socket", std::io::Error::from_raw_os_error(-status));
+        let e = CoreError::io("wait for the socket", std::io::Error::from_raw_os_error(-status));
         // SAFETY: as above.
         return unsafe { finish(p, Err(e)) };
     }
     let Some(sock) = w.sock.as_ref() else { return };
-    if w.written < w.request.len() {
-        match unix::continue_write(sock.fd(), &w.request, &mut w.written) {
-            Ok(false) => return,
-            Err(e) => {
-                w.write_failed = true;
-                // SAFETY: as above.
-                return unsafe { finish(p, Err(e)) };
-            }
-            Ok(true) => {
-                let uv = uv().expect("libuv resolved before the request started");
-                // SAFETY: the poll handle is live and started; restarting it changes the events it waits for.
-                if unsafe { (uv.poll_start)(handle, UV_READABLE, on_poll) } != 0 {
-                    // SAFETY: as above.
-                    return unsafe {
-                        finish(p, Err(CoreError::new(ErrorCode::Io, "request: cannot wait on the event loop")))
-                    };
+    let r = match &mut w.work {
+        Work::Request { request, written, write_failed, reader, .. } => {
+            if *written < request.len() {
+                match unix::continue_write(sock.fd(), request, written) {
+                    Ok(false) => return,
+                    Err(e) => {
+                        *write_failed = true;
+                        // SAFETY: as above.
+                        return unsafe { finish(p, Err(e)) };
+                    }
+                    Ok(true) => {
+                        let uv = uv().expect("libuv resolved before the wait started");
+                        // SAFETY: the poll handle is live and started; restarting it changes the events it waits for.
+                        if unsafe { (uv.poll_start)(handle, UV_READABLE, on_poll) } != 0 {
+                            let e = CoreError::new(ErrorCode::Io, "request: cannot wait on the event loop");
+                            // SAFETY: as above.
+                            return unsafe { finish(p, Err(e)) };
+                        }
+                    }
                 }
             }
+            reader.advance(sock.fd())
         }
-    }
-    match w.reader.advance(sock.fd()) {
+        Work::NextRequest { reader, handoff, .. } => match reader.advance(sock.fd()) {
+            Ok(Some(frame)) if handoff.as_ref().is_some_and(|(fast, _)| fast.would_answer(&frame)) => {
+                let (_, hand) = handoff.take().expect("checked above");
+                // SAFETY: as above; nothing borrowed from the wait is used after this.
+                unsafe { close_handles(p) };
+                return hand(frame);
+            }
+            r => r,
+        },
+    };
+    match r {
         Ok(None) => {}
         // SAFETY: as above.
         Ok(Some(frame)) => unsafe { finish(p, Ok(frame)) },
@@ -300,8 +360,14 @@ unsafe extern "C" fn on_timer(handle: *mut c_void) {
     // SAFETY: handle is the timer field of a live Waiting.
     let p = unsafe { handle.cast::<u8>().sub(std::mem::offset_of!(Waiting, timer)).cast::<Waiting>() };
     // SAFETY: as above.
-    let ms = unsafe { (*p).timeout_ms };
-    let e = CoreError::new(ErrorCode::Timeout, format!("request: not done within {ms} ms"));
+    let (ms, what) = unsafe {
+        let what = match (*p).work {
+            Work::Request { .. } => "request",
+            Work::NextRequest { .. } => "read request",
+        };
+        ((*p).timeout_ms, what)
+    };
+    let e = CoreError::new(ErrorCode::Timeout, format!("{what}: not done within {ms} ms"));
     // SAFETY: as above.
     unsafe { finish(p, Err(e)) }
 }
@@ -328,14 +394,14 @@ unsafe fn closed(p: *mut Waiting) {
     }
 }
 
-/// Ends a request once: stops and closes its handles (the socket is closed now, the memory freed by the last
-/// close callback) and reports the outcome to JavaScript.
-unsafe fn finish(p: *mut Waiting, r: tapmanager_core::Result<unix::Frame>) {
-    let uv = uv().expect("libuv resolved before the request started");
+/// Stops and closes a wait's handles once (the socket is let go now, the memory freed by the last close
+/// callback); false when that was done before.
+unsafe fn close_handles(p: *mut Waiting) -> bool {
+    let uv = uv().expect("libuv resolved before the wait started");
     // SAFETY: p is live (the caller's contract); only this thread touches it.
     let w = unsafe { &mut *p };
     if w.done {
-        return;
+        return false;
     }
     w.done = true;
     let poll = ptr::addr_of_mut!(w.poll).cast::<c_void>();
@@ -350,7 +416,23 @@ unsafe fn finish(p: *mut Waiting, r: tapmanager_core::Result<unix::Frame>) {
         }
         (uv.close)(poll, Some(on_poll_closed));
     }
+    true
+}
+
+/// Ends a wait once: closes its handles and reports the outcome to JavaScript.
+unsafe fn finish(p: *mut Waiting, r: tapmanager_core::Result<unix::Frame>) {
+    // SAFETY: the caller's contract (p live, on the loop's thread).
+    if !unsafe { close_handles(p) } {
+        return;
+    }
+    // SAFETY: p stays live until its close callbacks run, which is after this callback returns.
+    let w = unsafe { &mut *p };
     let waits = w.waits.clone();
-    let not_sent = if w.kept { Some(w.write_failed) } else { None };
-    waits.call(FdDone::of(w.id, r, not_sent));
+    match &w.work {
+        Work::Request { id, kept, write_failed, .. } => {
+            let not_sent = if *kept { Some(*write_failed) } else { None };
+            waits.call(FdDone::of(*id, r, not_sent))
+        }
+        Work::NextRequest { token, .. } => waits.call(NextFrame::of(*token, r)),
+    }
 }

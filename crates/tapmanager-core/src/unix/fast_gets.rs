@@ -267,17 +267,20 @@ impl FastGets {
         }
     }
 
+    /// Whether [`UnixConnection::serve_fast_gets`] would answer `frame` now (a get of a registered key, the fast
+    /// path open): for a caller that reads frames itself and hands such a frame to the runtime.
+    pub fn would_answer(&self, frame: &Frame) -> bool {
+        is_plain_get(frame)
+            && !self.closed.load(std::sync::atomic::Ordering::SeqCst)
+            && self.entries.lock().is_ok_and(|m| m.contains_key(&frame.header[13..FRAME_HEADER_LEN]))
+    }
+
     /// Answers `frame` on `conn` if it qualifies (see the type's doc); returns whether it did. With the log on,
     /// queues a record once the response is out.
     async fn answer(&self, conn: &UnixConnection, frame: &Frame, peer: &mut PeerSlot) -> Result<bool> {
         let started = self.logging.load(std::sync::atomic::Ordering::Relaxed).then(Instant::now);
         let h = &frame.header;
-        let qualifies = h.len() == FRAME_HEADER_LEN
-            && u32::from_be_bytes([h[0], h[1], h[2], h[3]]) == FRAME_MAGIC
-            && h[4] == 2
-            && frame_sizes(h).0 == 0
-            && frame.data.as_ref().is_some_and(|d| d.is_empty());
-        if !qualifies {
+        if !is_plain_get(frame) {
             return Ok(false);
         }
         let guard = InFlight::enter(self);
@@ -306,6 +309,16 @@ impl FastGets {
         drop(guard);
         sent.map(|()| true)
     }
+}
+
+/// A get request as the fast path answers them: the protocol's magic, command 2, no payload.
+fn is_plain_get(frame: &Frame) -> bool {
+    let h = &frame.header;
+    h.len() == FRAME_HEADER_LEN
+        && u32::from_be_bytes([h[0], h[1], h[2], h[3]]) == FRAME_MAGIC
+        && h[4] == 2
+        && frame_sizes(h).0 == 0
+        && frame.data.as_ref().is_some_and(|d| d.is_empty())
 }
 
 /// Counts a response in flight for [`FastGets::drained`], also when its future is dropped half way.

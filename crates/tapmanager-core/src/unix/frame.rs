@@ -8,6 +8,7 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::sys::socket::MsgFlags;
 
+use super::request::read_some;
 use super::scm::{sendmsg_fds, MAX_FDS};
 
 use super::socket::{PeerCred, UnixConnection};
@@ -83,6 +84,72 @@ impl UnixConnection {
             Ok(Frame { header, data: Some(data), fds })
         };
         with_deadline(deadline, "read response", fut).await
+    }
+}
+
+/// Reads a request frame off a non-blocking socket as far as the socket has data, exactly as
+/// [`UnixConnection::read_request_frame`] does (77 header bytes, then DataSize payload bytes; the payload left
+/// unread when the magic is wrong or DataSize exceeds `max_data`), but without a runtime: the caller waits for
+/// the socket to be readable by any means (the JavaScript thread's own event loop) and calls
+/// [`advance`](Self::advance) each time. The server-side twin of [`ResponseReader`](super::ResponseReader); the
+/// deadline is the caller's.
+#[derive(Debug)]
+pub struct RequestReader {
+    header: [u8; FRAME_HEADER_LEN],
+    /// Bytes of the header (while `data` is `None`) or of the payload read so far.
+    got: usize,
+    data: Option<Vec<u8>>,
+    max_data: usize,
+}
+
+impl RequestReader {
+    /// A reader at the start of a request frame whose payload may be up to `max_data` bytes.
+    pub fn new(max_data: usize) -> RequestReader {
+        RequestReader { header: [0; FRAME_HEADER_LEN], got: 0, data: None, max_data }
+    }
+
+    /// Reads what `sock` (non-blocking) has: `Ok(Some(frame))` once the frame is complete, `Ok(None)` when it
+    /// must wait for more. EOF before or inside the frame is `ERR_CLOSED`, as with `read_request_frame`.
+    pub fn advance(&mut self, sock: BorrowedFd<'_>) -> Result<Option<Frame>> {
+        let fd = sock.as_raw_fd();
+        loop {
+            let (buf, want) = match self.data.as_mut() {
+                None => (&mut self.header[..], FRAME_HEADER_LEN),
+                Some(d) => {
+                    let n = d.len();
+                    (&mut d[..], n)
+                }
+            };
+            let n = match read_some(fd, &mut buf[self.got..]) {
+                Ok(Some(n)) => n,
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(Error::io(format!("read {want} bytes"), e)),
+            };
+            if n == 0 {
+                return Err(Error::new(
+                    ErrorCode::Closed,
+                    format!("read {want} bytes: connection closed after {}", self.got),
+                ));
+            }
+            self.got += n;
+            if self.got < want {
+                continue;
+            }
+            if let Some(data) = self.data.take() {
+                return Ok(Some(Frame { header: self.header.to_vec(), data: Some(data), fds: Vec::new() }));
+            }
+            let h = &self.header;
+            let magic = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
+            let (size, _) = frame_sizes(h);
+            if magic != FRAME_MAGIC || size > self.max_data {
+                return Ok(Some(Frame { header: h.to_vec(), data: None, fds: Vec::new() }));
+            }
+            if size == 0 {
+                return Ok(Some(Frame { header: h.to_vec(), data: Some(Vec::new()), fds: Vec::new() }));
+            }
+            self.data = Some(vec![0; size]);
+            self.got = 0;
+        }
     }
 }
 

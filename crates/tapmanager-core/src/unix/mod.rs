@@ -27,7 +27,7 @@ mod socket;
 
 pub use admission::{Admission, AdmissionStats, ConnLimits, ConnSlot, PeerFilter};
 pub use fast_gets::{FastGetLog, FastGetRecord, FastGets, FastLogWake};
-pub use frame::{Frame, Sent, FRAME_HEADER_LEN};
+pub use frame::{Frame, RequestReader, Sent, FRAME_HEADER_LEN};
 pub use request::{continue_write, finish_request, request, start_request, ResponseReader};
 pub use scm::{cmsg_space, dup_fds, MAX_FDS};
 pub use socket::{BindOptions, PeerCred, ServeConfig, UnixConnection, UnixListener};

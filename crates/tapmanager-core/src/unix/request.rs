@@ -213,7 +213,7 @@ impl ResponseReader {
 }
 
 /// One non-blocking `read`: `Ok(None)` when nothing is there yet (EAGAIN), `Ok(Some(0))` at EOF; EINTR is retried.
-fn read_some(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
+pub(super) fn read_some(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
     loop {
         match recv(fd, buf, MsgFlags::empty()) {
             Ok(n) => return Ok(Some(n)),
