@@ -227,6 +227,14 @@ export declare class UnixListener {
    * request is delivered by `nextIncoming` (or `readNextTo`).
    */
   startIncoming(opts: IncomingOpts): void
+  /**
+   * Like `startIncoming`, but served on the JavaScript thread's own event loop (Node: Bun and Deno lack libuv
+   * or stub it): connections are accepted and their requests read there, with the same caps, filter,
+   * deadlines and native fast path, and no runtime thread in between. `onIncoming` is called with each
+   * connection and its first request frame the fast path does not answer (instead of `nextIncoming`).
+   * Returns false, having started nothing, where the loop is not available.
+   */
+  startIncomingOnLoop(opts: IncomingOpts, onIncoming: (incoming: IncomingRequest) => void): boolean
   /** What the listener refused or survived since `startIncoming` (all zero before). */
   stats(): ListenerStats
   /**

@@ -10,7 +10,7 @@
  */
 import { ClosedError, ExistsError, ServerFailedError, messageOf } from '../errors'
 import type { FDSource } from '../fdsource'
-import { UnixListener, type IncomingRequest } from '../native'
+import { LOOP_WAITS_POSSIBLE, UnixListener, type IncomingOpts, type IncomingRequest } from '../native'
 import { Connections } from './connections'
 import { LimitsReporter } from './limits'
 import { RequestLog } from './log'
@@ -70,7 +70,7 @@ export class FDServer {
     // Gets for registered keys (see `get`) are answered there too, for peers that pass the same uid/gid filter.
     // Peers outside the uid/gid filter, connections over the caps and accept() errors are dealt with natively
     // (one filter for the native fast path and this side: refused peers never reach either).
-    listener.startIncoming({
+    const incoming: IncomingOpts = {
       maxData: this.opts.maxDataSize,
       readTimeoutMs: this.opts.readTimeoutMs,
       writeTimeoutMs: this.opts.writeTimeoutMs,
@@ -78,11 +78,15 @@ export class FDServer {
       allowedGids: this.opts.allowedGids,
       maxConnections: this.opts.maxConnections,
       maxConnectionsPerUid: this.opts.maxConnectionsPerUid,
-    })
+    }
     if (this.opts.onLimits) {
       this.limitsTimer = setInterval(() => this.limitsReporter.report(listener), this.opts.limitsIntervalMs ?? DEFAULT_LIMITS_INTERVAL)
       this.limitsTimer.unref()
     }
+    // On Node, all of it happens on this thread's own event loop (no runtime thread between a client and the
+    // source); elsewhere, or with `readOn: 'runtime'`, on the addon's runtime, collected in batches.
+    if (this.opts.readOn !== 'runtime' && LOOP_WAITS_POSSIBLE && listener.startIncomingOnLoop(incoming, (r) => this.incoming(r))) return
+    listener.startIncoming(incoming)
     this.acceptLoop = (async () => {
       for (;;) {
         let batch: IncomingRequest[]
@@ -93,12 +97,15 @@ export class FDServer {
           if (!this.state.stopping) this.fail(new ServerFailedError(`FDServer stopped serving: ${messageOf(err)}`, { cause: err }))
           return
         }
-        for (const { conn, frame } of batch) {
-          if (this.state.stopping) conn.close()
-          else this.connections.track(this.connections.serveConn(conn, frame))
-        }
+        for (const r of batch) this.incoming(r)
       }
     })()
+  }
+
+  /** A connection with its first request frame: served until it ends (closed at once once stop() began). */
+  private incoming({ conn, frame }: IncomingRequest): void {
+    if (this.state.stopping) conn.close()
+    else this.connections.track(this.connections.serveConn(conn, frame))
   }
 
   private fail(err: Error): void {

@@ -390,6 +390,18 @@ pub struct IncomingRequest {
     pub frame: Frame,
 }
 
+impl IncomingRequest {
+    /// `conn` (of a listener whose fast path is `fast`) with its first request frame.
+    pub(crate) fn of(conn: Arc<unix::UnixConnection>, fast: Arc<unix::FastGets>, frame: unix::Frame) -> Self {
+        IncomingRequest {
+            conn: UnixConnection { inner: Mutex::new(Some(conn)), fast: Some(fast) },
+            frame: to_js_frame(frame),
+        }
+    }
+}
+
+type IncomingFn = ThreadsafeFunction<IncomingRequest, (), IncomingRequest, napi::Status, false, true>;
+
 type Incoming = tokio::sync::mpsc::UnboundedReceiver<(unix::UnixConnection, unix::Frame)>;
 
 type WakeFn = ThreadsafeFunction<(), (), (), napi::Status, false, true>;
@@ -473,6 +485,8 @@ pub struct UnixListener {
     incoming: Arc<tokio::sync::Mutex<Option<Incoming>>>,
     fast: Arc<unix::FastGets>,
     admission: Mutex<Option<Arc<unix::Admission>>>,
+    /// Serving on the JavaScript thread's event loop (`startIncomingOnLoop`).
+    on_loop: std::cell::RefCell<Option<uvwait::LoopListener>>,
 }
 
 #[napi]
@@ -495,6 +509,7 @@ impl UnixListener {
             incoming: Arc::default(),
             fast: Arc::new(unix::FastGets::new()),
             admission: Mutex::new(None),
+            on_loop: Default::default(),
         })
     }
 
@@ -530,9 +545,64 @@ impl UnixListener {
     pub fn start_incoming(&self, opts: IncomingOpts) -> Result<(), JsError> {
         let l = self.get_or_closed().map_err(to_js)?;
         let mut slot = self.incoming.try_lock().map_err(|_| invalid("startIncoming: busy"))?;
-        if slot.is_some() {
+        if slot.is_some() || self.on_loop.borrow().is_some() {
             return Err(invalid("startIncoming: already started"));
         }
+        let (admission, cfg) = self.admission_for(opts)?;
+        let fast = Some(self.fast.clone());
+        let rx = within_runtime_if_available(|| l.incoming_served(cfg, admission, fast));
+        *slot = Some(rx);
+        Ok(())
+    }
+
+    /// Like `startIncoming`, but served on the JavaScript thread's own event loop (Node: Bun and Deno lack libuv
+    /// or stub it): connections are accepted and their requests read there, with the same caps, filter,
+    /// deadlines and native fast path, and no runtime thread in between. `onIncoming` is called with each
+    /// connection and its first request frame the fast path does not answer (instead of `nextIncoming`).
+    /// Returns false, having started nothing, where the loop is not available.
+    #[napi]
+    pub fn start_incoming_on_loop(
+        &self,
+        env: Env,
+        opts: IncomingOpts,
+        #[napi(ts_arg_type = "(incoming: IncomingRequest) => void")] on_incoming: Function<'_, IncomingRequest, ()>,
+    ) -> Result<bool, JsError> {
+        let l = self.get_or_closed().map_err(to_js)?;
+        let slot = self.incoming.try_lock().map_err(|_| invalid("startIncomingOnLoop: busy"))?;
+        if slot.is_some() || self.on_loop.borrow().is_some() {
+            return Err(invalid("startIncomingOnLoop: already started"));
+        }
+        let Some(waits) = uvwait::LoopWaits::new(env.raw(), napi::JsValue::raw(&on_incoming), c"tapmanager:Incoming")
+        else {
+            return Ok(false);
+        };
+        let tsfn: IncomingFn = on_incoming
+            .build_threadsafe_function::<IncomingRequest>()
+            .callee_handled::<false>()
+            .weak::<true>()
+            .build()
+            .map_err(|e| invalid(format!("startIncomingOnLoop: {e}")))?;
+        let fast = self.fast.clone();
+        let from_runtime: uvwait::FromRuntime = {
+            let fast = fast.clone();
+            Arc::new(move |conn, frame| {
+                tsfn.call(IncomingRequest::of(conn, fast.clone(), frame), ThreadsafeFunctionCallMode::NonBlocking);
+            })
+        };
+        let (admission, cfg) = self.admission_for(opts)?;
+        fast.set_write_deadline(cfg.write_deadline);
+        let serving = uvwait::Serving::new(waits, l, admission, fast, cfg, from_runtime);
+        match uvwait::LoopListener::start(serving) {
+            Some(started) => {
+                *self.on_loop.borrow_mut() = Some(started);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// The admission (caps, filter: kept for `stats()`) and the read/write bounds `opts` ask for.
+    fn admission_for(&self, opts: IncomingOpts) -> Result<(Arc<unix::Admission>, unix::ServeConfig), JsError> {
         let cap = |n: Option<u32>| n.map_or(usize::MAX, |n| n as usize);
         let limits = unix::ConnLimits { total: cap(opts.max_connections), per_uid: cap(opts.max_connections_per_uid) };
         let filter = unix::PeerFilter { uids: opts.allowed_uids, gids: opts.allowed_gids };
@@ -543,10 +613,7 @@ impl UnixListener {
             read_deadline: deadline(opts.read_timeout_ms),
             write_deadline: deadline(opts.write_timeout_ms),
         };
-        let fast = Some(self.fast.clone());
-        let rx = within_runtime_if_available(|| l.incoming_served(cfg, admission, fast));
-        *slot = Some(rx);
-        Ok(())
+        Ok((admission, cfg))
     }
 
     /// What the listener refused or survived since `startIncoming` (all zero before).
@@ -694,6 +761,9 @@ impl UnixListener {
     /// file.
     #[napi]
     pub fn close(&self, remove_file: Option<bool>) -> Result<(), JsError> {
+        if let Some(l) = self.on_loop.borrow_mut().take() {
+            l.stop();
+        }
         self.fast.close();
         self.fast.clear_log_wake();
         let taken = self.inner.lock().map_err(|_| invalid("listener lock poisoned"))?.take();

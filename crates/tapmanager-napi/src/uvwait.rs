@@ -8,7 +8,8 @@
 //! the addon still loads where they are missing. Node exports them; Bun and Deno lack them or stub them, so
 //! the JavaScript side only asks for this path on Node (the runtime path stays for the others).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashSet;
 use std::ffi::{c_int, c_void, CStr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr;
@@ -17,10 +18,10 @@ use std::sync::{Arc, OnceLock};
 
 use napi::bindgen_prelude::ToNapiValue;
 use napi::sys;
-use tapmanager_core::unix::{self, FastGets, RequestReader, ResponseReader};
+use tapmanager_core::unix::{self, Accepted, Admission, FastGets, PeerCred, RequestReader, ResponseReader};
 use tapmanager_core::{Error as CoreError, ErrorCode};
 
-use crate::fd::{FdDone, NextFrame};
+use crate::fd::{FdDone, IncomingRequest, NextFrame};
 
 type PollCb = unsafe extern "C" fn(*mut c_void, c_int, c_int);
 type TimerCb = unsafe extern "C" fn(*mut c_void);
@@ -193,6 +194,8 @@ enum Work {
     /// A server connection's next request frame (reported as `NextFrame`). A get the native fast path would
     /// answer goes to `handoff` instead (answered on the runtime, as the runtime path does).
     NextRequest { token: u32, reader: RequestReader, handoff: Option<(Arc<FastGets>, Handoff)> },
+    /// A connection's first request frame on a listener served on the loop (see [`LoopListener`]).
+    FirstRequest { serving: Rc<Serving>, peer: Option<PeerCred>, reader: RequestReader },
 }
 
 /// Takes a request frame the fast path answers (and everything after it on the connection) to the runtime.
@@ -227,11 +230,11 @@ pub fn wait(
     let kept = matches!(sock, Sock::Kept(_));
     let events = if written < request.len() { UV_WRITABLE } else { UV_READABLE };
     let work = Work::Request { id, kept, write_failed: false, request, written, reader: ResponseReader::new() };
-    start(waits, sock, work, events, timeout_ms).map_err(|b| {
+    start(waits, sock, work, events, timeout_ms).map(drop).map_err(|b| {
         let (sock, work) = *b;
         match work {
             Work::Request { request, .. } => (sock, request),
-            Work::NextRequest { .. } => unreachable!("a request comes back as it went"),
+            _ => unreachable!("a request comes back as it went"),
         }
     })
 }
@@ -249,7 +252,7 @@ pub fn read_next(
     handoff: Option<(Arc<FastGets>, Handoff)>,
 ) -> Result<(), Arc<unix::UnixConnection>> {
     let work = Work::NextRequest { token, reader: RequestReader::new(max_data), handoff };
-    start(waits, Sock::Kept(conn), work, UV_READABLE, timeout_ms).map_err(|b| match b.0 {
+    start(waits, Sock::Kept(conn), work, UV_READABLE, timeout_ms).map(drop).map_err(|b| match b.0 {
         Sock::Kept(c) => c,
         Sock::Own(_) => unreachable!("a kept connection comes back as it went"),
     })
@@ -263,7 +266,7 @@ fn start(
     work: Work,
     events: c_int,
     timeout_ms: u64,
-) -> Result<(), Box<(Sock, Work)>> {
+) -> Result<*mut Waiting, Box<(Sock, Work)>> {
     let Some(uv) = uv() else { return Err(Box::new((sock, work))) };
     let raw_fd = std::os::fd::AsRawFd::as_raw_fd(&sock.fd());
     let w = Box::new(Waiting {
@@ -288,7 +291,7 @@ fn start(
         (*p).open.set(1);
         if (uv.poll_start)(poll, events, on_poll) != 0 {
             finish(p, Err(CoreError::new(ErrorCode::Io, "cannot wait on the event loop")));
-            return Ok(());
+            return Ok(p);
         }
         if timeout_ms > 0 {
             let timer = ptr::addr_of_mut!((*p).timer).cast::<c_void>();
@@ -298,7 +301,7 @@ fn start(
             }
         }
     }
-    Ok(())
+    Ok(p)
 }
 
 unsafe extern "C" fn on_poll(handle: *mut c_void, status: c_int, _events: c_int) {
@@ -346,6 +349,7 @@ unsafe extern "C" fn on_poll(handle: *mut c_void, status: c_int, _events: c_int)
             }
             r => r,
         },
+        Work::FirstRequest { reader, .. } => reader.advance(sock.fd()),
     };
     match r {
         Ok(None) => {}
@@ -363,7 +367,7 @@ unsafe extern "C" fn on_timer(handle: *mut c_void) {
     let (ms, what) = unsafe {
         let what = match (*p).work {
             Work::Request { .. } => "request",
-            Work::NextRequest { .. } => "read request",
+            Work::NextRequest { .. } | Work::FirstRequest { .. } => "read request",
         };
         ((*p).timeout_ms, what)
     };
@@ -419,20 +423,282 @@ unsafe fn close_handles(p: *mut Waiting) -> bool {
     true
 }
 
-/// Ends a wait once: closes its handles and reports the outcome to JavaScript.
+/// Ends a wait once: closes its handles and reports the outcome to JavaScript (a first request: hands the
+/// connection on, or drops it when no whole frame came).
 unsafe fn finish(p: *mut Waiting, r: tapmanager_core::Result<unix::Frame>) {
-    // SAFETY: the caller's contract (p live, on the loop's thread).
-    if !unsafe { close_handles(p) } {
+    // SAFETY: the caller's contract (p live, on the loop's thread); p stays live until its close callbacks run,
+    // which is after this returns.
+    let w = unsafe { &mut *p };
+    if w.done {
         return;
     }
-    // SAFETY: p stays live until its close callbacks run, which is after this callback returns.
-    let w = unsafe { &mut *p };
+    // Kept past the handles' close: a first request's connection goes on. The poll stops (in close_handles)
+    // before an own socket closes, as libuv requires.
+    let sock = w.sock.take();
+    // SAFETY: as above.
+    unsafe { close_handles(p) };
     let waits = w.waits.clone();
     match &w.work {
         Work::Request { id, kept, write_failed, .. } => {
+            drop(sock);
             let not_sent = if *kept { Some(*write_failed) } else { None };
             waits.call(FdDone::of(*id, r, not_sent))
         }
-        Work::NextRequest { token, .. } => waits.call(NextFrame::of(*token, r)),
+        Work::NextRequest { token, .. } => {
+            drop(sock);
+            waits.call(NextFrame::of(*token, r))
+        }
+        Work::FirstRequest { serving, peer, .. } => {
+            serving.pending.borrow_mut().remove(&(p as usize));
+            if let (Ok(frame), Some(Sock::Kept(conn))) = (r, sock) {
+                serving.clone().first_frame(conn, *peer, frame);
+            }
+        }
+    }
+}
+
+/// What a listener served on the loop and its connections' first-request waits share. Lives on the JavaScript
+/// thread only.
+pub struct Serving {
+    /// Calls `onIncoming` from the loop.
+    waits: Rc<LoopWaits>,
+    listener: Arc<unix::UnixListener>,
+    admission: Arc<Admission>,
+    fast: Arc<FastGets>,
+    cfg: unix::ServeConfig,
+    /// Hands a connection on from the runtime (after the fast path answered its first requests).
+    from_runtime: FromRuntime,
+    /// First-request waits in progress (their `Waiting`s), abandoned when the listener closes.
+    pending: RefCell<HashSet<usize>>,
+    closed: Cell<bool>,
+    backoff: Cell<Option<std::time::Duration>>,
+}
+
+/// How a connection reaches `onIncoming` from the runtime (a threadsafe function call).
+pub type FromRuntime = Arc<dyn Fn(Arc<unix::UnixConnection>, unix::Frame) + Send + Sync>;
+
+impl Serving {
+    /// What [`LoopListener::start`] serves: `listener` with `admission` and `fast` (as `incoming_served`),
+    /// connections handed to `waits`' callback, or through `from_runtime` after the fast path answered them.
+    pub fn new(
+        waits: Rc<LoopWaits>,
+        listener: Arc<unix::UnixListener>,
+        admission: Arc<Admission>,
+        fast: Arc<FastGets>,
+        cfg: unix::ServeConfig,
+        from_runtime: FromRuntime,
+    ) -> Serving {
+        Serving {
+            waits,
+            listener,
+            admission,
+            fast,
+            cfg,
+            from_runtime,
+            pending: RefCell::default(),
+            closed: Cell::new(false),
+            backoff: Cell::new(None),
+        }
+    }
+
+    /// A connection's first request frame, as `UnixListener::incoming_served` treats it: a peer outside the
+    /// filter gets one `permission denied` response and is closed; a get the fast path answers is answered on
+    /// the runtime (the connection handed on from there at its first other request); anything else goes to
+    /// `onIncoming` now.
+    fn first_frame(self: Rc<Self>, conn: Arc<unix::UnixConnection>, peer: Option<PeerCred>, frame: unix::Frame) {
+        if !self.admission.filter().allows(peer) {
+            self.admission.note_refused();
+            if frame.data.is_some() {
+                let refusal = unix::permission_denied_frame(peer);
+                if let Ok((false, sent)) = conn.try_respond(&refusal, &[], &[]) {
+                    let wd = self.cfg.write_deadline;
+                    napi::bindgen_prelude::spawn(async move {
+                        let _ = conn.respond_rest(&refusal, &[], Vec::new(), sent, wd).await;
+                    });
+                }
+            }
+            return;
+        }
+        if self.fast.would_answer(&frame) {
+            let (fast, cfg, deliver) = (self.fast.clone(), self.cfg.clone(), self.from_runtime.clone());
+            napi::bindgen_prelude::spawn(async move {
+                if let Ok(f) = conn.serve_fast_gets(frame, &fast, cfg.max_data, cfg.read_deadline).await {
+                    deliver(conn, f);
+                }
+            });
+            return;
+        }
+        self.waits.call(IncomingRequest::of(conn, self.fast.clone(), frame));
+    }
+
+    /// Starts reading the first request frame of an admitted connection, trying at once (a client sends its
+    /// request right after connecting: it is often there already).
+    fn read_first(self: &Rc<Self>, conn: unix::UnixConnection, peer: Option<PeerCred>) {
+        let work = Work::FirstRequest { serving: self.clone(), peer, reader: RequestReader::new(self.cfg.max_data) };
+        let ms = self.cfg.read_deadline.map_or(0, |d| d.as_millis() as u64);
+        if let Ok(p) = start(&self.waits, Sock::Kept(Arc::new(conn)), work, UV_READABLE, ms) {
+            // SAFETY: p is live until its close callbacks run (not before this returns); on the loop's thread.
+            unsafe {
+                if !(*p).done {
+                    self.pending.borrow_mut().insert(p as usize);
+                    on_poll(p.cast(), 0, UV_READABLE);
+                }
+            }
+        }
+    }
+}
+
+/// A listener served on the JavaScript thread's event loop: a `uv_poll_t` on the listening socket accepts
+/// (non-blocking, admitted as by `incoming_served`), and each connection's first request frame is read on the
+/// loop too. `accept()` failures back off on a `uv_timer_t` (10 ms doubling to 1 s, as on the runtime). Stops
+/// when [`stop`](Self::stop)ped or dropped.
+pub struct LoopListener(*mut ListenerHandles);
+
+/// The listener's handles. `poll` must stay the first field (see [`Waiting`]).
+#[repr(C)]
+struct ListenerHandles {
+    poll: [u64; HANDLE_WORDS],
+    timer: [u64; HANDLE_WORDS],
+    serving: Rc<Serving>,
+    /// Handles still open (freed when the last one's close callback ran).
+    open: Cell<u8>,
+}
+
+/// Connections accepted per wake-up at most (the rest on the next turn of the loop, which sees the socket
+/// readable again).
+const ACCEPT_BATCH: usize = 64;
+
+impl LoopListener {
+    /// Serves `serving` on the loop, or `None` when the loop cannot (libuv missing; nothing started).
+    pub fn start(serving: Serving) -> Option<LoopListener> {
+        let uv = uv()?;
+        let fd = serving.listener.as_raw_fd();
+        let uv_loop = serving.waits.uv_loop;
+        let h = Box::into_raw(Box::new(ListenerHandles {
+            poll: [0; HANDLE_WORDS],
+            timer: [0; HANDLE_WORDS],
+            serving: Rc::new(serving),
+            open: Cell::new(0),
+        }));
+        // SAFETY: h is live and exclusively owned; its handles live inside it until their close callbacks ran.
+        unsafe {
+            let poll = ptr::addr_of_mut!((*h).poll).cast::<c_void>();
+            let timer = ptr::addr_of_mut!((*h).timer).cast::<c_void>();
+            if (uv.poll_init)(uv_loop, poll, fd) != 0 {
+                drop(Box::from_raw(h));
+                return None;
+            }
+            if (uv.timer_init)(uv_loop, timer) != 0 {
+                (*h).open.set(1);
+                (uv.close)(poll, Some(on_listener_closed));
+                return None;
+            }
+            (*h).open.set(2);
+            if (uv.poll_start)(poll, UV_READABLE, on_listener) != 0 {
+                LoopListener(h).stop();
+                return None;
+            }
+        }
+        Some(LoopListener(h))
+    }
+
+    /// Stops accepting and abandons the first-request waits in progress (their connections close). Once; on
+    /// the loop's thread.
+    pub fn stop(&self) {
+        let uv = uv().expect("libuv resolved before the listener started");
+        // SAFETY: self.0 stays live until its handles' close callbacks ran, which start here, at most once.
+        unsafe {
+            let h = &*self.0;
+            if h.serving.closed.replace(true) {
+                return;
+            }
+            let poll = ptr::addr_of_mut!((*self.0).poll).cast::<c_void>();
+            let timer = ptr::addr_of_mut!((*self.0).timer).cast::<c_void>();
+            (uv.poll_stop)(poll);
+            (uv.timer_stop)(timer);
+            (uv.close)(poll, Some(on_listener_closed));
+            (uv.close)(timer, Some(on_listener_timer_closed));
+            let pending: Vec<usize> = h.serving.pending.borrow_mut().drain().collect();
+            for p in pending {
+                close_handles(p as *mut Waiting);
+            }
+        }
+    }
+}
+
+impl Drop for LoopListener {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+unsafe extern "C" fn on_listener(handle: *mut c_void, status: c_int, _events: c_int) {
+    // SAFETY: handle is the poll field (offset 0) of a live ListenerHandles.
+    let s = unsafe { (*handle.cast::<ListenerHandles>()).serving.clone() };
+    if s.closed.get() {
+        return;
+    }
+    let mut failed = status < 0;
+    for _ in 0..ACCEPT_BATCH {
+        if failed {
+            break;
+        }
+        match napi::bindgen_prelude::within_runtime_if_available(|| s.listener.try_accept_admitted(&s.admission)) {
+            Ok(Accepted::None) => return,
+            Ok(Accepted::Dropped) => s.backoff.set(None),
+            Ok(Accepted::Conn(conn, peer)) => {
+                s.backoff.set(None);
+                s.read_first(conn, peer);
+            }
+            Err(e) if e.code == ErrorCode::Closed => return,
+            Err(_) => failed = true,
+        }
+    }
+    if failed {
+        // accept() failed (EMFILE, ...), counted: wait before the next try, as the runtime's accept loop does
+        let uv = uv().expect("libuv resolved before the listener started");
+        let wait = unix::accept_backoff(s.backoff.get());
+        s.backoff.set(Some(wait));
+        // SAFETY: the handles are live and not closed (closed was false).
+        unsafe {
+            (uv.poll_stop)(handle);
+            let timer = handle.cast::<u8>().add(std::mem::offset_of!(ListenerHandles, timer)).cast::<c_void>();
+            (uv.timer_start)(timer, on_backoff_done, wait.as_millis() as u64, 0);
+        }
+    }
+}
+
+unsafe extern "C" fn on_backoff_done(handle: *mut c_void) {
+    // SAFETY: handle is the timer field of a live ListenerHandles, whose poll handle is at offset 0.
+    unsafe {
+        let h = handle.cast::<u8>().sub(std::mem::offset_of!(ListenerHandles, timer)).cast::<ListenerHandles>();
+        let handles = &*h;
+        if handles.serving.closed.get() {
+            return;
+        }
+        let uv = uv().expect("libuv resolved before the listener started");
+        (uv.poll_start)(h.cast(), UV_READABLE, on_listener);
+    }
+}
+
+unsafe extern "C" fn on_listener_closed(handle: *mut c_void) {
+    // SAFETY: handle is the poll field (offset 0) of a live ListenerHandles.
+    unsafe { listener_handle_closed(handle.cast::<ListenerHandles>()) }
+}
+
+unsafe extern "C" fn on_listener_timer_closed(handle: *mut c_void) {
+    // SAFETY: handle is the timer field of a live ListenerHandles.
+    unsafe { listener_handle_closed(handle.cast::<u8>().sub(std::mem::offset_of!(ListenerHandles, timer)).cast()) }
+}
+
+/// One of the listener's handles is closed; the last one frees them.
+unsafe fn listener_handle_closed(h: *mut ListenerHandles) {
+    // SAFETY: h is live until the last close callback, which is this one when `open` drops to 0.
+    unsafe {
+        let left = (*h).open.get() - 1;
+        (*h).open.set(left);
+        if left == 0 {
+            drop(Box::from_raw(h));
+        }
     }
 }

@@ -134,7 +134,7 @@ impl Admission {
     }
 
     /// Counts a peer the filter refused.
-    pub(super) fn note_refused(&self) {
+    pub fn note_refused(&self) {
         self.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 

@@ -277,7 +277,7 @@ impl UnixConnection {
 
 /// The error response for a peer the filter refuses (text as PROTOCOL.md's error frames: command 0xff, a key of
 /// 64 NULs, DataSize = text length).
-pub(super) fn permission_denied_frame(peer: Option<PeerCred>) -> Vec<u8> {
+pub fn permission_denied_frame(peer: Option<PeerCred>) -> Vec<u8> {
     let who = match peer {
         Some(p) => format!("uid {} gid {}", p.uid, p.gid),
         None => "unknown peer".to_string(),

@@ -27,10 +27,10 @@ mod socket;
 
 pub use admission::{Admission, AdmissionStats, ConnLimits, ConnSlot, PeerFilter};
 pub use fast_gets::{FastGetLog, FastGetRecord, FastGets, FastLogWake};
-pub use frame::{Frame, RequestReader, Sent, FRAME_HEADER_LEN};
+pub use frame::{permission_denied_frame, Frame, RequestReader, Sent, FRAME_HEADER_LEN};
 pub use request::{continue_write, finish_request, request, start_request, ResponseReader};
 pub use scm::{cmsg_space, dup_fds, MAX_FDS};
-pub use socket::{BindOptions, PeerCred, ServeConfig, UnixConnection, UnixListener};
+pub use socket::{accept_backoff, Accepted, BindOptions, PeerCred, ServeConfig, UnixConnection, UnixListener};
 
 /// Runs `fut` within `deadline` (`None`: unbounded); past it, `ERR_TIMEOUT` naming `what`.
 async fn with_deadline<T>(

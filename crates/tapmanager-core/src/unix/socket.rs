@@ -205,7 +205,7 @@ impl UnixListener {
                             _ = tokio::time::sleep(backoff) => {}
                             _ = listener.closed() => break,
                         }
-                        backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                        backoff = accept_backoff(Some(backoff));
                         continue;
                     }
                 };
@@ -247,6 +247,49 @@ impl UnixListener {
             }
         });
         rx
+    }
+
+    /// The listening socket's fd, for a caller that waits for connections by its own means (see
+    /// [`try_accept_admitted`](Self::try_accept_admitted)). Valid while the listener lives.
+    pub fn as_raw_fd(&self) -> RawFd {
+        self.inner.as_raw_fd()
+    }
+
+    /// Whether [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// One step of [`incoming_served`](Self::incoming_served)'s accept loop for a caller that runs its own (the
+    /// JavaScript thread's event loop): accepts a connection that is already waiting, without blocking, and
+    /// admits it under `admission`'s caps. An `accept()` failure is counted there and returned: the caller backs
+    /// off ([`accept_backoff`]) before trying again. Must run inside a tokio runtime context (the connection is
+    /// registered with its reactor, for the operations that run there).
+    pub fn try_accept_admitted(&self, admission: &Arc<Admission>) -> Result<Accepted> {
+        if self.is_closed() {
+            return Err(Error::new(ErrorCode::Closed, "accept: listener is closed"));
+        }
+        let flags = nix::sys::socket::SockFlag::SOCK_NONBLOCK | nix::sys::socket::SockFlag::SOCK_CLOEXEC;
+        let fd = loop {
+            match nix::sys::socket::accept4(self.as_raw_fd(), flags) {
+                // SAFETY: accept4 returned a new fd that nothing else owns.
+                Ok(fd) => break unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) },
+                Err(nix::errno::Errno::EAGAIN) => return Ok(Accepted::None),
+                Err(nix::errno::Errno::EINTR) | Err(nix::errno::Errno::ECONNABORTED) => continue,
+                Err(e) => {
+                    let e = Error::io("accept", e.into());
+                    admission.note_accept_error(&e);
+                    return Err(e);
+                }
+            }
+        };
+        let mut conn = UnixConnection::from_std(std::os::unix::net::UnixStream::from(fd))?;
+        let peer = conn.peer_cred().ok();
+        match admission.admit(peer.map(|p| p.uid)) {
+            Some(slot) => conn.slot = Some(slot),
+            None => return Ok(Accepted::Dropped), // closed at once, counted by admit
+        }
+        Ok(Accepted::Conn(conn, peer))
     }
 
     /// Removes the socket file (`rm <path>`); a file that is already gone is fine.
@@ -363,6 +406,23 @@ impl UnixConnection {
             Err(e) => Err(Error::io(what, io::Error::from(e))),
         }
     }
+}
+
+/// What [`UnixListener::try_accept_admitted`] found.
+#[derive(Debug)]
+pub enum Accepted {
+    /// No connection is waiting.
+    None,
+    /// A connection under the caps, with its peer's credentials (absent when `SO_PEERCRED` failed).
+    Conn(UnixConnection, Option<PeerCred>),
+    /// A connection over a cap: closed at once, counted.
+    Dropped,
+}
+
+/// The wait before the next `accept()` after a failure: 10 ms after the first (`prev` absent), doubling up to
+/// 1 s; a success resets it.
+pub fn accept_backoff(prev: Option<Duration>) -> Duration {
+    prev.map_or(ACCEPT_BACKOFF_MIN, |b| (b * 2).min(ACCEPT_BACKOFF_MAX))
 }
 
 /// First backoff after a failed `accept()`.
