@@ -64,58 +64,60 @@ function getHeader(key: string): Buffer {
   return b
 }
 
-test('a flood of idle connections that exhausts the fd limit (EMFILE) does not end the server: it serves again afterwards', async (t) => {
-  requirePrereqs(['prlimit'])
-  const dir = tempDir(t)
-  const sock = join(dir, 'fd.sock')
-  // The server runs with 96 fds; caps far above that, so accept() itself fails (EMFILE), as without caps.
-  const child: ChildProcess = spawn(
-    'prlimit',
-    ['--nofile=96:96', process.execPath, ...NODE_ARGS, '__test__/helpers/fdserver-child.ts', sock, JSON.stringify({ maxConnections: 100_000, maxConnectionsPerUid: 100_000 }), join(dir, 'files')],
-    { cwd: process.cwd(), env: CHILD_ENV, stdio: ['ignore', 'pipe', 'inherit'] },
-  )
-  const events: Record<string, unknown>[] = []
-  createInterface({ input: child.stdout! }).on('line', (l) => events.push(JSON.parse(l)))
-  let exit: number | null | undefined
-  child.once('exit', (code) => (exit = code))
-  t.teardown(() => {
-    if (exit === undefined) child.kill('SIGKILL')
+for (const readOn of ['loop', 'runtime'] as const) {
+  test(`${readOn}: a flood of idle connections that exhausts the fd limit (EMFILE) does not end the server: it serves again afterwards`, async (t) => {
+    requirePrereqs(['prlimit'])
+    const dir = tempDir(t)
+    const sock = join(dir, 'fd.sock')
+    // The server runs with 96 fds; caps far above that, so accept() itself fails (EMFILE), as without caps.
+    const child: ChildProcess = spawn(
+      'prlimit',
+      ['--nofile=96:96', process.execPath, ...NODE_ARGS, '__test__/helpers/fdserver-child.ts', sock, JSON.stringify({ maxConnections: 100_000, maxConnectionsPerUid: 100_000, readOn }), join(dir, 'files')],
+      { cwd: process.cwd(), env: CHILD_ENV, stdio: ['ignore', 'pipe', 'inherit'] },
+    )
+    const events: Record<string, unknown>[] = []
+    createInterface({ input: child.stdout! }).on('line', (l) => events.push(JSON.parse(l)))
+    let exit: number | null | undefined
+    child.once('exit', (code) => (exit = code))
+    t.teardown(() => {
+      if (exit === undefined) child.kill('SIGKILL')
+    })
+    t.true(await until(() => events.some((e) => e.ready) || exit !== undefined), 'server ready')
+    const client = new FDClient(sock, { timeoutMs: 10_000 })
+    await client.addFDs('k', { contents: ['hello'] })
+
+    const { sockets } = await flood(sock, 300)
+    // accept() failed (EMFILE) and was survived: reported, and the process is alive.
+    t.true(
+      await until(() => events.some((e) => ((e.limits as LimitsReport | undefined)?.total.acceptErrors ?? 0) > 0)),
+      JSON.stringify(events.slice(-3)),
+    )
+    const report = [...events].reverse().find((e) => e.limits)!.limits as LimitsReport
+    t.regex(report.lastAcceptError ?? '', /Too many open files|EMFILE/i)
+    t.is(exit, undefined)
+    for (const s of sockets) s.destroy()
+
+    // Serving again once the flood is gone (bounded poll: the server drains the backlog of closed connections).
+    let got: string | undefined
+    t.true(
+      await until(async () => {
+        try {
+          const { fds } = await client.getFDs('k')
+          fds.forEach((fd) => closeFd(fd))
+          got = 'ok'
+          return true
+        } catch {
+          return false
+        }
+      }, 60_000),
+    )
+    t.is(got, 'ok')
+    t.false(events.some((e) => e.fatal))
+    child.kill('SIGTERM')
+    t.true(await until(() => exit !== undefined))
+    t.is(exit, 0)
   })
-  t.true(await until(() => events.some((e) => e.ready) || exit !== undefined), 'server ready')
-  const client = new FDClient(sock, { timeoutMs: 10_000 })
-  await client.addFDs('k', { contents: ['hello'] })
-
-  const { sockets } = await flood(sock, 300)
-  // accept() failed (EMFILE) and was survived: reported, and the process is alive.
-  t.true(
-    await until(() => events.some((e) => ((e.limits as LimitsReport | undefined)?.total.acceptErrors ?? 0) > 0)),
-    JSON.stringify(events.slice(-3)),
-  )
-  const report = [...events].reverse().find((e) => e.limits)!.limits as LimitsReport
-  t.regex(report.lastAcceptError ?? '', /Too many open files|EMFILE/i)
-  t.is(exit, undefined)
-  for (const s of sockets) s.destroy()
-
-  // Serving again once the flood is gone (bounded poll: the server drains the backlog of closed connections).
-  let got: string | undefined
-  t.true(
-    await until(async () => {
-      try {
-        const { fds } = await client.getFDs('k')
-        fds.forEach((fd) => closeFd(fd))
-        got = 'ok'
-        return true
-      } catch {
-        return false
-      }
-    }, 60_000),
-  )
-  t.is(got, 'ok')
-  t.false(events.some((e) => e.fatal))
-  child.kill('SIGTERM')
-  t.true(await until(() => exit !== undefined))
-  t.is(exit, 0)
-})
+}
 
 /** Runs a process as uid/gid 65534 that opens `n` idle connections, prints how many connected, holds them until stdin closes. */
 function floodAsNobody(sock: string, n: number): { child: ChildProcess; opened: Promise<number> } {
@@ -129,43 +131,46 @@ function floodAsNobody(sock: string, n: number): { child: ChildProcess; opened: 
   return { child, opened }
 }
 
-test('connection caps: a flood from another uid is closed at once over its cap, counted and reported once per interval; root is still served', async (t) => {
-  requirePrereqs()
-  const dir = tempDir(t)
-  const sock = join(dir, 'fd.sock')
-  const reports: LimitsReport[] = []
-  const server = new FDServer(sock, new FileFDSource(join(dir, 'files')), {
-    socketMode: 0o666,
-    allowedUids: [0],
-    maxConnections: 16,
-    maxConnectionsPerUid: 4,
-    limitsIntervalMs: 200,
-    onLimits: (r) => reports.push(r),
-  })
-  await server.serve()
-  t.teardown(() => server.stop())
-  const client = new FDClient(sock, { timeoutMs: 10_000 })
-  await client.addFDs('k', { contents: ['x'] })
+for (const readOn of ['loop', 'runtime'] as const) {
+  test(`${readOn}: connection caps: a flood from another uid is closed at once over its cap, counted and reported once per interval; root is still served`, async (t) => {
+    requirePrereqs()
+    const dir = tempDir(t)
+    const sock = join(dir, 'fd.sock')
+    const reports: LimitsReport[] = []
+    const server = new FDServer(sock, new FileFDSource(join(dir, 'files')), {
+      readOn,
+      socketMode: 0o666,
+      allowedUids: [0],
+      maxConnections: 16,
+      maxConnectionsPerUid: 4,
+      limitsIntervalMs: 200,
+      onLimits: (r) => reports.push(r),
+    })
+    await server.serve()
+    t.teardown(() => server.stop())
+    const client = new FDClient(sock, { timeoutMs: 10_000 })
+    await client.addFDs('k', { contents: ['x'] })
 
-  const started = Date.now()
-  const { child, opened } = floodAsNobody(sock, 200)
-  t.teardown(() => {
-    child.stdin?.end()
+    const started = Date.now()
+    const { child, opened } = floodAsNobody(sock, 200)
+    t.teardown(() => {
+      child.stdin?.end()
+    })
+    await opened
+    // At most 4 of nobody's connections are held; the rest were closed at once and counted.
+    t.true(await until(() => server.limits().total.overUid >= 150), JSON.stringify(server.limits()))
+    t.true(server.limits().open <= 4, JSON.stringify(server.limits()))
+    // Root is served all the while.
+    for (let i = 0; i < 5; i++) {
+      const { fds } = await client.getFDs('k')
+      fds.forEach((fd) => closeFd(fd))
+    }
+    t.true(await until(() => reports.some((r) => r.interval.overUid > 0)))
+    // Reported per interval, not per connection.
+    t.true(reports.length <= 2 + (Date.now() - started) / 200, `${reports.length} reports`)
+    child.stdin!.end()
   })
-  await opened
-  // At most 4 of nobody's connections are held; the rest were closed at once and counted.
-  t.true(await until(() => server.limits().total.overUid >= 150), JSON.stringify(server.limits()))
-  t.true(server.limits().open <= 4, JSON.stringify(server.limits()))
-  // Root is served all the while.
-  for (let i = 0; i < 5; i++) {
-    const { fds } = await client.getFDs('k')
-    fds.forEach((fd) => closeFd(fd))
-  }
-  t.true(await until(() => reports.some((r) => r.interval.overUid > 0)))
-  // Reported per interval, not per connection.
-  t.true(reports.length <= 2 + (Date.now() - started) / 200, `${reports.length} reports`)
-  child.stdin!.end()
-})
+}
 
 test('a client that sends requests and never reads: responses have a write deadline and stop() is bounded (JS path and native fast path)', async (t) => {
   requirePrereqs()

@@ -1,7 +1,8 @@
-// A connection's requests after its first: FDServer reads them on this thread's own event loop (`readOn: 'loop'`,
+// Where FDServer accepts connections and reads their requests: on this thread's own event loop (`readOn: 'loop'`,
 // the default on Node) or on the addon's native runtime (`readOn: 'runtime'`, what Bun and Deno use). Every test
 // runs on both and expects the same bytes and the same ends: pieces, payloads, the size limit, bad magic, the read
 // deadline, natively answered gets after JavaScript-served requests, stop() with idle connections, no fd leaked.
+// (Caps, the peer filter and accept() failures on both: fd-limits.spec.ts and fd-auth.spec.ts.)
 import test from 'ava'
 import { closeSync, mkdtempSync, openSync, readSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'

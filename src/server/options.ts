@@ -81,10 +81,11 @@ export interface FDServerOptions {
    */
   onRequest?: (entry: RequestLogEntry) => void
   /**
-   * Where a connection's requests after its first are read: `loop` (default; on Node) on this thread's own event
-   * loop, one wake-up of this thread per request and no runtime thread; `runtime` on the addon's native runtime,
-   * delivered through a threadsafe function (what Bun and Deno always use: they lack libuv's functions).
-   * Behaviour is the same either way; `runtime` is there to compare (bench/fd.ts).
+   * Where connections are accepted and their requests read: `loop` (default; on Node) on this thread's own event
+   * loop, so a request reaches the source with no other thread in between (one wake-up of this thread per
+   * request); `runtime` on the addon's native runtime, delivered through threadsafe functions (what Bun and Deno
+   * always use: they lack libuv's functions). Caps, filter, deadlines, the native get fast path and every
+   * response are the same either way; `runtime` is there to compare (bench/fd.ts) and as a fallback.
    */
   readOn?: 'loop' | 'runtime'
 }
