@@ -1044,7 +1044,11 @@ impl UnixConnection {
     pub fn close(&self) -> Result<(), JsError> {
         let taken = self.inner.lock().map_err(|_| invalid("connection lock poisoned"))?.take();
         if let Some(c) = taken {
-            c.shutdown().map_err(to_js)?;
+            // Nothing else holds it (no read or write in progress): dropping it closes the socket, which is all a
+            // shutdown would do. Otherwise the shutdown ends what is in progress.
+            if Arc::strong_count(&c) > 1 {
+                c.shutdown().map_err(to_js)?;
+            }
         }
         Ok(())
     }

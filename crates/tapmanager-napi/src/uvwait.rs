@@ -531,18 +531,23 @@ impl Serving {
         self.waits.call(IncomingRequest::of(conn, self.fast.clone(), frame));
     }
 
-    /// Starts reading the first request frame of an admitted connection, trying at once (a client sends its
-    /// request right after connecting: it is often there already).
+    /// Reads the first request frame of an admitted connection: at once as far as it is there (a client sends
+    /// its request right after connecting, so it usually is: then no handle is made at all), the rest on the loop.
     fn read_first(self: &Rc<Self>, conn: unix::UnixConnection, peer: Option<PeerCred>) {
-        let work = Work::FirstRequest { serving: self.clone(), peer, reader: RequestReader::new(self.cfg.max_data) };
+        // SAFETY: the connection (and so its fd) lives for the whole borrow.
+        let fd = unsafe { BorrowedFd::borrow_raw(conn.as_raw_fd()) };
+        let mut reader = RequestReader::new(self.cfg.max_data);
+        match reader.advance(fd) {
+            Ok(Some(frame)) => return self.clone().first_frame(Arc::new(conn), peer, frame),
+            Ok(None) => {}
+            Err(_) => return, // gone before a whole frame: dropped, as on the runtime
+        }
+        let work = Work::FirstRequest { serving: self.clone(), peer, reader };
         let ms = self.cfg.read_deadline.map_or(0, |d| d.as_millis() as u64);
         if let Ok(p) = start(&self.waits, Sock::Kept(Arc::new(conn)), work, UV_READABLE, ms) {
             // SAFETY: p is live until its close callbacks run (not before this returns); on the loop's thread.
-            unsafe {
-                if !(*p).done {
-                    self.pending.borrow_mut().insert(p as usize);
-                    on_poll(p.cast(), 0, UV_READABLE);
-                }
+            if unsafe { !(*p).done } {
+                self.pending.borrow_mut().insert(p as usize);
             }
         }
     }

@@ -50,8 +50,9 @@ impl UnixConnection {
         }
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let sent = loop {
-            self.inner.writable().await.map_err(|e| Error::io("wait writable", e))?;
-            match self.inner.try_io(Interest::WRITABLE, || sendmsg_fds(self.inner.as_raw_fd(), data, &raw)) {
+            let stream = self.stream()?;
+            stream.writable().await.map_err(|e| Error::io("wait writable", e))?;
+            match stream.try_io(Interest::WRITABLE, || sendmsg_fds(self.as_raw_fd(), data, &raw)) {
                 Ok(k) => break k,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -69,10 +70,10 @@ impl UnixConnection {
         let mut data = vec![0u8; data_len.max(1)];
         let mut control = vec![0u64; control_len.div_ceil(8)];
         let (n, fds, truncated) = loop {
-            self.inner.readable().await.map_err(|e| Error::io("wait readable", e))?;
-            let res = self.inner.try_io(Interest::READABLE, || {
-                recvmsg_fds(self.inner.as_raw_fd(), &mut data, &mut control, control_len)
-            });
+            let stream = self.stream()?;
+            stream.readable().await.map_err(|e| Error::io("wait readable", e))?;
+            let res = stream
+                .try_io(Interest::READABLE, || recvmsg_fds(self.as_raw_fd(), &mut data, &mut control, control_len));
             match res {
                 Ok(r) => break r,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,

@@ -129,7 +129,7 @@ impl UnixListener {
         tokio::select! {
             r = self.inner.accept() => {
                 let (stream, _) = r.map_err(|e| Error::io("accept", e))?;
-                Ok(UnixConnection { inner: stream, slot: None })
+                Ok(UnixConnection::registered(stream))
             }
             _ = &mut notified => Err(Error::new(ErrorCode::Closed, "accept: listener is closed")),
         }
@@ -303,9 +303,19 @@ impl UnixListener {
 }
 
 /// A connected Unix stream socket.
+///
+/// A connection made from a std stream ([`from_std`](Self::from_std), the accept of
+/// [`UnixListener::try_accept_admitted`]) is registered with the tokio reactor only when an operation first waits
+/// on it: one served entirely without the runtime (on the JavaScript thread's event loop) never costs the
+/// reactor a registration, nor its thread a wake-up.
 #[derive(Debug)]
 pub struct UnixConnection {
-    pub(super) inner: tokio::net::UnixStream,
+    /// The socket's fd, valid while the connection lives (owned by `unregistered` or `stream`).
+    fd: RawFd,
+    /// The socket until it is registered.
+    unregistered: std::sync::Mutex<Option<std::os::unix::net::UnixStream>>,
+    /// The socket once registered with the reactor.
+    stream: std::sync::OnceLock<tokio::net::UnixStream>,
     /// The connection's place under the listener's caps (see [`Admission`]), given back on drop.
     pub(super) slot: Option<ConnSlot>,
 }
@@ -317,24 +327,55 @@ impl UnixConnection {
         let inner = tokio::net::UnixStream::connect(path)
             .await
             .map_err(|e| Error::io(format!("connect {}", path.display()), e))?;
-        Ok(UnixConnection { inner, slot: None })
+        Ok(UnixConnection::registered(inner))
     }
 
-    /// Wraps an already connected std stream (e.g. one half of `UnixStream::pair()`). Must run inside a tokio runtime.
+    fn registered(stream: tokio::net::UnixStream) -> UnixConnection {
+        let fd = stream.as_raw_fd();
+        UnixConnection {
+            fd,
+            unregistered: std::sync::Mutex::new(None),
+            stream: std::sync::OnceLock::from(stream),
+            slot: None,
+        }
+    }
+
+    /// Wraps an already connected std stream (e.g. one half of `UnixStream::pair()`), made non-blocking. It is
+    /// registered with the tokio reactor when an operation first waits on it (which must then run inside a
+    /// tokio runtime).
     pub fn from_std(stream: std::os::unix::net::UnixStream) -> Result<UnixConnection> {
         stream.set_nonblocking(true).map_err(|e| Error::io("set nonblocking", e))?;
-        let inner = tokio::net::UnixStream::from_std(stream).map_err(|e| Error::io("register stream", e))?;
-        Ok(UnixConnection { inner, slot: None })
+        Ok(UnixConnection {
+            fd: stream.as_raw_fd(),
+            unregistered: std::sync::Mutex::new(Some(stream)),
+            stream: std::sync::OnceLock::new(),
+            slot: None,
+        })
     }
 
-    /// The raw fd, for diagnostics.
+    /// The socket registered with the reactor (registering it now if it is not yet). Inside a tokio runtime.
+    pub(super) fn stream(&self) -> Result<&tokio::net::UnixStream> {
+        if let Some(s) = self.stream.get() {
+            return Ok(s);
+        }
+        let mut unregistered = self.unregistered.lock().map_err(|_| Error::invalid("connection lock poisoned"))?;
+        if let Some(std) = unregistered.take() {
+            let s = tokio::net::UnixStream::from_std(std).map_err(|e| Error::io("register stream", e))?;
+            let _ = self.stream.set(s);
+        }
+        self.stream.get().ok_or_else(|| Error::new(ErrorCode::Closed, "connection is closed"))
+    }
+
+    /// The raw fd (valid while the connection lives), for reads and writes that never wait.
     pub fn as_raw_fd(&self) -> RawFd {
-        self.inner.as_raw_fd()
+        self.fd
     }
 
     /// The peer's credentials (`SO_PEERCRED`).
     pub fn peer_cred(&self) -> Result<PeerCred> {
-        let cred = getsockopt(&self.inner, sockopt::PeerCredentials)
+        // SAFETY: the fd is open while self lives.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.fd) };
+        let cred = getsockopt(&fd, sockopt::PeerCredentials)
             .map_err(|e| Error::io("getsockopt SO_PEERCRED", io::Error::from(e)))?;
         Ok(PeerCred { pid: cred.pid(), uid: cred.uid(), gid: cred.gid() })
     }
@@ -357,8 +398,9 @@ impl UnixConnection {
         let mut buf = vec![0u8; n];
         let mut got = 0;
         while got < n {
-            self.inner.readable().await.map_err(|e| Error::io("wait readable", e))?;
-            match self.inner.try_read(&mut buf[got..]) {
+            let stream = self.stream()?;
+            stream.readable().await.map_err(|e| Error::io("wait readable", e))?;
+            match stream.try_read(&mut buf[got..]) {
                 Ok(0) => {
                     return Err(Error::new(
                         ErrorCode::Closed,
@@ -378,8 +420,9 @@ impl UnixConnection {
     pub async fn write_all(&self, data: &[u8]) -> Result<()> {
         let mut done = 0;
         while done < data.len() {
-            self.inner.writable().await.map_err(|e| Error::io("wait writable", e))?;
-            match self.inner.try_write(&data[done..]) {
+            let stream = self.stream()?;
+            stream.writable().await.map_err(|e| Error::io("wait writable", e))?;
+            match stream.try_write(&data[done..]) {
                 Ok(k) => done += k,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -401,7 +444,7 @@ impl UnixConnection {
 
     /// `shutdown(2)` with `how`; a socket that is not connected (`ENOTCONN`) is fine.
     fn shutdown_how(&self, how: Shutdown, what: &str) -> Result<()> {
-        match nix::sys::socket::shutdown(self.inner.as_raw_fd(), how) {
+        match nix::sys::socket::shutdown(self.fd, how) {
             Ok(()) | Err(nix::errno::Errno::ENOTCONN) => Ok(()),
             Err(e) => Err(Error::io(what, io::Error::from(e))),
         }
