@@ -937,10 +937,10 @@ impl UnixConnection {
         };
         if let (Some(waits), Ok(conn)) = (&sink.on_loop, &c) {
             let handoff = self.fast.clone().map(|fast| {
-                let (conn, done, serve) = (conn.clone(), done.clone(), serve.clone());
-                let hand: uvwait::Handoff = Box::new(move |frame| {
+                let (conn, done, f) = (conn.clone(), done.clone(), fast.clone());
+                let hand: uvwait::Handoff = Box::new(move |rest| {
                     napi::bindgen_prelude::spawn(async move {
-                        let r = serve(conn, frame).await;
+                        let r = conn.finish_fast_gets(rest, &f, max_data as usize, d).await;
                         done.call(NextFrame::of(token, r), ThreadsafeFunctionCallMode::NonBlocking);
                     });
                 });

@@ -18,7 +18,9 @@ use std::sync::{Arc, OnceLock};
 
 use napi::bindgen_prelude::ToNapiValue;
 use napi::sys;
-use tapmanager_core::unix::{self, Accepted, Admission, FastGets, PeerCred, RequestReader, ResponseReader};
+use tapmanager_core::unix::{
+    self, Accepted, Admission, AnsweredNow, FastGets, PeerCred, PeerSlot, RequestReader, ResponseReader, RestOfAnswer,
+};
 use tapmanager_core::{Error as CoreError, ErrorCode};
 
 use crate::fd::{FdDone, IncomingRequest, NextFrame};
@@ -191,15 +193,58 @@ enum Work {
         written: usize,
         reader: ResponseReader,
     },
-    /// A server connection's next request frame (reported as `NextFrame`). A get the native fast path would
-    /// answer goes to `handoff` instead (answered on the runtime, as the runtime path does).
-    NextRequest { token: u32, reader: RequestReader, handoff: Option<(Arc<FastGets>, Handoff)> },
-    /// A connection's first request frame on a listener served on the loop (see [`LoopListener`]).
+    /// A server connection's next request frame (reported as `NextFrame`). Gets the native fast path answers
+    /// are answered here first (one that the socket cannot take at once goes to `handoff`, finished on the
+    /// runtime, which then goes on as the runtime path does).
+    NextRequest { token: u32, reader: RequestReader, fast: Option<(Arc<FastGets>, Handoff)>, peer: PeerSlot },
+    /// A connection's first request frame on a listener served on the loop (see [`LoopListener`]); gets the fast
+    /// path answers are answered here first, as above.
     FirstRequest { serving: Rc<Serving>, peer: Option<PeerCred>, reader: RequestReader },
 }
 
-/// Takes a request frame the fast path answers (and everything after it on the connection) to the runtime.
-pub type Handoff = Box<dyn FnOnce(unix::Frame)>;
+/// Takes a fast-path response the socket did not take at once (and everything after it on the connection) to
+/// the runtime.
+pub type Handoff = Box<dyn FnOnce(RestOfAnswer)>;
+
+/// Where reading a connection's requests on the loop got (see [`step`]).
+enum Step {
+    /// Wait for more bytes; `answered`: gets were answered meanwhile (the read deadline starts again).
+    Wait { answered: bool },
+    /// A request frame for the application.
+    Frame(unix::Frame),
+    /// A fast-path response only partly written.
+    Rest(RestOfAnswer),
+    /// EOF, a read error, a failed write.
+    Failed(CoreError),
+}
+
+/// Reads what `conn` has, answering the gets `fast` answers (when given) at once, until a frame for the
+/// application, a response the socket cannot take at once, an error, or no more bytes.
+fn step(
+    reader: &mut RequestReader,
+    conn: &unix::UnixConnection,
+    fast: Option<&Arc<FastGets>>,
+    peer: &mut PeerSlot,
+) -> Step {
+    // SAFETY: the connection (and so its fd) lives for the whole borrow.
+    let fd = unsafe { BorrowedFd::borrow_raw(conn.as_raw_fd()) };
+    let mut answered = false;
+    loop {
+        let frame = match reader.advance(fd) {
+            Ok(None) => return Step::Wait { answered },
+            Ok(Some(frame)) => frame,
+            Err(e) => return Step::Failed(e),
+        };
+        reader.reset();
+        let Some(fast) = fast else { return Step::Frame(frame) };
+        match fast.answer_now(conn, &frame, peer) {
+            Ok(AnsweredNow::No) => return Step::Frame(frame),
+            Ok(AnsweredNow::Done) => answered = true,
+            Ok(AnsweredNow::Rest(rest)) => return Step::Rest(rest),
+            Err(e) => return Step::Failed(e),
+        }
+    }
+}
 
 /// One wait on the loop. `poll` must stay the first field: libuv hands its callbacks the handle's address,
 /// which is then the wait's.
@@ -241,17 +286,18 @@ pub fn wait(
 
 /// Waits on the loop for the next request frame of the server connection `conn` (payloads over `max_data` left
 /// unread, as `read_request_frame`), then calls the sink's callback with `token` and the frame or why there is
-/// none (EOF, error, `timeout_ms` when > 0). A get `fast` would answer goes to `handoff` instead. On a setup
-/// failure nothing was read and the connection is handed back (`Err`) for the runtime path.
+/// none (EOF, error, `timeout_ms` when > 0). Gets `fast` answers are answered first, on the loop (see
+/// [`Handoff`]). On a setup failure nothing was read and the connection is handed back (`Err`) for the runtime
+/// path.
 pub fn read_next(
     waits: &Rc<LoopWaits>,
     conn: Arc<unix::UnixConnection>,
     token: u32,
     max_data: usize,
     timeout_ms: u64,
-    handoff: Option<(Arc<FastGets>, Handoff)>,
+    fast: Option<(Arc<FastGets>, Handoff)>,
 ) -> Result<(), Arc<unix::UnixConnection>> {
-    let work = Work::NextRequest { token, reader: RequestReader::new(max_data), handoff };
+    let work = Work::NextRequest { token, reader: RequestReader::new(max_data), fast, peer: PeerSlot::default() };
     start(waits, Sock::Kept(conn), work, UV_READABLE, timeout_ms).map(drop).map_err(|b| match b.0 {
         Sock::Kept(c) => c,
         Sock::Own(_) => unreachable!("a kept connection comes back as it went"),
@@ -340,16 +386,42 @@ unsafe extern "C" fn on_poll(handle: *mut c_void, status: c_int, _events: c_int)
             }
             reader.advance(sock.fd())
         }
-        Work::NextRequest { reader, handoff, .. } => match reader.advance(sock.fd()) {
-            Ok(Some(frame)) if handoff.as_ref().is_some_and(|(fast, _)| fast.would_answer(&frame)) => {
-                let (_, hand) = handoff.take().expect("checked above");
-                // SAFETY: as above; nothing borrowed from the wait is used after this.
-                unsafe { close_handles(p) };
-                return hand(frame);
+        Work::NextRequest { reader, fast, peer, .. } => {
+            let Sock::Kept(conn) = sock else { return };
+            match step(reader, conn, fast.as_ref().map(|(f, _)| f), peer) {
+                Step::Wait { answered } => {
+                    // SAFETY: as above.
+                    return unsafe { restart_timer(p, answered) };
+                }
+                Step::Frame(frame) => Ok(Some(frame)),
+                Step::Failed(e) => Err(e),
+                Step::Rest(rest) => {
+                    let (_, hand) = fast.take().expect("only a fast path leaves a rest");
+                    // SAFETY: as above; nothing borrowed from the wait is used after this.
+                    unsafe { close_handles(p) };
+                    return hand(rest);
+                }
             }
-            r => r,
-        },
-        Work::FirstRequest { reader, .. } => reader.advance(sock.fd()),
+        }
+        Work::FirstRequest { serving, peer, reader } => {
+            let Sock::Kept(conn) = sock else { return };
+            let serving = serving.clone();
+            let mut slot = PeerSlot::known(*peer);
+            match step(reader, conn, serving.fast_for(*peer), &mut slot) {
+                Step::Wait { answered } => {
+                    // SAFETY: as above.
+                    return unsafe { restart_timer(p, answered) };
+                }
+                Step::Frame(frame) => Ok(Some(frame)),
+                Step::Failed(e) => Err(e),
+                Step::Rest(rest) => {
+                    let conn = conn.clone();
+                    // SAFETY: as above; nothing borrowed from the wait is used after this.
+                    unsafe { finish(p, Err(CoreError::new(ErrorCode::Io, "handed to the runtime"))) };
+                    return serving.finish_on_runtime(conn, rest);
+                }
+            }
+        }
     };
     match r {
         Ok(None) => {}
@@ -357,6 +429,18 @@ unsafe extern "C" fn on_poll(handle: *mut c_void, status: c_int, _events: c_int)
         Ok(Some(frame)) => unsafe { finish(p, Ok(frame)) },
         // SAFETY: as above.
         Err(e) => unsafe { finish(p, Err(e)) },
+    }
+}
+
+/// Starts a wait's read deadline again after requests were answered on it (`answered`).
+unsafe fn restart_timer(p: *mut Waiting, answered: bool) {
+    // SAFETY: p is live (the caller's contract), on the loop's thread.
+    let w = unsafe { &mut *p };
+    if answered && w.open.get() == 2 {
+        let uv = uv().expect("libuv resolved before the wait started");
+        let timer = ptr::addr_of_mut!(w.timer).cast::<c_void>();
+        // SAFETY: the timer is initialised and not closed (the wait is not done); starting it again restarts it.
+        unsafe { (uv.timer_start)(timer, on_timer, w.timeout_ms, 0) };
     }
 }
 
@@ -501,10 +585,9 @@ impl Serving {
         }
     }
 
-    /// A connection's first request frame, as `UnixListener::incoming_served` treats it: a peer outside the
-    /// filter gets one `permission denied` response and is closed; a get the fast path answers is answered on
-    /// the runtime (the connection handed on from there at its first other request); anything else goes to
-    /// `onIncoming` now.
+    /// A connection's first request frame for the application (the fast path had its turn in [`step`]), as
+    /// `UnixListener::incoming_served` treats it: a peer outside the filter gets one `permission denied` response
+    /// and is closed; anything else goes to `onIncoming` now.
     fn first_frame(self: Rc<Self>, conn: Arc<unix::UnixConnection>, peer: Option<PeerCred>, frame: unix::Frame) {
         if !self.admission.filter().allows(peer) {
             self.admission.note_refused();
@@ -519,32 +602,39 @@ impl Serving {
             }
             return;
         }
-        if self.fast.would_answer(&frame) {
-            let (fast, cfg, deliver) = (self.fast.clone(), self.cfg.clone(), self.from_runtime.clone());
-            napi::bindgen_prelude::spawn(async move {
-                if let Ok(f) = conn.serve_fast_gets(frame, &fast, cfg.max_data, cfg.read_deadline).await {
-                    deliver(conn, f);
-                }
-            });
-            return;
-        }
         self.waits.call(IncomingRequest::of(conn, self.fast.clone(), frame));
+    }
+
+    /// The fast path for a peer: none for one outside the filter (its first frame is refused, nothing answered).
+    fn fast_for(&self, peer: Option<PeerCred>) -> Option<&Arc<FastGets>> {
+        self.admission.filter().allows(peer).then_some(&self.fast)
+    }
+
+    /// A fast-path response the socket could not take at once: finished on the runtime, which answers the gets
+    /// after it and hands the connection on at its first other request.
+    fn finish_on_runtime(&self, conn: Arc<unix::UnixConnection>, rest: RestOfAnswer) {
+        let (fast, cfg, deliver) = (self.fast.clone(), self.cfg.clone(), self.from_runtime.clone());
+        napi::bindgen_prelude::spawn(async move {
+            if let Ok(f) = conn.finish_fast_gets(rest, &fast, cfg.max_data, cfg.read_deadline).await {
+                deliver(conn, f);
+            }
+        });
     }
 
     /// Reads the first request frame of an admitted connection: at once as far as it is there (a client sends
     /// its request right after connecting, so it usually is: then no handle is made at all), the rest on the loop.
     fn read_first(self: &Rc<Self>, conn: unix::UnixConnection, peer: Option<PeerCred>) {
-        // SAFETY: the connection (and so its fd) lives for the whole borrow.
-        let fd = unsafe { BorrowedFd::borrow_raw(conn.as_raw_fd()) };
+        let conn = Arc::new(conn);
         let mut reader = RequestReader::new(self.cfg.max_data);
-        match reader.advance(fd) {
-            Ok(Some(frame)) => return self.clone().first_frame(Arc::new(conn), peer, frame),
-            Ok(None) => {}
-            Err(_) => return, // gone before a whole frame: dropped, as on the runtime
+        match step(&mut reader, &conn, self.fast_for(peer), &mut PeerSlot::known(peer)) {
+            Step::Wait { .. } => {}
+            Step::Frame(frame) => return self.clone().first_frame(conn, peer, frame),
+            Step::Rest(rest) => return self.finish_on_runtime(conn, rest),
+            Step::Failed(_) => return, // gone before a whole frame, or a failed write: dropped, as on the runtime
         }
         let work = Work::FirstRequest { serving: self.clone(), peer, reader };
         let ms = self.cfg.read_deadline.map_or(0, |d| d.as_millis() as u64);
-        if let Ok(p) = start(&self.waits, Sock::Kept(Arc::new(conn)), work, UV_READABLE, ms) {
+        if let Ok(p) = start(&self.waits, Sock::Kept(conn), work, UV_READABLE, ms) {
             // SAFETY: p is live until its close callbacks run (not before this returns); on the loop's thread.
             if unsafe { !(*p).done } {
                 self.pending.borrow_mut().insert(p as usize);

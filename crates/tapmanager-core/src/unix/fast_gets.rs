@@ -71,13 +71,64 @@ impl std::fmt::Debug for FastLogQueue {
     }
 }
 
-/// The peer's credentials, asked for at most once per connection turn (`None` inside: `SO_PEERCRED` failed).
-#[derive(Default)]
-struct PeerSlot(Option<Option<PeerCred>>);
+/// The peer's credentials for the fast path's log, asked for at most once per connection turn (`None` inside:
+/// `SO_PEERCRED` failed).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PeerSlot(Option<Option<PeerCred>>);
 
 impl PeerSlot {
+    /// Credentials already known (e.g. from the accept).
+    pub fn known(peer: Option<PeerCred>) -> PeerSlot {
+        PeerSlot(Some(peer))
+    }
+
     fn get(&mut self, conn: &UnixConnection) -> Option<PeerCred> {
         *self.0.get_or_insert_with(|| conn.peer_cred().ok())
+    }
+}
+
+/// What [`FastGets::answer_now`] did with a request frame.
+#[derive(Debug)]
+pub enum AnsweredNow {
+    /// Not a get the fast path answers: the application's.
+    No,
+    /// Answered: the whole response is in the socket (and logged).
+    Done,
+    /// Answered in part (the socket took only some of it): finish it with [`RestOfAnswer::finish`], on the runtime.
+    Rest(RestOfAnswer),
+}
+
+/// The part of a fast-path response the socket did not take at once. Counts as in flight (for
+/// [`FastGets::drained`]) until finished or dropped.
+#[derive(Debug)]
+pub struct RestOfAnswer {
+    fast: Arc<FastGets>,
+    entry: Arc<FastGet>,
+    sent: super::frame::Sent,
+    started: Option<Instant>,
+    peer: PeerSlot,
+}
+
+impl RestOfAnswer {
+    /// Writes the rest within the fast path's write deadline, then logs the request. Inside a tokio runtime.
+    pub async fn finish(mut self, conn: &UnixConnection) -> Result<()> {
+        let deadline = self.fast.write_deadline.lock().map(|d| *d).unwrap_or(None);
+        let fds = if self.sent.data_started() {
+            Vec::new()
+        } else {
+            let raw: Vec<RawFd> = self.entry.fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+            dup_fds(&raw)?
+        };
+        let sent = conn.respond_rest(&self.entry.head, &self.entry.body, fds, self.sent, deadline).await;
+        let peer = self.peer.get(conn);
+        self.fast.log_answer(&self.entry, peer, self.started, sent.as_ref().err());
+        sent
+    }
+}
+
+impl Drop for RestOfAnswer {
+    fn drop(&mut self) {
+        self.fast.leave();
     }
 }
 
@@ -267,12 +318,65 @@ impl FastGets {
         }
     }
 
-    /// Whether [`UnixConnection::serve_fast_gets`] would answer `frame` now (a get of a registered key, the fast
-    /// path open): for a caller that reads frames itself and hands such a frame to the runtime.
-    pub fn would_answer(&self, frame: &Frame) -> bool {
-        is_plain_get(frame)
-            && !self.closed.load(std::sync::atomic::Ordering::SeqCst)
-            && self.entries.lock().is_ok_and(|m| m.contains_key(&frame.header[13..FRAME_HEADER_LEN]))
+    /// Answers `frame` on `conn` now, without waiting, if it is a get the fast path answers (see the type's doc):
+    /// as much of the response as the socket takes at once (all of it, usually), the rest left to
+    /// [`RestOfAnswer::finish`]. For a caller that reads frames off its own loop; `peer` is asked for only when the
+    /// log is on. A failed write is an error (logged; the connection is done).
+    pub fn answer_now(
+        self: &Arc<Self>,
+        conn: &UnixConnection,
+        frame: &Frame,
+        peer: &mut PeerSlot,
+    ) -> Result<AnsweredNow> {
+        if !is_plain_get(frame) {
+            return Ok(AnsweredNow::No);
+        }
+        let started = self.logging.load(std::sync::atomic::Ordering::Relaxed).then(Instant::now);
+        let guard = InFlight::enter(self);
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(AnsweredNow::No);
+        }
+        let entry = match self.entries.lock() {
+            Ok(m) => m.get(&frame.header[13..FRAME_HEADER_LEN]).cloned(),
+            Err(_) => None,
+        };
+        let Some(entry) = entry else { return Ok(AnsweredNow::No) };
+        let borrowed: Vec<BorrowedFd<'_>> = entry.fds.iter().map(|f| f.as_fd()).collect();
+        match conn.try_respond(&entry.head, &entry.body, &borrowed) {
+            Ok((true, _)) => {
+                if started.is_some() {
+                    self.log_answer(&entry, peer.get(conn), started, None);
+                }
+                drop(guard);
+                Ok(AnsweredNow::Done)
+            }
+            Ok((false, sent)) => {
+                self.inflight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(borrowed);
+                Ok(AnsweredNow::Rest(RestOfAnswer { fast: self.clone(), entry, sent, started, peer: *peer }))
+            }
+            Err(e) => {
+                if started.is_some() {
+                    self.log_answer(&entry, peer.get(conn), started, Some(&e));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Queues the log record of an answered get (when the log is on: `started` is set).
+    fn log_answer(&self, entry: &FastGet, peer: Option<PeerCred>, started: Option<Instant>, error: Option<&Error>) {
+        if let Some(t) = started {
+            let error = error.map(|e| Arc::from(e.message.as_str()));
+            self.push_log(FastGetRecord { key: entry.key.clone(), peer, duration: t.elapsed(), error });
+        }
+    }
+
+    /// A response in flight ends (see [`drained`](Self::drained)).
+    fn leave(&self) {
+        if self.inflight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            self.idle.notify_waiters();
+        }
     }
 
     /// Answers `frame` on `conn` if it qualifies (see the type's doc); returns whether it did. With the log on,
@@ -300,10 +404,8 @@ impl FastGets {
         })
         .await;
         // One record per answered request, whatever became of the response (a peer gone: an error record).
-        if let Some(t) = started {
-            let duration = t.elapsed();
-            let error = sent.as_ref().err().map(|e| Arc::from(e.message.as_str()));
-            self.push_log(FastGetRecord { key: entry.key.clone(), peer: peer.get(conn), duration, error });
+        if started.is_some() {
+            self.log_answer(&entry, peer.get(conn), started, sent.as_ref().err());
         }
         drop(entry);
         drop(guard);
@@ -333,9 +435,7 @@ impl<'a> InFlight<'a> {
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        if self.0.inflight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
-            self.0.idle.notify_waiters();
-        }
+        self.0.leave();
     }
 }
 
@@ -345,13 +445,42 @@ impl UnixConnection {
     /// Ends with an error at EOF, a deadline, a failed write, or once `fast` is closed while waiting for a frame.
     pub async fn serve_fast_gets(
         &self,
-        mut frame: Frame,
+        frame: Frame,
         fast: &FastGets,
         max_data: usize,
         deadline: Option<Duration>,
     ) -> Result<Frame> {
         let mut peer = PeerSlot::default();
-        while fast.answer(self, &frame, &mut peer).await? {
+        self.serve_fast_gets_with(frame, fast, max_data, deadline, &mut peer).await
+    }
+
+    /// [`serve_fast_gets`](Self::serve_fast_gets) after [`FastGets::answer_now`] left `rest` of a response: finishes
+    /// it, then answers the gets after it the same way.
+    pub async fn finish_fast_gets(
+        &self,
+        rest: RestOfAnswer,
+        fast: &FastGets,
+        max_data: usize,
+        deadline: Option<Duration>,
+    ) -> Result<Frame> {
+        let mut peer = rest.peer;
+        rest.finish(self).await?;
+        let frame = tokio::select! {
+            r = self.read_request_frame(max_data, deadline) => r?,
+            _ = fast.closed() => return Err(Error::new(ErrorCode::Closed, "server is closed")),
+        };
+        self.serve_fast_gets_with(frame, fast, max_data, deadline, &mut peer).await
+    }
+
+    async fn serve_fast_gets_with(
+        &self,
+        mut frame: Frame,
+        fast: &FastGets,
+        max_data: usize,
+        deadline: Option<Duration>,
+        peer: &mut PeerSlot,
+    ) -> Result<Frame> {
+        while fast.answer(self, &frame, peer).await? {
             frame = tokio::select! {
                 r = self.read_request_frame(max_data, deadline) => r?,
                 _ = fast.closed() => return Err(Error::new(ErrorCode::Closed, "server is closed")),
@@ -457,5 +586,60 @@ mod tests {
                 assert_eq!(r.peer, Some(PeerCred { pid, uid, gid }));
             }
         });
+    }
+
+    #[test]
+    fn answer_now_answers_at_once_leaves_a_rest_to_finish_and_lets_other_frames_through() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let server = UnixConnection::from_std(a).unwrap();
+        b.set_nonblocking(false).unwrap();
+        let fast = Arc::new(FastGets::new());
+        let file = tempfile::tempfile().unwrap();
+        fast.register("k", b"info", &[file.as_raw_fd()]).unwrap();
+        // 1 MiB of info: more than a socket takes at once
+        let big = vec![b'x'; 1 << 20];
+        fast.register("big", &big, &[file.as_raw_fd()]).unwrap();
+        let (wake, _) = counting_wake();
+        fast.enable_log(16, wake);
+        let mut peer = PeerSlot::default();
+
+        // not fast: an unknown key, another command; nothing written, nothing logged
+        assert!(matches!(fast.answer_now(&server, &get_frame("other"), &mut peer).unwrap(), AnsweredNow::No));
+        let mut add = get_frame("k");
+        add.header[4] = 0;
+        assert!(matches!(fast.answer_now(&server, &add, &mut peer).unwrap(), AnsweredNow::No));
+        assert_eq!(fast.take_log(), FastGetLog::default());
+
+        // a registered get: the whole response at once, logged
+        assert!(matches!(fast.answer_now(&server, &get_frame("k"), &mut peer).unwrap(), AnsweredNow::Done));
+        rt.block_on(async {
+            let client = UnixConnection::from_std(b.try_clone().unwrap()).unwrap();
+            let r = client.read_response_frame(Some(Duration::from_secs(5))).await.unwrap();
+            assert_eq!((r.header[4], r.data.as_deref(), r.fds.len()), (0x82, Some(&b"info"[..]), 1));
+        });
+        assert_eq!(fast.take_log().records.iter().map(|r| &*r.key).collect::<Vec<_>>(), ["k"]);
+
+        // a response bigger than the socket takes: part now, the rest finished on the runtime while the client
+        // reads; in flight (drained waits) until then; logged once, after the rest
+        let AnsweredNow::Rest(rest) = fast.answer_now(&server, &get_frame("big"), &mut peer).unwrap() else {
+            panic!("a 1 MiB response cannot go out at once")
+        };
+        assert_eq!(fast.inflight.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(fast.take_log().records.is_empty());
+        rt.block_on(async {
+            let client = UnixConnection::from_std(b.try_clone().unwrap()).unwrap();
+            let (done, r) =
+                tokio::join!(rest.finish(&server), client.read_response_frame(Some(Duration::from_secs(10))));
+            done.unwrap();
+            let r = r.unwrap();
+            assert_eq!((r.header[4], r.data.as_ref().map(Vec::len), r.fds.len()), (0x82, Some(1 << 20), 1));
+        });
+        assert_eq!(fast.inflight.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(fast.take_log().records.iter().map(|r| &*r.key).collect::<Vec<_>>(), ["big"]);
+
+        // once closed nothing is answered
+        fast.close();
+        assert!(matches!(fast.answer_now(&server, &get_frame("k"), &mut peer).unwrap(), AnsweredNow::No));
     }
 }

@@ -108,6 +108,11 @@ impl RequestReader {
         RequestReader { header: [0; FRAME_HEADER_LEN], got: 0, data: None, max_data }
     }
 
+    /// Starts over at a new request frame (after one was returned), with the same limit.
+    pub fn reset(&mut self) {
+        *self = RequestReader::new(self.max_data);
+    }
+
     /// Reads what `sock` (non-blocking) has: `Ok(Some(frame))` once the frame is complete, `Ok(None)` when it
     /// must wait for more. EOF before or inside the frame is `ERR_CLOSED`, as with `read_request_frame`.
     pub fn advance(&mut self, sock: BorrowedFd<'_>) -> Result<Option<Frame>> {
@@ -189,6 +194,13 @@ impl UnixConnection {
 pub struct Sent {
     head: usize,
     data: usize,
+}
+
+impl Sent {
+    /// Whether data bytes (and with the first of them the fds) went out.
+    pub fn data_started(&self) -> bool {
+        self.data > 0
+    }
 }
 
 /// One non-blocking `send` (`MSG_NOSIGNAL`): `Ok(None)` when the socket takes nothing now (EAGAIN); EINTR retried.

@@ -26,7 +26,7 @@ mod scm;
 mod socket;
 
 pub use admission::{Admission, AdmissionStats, ConnLimits, ConnSlot, PeerFilter};
-pub use fast_gets::{FastGetLog, FastGetRecord, FastGets, FastLogWake};
+pub use fast_gets::{AnsweredNow, FastGetLog, FastGetRecord, FastGets, FastLogWake, PeerSlot, RestOfAnswer};
 pub use frame::{permission_denied_frame, Frame, RequestReader, Sent, FRAME_HEADER_LEN};
 pub use request::{continue_write, finish_request, request, start_request, ResponseReader};
 pub use scm::{cmsg_space, dup_fds, MAX_FDS};
