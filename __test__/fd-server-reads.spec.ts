@@ -194,6 +194,25 @@ for (const readOn of ['loop', 'runtime'] as const) {
     }
   })
 
+  test.serial(`${readOn}: stop() ends connections that never sent a whole first request, at once; no fd is left open`, async (t) => {
+    const before = openFdCount()
+    const { sock, stop, client, server } = await withServer(t, { readOn, readTimeoutMs: 600_000 })
+    t.true(await stillServes(client))
+    const silent = await Promise.all(Array.from({ length: 4 }, () => UnixConnection.connect(sock)))
+    const partial = await UnixConnection.connect(sock)
+    await partial.write(header(FDCommand.Add, 'n1').subarray(0, 40))
+    await delay(100)
+    t.is(server.openConnections, 0, 'none of them reached the application')
+    const started = Date.now()
+    await stop()
+    t.true(Date.now() - started < 5_000, 'stop() did not wait for their 600 s read deadline')
+    for (const c of [...silent, partial]) {
+      t.is(((await t.throwsAsync(c.readExact(1, 5000))) as { code?: string }).code, 'ERR_CLOSED')
+      c.close()
+    }
+    t.true(await until(() => openFdCount() <= before, 5_000), `fds: ${openFdCount()} now, ${before} before`)
+  })
+
   test.serial(`${readOn}: stop() ends connections waiting for their next request; no fd is left open`, async (t) => {
     const before = openFdCount()
     const { sock, stop, client } = await withServer(t, { readOn, readTimeoutMs: 600_000 })
