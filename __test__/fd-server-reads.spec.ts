@@ -4,47 +4,18 @@
 // deadline, natively answered gets after JavaScript-served requests, stop() with idle connections, no fd leaked.
 // (Caps, the peer filter and accept() failures on both: fd-limits.spec.ts and fd-auth.spec.ts.)
 import test from 'ava'
-import { closeSync, mkdtempSync, openSync, readSync, rmSync, writeFileSync } from 'node:fs'
+import { mkdtempSync, readSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { FDServer, FDClient, type FDServerOptions, type FDSource } from '../src/index'
+import { FDServer, FDClient, type FDServerOptions } from '../src/index'
 import { FrameSink, LOOP_WAITS_POSSIBLE, UnixConnection, closeFd } from '../src/native'
 import { encodeHeader, encodeKey, FDCommand } from '../src/protocol'
 import { openFdCount, until } from './helpers/env'
-
-/** Key "nN" (or "nN-anything") has N fds of one file; its info is `info-<key>` and never changes until release (stableInfo). */
-class Source implements FDSource {
-  readonly stableInfo = true
-  readonly open = new Map<string, number[]>()
-  infoCalls = 0
-  constructor(readonly file: string) {
-    writeFileSync(file, 'content')
-  }
-  getFDs(key: string, data: Buffer) {
-    const fds = Array.from({ length: Number(key.slice(1).split('-')[0]) }, () => openSync(this.file, 'r'))
-    this.open.set(key, fds)
-    return { fds, data: Buffer.from(`added:${data.toString()}`) }
-  }
-  release(key: string) {
-    for (const fd of this.open.get(key) ?? []) closeSync(fd)
-    this.open.delete(key)
-  }
-  getInfo(key: string) {
-    this.infoCalls++
-    return Buffer.from(`info-${key}`)
-  }
-  recover() {}
-  retrieveFDs(): number[] {
-    return []
-  }
-  stop() {
-    for (const k of [...this.open.keys()]) this.release(k)
-  }
-}
+import { CountingSource } from './helpers/sources'
 
 async function withServer(t: { teardown: (f: () => Promise<void>) => void }, opts: FDServerOptions) {
   const dir = mkdtempSync(join(tmpdir(), 'tm-reads-'))
-  const source = new Source(join(dir, 'content'))
+  const source = new CountingSource(join(dir, 'content'), 'content', { stableInfo: true, infoForAll: true })
   const sock = join(dir, 'fd.sock')
   const server = new FDServer(sock, source, opts)
   await server.serve()
@@ -235,7 +206,7 @@ for (const readOn of ['loop', 'runtime'] as const) {
 test('readOn is checked; the server reads on the event loop only on Node and only when asked', (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'tm-reads-'))
   t.teardown(() => rmSync(dir, { recursive: true, force: true }))
-  const err = t.throws(() => new FDServer(join(dir, 'fd.sock'), new Source(join(dir, 'content')), { readOn: 'elsewhere' as never }))
+  const err = t.throws(() => new FDServer(join(dir, 'fd.sock'), new CountingSource(join(dir, 'content'), 'content'), { readOn: 'elsewhere' as never }))
   t.is((err as { code?: string }).code, 'ERR_INVALID')
   t.true(LOOP_WAITS_POSSIBLE, 'these tests run on Node')
   t.true(new FrameSink(() => {}, true).readsOnLoop)

@@ -1,10 +1,11 @@
 // Byte-level tests against FDServer with a raw client written here (the native connection for recvmsg, our own
 // header bytes), and every bad input, each followed by a check that the server still serves another client.
 import test from 'ava'
-import { mkdtempSync, readSync, rmSync, openSync, closeSync, writeFileSync } from 'node:fs'
+import { mkdtempSync, readSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { FDServer, FDClient, type FDSource } from '../src/index'
+import { FDServer, FDClient } from '../src/index'
+import { CountingSource } from './helpers/sources'
 import { UnixConnection, closeFd } from '../src/native'
 
 const MAGIC = Buffer.from([0x42, 0x42, 0x42, 0x42])
@@ -20,39 +21,9 @@ function rawHeader(cmd: number, key: string | Buffer, dataSize = 0, oobSize = 0,
   return Buffer.concat([b, k])
 }
 
-/** A source whose key "nN" (or "iN") has N fds of one file; "i" keys also have info bytes. */
-class CountingSource implements FDSource {
-  readonly file: string
-  readonly open = new Map<string, number[]>()
-  constructor(dir: string) {
-    this.file = join(dir, 'content')
-    writeFileSync(this.file, 'payload-file')
-  }
-  getFDs(key: string, data: Buffer) {
-    const n = Number(key.slice(1))
-    const fds = Array.from({ length: n }, () => openSync(this.file, 'r'))
-    this.open.set(key, fds)
-    return { fds, data: Buffer.from(`added:${data.toString()}`) }
-  }
-  release(key: string) {
-    for (const fd of this.open.get(key) ?? []) closeSync(fd)
-    this.open.delete(key)
-  }
-  getInfo(key: string) {
-    return key.startsWith('i') ? Buffer.from(`info-${key}`) : Buffer.alloc(0)
-  }
-  recover() {}
-  retrieveFDs(): number[] {
-    return []
-  }
-  stop() {
-    for (const k of [...this.open.keys()]) this.release(k)
-  }
-}
-
 async function withServer(t: { teardown: (f: () => Promise<void>) => void }, opts = {}) {
   const dir = mkdtempSync(join(tmpdir(), 'tm-wire-'))
-  const source = new CountingSource(dir)
+  const source = new CountingSource(join(dir, 'content'), 'payload-file')
   const sock = join(dir, 'fd.sock')
   const server = new FDServer(sock, source, opts)
   await server.serve()

@@ -1,6 +1,6 @@
 /** FDSources for protocol tests. */
 import type { ExecutionContext } from 'ava'
-import { closeSync, openSync, readSync } from 'node:fs'
+import { closeSync, openSync, readSync, writeFileSync } from 'node:fs'
 import type { FDClient } from '../../src/client'
 import type { FDSource } from '../../src/fdsource'
 
@@ -40,4 +40,44 @@ export async function getAndRead(t: ExecutionContext, client: FDClient, key: str
   t.is(readSync(fds[readIndex], buf, 0, content.length, 0), content.length)
   t.is(buf.toString(), content)
   for (const fd of fds) closeSync(fd)
+}
+
+/**
+ * A source whose key "nN" or "iN" (optionally followed by "-anything") has N fds of one file (`content` written to
+ * `file`), its add answering `added:<payload>`. Its get info is `info-<key>`: for every key with `infoForAll`,
+ * else only for "i" keys (empty for the others). With `stableInfo` a server answers later gets natively;
+ * `infoCalls` counts the getInfo calls.
+ */
+export class CountingSource implements FDSource {
+  readonly open = new Map<string, number[]>()
+  readonly stableInfo: boolean
+  infoCalls = 0
+  constructor(
+    readonly file: string,
+    content: string,
+    private readonly opts: { stableInfo?: boolean; infoForAll?: boolean } = {},
+  ) {
+    writeFileSync(file, content)
+    this.stableInfo = opts.stableInfo ?? false
+  }
+  getFDs(key: string, data: Buffer) {
+    const fds = Array.from({ length: Number(key.slice(1).split('-')[0]) }, () => openSync(this.file, 'r'))
+    this.open.set(key, fds)
+    return { fds, data: Buffer.from(`added:${data.toString()}`) }
+  }
+  release(key: string) {
+    for (const fd of this.open.get(key) ?? []) closeSync(fd)
+    this.open.delete(key)
+  }
+  getInfo(key: string) {
+    this.infoCalls++
+    return this.opts.infoForAll || key.startsWith('i') ? Buffer.from(`info-${key}`) : Buffer.alloc(0)
+  }
+  recover() {}
+  retrieveFDs(): number[] {
+    return []
+  }
+  stop() {
+    for (const k of [...this.open.keys()]) this.release(k)
+  }
 }

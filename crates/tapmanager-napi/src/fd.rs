@@ -591,7 +591,8 @@ impl UnixListener {
         };
         let (admission, cfg) = self.admission_for(opts)?;
         fast.set_write_deadline(cfg.write_deadline);
-        let serving = uvwait::Serving::new(waits, l, admission, fast, cfg, from_runtime);
+        let serving =
+            uvwait::Serving { waits, listener: l, admission, fast, cfg, from_runtime, state: Default::default() };
         match uvwait::LoopListener::start(serving) {
             Some(started) => {
                 *self.on_loop.borrow_mut() = Some(started);

@@ -533,7 +533,7 @@ unsafe fn finish(p: *mut Waiting, r: tapmanager_core::Result<unix::Frame>) {
             waits.call(NextFrame::of(*token, r))
         }
         Work::FirstRequest { serving, peer, .. } => {
-            serving.pending.borrow_mut().remove(&(p as usize));
+            serving.state.pending.borrow_mut().remove(&(p as usize));
             if let (Ok(frame), Some(Sock::Kept(conn))) = (r, sock) {
                 serving.clone().first_frame(conn, *peer, frame);
             }
@@ -541,17 +541,23 @@ unsafe fn finish(p: *mut Waiting, r: tapmanager_core::Result<unix::Frame>) {
     }
 }
 
-/// What a listener served on the loop and its connections' first-request waits share. Lives on the JavaScript
-/// thread only.
+/// What a listener served on the loop and its connections' first-request waits share: `listener` with
+/// `admission` and `fast` (as `incoming_served`), connections handed to `waits`' callback, or through
+/// `from_runtime` after the runtime finished a fast-path response. Lives on the JavaScript thread only.
 pub struct Serving {
     /// Calls `onIncoming` from the loop.
-    waits: Rc<LoopWaits>,
-    listener: Arc<unix::UnixListener>,
-    admission: Arc<Admission>,
-    fast: Arc<FastGets>,
-    cfg: unix::ServeConfig,
-    /// Hands a connection on from the runtime (after the fast path answered its first requests).
-    from_runtime: FromRuntime,
+    pub waits: Rc<LoopWaits>,
+    pub listener: Arc<unix::UnixListener>,
+    pub admission: Arc<Admission>,
+    pub fast: Arc<FastGets>,
+    pub cfg: unix::ServeConfig,
+    pub from_runtime: FromRuntime,
+    pub state: ServingState,
+}
+
+/// What a [`Serving`] keeps track of (start with `ServingState::default()`).
+#[derive(Default)]
+pub struct ServingState {
     /// First-request waits in progress (their `Waiting`s), abandoned when the listener closes.
     pending: RefCell<HashSet<usize>>,
     closed: Cell<bool>,
@@ -562,29 +568,6 @@ pub struct Serving {
 pub type FromRuntime = Arc<dyn Fn(Arc<unix::UnixConnection>, unix::Frame) + Send + Sync>;
 
 impl Serving {
-    /// What [`LoopListener::start`] serves: `listener` with `admission` and `fast` (as `incoming_served`),
-    /// connections handed to `waits`' callback, or through `from_runtime` after the fast path answered them.
-    pub fn new(
-        waits: Rc<LoopWaits>,
-        listener: Arc<unix::UnixListener>,
-        admission: Arc<Admission>,
-        fast: Arc<FastGets>,
-        cfg: unix::ServeConfig,
-        from_runtime: FromRuntime,
-    ) -> Serving {
-        Serving {
-            waits,
-            listener,
-            admission,
-            fast,
-            cfg,
-            from_runtime,
-            pending: RefCell::default(),
-            closed: Cell::new(false),
-            backoff: Cell::new(None),
-        }
-    }
-
     /// A connection's first request frame for the application (the fast path had its turn in [`step`]), as
     /// `UnixListener::incoming_served` treats it: a peer outside the filter gets one `permission denied` response
     /// and is closed; anything else goes to `onIncoming` now.
@@ -637,7 +620,7 @@ impl Serving {
         if let Ok(p) = start(&self.waits, Sock::Kept(conn), work, UV_READABLE, ms) {
             // SAFETY: p is live until its close callbacks run (not before this returns); on the loop's thread.
             if unsafe { !(*p).done } {
-                self.pending.borrow_mut().insert(p as usize);
+                self.state.pending.borrow_mut().insert(p as usize);
             }
         }
     }
@@ -704,7 +687,7 @@ impl LoopListener {
         // SAFETY: self.0 stays live until its handles' close callbacks ran, which start here, at most once.
         unsafe {
             let h = &*self.0;
-            if h.serving.closed.replace(true) {
+            if h.serving.state.closed.replace(true) {
                 return;
             }
             let poll = ptr::addr_of_mut!((*self.0).poll).cast::<c_void>();
@@ -713,7 +696,7 @@ impl LoopListener {
             (uv.timer_stop)(timer);
             (uv.close)(poll, Some(on_listener_closed));
             (uv.close)(timer, Some(on_listener_timer_closed));
-            let pending: Vec<usize> = h.serving.pending.borrow_mut().drain().collect();
+            let pending: Vec<usize> = h.serving.state.pending.borrow_mut().drain().collect();
             for p in pending {
                 close_handles(p as *mut Waiting);
             }
@@ -730,7 +713,7 @@ impl Drop for LoopListener {
 unsafe extern "C" fn on_listener(handle: *mut c_void, status: c_int, _events: c_int) {
     // SAFETY: handle is the poll field (offset 0) of a live ListenerHandles.
     let s = unsafe { (*handle.cast::<ListenerHandles>()).serving.clone() };
-    if s.closed.get() {
+    if s.state.closed.get() {
         return;
     }
     let mut failed = status < 0;
@@ -740,9 +723,9 @@ unsafe extern "C" fn on_listener(handle: *mut c_void, status: c_int, _events: c_
         }
         match napi::bindgen_prelude::within_runtime_if_available(|| s.listener.try_accept_admitted(&s.admission)) {
             Ok(Accepted::None) => return,
-            Ok(Accepted::Dropped) => s.backoff.set(None),
+            Ok(Accepted::Dropped) => s.state.backoff.set(None),
             Ok(Accepted::Conn(conn, peer)) => {
-                s.backoff.set(None);
+                s.state.backoff.set(None);
                 s.read_first(conn, peer);
             }
             Err(e) if e.code == ErrorCode::Closed => return,
@@ -752,8 +735,8 @@ unsafe extern "C" fn on_listener(handle: *mut c_void, status: c_int, _events: c_
     if failed {
         // accept() failed (EMFILE, ...), counted: wait before the next try, as the runtime's accept loop does
         let uv = uv().expect("libuv resolved before the listener started");
-        let wait = unix::accept_backoff(s.backoff.get());
-        s.backoff.set(Some(wait));
+        let wait = unix::accept_backoff(s.state.backoff.get());
+        s.state.backoff.set(Some(wait));
         // SAFETY: the handles are live and not closed (closed was false).
         unsafe {
             (uv.poll_stop)(handle);
@@ -768,7 +751,7 @@ unsafe extern "C" fn on_backoff_done(handle: *mut c_void) {
     unsafe {
         let h = handle.cast::<u8>().sub(std::mem::offset_of!(ListenerHandles, timer)).cast::<ListenerHandles>();
         let handles = &*h;
-        if handles.serving.closed.get() {
+        if handles.serving.state.closed.get() {
             return;
         }
         let uv = uv().expect("libuv resolved before the listener started");
