@@ -110,39 +110,45 @@ fn multi_queue_tap_gives_one_fd_per_queue() {
     assert!(!pod.exec("ip", &["-o", "link", "show"]).contains("mq0"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-// The guard only serialises this test with the others (each has its own runtime): nothing else awaits it.
-#[allow(clippy::await_holding_lock)]
-async fn errors_are_clear_and_netlink_sees_taps() {
+#[test]
+fn errors_are_clear_and_netlink_sees_taps() {
     require_prereqs(&["ip"]);
+    // The runtime is built and dropped while the guard is held: its own fds never show in another test's count.
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let pod = TestNetns::new("tmtap");
-    let ns = PathBuf::from(pod.path());
-    let before = fd_count();
-    assert_eq!(open_tap(Some(&ns), "nope0", &TapOpenOptions::default()).unwrap_err().code, ErrorCode::NotFound);
-    // A missing tap is not created by the open.
-    assert!(!pod.exec("ip", &["-o", "link", "show"]).contains("nope0"));
-    pod.exec("ip", &["link", "add", "br0", "type", "bridge"]);
-    let err = open_tap(Some(&ns), "br0", &TapOpenOptions::default()).unwrap_err();
-    assert_eq!(err.code, ErrorCode::Invalid, "{err}");
-    assert_eq!(create_tap(Some(&ns), "br0", &TapCreateOptions::default()).unwrap_err().code, ErrorCode::Exists);
-    assert_eq!(create_tap(Some(&ns), "bad name", &TapCreateOptions::default()).unwrap_err().code, ErrorCode::Invalid);
-    // An MTU the tap refuses leaves no tap behind.
-    let err = create_tap(Some(&ns), "tapbig", &TapCreateOptions { mtu: Some(70000), multi_queue: false, up: false })
-        .unwrap_err();
-    assert_eq!(err.code, ErrorCode::Invalid, "{err}");
-    assert!(!pod.exec("ip", &["-o", "link", "show"]).contains("tapbig"));
-    assert_eq!(fd_count(), before);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let pod = TestNetns::new("tmtap");
+        let ns = PathBuf::from(pod.path());
+        let before = fd_count();
+        assert_eq!(open_tap(Some(&ns), "nope0", &TapOpenOptions::default()).unwrap_err().code, ErrorCode::NotFound);
+        // A missing tap is not created by the open.
+        assert!(!pod.exec("ip", &["-o", "link", "show"]).contains("nope0"));
+        pod.exec("ip", &["link", "add", "br0", "type", "bridge"]);
+        let err = open_tap(Some(&ns), "br0", &TapOpenOptions::default()).unwrap_err();
+        assert_eq!(err.code, ErrorCode::Invalid, "{err}");
+        assert_eq!(create_tap(Some(&ns), "br0", &TapCreateOptions::default()).unwrap_err().code, ErrorCode::Exists);
+        assert_eq!(
+            create_tap(Some(&ns), "bad name", &TapCreateOptions::default()).unwrap_err().code,
+            ErrorCode::Invalid
+        );
+        // An MTU the tap refuses leaves no tap behind.
+        let err =
+            create_tap(Some(&ns), "tapbig", &TapCreateOptions { mtu: Some(70000), multi_queue: false, up: false })
+                .unwrap_err();
+        assert_eq!(err.code, ErrorCode::Invalid, "{err}");
+        assert!(!pod.exec("ip", &["-o", "link", "show"]).contains("tapbig"));
+        assert_eq!(fd_count(), before);
 
-    // netlink sees a tap as kind "tun" and can delete one even while a VM holds it.
-    create_tap(Some(&ns), "tap1", &TapCreateOptions::default()).unwrap();
-    let held = open_tap(Some(&ns), "tap1", &TapOpenOptions::default()).unwrap();
-    let nl = NetlinkHandle::open(Some(&ns)).unwrap();
-    let link = nl.link_by_name("tap1").await.unwrap();
-    assert_eq!(link.kind.as_deref(), Some("tun"));
-    nl.delete_link(link.index).await.unwrap();
-    assert_eq!(nl.link_by_name("tap1").await.unwrap_err().code, ErrorCode::NotFound);
-    drop(held);
+        // netlink sees a tap as kind "tun" and can delete one even while a VM holds it.
+        create_tap(Some(&ns), "tap1", &TapCreateOptions::default()).unwrap();
+        let held = open_tap(Some(&ns), "tap1", &TapOpenOptions::default()).unwrap();
+        let nl = NetlinkHandle::open(Some(&ns)).unwrap();
+        let link = nl.link_by_name("tap1").await.unwrap();
+        assert_eq!(link.kind.as_deref(), Some("tun"));
+        nl.delete_link(link.index).await.unwrap();
+        assert_eq!(nl.link_by_name("tap1").await.unwrap_err().code, ErrorCode::NotFound);
+        drop(held);
+    })
 }
 
 /// Issue 8 (defect 12): the frames queued on an unread tap are discarded by `drain_tap_fd` without blocking,

@@ -203,6 +203,36 @@ impl Sent {
     }
 }
 
+/// The fd-less case of [`UnixConnection::try_respond`]: `head` and `data` go out together (one `sendmsg` of two
+/// buffers: one syscall, one wake-up of the peer, the same bytes on the stream), as far as the socket takes them.
+/// A response with fds cannot: its fds must come with the first data byte, after the header was read (a plain
+/// read of bytes that carry fds would drop them).
+fn try_write_both(sock: RawFd, head: &[u8], data: &[u8]) -> Result<(bool, Sent)> {
+    let total = head.len() + data.len();
+    let mut done = 0;
+    while done < total {
+        let r = if done < head.len() {
+            let iov = [io::IoSlice::new(&head[done..]), io::IoSlice::new(data)];
+            let flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
+            match nix::sys::socket::sendmsg::<()>(sock, &iov, &[], flags, None) {
+                Ok(n) => Ok(Some(n)),
+                Err(Errno::EAGAIN) => Ok(None),
+                Err(Errno::EINTR) => continue,
+                Err(e) => Err(io::Error::from(e)),
+            }
+        } else {
+            send_now(sock, &data[done - head.len()..])
+        };
+        match r {
+            Ok(Some(n)) => done += n,
+            Ok(None) => break,
+            Err(e) => return Err(Error::io(format!("write {total} bytes"), e)),
+        }
+    }
+    let sent = Sent { head: done.min(head.len()), data: done.saturating_sub(head.len()) };
+    Ok((done == total, sent))
+}
+
 /// One non-blocking `send` (`MSG_NOSIGNAL`): `Ok(None)` when the socket takes nothing now (EAGAIN); EINTR retried.
 fn send_now(sock: RawFd, buf: &[u8]) -> io::Result<Option<usize>> {
     loop {
@@ -217,7 +247,8 @@ fn send_now(sock: RawFd, buf: &[u8]) -> io::Result<Option<usize>> {
 
 impl UnixConnection {
     /// Writes a response now, without waiting, as far as the socket takes it: `head` with a plain write, then
-    /// `data` with `fds` in one `sendmsg` (nothing when both are empty), as [`respond`](Self::respond) does.
+    /// `data` with `fds` in one `sendmsg` (nothing when both are empty), as [`respond`](Self::respond) does; without
+    /// fds, `head` and `data` in one `sendmsg` (the same bytes, one wake-up of the peer).
     /// Returns true when all of it went out (the usual case: a response is far smaller than the socket buffer),
     /// else false and the progress, to finish with [`respond_rest`](Self::respond_rest). The fds are only
     /// borrowed: once `data` started going out, the kernel holds its own references. No other write may be in
@@ -230,6 +261,9 @@ impl UnixConnection {
             return Err(Error::invalid(format!("sendmsg: {} fds, at most {MAX_FDS}", fds.len())));
         }
         let sock = self.as_raw_fd();
+        if fds.is_empty() {
+            return try_write_both(sock, head, data);
+        }
         let mut sent = Sent::default();
         while sent.head < head.len() {
             match send_now(sock, &head[sent.head..]) {
