@@ -182,8 +182,9 @@ export declare class UnixConnection {
    * the frame delivered is the first one it cannot. Hands the outcome to `sink`'s callback with `token` (no
    * Promise per call: a Promise from native code costs a threadsafe function; the sink's is made once):
    * `frame`, or `error` when the read failed or the connection ended. With a sink that reads on the event loop
-   * the frame is read there (one wake-up of the JavaScript thread, no runtime thread), and a get the fast path
-   * answers is handed to the runtime.
+   * the frame is read there (one wake-up of the JavaScript thread, no runtime thread), gets the fast path
+   * answers are answered there too, and only a response the socket cannot take at once is finished on the
+   * runtime (which then goes on as the runtime path does).
    */
   readNextTo(sink: FrameSink, token: number, maxData: number, timeoutMs?: number | undefined | null): void
   /** Writes all of `data`. */

@@ -172,7 +172,8 @@ for (const readOn of ['loop', 'runtime'] as const) {
     const silent = await Promise.all(Array.from({ length: 4 }, () => UnixConnection.connect(sock)))
     const partial = await UnixConnection.connect(sock)
     await partial.write(header(FDCommand.Add, 'n1').subarray(0, 40))
-    await delay(100)
+    // all five accepted (natively: open under the caps), none of them handed to the application
+    t.true(await until(() => server.limits().open === 5, 5_000), JSON.stringify(server.limits()))
     t.is(server.openConnections, 0, 'none of them reached the application')
     const started = Date.now()
     await stop()

@@ -69,7 +69,6 @@ let onLoop = 0
  */
 const LOOP_MAX = 1
 
-
 function hold(p: FdRequestPort, delta: 1 | -1): void {
   const n = (held.get(p) ?? 0) + delta
   held.set(p, n)

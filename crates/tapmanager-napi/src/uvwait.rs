@@ -416,8 +416,9 @@ unsafe extern "C" fn on_poll(handle: *mut c_void, status: c_int, _events: c_int)
                 Step::Failed(e) => Err(e),
                 Step::Rest(rest) => {
                     let conn = conn.clone();
+                    serving.state.pending.borrow_mut().remove(&(p as usize));
                     // SAFETY: as above; nothing borrowed from the wait is used after this.
-                    unsafe { finish(p, Err(CoreError::new(ErrorCode::Io, "handed to the runtime"))) };
+                    unsafe { close_handles(p) };
                     return serving.finish_on_runtime(conn, rest);
                 }
             }
@@ -446,7 +447,7 @@ unsafe fn restart_timer(p: *mut Waiting, answered: bool) {
 
 unsafe extern "C" fn on_timer(handle: *mut c_void) {
     // SAFETY: handle is the timer field of a live Waiting.
-    let p = unsafe { handle.cast::<u8>().sub(std::mem::offset_of!(Waiting, timer)).cast::<Waiting>() };
+    let p = unsafe { owner_of_timer::<Waiting>(handle) };
     // SAFETY: as above.
     let (ms, what) = unsafe {
         let what = match (*p).work {
@@ -460,22 +461,55 @@ unsafe extern "C" fn on_timer(handle: *mut c_void) {
     unsafe { finish(p, Err(e)) }
 }
 
-unsafe extern "C" fn on_poll_closed(handle: *mut c_void) {
-    // SAFETY: handle is the poll field (offset 0) of a live Waiting.
-    unsafe { closed(handle.cast::<Waiting>()) }
+/// A heap value (`Box::into_raw`) holding a poll handle at offset 0 and a timer handle, freed once the last of
+/// its open handles is closed ([`Waiting`], [`ListenerHandles`]).
+trait HandleOwner: Sized {
+    /// Where the timer handle is in the value.
+    const TIMER: usize;
+    /// How many of its handles are open.
+    fn open(&self) -> &Cell<u8>;
 }
 
-unsafe extern "C" fn on_timer_closed(handle: *mut c_void) {
-    // SAFETY: handle is the timer field of a live Waiting.
-    unsafe { closed(handle.cast::<u8>().sub(std::mem::offset_of!(Waiting, timer)).cast::<Waiting>()) }
+impl HandleOwner for Waiting {
+    const TIMER: usize = std::mem::offset_of!(Waiting, timer);
+    fn open(&self) -> &Cell<u8> {
+        &self.open
+    }
 }
 
-/// One of a request's handles is closed; the last one frees the request.
-unsafe fn closed(p: *mut Waiting) {
+impl HandleOwner for ListenerHandles {
+    const TIMER: usize = std::mem::offset_of!(ListenerHandles, timer);
+    fn open(&self) -> &Cell<u8> {
+        &self.open
+    }
+}
+
+/// The value that holds timer handle `handle`.
+///
+/// # Safety
+/// `handle` is the timer handle of a live `T`.
+unsafe fn owner_of_timer<T: HandleOwner>(handle: *mut c_void) -> *mut T {
+    // SAFETY: the caller's contract: the timer handle lies T::TIMER bytes into the value.
+    unsafe { handle.cast::<u8>().sub(T::TIMER).cast::<T>() }
+}
+
+unsafe extern "C" fn poll_closed<T: HandleOwner>(handle: *mut c_void) {
+    // SAFETY: handle is the poll handle (offset 0) of a live T.
+    unsafe { one_closed(handle.cast::<T>()) }
+}
+
+unsafe extern "C" fn timer_closed<T: HandleOwner>(handle: *mut c_void) {
+    // SAFETY: handle is the timer handle of a live T.
+    unsafe { one_closed(owner_of_timer::<T>(handle)) }
+}
+
+/// One of a value's handles is closed; the last one frees the value.
+unsafe fn one_closed<T: HandleOwner>(p: *mut T) {
     // SAFETY: p is live until the last close callback, which is this one when `open` drops to 0.
     unsafe {
-        let left = (*p).open.get() - 1;
-        (*p).open.set(left);
+        let open = (*p).open();
+        let left = open.get() - 1;
+        open.set(left);
         if left == 0 {
             drop(Box::from_raw(p));
         }
@@ -500,9 +534,9 @@ unsafe fn close_handles(p: *mut Waiting) -> bool {
         if w.open.get() == 2 {
             let timer = ptr::addr_of_mut!(w.timer).cast::<c_void>();
             (uv.timer_stop)(timer);
-            (uv.close)(timer, Some(on_timer_closed));
+            (uv.close)(timer, Some(timer_closed::<Waiting>));
         }
-        (uv.close)(poll, Some(on_poll_closed));
+        (uv.close)(poll, Some(poll_closed::<Waiting>));
     }
     true
 }
@@ -668,7 +702,7 @@ impl LoopListener {
             }
             if (uv.timer_init)(uv_loop, timer) != 0 {
                 (*h).open.set(1);
-                (uv.close)(poll, Some(on_listener_closed));
+                (uv.close)(poll, Some(poll_closed::<ListenerHandles>));
                 return None;
             }
             (*h).open.set(2);
@@ -694,8 +728,8 @@ impl LoopListener {
             let timer = ptr::addr_of_mut!((*self.0).timer).cast::<c_void>();
             (uv.poll_stop)(poll);
             (uv.timer_stop)(timer);
-            (uv.close)(poll, Some(on_listener_closed));
-            (uv.close)(timer, Some(on_listener_timer_closed));
+            (uv.close)(poll, Some(poll_closed::<ListenerHandles>));
+            (uv.close)(timer, Some(timer_closed::<ListenerHandles>));
             let pending: Vec<usize> = h.serving.state.pending.borrow_mut().drain().collect();
             for p in pending {
                 close_handles(p as *mut Waiting);
@@ -740,7 +774,7 @@ unsafe extern "C" fn on_listener(handle: *mut c_void, status: c_int, _events: c_
         // SAFETY: the handles are live and not closed (closed was false).
         unsafe {
             (uv.poll_stop)(handle);
-            let timer = handle.cast::<u8>().add(std::mem::offset_of!(ListenerHandles, timer)).cast::<c_void>();
+            let timer = handle.cast::<u8>().add(ListenerHandles::TIMER).cast::<c_void>();
             (uv.timer_start)(timer, on_backoff_done, wait.as_millis() as u64, 0);
         }
     }
@@ -749,34 +783,12 @@ unsafe extern "C" fn on_listener(handle: *mut c_void, status: c_int, _events: c_
 unsafe extern "C" fn on_backoff_done(handle: *mut c_void) {
     // SAFETY: handle is the timer field of a live ListenerHandles, whose poll handle is at offset 0.
     unsafe {
-        let h = handle.cast::<u8>().sub(std::mem::offset_of!(ListenerHandles, timer)).cast::<ListenerHandles>();
+        let h = owner_of_timer::<ListenerHandles>(handle);
         let handles = &*h;
         if handles.serving.state.closed.get() {
             return;
         }
         let uv = uv().expect("libuv resolved before the listener started");
         (uv.poll_start)(h.cast(), UV_READABLE, on_listener);
-    }
-}
-
-unsafe extern "C" fn on_listener_closed(handle: *mut c_void) {
-    // SAFETY: handle is the poll field (offset 0) of a live ListenerHandles.
-    unsafe { listener_handle_closed(handle.cast::<ListenerHandles>()) }
-}
-
-unsafe extern "C" fn on_listener_timer_closed(handle: *mut c_void) {
-    // SAFETY: handle is the timer field of a live ListenerHandles.
-    unsafe { listener_handle_closed(handle.cast::<u8>().sub(std::mem::offset_of!(ListenerHandles, timer)).cast()) }
-}
-
-/// One of the listener's handles is closed; the last one frees them.
-unsafe fn listener_handle_closed(h: *mut ListenerHandles) {
-    // SAFETY: h is live until the last close callback, which is this one when `open` drops to 0.
-    unsafe {
-        let left = (*h).open.get() - 1;
-        (*h).open.set(left);
-        if left == 0 {
-            drop(Box::from_raw(h));
-        }
     }
 }

@@ -120,8 +120,7 @@ impl RestOfAnswer {
             dup_fds(&raw)?
         };
         let sent = conn.respond_rest(&self.entry.head, &self.entry.body, fds, self.sent, deadline).await;
-        let peer = self.peer.get(conn);
-        self.fast.log_answer(&self.entry, peer, self.started, sent.as_ref().err());
+        self.fast.log_answer(&self.entry, self.started, &mut self.peer, conn, sent.as_ref().err());
         sent
     }
 }
@@ -332,44 +331,54 @@ impl FastGets {
             return Ok(AnsweredNow::No);
         }
         let started = self.logging.load(std::sync::atomic::Ordering::Relaxed).then(Instant::now);
-        let guard = InFlight::enter(self);
-        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
-            return Ok(AnsweredNow::No);
-        }
-        let entry = match self.entries.lock() {
-            Ok(m) => m.get(&frame.header[13..FRAME_HEADER_LEN]).cloned(),
-            Err(_) => None,
-        };
-        let Some(entry) = entry else { return Ok(AnsweredNow::No) };
+        let _guard = InFlight::enter(self);
+        let Some(entry) = self.registered(frame) else { return Ok(AnsweredNow::No) };
         let borrowed: Vec<BorrowedFd<'_>> = entry.fds.iter().map(|f| f.as_fd()).collect();
         match conn.try_respond(&entry.head, &entry.body, &borrowed) {
             Ok((true, _)) => {
-                if started.is_some() {
-                    self.log_answer(&entry, peer.get(conn), started, None);
-                }
-                drop(guard);
+                self.log_answer(&entry, started, peer, conn, None);
                 Ok(AnsweredNow::Done)
             }
             Ok((false, sent)) => {
-                self.inflight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                self.enter();
                 drop(borrowed);
                 Ok(AnsweredNow::Rest(RestOfAnswer { fast: self.clone(), entry, sent, started, peer: *peer }))
             }
             Err(e) => {
-                if started.is_some() {
-                    self.log_answer(&entry, peer.get(conn), started, Some(&e));
-                }
+                self.log_answer(&entry, started, peer, conn, Some(&e));
                 Err(e)
             }
         }
     }
 
-    /// Queues the log record of an answered get (when the log is on: `started` is set).
-    fn log_answer(&self, entry: &FastGet, peer: Option<PeerCred>, started: Option<Instant>, error: Option<&Error>) {
+    /// The response registered for `frame`'s key, unless the fast path is closed. Call it in flight (see
+    /// [`drained`](Self::drained)).
+    fn registered(&self, frame: &Frame) -> Option<Arc<FastGet>> {
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return None;
+        }
+        self.entries.lock().ok()?.get(&frame.header[13..FRAME_HEADER_LEN]).cloned()
+    }
+
+    /// Queues the log record of an answered get when the log is on (`started` is set); only then is the peer
+    /// asked for.
+    fn log_answer(
+        &self,
+        entry: &FastGet,
+        started: Option<Instant>,
+        peer: &mut PeerSlot,
+        conn: &UnixConnection,
+        error: Option<&Error>,
+    ) {
         if let Some(t) = started {
             let error = error.map(|e| Arc::from(e.message.as_str()));
-            self.push_log(FastGetRecord { key: entry.key.clone(), peer, duration: t.elapsed(), error });
+            self.push_log(FastGetRecord { key: entry.key.clone(), peer: peer.get(conn), duration: t.elapsed(), error });
         }
+    }
+
+    /// A response in flight begins (see [`drained`](Self::drained)).
+    fn enter(&self) {
+        self.inflight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// A response in flight ends (see [`drained`](Self::drained)).
@@ -383,19 +392,11 @@ impl FastGets {
     /// queues a record once the response is out.
     async fn answer(&self, conn: &UnixConnection, frame: &Frame, peer: &mut PeerSlot) -> Result<bool> {
         let started = self.logging.load(std::sync::atomic::Ordering::Relaxed).then(Instant::now);
-        let h = &frame.header;
         if !is_plain_get(frame) {
             return Ok(false);
         }
         let guard = InFlight::enter(self);
-        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
-            return Ok(false);
-        }
-        let entry = match self.entries.lock() {
-            Ok(m) => m.get(&h[13..FRAME_HEADER_LEN]).cloned(),
-            Err(_) => None,
-        };
-        let Some(entry) = entry else { return Ok(false) };
+        let Some(entry) = self.registered(frame) else { return Ok(false) };
         let deadline = self.write_deadline.lock().map(|d| *d).unwrap_or(None);
         let sent = with_deadline(deadline, "write response", async {
             conn.write_all(&entry.head).await?;
@@ -404,9 +405,7 @@ impl FastGets {
         })
         .await;
         // One record per answered request, whatever became of the response (a peer gone: an error record).
-        if started.is_some() {
-            self.log_answer(&entry, peer.get(conn), started, sent.as_ref().err());
-        }
+        self.log_answer(&entry, started, peer, conn, sent.as_ref().err());
         drop(entry);
         drop(guard);
         sent.map(|()| true)
@@ -428,7 +427,7 @@ struct InFlight<'a>(&'a FastGets);
 
 impl<'a> InFlight<'a> {
     fn enter(f: &'a FastGets) -> InFlight<'a> {
-        f.inflight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        f.enter();
         InFlight(f)
     }
 }
@@ -465,10 +464,7 @@ impl UnixConnection {
     ) -> Result<Frame> {
         let mut peer = rest.peer;
         rest.finish(self).await?;
-        let frame = tokio::select! {
-            r = self.read_request_frame(max_data, deadline) => r?,
-            _ = fast.closed() => return Err(Error::new(ErrorCode::Closed, "server is closed")),
-        };
+        let frame = self.next_frame_unless_closed(fast, max_data, deadline).await?;
         self.serve_fast_gets_with(frame, fast, max_data, deadline, &mut peer).await
     }
 
@@ -481,12 +477,23 @@ impl UnixConnection {
         peer: &mut PeerSlot,
     ) -> Result<Frame> {
         while fast.answer(self, &frame, peer).await? {
-            frame = tokio::select! {
-                r = self.read_request_frame(max_data, deadline) => r?,
-                _ = fast.closed() => return Err(Error::new(ErrorCode::Closed, "server is closed")),
-            };
+            frame = self.next_frame_unless_closed(fast, max_data, deadline).await?;
         }
         Ok(frame)
+    }
+
+    /// The next request frame (as [`read_request_frame`](Self::read_request_frame)), or `ERR_CLOSED` once `fast`
+    /// is closed while waiting for it.
+    async fn next_frame_unless_closed(
+        &self,
+        fast: &FastGets,
+        max_data: usize,
+        deadline: Option<Duration>,
+    ) -> Result<Frame> {
+        tokio::select! {
+            r = self.read_request_frame(max_data, deadline) => r,
+            _ = fast.closed() => Err(Error::new(ErrorCode::Closed, "server is closed")),
+        }
     }
 }
 
