@@ -36,17 +36,23 @@ export declare class DhcpServer {
 /**
  * Runs FDServer requests like `fdRequest`, but reports every completion through one long-lived callback
  * instead of a Promise per request (a Promise from native code costs a threadsafe function and an event-loop
- * handle per call). The callback gets an `FdDone`. A request on a new connection waits for its response on the
- * JavaScript thread's own event loop when the port was made with `waitOnLoop` and libuv is there (Node: one
- * thread wake-up per request; see uvwait.rs), else on the native runtime, whose completions keep the process
- * alive only while `hold(true)` (call it while such requests are pending).
+ * handle per call), and hands each response frame over in the port's `inbox` with a few numbers instead of an
+ * object (see inbox.rs): the callback gets `(id, dataLen, nfds, buffer?)` for a frame (header, payload and fds
+ * in `buffer` when given, else at the start of `inbox`; read them before returning: the next frame overwrites
+ * them; `dataLen` -2: no payload, bad magic), or `(id, -1, 0, undefined, code, message, notSent)` for an error.
+ * A request on a new connection waits for its response on the JavaScript thread's own event loop when the
+ * port was made with `waitOnLoop` and libuv is there (Node: one thread wake-up per request; see uvwait.rs),
+ * else on the native runtime, whose completions keep the process alive only while `hold(true)` (call it while
+ * such requests are pending).
  */
 export declare class FdRequestPort {
   /**
    * `onDone` is called on the JavaScript thread with each finished request. `waitOnLoop` asks for the event
    * loop path (only on Node: Bun and Deno lack libuv or stub it); `waitsOnLoop` tells whether it is in use.
    */
-  constructor(onDone: (done: FdDone) => void, waitOnLoop?: boolean | undefined | null)
+  constructor(onDone: (id: number, dataLen: number, nfds: number, buffer?: Buffer, code?: string, message?: string, notSent?: boolean) => void, waitOnLoop?: boolean | undefined | null)
+  /** The memory response frames are handed over in (see the type's doc); the same every time. */
+  get inbox(): Buffer
   /** Whether requests on new connections wait on the JavaScript thread's event loop (see the constructor). */
   get waitsOnLoop(): boolean
   /** Whether the port keeps the event loop alive (`true` while requests are pending). */
@@ -443,22 +449,6 @@ export interface FastGetEntry {
 export interface FastGetLog {
   entries: Array<FastGetEntry>
   dropped: number
-}
-
-/**
- * A finished `FdRequestPort.request`: its id, and either the response frame (fds owned by JavaScript) or the
- * error's stable `code` and `message`.
- */
-export interface FdDone {
-  id: number
-  frame?: Frame
-  code?: string
-  message?: string
-  /**
-   * Only from `requestOn`: true when the request never reached the server (writing it failed: the server had
-   * closed the connection), so it can be sent again on a new connection.
-   */
-  notSent?: boolean
 }
 
 /**

@@ -80,6 +80,49 @@ test.serial('both waits, per call and keep-alive, against our FDServer: the same
   }
 })
 
+test.serial('responses bigger than the port\'s inbox and many at once: each caller keeps its own bytes and fds, in all four modes', async (t) => {
+  // A port hands a response frame over in a 64 KiB inbox that the next frame overwrites; a bigger one comes in a
+  // Buffer of its own. Big and small responses in flight together must each reach their caller intact.
+  const { dir, sock } = tempSock()
+  const file = join(dir, 'content')
+  writeFileSync(file, 'payload-file')
+  const inner = sameFileSource(file, 2)
+  const bytesOf = (key: string): Buffer => (key.includes('big') ? Buffer.alloc(150 * 1024 + key.length, key) : Buffer.from(`small:${key}`))
+  const server = new FDServer(sock, {
+    ...inner,
+    getFDs: async (key) => ({ fds: (await inner.getFDs(key, Buffer.alloc(0))).fds, data: bytesOf(`add-${key}`) }),
+    getInfo: (key) => bytesOf(`info-${key}`),
+  })
+  await server.serve()
+  const before = fdCount()
+  try {
+    const modes = { loop: { waitOn: 'loop' }, runtime: { waitOn: 'runtime' }, loopkeep: { waitOn: 'loop', keepAlive: true }, runtimekeep: { waitOn: 'runtime', keepAlive: true } } as const
+    for (const [mode, options] of Object.entries(modes)) {
+      const client = new FDClient(sock, options)
+      const keys = Array.from({ length: 8 }, (_, i) => `${mode}-${i % 2 ? 'big' : 'small'}-${i}`)
+      const added = await Promise.all(keys.map((k) => client.addFDs(k, {})))
+      const got = await Promise.all(keys.map((k) => client.getFDs(k)))
+      keys.forEach((k, i) => {
+        t.true(added[i].equals(bytesOf(`add-${k}`)), `${mode}: add response of ${k}`)
+        t.true(got[i].info.equals(bytesOf(`info-${k}`)), `${mode}: get info of ${k}`)
+        t.is(got[i].fds.length, 2)
+        const b = Buffer.alloc(12)
+        t.is(readSync(got[i].fds[1], b, 0, 12, 0), 12)
+        t.is(b.toString(), 'payload-file')
+        for (const fd of got[i].fds) closeSync(fd)
+      })
+      await Promise.all(keys.map((k) => client.releaseFDs(k)))
+      client.close()
+    }
+    t.is(inner.held.size, 0)
+    // at most as many as before: an earlier test's connection may be closed by its collector meanwhile
+    t.true(await until(() => fdCount() <= before), `fds back to ${before} (now ${fdCount()})`)
+  } finally {
+    await server.stop()
+    rmSync(dir, { recursive: true, force: true })
+  }
+})
+
 test.serial('loop wait: a response in pieces (split header, fds with the first payload bytes, the rest later)', async (t) => {
   const { dir, sock } = tempSock()
   const listener = UnixListener.bind(sock)

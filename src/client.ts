@@ -4,7 +4,7 @@
  */
 import { InvalidInputError, ProtocolError, ServerError } from './errors'
 import type { FDManager } from './fdsource'
-import { FdRequestPort, LOOP_WAITS_POSSIBLE, UnixConnection, closeFd, type FdDone, type Frame } from './native'
+import { FdRequestPort, LOOP_WAITS_POSSIBLE, UnixConnection, closeFd } from './native'
 
 /** Closes an fd received from `getFDs` (the caller owns those). */
 export { closeFd }
@@ -32,21 +32,39 @@ export interface GetFDsResponse {
 
 /** The empty payload of get, release and list requests (never written to). */
 const EMPTY = Buffer.alloc(0)
+const dataOf = (r: Response): Buffer => r.data
+const nothing = (): void => undefined
+const getResponseOf = (r: Response): GetFDsResponse => ({ fds: r.fds, info: r.data })
 
+/** A response: its payload and the fds that came with it (owned by the caller). */
 interface Response {
   data: Buffer
   fds: number[]
 }
 
 /**
- * Requests in flight share one native completion callback (cheaper than a native Promise per request); each
- * waits here under its id. A request on a new connection waits for its response on this thread's event loop
- * (Node: libuv polls the socket, one thread wake-up per request; also on a keep-alive connection) and keeps
- * the process alive by itself; one waiting on the native runtime (`waitOn: 'runtime'`, Bun, Deno, concurrent
- * requests) needs the port's `hold` while it is pending.
+ * What a request is checked against when its response arrives: the command sent, the key and its encoded
+ * header (whose key bytes the server echoes), and on a keep-alive connection what to do with the connection
+ * once the response is read (`wellFormed`: the stream is still in step).
  */
-interface Waiter {
-  resolve: (f: Frame) => void
+interface Expect {
+  command: number
+  key: string
+  head: Buffer
+  settled?: (wellFormed: boolean) => void
+}
+
+/**
+ * Requests in flight share one native completion callback per port (cheaper than a native Promise per
+ * request); each waits here under its id. The port hands the response frame over in its inbox (a Buffer
+ * shared with native code, see `FdRequestPort`): the frame is checked and copied out right in the callback.
+ * A request on a new connection waits for its response on this thread's event loop (Node: libuv polls the
+ * socket, one thread wake-up per request; also on a keep-alive connection) and keeps the process alive by
+ * itself; one waiting on the native runtime (`waitOn: 'runtime'`, Bun, Deno, concurrent requests) needs the
+ * port's `hold` while it is pending.
+ */
+interface Waiter extends Expect {
+  resolve: (r: Response) => void
   reject: (e: Error) => void
   /** The port whose `hold` it counts in (waiting on the runtime), else null. */
   heldOn: FdRequestPort | null
@@ -76,31 +94,89 @@ function hold(p: FdRequestPort, delta: 1 | -1): void {
   else if (delta === -1 && n === 0) p.hold(false)
 }
 
-function onDone(d: FdDone): void {
-  const w = waiting.get(d.id)
-  if (!w) return
-  waiting.delete(d.id)
+/**
+ * Checks a response frame (header at 0 of `buf`, then `dataLen` payload bytes, then the fds) against what was
+ * sent, and copies its payload out. Throws a {@link ProtocolError} or the server's {@link ServerError}; the fds
+ * are the caller's to close then.
+ */
+function checkResponse(w: Expect, buf: Buffer, dataLen: number, fds: number[]): Response {
+  if (dataLen < 0 || buf.readUInt32BE(0) !== FD_MAGIC) throw new ProtocolError('bad magic')
+  const cmd = buf[4]
+  if (cmd === ERROR_COMMAND) throw new ServerError(buf.toString('utf8', HEADER_SIZE, HEADER_SIZE + dataLen))
+  if (cmd !== (w.command | RESPONSE_FLAG)) throw new ProtocolError(`unexpected command ${cmd.toString(16).padStart(2, '0')}`)
+  // The server echoes the key bytes it got (a byte comparison settles the usual case without decoding).
+  if (buf.compare(w.head, 13, 13 + KEY_SIZE, 13, 13 + KEY_SIZE) !== 0 && decodeKey(buf.subarray(13, 13 + KEY_SIZE)) !== w.key) {
+    throw new ProtocolError(FD_ERROR_TEXT.keyMismatch)
+  }
+  if (w.command !== FDCommand.Get && fds.length > 0) throw new ProtocolError(`unexpected fds in a ${w.command} response`)
+  if (w.command === FDCommand.Get && fds.length === 0 && buf.readUInt32BE(9) > 0) {
+    throw new ProtocolError('unexpected number of socket control messages: 0 instead of 1')
+  }
+  // a copy (small ones come from Node's pool): the inbox is overwritten by the next frame
+  const data = dataLen === 0 ? Buffer.alloc(0) : Buffer.from(buf.subarray(HEADER_SIZE, HEADER_SIZE + dataLen))
+  return { data, fds }
+}
+
+/** The completion of request `id` from `port` (see `FdRequestPort` for the arguments). */
+function onDone(
+  inbox: Buffer,
+  id: number,
+  dataLen: number,
+  nfds: number,
+  own: Buffer | undefined,
+  code: string | undefined,
+  message: string | undefined,
+  notSent: boolean | undefined,
+): void {
+  const buf = own ?? inbox
+  const fds: number[] = []
+  for (let i = 0, at = HEADER_SIZE + Math.max(dataLen, 0); i < nfds; i++, at += 4) fds.push(buf.readInt32LE(at))
+  const w = waiting.get(id)
+  if (!w) {
+    for (const fd of fds) closeFd(fd)
+    return
+  }
+  waiting.delete(id)
   if (w.heldOn) hold(w.heldOn, -1)
   if (w.onLoop) onLoop--
-  if (d.frame) w.resolve(d.frame)
-  else w.reject(Object.assign(new Error(d.message ?? 'request failed'), { code: d.code, notSent: d.notSent ?? false }))
+  if (dataLen === -1) {
+    w.reject(Object.assign(new Error(message ?? 'request failed'), { code, notSent: notSent ?? false }))
+    return
+  }
+  let r: Response
+  try {
+    r = checkResponse(w, buf, dataLen, fds)
+  } catch (err) {
+    for (const fd of fds) closeFd(fd)
+    w.settled?.(dataLen >= 0 && buf.readUInt32BE(0) === FD_MAGIC)
+    w.reject(err as Error)
+    return
+  }
+  w.settled?.(true)
+  w.resolve(r)
 }
 
 function portFor(waitOn: 'loop' | 'runtime'): FdRequestPort {
-  if (waitOn === 'loop') return (ports.loop ??= new FdRequestPort(onDone, LOOP_WAITS_POSSIBLE))
-  return (ports.runtime ??= new FdRequestPort(onDone, false))
+  const make = (onLoop: boolean): FdRequestPort => {
+    let inbox: Buffer = Buffer.alloc(0)
+    const p = new FdRequestPort((id, dataLen, nfds, own, code, message, notSent) => onDone(inbox, id, dataLen, nfds, own, code, message, notSent), onLoop)
+    inbox = p.inbox
+    return p
+  }
+  if (waitOn === 'loop') return (ports.loop ??= make(LOOP_WAITS_POSSIBLE))
+  return (ports.runtime ??= make(false))
 }
 
 /**
  * One request through a shared port: on a new connection to `path` (see the native `fdRequest`), or on the
- * open connection `conn` (`requestOn`; the error then carries `notSent`).
+ * open connection `conn` (`requestOn`; the error then carries `notSent`). Resolves with the checked response.
  */
-function fdRequest(waitOn: 'loop' | 'runtime', path: string, request: Buffer, timeoutMs: number, conn?: UnixConnection): Promise<Frame> {
+function fdRequest(waitOn: 'loop' | 'runtime', path: string, request: Buffer, timeoutMs: number, expect: Expect, conn?: UnixConnection): Promise<Response> {
   const p = portFor(waitOn === 'loop' && onLoop < LOOP_MAX ? 'loop' : 'runtime')
   lastId = lastId >= 0xffffffff ? 1 : lastId + 1
   const id = lastId
-  return new Promise<Frame>((resolve, reject) => {
-    const w: Waiter = { resolve, reject, heldOn: null, onLoop: false }
+  return new Promise<Response>((resolve, reject) => {
+    const w: Waiter = { command: expect.command, key: expect.key, head: expect.head, settled: expect.settled, resolve, reject, heldOn: null, onLoop: false }
     waiting.set(id, w)
     try {
       if (conn ? p.requestOn(id, conn, request, timeoutMs) : p.request(id, path, request, timeoutMs)) {
@@ -114,6 +190,7 @@ function fdRequest(waitOn: 'loop' | 'runtime', path: string, request: Buffer, ti
     } catch (err) {
       waiting.delete(id)
       if (w.heldOn) hold(p, -1)
+      w.settled?.(false)
       reject(err as Error)
     }
   })
@@ -270,25 +347,23 @@ export class FDClient implements FDManager {
   }
 
   /** Adds `key`; `data` is a Buffer (sent as is) or a value (sent as JSON). Returns the source's response data. */
-  async addFDs(key: string, data: unknown): Promise<Buffer> {
-    const r = await this.request(FDCommand.Add, key, encodePayload(data))
-    return r.data
+  addFDs(key: string, data: unknown): Promise<Buffer> {
+    return this.request(FDCommand.Add, key, encodePayload(data)).then(dataOf)
   }
 
   /** Releases `key`. */
-  async releaseFDs(key: string): Promise<void> {
-    await this.request(FDCommand.Release, key, EMPTY)
+  releaseFDs(key: string): Promise<void> {
+    return this.request(FDCommand.Release, key, EMPTY).then(nothing)
   }
 
   /** Recovers `key` after a server restart; `data` is a Buffer or a JSON value. */
-  async recover(key: string, data: unknown): Promise<void> {
-    await this.request(FDCommand.Recover, key, encodePayload(data))
+  recover(key: string, data: unknown): Promise<void> {
+    return this.request(FDCommand.Recover, key, encodePayload(data)).then(nothing)
   }
 
   /** Gets the fds of `key` (now owned by the caller) and the source's info for them. */
-  async getFDs(key: string): Promise<GetFDsResponse> {
-    const r = await this.request(FDCommand.Get, key, EMPTY)
-    return { fds: r.fds, info: r.data }
+  getFDs(key: string): Promise<GetFDsResponse> {
+    return this.request(FDCommand.Get, key, EMPTY).then(getResponseOf)
   }
 
   /**
@@ -322,43 +397,28 @@ export class FDClient implements FDManager {
   /** Encoded get requests of recent keys (a get is a bare header, the same bytes every time). */
   private readonly getHeads = new Map<string, Buffer>()
 
-  private async request(command: number, key: string, payload: Buffer): Promise<Response> {
+  /** Sends one request and resolves with its checked response (see `checkResponse`). */
+  private request(command: number, key: string, payload: Buffer): Promise<Response> {
     let head = command === FDCommand.Get ? this.getHeads.get(key) : undefined
     if (!head) {
-      const keyBytes = encodeKey(key) // refuses keys that would not survive the trip, before connecting
+      let keyBytes: Buffer
+      try {
+        keyBytes = encodeKey(key) // refuses keys that would not survive the trip, before connecting
+      } catch (err) {
+        return Promise.reject(err as Error)
+      }
       head = encodeHeader({ command, dataSize: payload.length, oobSize: 0, key: keyBytes })
       if (command === FDCommand.Get) {
         if (this.getHeads.size >= 256) this.getHeads.clear()
         this.getHeads.set(key, head)
       }
     }
-    const keyBytes = head.subarray(13)
     // One native call: connect, write header and payload, read the 77-byte header, then one recvmsg for the
     // payload and the fds (as the Go client does), close.
     const bytes = payload.length > 0 ? Buffer.concat([head, payload]) : head
-    const frame = this.pool ? await this.pooledRequest(this.pool, bytes) : await fdRequest(this.waitOn, this.socketPath, bytes, this.timeoutMs)
-    const received = frame.fds
-    try {
-      // The header's fields read in place (no decoded copy: this runs once per request).
-      const h = frame.header
-      const data = frame.data
-      if (h.length !== HEADER_SIZE || h.readUInt32BE(0) !== FD_MAGIC || !data) throw new ProtocolError('bad magic')
-      const cmd = h[4]
-      if (cmd === ERROR_COMMAND) throw new ServerError(data.toString('utf8'))
-      if (cmd !== (command | RESPONSE_FLAG)) throw new ProtocolError(`unexpected command ${cmd.toString(16).padStart(2, '0')}`)
-      // The server echoes the key bytes it got (a byte comparison settles the usual case without decoding).
-      if (h.compare(keyBytes, 0, KEY_SIZE, 13, 13 + KEY_SIZE) !== 0 && decodeKey(h.subarray(13, 13 + KEY_SIZE)) !== key) {
-        throw new ProtocolError(FD_ERROR_TEXT.keyMismatch)
-      }
-      if (command !== FDCommand.Get && received.length > 0) throw new ProtocolError(`unexpected fds in a ${command} response`)
-      if (command === FDCommand.Get && received.length === 0 && h.readUInt32BE(9) > 0) {
-        throw new ProtocolError('unexpected number of socket control messages: 0 instead of 1')
-      }
-      frame.fds = []
-      return { data, fds: received }
-    } finally {
-      for (const fd of frame.fds) closeFd(fd)
-    }
+    const expect: Expect = { command, key, head }
+    if (this.pool) return this.pooledRequest(this.pool, bytes, expect)
+    return fdRequest(this.waitOn, this.socketPath, bytes, this.timeoutMs, expect)
   }
 
   /**
@@ -366,21 +426,19 @@ export class FDClient implements FDManager {
    * for a next request after a while) fails before the request gets out: it is then sent once more on a new
    * connection. Any failure drops the connection (its stream may be out of step).
    */
-  private async pooledRequest(pool: ConnectionPool, bytes: Buffer): Promise<Frame> {
+  private async pooledRequest(pool: ConnectionPool, bytes: Buffer, expect: Expect): Promise<Response> {
     for (;;) {
       const { c, fresh } = await pool.acquire()
-      let frame: Frame
+      // A response that is not a well-formed frame leaves the stream out of step: do not reuse the connection.
+      const settled = (wellFormed: boolean): void => (wellFormed ? pool.release(c) : pool.drop(c))
       try {
-        frame = await fdRequest(this.waitOn, this.socketPath, bytes, this.timeoutMs, c.conn)
+        return await fdRequest(this.waitOn, this.socketPath, bytes, this.timeoutMs, { ...expect, settled }, c.conn)
       } catch (err) {
+        if ((err as { notSent?: boolean }).notSent === undefined) throw err // a response came: settled above
         pool.drop(c)
         if (!fresh && (err as { notSent?: boolean }).notSent) continue
         throw err
       }
-      // A response that is not a well-formed frame leaves the stream out of step: do not reuse the connection.
-      if (frame.data && frame.header.readUInt32BE(0) === FD_MAGIC) pool.release(c)
-      else pool.drop(c)
-      return frame
     }
   }
 }

@@ -8,13 +8,14 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use napi::bindgen_prelude::{within_runtime_if_available, Buffer, Either, Function, PromiseRaw};
+use napi::bindgen_prelude::{within_runtime_if_available, Buffer, BufferSlice, Either, Function, PromiseRaw};
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::Env;
 use napi_derive::napi;
 use tapmanager_core::unix::{self, BindOptions};
 
 use crate::error::{invalid, spawn_future_promise, to_js, JsError};
+use crate::inbox::{DoneArgs, Inbox, INBOX_SIZE};
 use crate::uvwait::{self, LoopWaits};
 
 /// Returns the version of the native addon (a smoke test of the binding).
@@ -114,32 +115,7 @@ pub fn fd_request<'env>(
     }
 }
 
-/// A finished `FdRequestPort.request`: its id, and either the response frame (fds owned by JavaScript) or the
-/// error's stable `code` and `message`.
-#[napi(object, object_from_js = false)]
-pub struct FdDone {
-    pub id: u32,
-    pub frame: Option<Frame>,
-    pub code: Option<String>,
-    pub message: Option<String>,
-    /// Only from `requestOn`: true when the request never reached the server (writing it failed: the server had
-    /// closed the connection), so it can be sent again on a new connection.
-    pub not_sent: Option<bool>,
-}
-
-impl FdDone {
-    /// The completion of request `id`: its frame, or its error's code and message (`not_sent` only with an error).
-    pub(crate) fn of(id: u32, r: tapmanager_core::Result<unix::Frame>, not_sent: Option<bool>) -> FdDone {
-        match r {
-            Ok(f) => FdDone { id, frame: Some(to_js_frame(f)), code: None, message: None, not_sent: None },
-            Err(e) => {
-                FdDone { id, frame: None, code: Some(e.code.as_str().to_string()), message: Some(e.message), not_sent }
-            }
-        }
-    }
-}
-
-type DoneFn = ThreadsafeFunction<FdDone, (), FdDone, napi::Status, false, true>;
+type DoneFn = ThreadsafeFunction<DoneArgs, (), DoneArgs, napi::Status, false, true>;
 
 /// Makes the threadsafe function `tsfn` keep the event loop alive (`on`) or not (napi's ref/unref). `tsfn` must
 /// be alive for the call (its owner holds it); `what` names the caller in the error.
@@ -166,14 +142,19 @@ fn hold_threadsafe_function(
 
 /// Runs FDServer requests like `fdRequest`, but reports every completion through one long-lived callback
 /// instead of a Promise per request (a Promise from native code costs a threadsafe function and an event-loop
-/// handle per call). The callback gets an `FdDone`. A request on a new connection waits for its response on the
-/// JavaScript thread's own event loop when the port was made with `waitOnLoop` and libuv is there (Node: one
-/// thread wake-up per request; see uvwait.rs), else on the native runtime, whose completions keep the process
-/// alive only while `hold(true)` (call it while such requests are pending).
+/// handle per call), and hands each response frame over in the port's `inbox` with a few numbers instead of an
+/// object (see inbox.rs): the callback gets `(id, dataLen, nfds, buffer?)` for a frame (header, payload and fds
+/// in `buffer` when given, else at the start of `inbox`; read them before returning: the next frame overwrites
+/// them; `dataLen` -2: no payload, bad magic), or `(id, -1, 0, undefined, code, message, notSent)` for an error.
+/// A request on a new connection waits for its response on the JavaScript thread's own event loop when the
+/// port was made with `waitOnLoop` and libuv is there (Node: one thread wake-up per request; see uvwait.rs),
+/// else on the native runtime, whose completions keep the process alive only while `hold(true)` (call it while
+/// such requests are pending).
 #[napi]
 pub struct FdRequestPort {
     done: Arc<DoneFn>,
     on_loop: Option<Rc<LoopWaits>>,
+    inbox: Arc<Inbox>,
 }
 
 #[napi]
@@ -183,16 +164,36 @@ impl FdRequestPort {
     #[napi(constructor)]
     pub fn new(
         env: Env,
-        #[napi(ts_arg_type = "(done: FdDone) => void")] on_done: Function<'_, FdDone, ()>,
+        #[napi(
+            ts_arg_type = "(id: number, dataLen: number, nfds: number, buffer?: Buffer, code?: string, message?: string, notSent?: boolean) => void"
+        )]
+        on_done: Function<'_, DoneArgs, ()>,
         wait_on_loop: Option<bool>,
     ) -> napi::Result<Self> {
+        let inbox = Inbox::new(INBOX_SIZE);
         let on_loop = if wait_on_loop.unwrap_or(false) {
-            uvwait::LoopWaits::new(env.raw(), napi::JsValue::raw(&on_done), c"tapmanager:FdRequest")
+            let raw = napi::JsValue::raw(&on_done);
+            uvwait::LoopWaits::new(env.raw(), raw, c"tapmanager:FdRequest", Some(inbox.clone()))
         } else {
             None
         };
-        let done = on_done.build_threadsafe_function::<FdDone>().callee_handled::<false>().weak::<true>().build()?;
-        Ok(FdRequestPort { done: Arc::new(done), on_loop })
+        let done = on_done
+            .build_threadsafe_function::<DoneArgs>()
+            .callee_handled::<false>()
+            .weak::<true>()
+            .build_callback(|ctx| Ok(ctx.value))?;
+        Ok(FdRequestPort { done: Arc::new(done), on_loop, inbox })
+    }
+
+    /// The memory response frames are handed over in (see the type's doc); the same every time.
+    #[napi(getter)]
+    pub fn inbox<'env>(&self, env: &'env Env) -> napi::Result<BufferSlice<'env>> {
+        self.inbox.to_js(env)
+    }
+
+    /// What the callback gets for request `id`'s outcome.
+    fn outcome(&self, id: u32, result: tapmanager_core::Result<unix::Frame>, not_sent: Option<bool>) -> DoneArgs {
+        DoneArgs { id, result, not_sent, inbox: self.inbox.clone() }
     }
 
     /// Whether requests on new connections wait on the JavaScript thread's event loop (see the constructor).
@@ -235,13 +236,14 @@ impl FdRequestPort {
             }
         };
         let done = self.done.clone();
+        let inbox = self.inbox.clone();
         napi::bindgen_prelude::spawn(async move {
-            let r = match started {
+            let result = match started {
                 Ok(Some((stream, written))) => unix::finish_request(stream, &req, written, d).await,
                 Ok(None) => unix::request(&path, &req, d).await,
                 Err(e) => Err(e),
             };
-            done.call(FdDone::of(id, r, None), ThreadsafeFunctionCallMode::NonBlocking);
+            done.call(DoneArgs { id, result, not_sent: None, inbox }, ThreadsafeFunctionCallMode::NonBlocking);
         });
         false
     }
@@ -275,8 +277,10 @@ impl FdRequestPort {
                                     tapmanager_core::ErrorCode::Io,
                                     "request: cannot wait on the event loop",
                                 );
-                                self.done
-                                    .call(FdDone::of(id, Err(e), Some(false)), ThreadsafeFunctionCallMode::NonBlocking);
+                                self.done.call(
+                                    self.outcome(id, Err(e), Some(false)),
+                                    ThreadsafeFunctionCallMode::NonBlocking,
+                                );
                                 return false;
                             }
                         }
@@ -285,7 +289,7 @@ impl FdRequestPort {
                     Err(_) if written == 0 => (Ok(kept), req),
                     Err(e) => {
                         // part of it went out: the stream is out of step, the request may have reached the server
-                        self.done.call(FdDone::of(id, Err(e), Some(false)), ThreadsafeFunctionCallMode::NonBlocking);
+                        self.done.call(self.outcome(id, Err(e), Some(false)), ThreadsafeFunctionCallMode::NonBlocking);
                         return false;
                     }
                 }
@@ -293,6 +297,7 @@ impl FdRequestPort {
             (_, c) => (c, req),
         };
         let done = self.done.clone();
+        let inbox = self.inbox.clone();
         napi::bindgen_prelude::spawn(async move {
             let mut not_sent = true;
             let exchange = async {
@@ -312,7 +317,8 @@ impl FdRequestPort {
             };
             // A timeout may have hit while the request was on its way: only a failed write is certain.
             let not_sent = not_sent && !matches!(&r, Err(e) if e.code == tapmanager_core::ErrorCode::Timeout);
-            done.call(FdDone::of(id, r, Some(not_sent)), ThreadsafeFunctionCallMode::NonBlocking);
+            let not_sent = Some(not_sent);
+            done.call(DoneArgs { id, result: r, not_sent, inbox }, ThreadsafeFunctionCallMode::NonBlocking);
         });
         false
     }
@@ -360,7 +366,7 @@ impl FrameSink {
         read_on_loop: Option<bool>,
     ) -> napi::Result<Self> {
         let on_loop = if read_on_loop.unwrap_or(false) {
-            uvwait::LoopWaits::new(env.raw(), napi::JsValue::raw(&on_frame), c"tapmanager:FrameSink")
+            uvwait::LoopWaits::new(env.raw(), napi::JsValue::raw(&on_frame), c"tapmanager:FrameSink", None)
         } else {
             None
         };
@@ -572,7 +578,8 @@ impl UnixListener {
         if slot.is_some() || self.on_loop.borrow().is_some() {
             return Err(invalid("startIncomingOnLoop: already started"));
         }
-        let Some(waits) = uvwait::LoopWaits::new(env.raw(), napi::JsValue::raw(&on_incoming), c"tapmanager:Incoming")
+        let Some(waits) =
+            uvwait::LoopWaits::new(env.raw(), napi::JsValue::raw(&on_incoming), c"tapmanager:Incoming", None)
         else {
             return Ok(false);
         };

@@ -8,5 +8,6 @@ mod container;
 mod dhcp;
 mod error;
 mod fd;
+mod inbox;
 mod net;
 mod uvwait;

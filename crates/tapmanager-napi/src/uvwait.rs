@@ -16,14 +16,15 @@ use std::ptr;
 use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
 
-use napi::bindgen_prelude::ToNapiValue;
+use napi::bindgen_prelude::JsValuesTupleIntoVec;
 use napi::sys;
 use tapmanager_core::unix::{
     self, Accepted, Admission, AnsweredNow, FastGets, PeerCred, PeerSlot, RequestReader, ResponseReader, RestOfAnswer,
 };
 use tapmanager_core::{Error as CoreError, ErrorCode};
 
-use crate::fd::{FdDone, IncomingRequest, NextFrame};
+use crate::fd::{IncomingRequest, NextFrame};
+use crate::inbox::{DoneArgs, Inbox};
 
 type PollCb = unsafe extern "C" fn(*mut c_void, c_int, c_int);
 type TimerCb = unsafe extern "C" fn(*mut c_void);
@@ -89,12 +90,19 @@ pub struct LoopWaits {
     uv_loop: *mut c_void,
     on_done: sys::napi_ref,
     async_ctx: sys::napi_async_context,
+    /// Where a client request's response frame is handed over (see inbox.rs); a port's only.
+    inbox: Option<Arc<Inbox>>,
 }
 
 impl LoopWaits {
-    /// The loop path for `env` reporting to `on_done` (async resource `name`), or `None` when libuv's functions
-    /// or the loop are not available.
-    pub fn new(env: sys::napi_env, on_done: sys::napi_value, name: &CStr) -> Option<Rc<LoopWaits>> {
+    /// The loop path for `env` reporting to `on_done` (async resource `name`; a client port's frames through
+    /// `inbox`), or `None` when libuv's functions or the loop are not available.
+    pub fn new(
+        env: sys::napi_env,
+        on_done: sys::napi_value,
+        name: &CStr,
+        inbox: Option<Arc<Inbox>>,
+    ) -> Option<Rc<LoopWaits>> {
         let uv_api = uv();
         uv_api?;
         let mut uv_loop: *mut sys::uv_loop_s = ptr::null_mut();
@@ -116,14 +124,14 @@ impl LoopWaits {
                 sys::napi_delete_reference(env, on_done_ref);
                 return None;
             }
-            Some(Rc::new(LoopWaits { env, uv_loop: uv_loop.cast(), on_done: on_done_ref, async_ctx }))
+            Some(Rc::new(LoopWaits { env, uv_loop: uv_loop.cast(), on_done: on_done_ref, async_ctx, inbox }))
         }
     }
 
-    /// Calls the callback with `done` from the loop (not from JavaScript): in its own handle scope and callback
+    /// Calls the callback with `args` from the loop (not from JavaScript): in its own handle scope and callback
     /// scope, so the Promise reactions it causes run right after. A throw becomes an uncaught exception, as from
     /// any event-loop callback.
-    fn call<T: ToNapiValue>(&self, done: T) {
+    fn call<A: JsValuesTupleIntoVec>(&self, args: A) {
         let env = self.env;
         // SAFETY: on the JavaScript thread of env, outside any other napi call (a libuv callback); every napi
         // value lives in the handle scope opened here.
@@ -134,13 +142,13 @@ impl LoopWaits {
             }
             let mut func = ptr::null_mut();
             let mut global = ptr::null_mut();
-            let arg = T::to_napi_value(env, done);
-            if let Ok(arg) = arg {
+            if let Ok(argv) = args.into_vec(env) {
                 if sys::napi_get_reference_value(env, self.on_done, &mut func) == sys::Status::napi_ok
                     && sys::napi_get_global(env, &mut global) == sys::Status::napi_ok
                 {
                     let mut result = ptr::null_mut();
-                    let status = sys::napi_make_callback(env, self.async_ctx, global, func, 1, &arg, &mut result);
+                    let (argc, argv) = (argv.len(), argv.as_ptr());
+                    let status = sys::napi_make_callback(env, self.async_ctx, global, func, argc, argv, &mut result);
                     if status == sys::Status::napi_pending_exception {
                         let mut err = ptr::null_mut();
                         if sys::napi_get_and_clear_last_exception(env, &mut err) == sys::Status::napi_ok {
@@ -183,7 +191,7 @@ impl Sock {
 
 /// What a wait on the loop is for, and how far it got.
 enum Work {
-    /// A client request (reported as `FdDone`): the rest of `request` to write, then the response frame to read.
+    /// A client request (reported through the port's inbox, see inbox.rs): the rest of `request` to write, then the response frame to read.
     Request {
         id: u32,
         /// On a kept-open connection: the outcome says whether the request never got out (`notSent`).
@@ -560,7 +568,8 @@ unsafe fn finish(p: *mut Waiting, r: tapmanager_core::Result<unix::Frame>) {
         Work::Request { id, kept, write_failed, .. } => {
             drop(sock);
             let not_sent = if *kept { Some(*write_failed) } else { None };
-            waits.call(FdDone::of(*id, r, not_sent))
+            let inbox = waits.inbox.clone().expect("a client port's waits have an inbox");
+            waits.call(DoneArgs { id: *id, result: r, not_sent, inbox })
         }
         Work::NextRequest { token, .. } => {
             drop(sock);
