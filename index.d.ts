@@ -613,6 +613,12 @@ export interface PeerCredentials {
   gid: number
 }
 
+/**
+ * Makes this thread's event-loop reactor now (see uvwait.rs; its epoll fd then exists from the start rather than
+ * from the first wait on the loop). Only on Node (Bun and Deno lack libuv or stub it). False where it cannot.
+ */
+export declare function prepareEventLoop(): boolean
+
 /** What `recvWithFds` received: the data bytes (empty at EOF) and the fds, now owned by JavaScript. */
 export interface Received {
   data: Buffer

@@ -859,6 +859,7 @@ module.exports.needsDummyGateway = nativeBinding.needsDummyGateway
 module.exports.netnsPath = nativeBinding.netnsPath
 module.exports.netnsPoolStatus = nativeBinding.netnsPoolStatus
 module.exports.openTap = nativeBinding.openTap
+module.exports.prepareEventLoop = nativeBinding.prepareEventLoop
 module.exports.recoverContainerSide = nativeBinding.recoverContainerSide
 module.exports.removeDhcpIsolation = nativeBinding.removeDhcpIsolation
 module.exports.reopenTaps = nativeBinding.reopenTaps

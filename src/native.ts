@@ -100,6 +100,9 @@ export type UnixListener = binding.UnixListener
  * own event loop (the client's responses, the server's next requests).
  */
 export const LOOP_WAITS_POSSIBLE = typeof process === 'object' && !process.versions.bun && !process.versions.deno
+// The loop's waits share one epoll set per thread: made now, so its fd is there from the start (not from the
+// first request), as the runtime's own fds are.
+if (LOOP_WAITS_POSSIBLE) binding.prepareEventLoop()
 
 export const NATIVE_CLASSES = [binding.DhcpServer, binding.FdRequestPort, binding.FrameSink, binding.NetlinkHandle, binding.UnixConnection, binding.UnixListener] as const
 

@@ -24,6 +24,13 @@ pub fn native_version() -> String {
     env!("CARGO_PKG_VERSION").to_string()
 }
 
+/// Makes this thread's event-loop reactor now (see uvwait.rs; its epoll fd then exists from the start rather than
+/// from the first wait on the loop). Only on Node (Bun and Deno lack libuv or stub it). False where it cannot.
+#[napi]
+pub fn prepare_event_loop(env: Env) -> bool {
+    uvwait::prepare(env.raw())
+}
+
 /// `CMSG_SPACE(4 * nfds)`: the OobSize for `nfds` fds (0 for none).
 #[napi]
 pub fn cmsg_space(nfds: u32) -> u32 {

@@ -39,11 +39,15 @@ struct Uv {
     timer_start: unsafe extern "C" fn(*mut c_void, TimerCb, u64, u64) -> c_int,
     timer_stop: unsafe extern "C" fn(*mut c_void) -> c_int,
     close: unsafe extern "C" fn(*mut c_void, Option<CloseCb>),
+    ref_: unsafe extern "C" fn(*mut c_void),
+    unref: unsafe extern "C" fn(*mut c_void),
 }
 
-/// `UV_READABLE` and `UV_WRITABLE` (uv.h, stable across libuv 1.x).
+/// `UV_READABLE` (uv.h, stable across libuv 1.x).
 const UV_READABLE: c_int = 1;
-const UV_WRITABLE: c_int = 2;
+/// What a wait asks its socket's registration for.
+const EPOLLIN: u32 = libc::EPOLLIN as u32;
+const EPOLLOUT: u32 = libc::EPOLLOUT as u32;
 /// `UV_POLL` and `UV_TIMER` of `uv_handle_type` (stable across libuv 1.x).
 const UV_POLL: c_int = 8;
 const UV_TIMER: c_int = 13;
@@ -78,6 +82,8 @@ fn uv() -> Option<&'static Uv> {
             timer_start: sym(c"uv_timer_start")?,
             timer_stop: sym(c"uv_timer_stop")?,
             close: sym(c"uv_close")?,
+            ref_: sym(c"uv_ref")?,
+            unref: sym(c"uv_unref")?,
         })
     })
     .as_ref()
@@ -92,6 +98,8 @@ pub struct LoopWaits {
     async_ctx: sys::napi_async_context,
     /// Where a client request's response frame is handed over (see inbox.rs); a port's only.
     inbox: Option<Arc<Inbox>>,
+    /// The thread's reactor, where the waits' sockets are registered.
+    reactor: Rc<Reactor>,
 }
 
 impl LoopWaits {
@@ -111,6 +119,7 @@ impl LoopWaits {
             if sys::napi_get_uv_event_loop(env, &mut uv_loop) != sys::Status::napi_ok || uv_loop.is_null() {
                 return None;
             }
+            let reactor = Reactor::of(env, uv_loop.cast())?;
             let mut on_done_ref = ptr::null_mut();
             if sys::napi_create_reference(env, on_done, 1, &mut on_done_ref) != sys::Status::napi_ok {
                 return None;
@@ -124,7 +133,7 @@ impl LoopWaits {
                 sys::napi_delete_reference(env, on_done_ref);
                 return None;
             }
-            Some(Rc::new(LoopWaits { env, uv_loop: uv_loop.cast(), on_done: on_done_ref, async_ctx, inbox }))
+            Some(Rc::new(LoopWaits { env, uv_loop: uv_loop.cast(), on_done: on_done_ref, async_ctx, inbox, reactor }))
         }
     }
 
@@ -172,6 +181,250 @@ impl Drop for LoopWaits {
     }
 }
 
+/// The sockets the waits of one JavaScript thread wait on, in one epoll set of our own, which the loop watches
+/// with a single `uv_poll_t`. A wait costs one `epoll_ctl` (one-shot registration; closing an own socket drops
+/// it), where a `uv_poll_t` per wait cost five syscalls (libuv's fd check, `FIONBIO`, add and two deletes). The
+/// poll handle keeps the loop alive only while registrations are armed; it is closed by the environment's
+/// cleanup hook.
+pub struct Reactor {
+    /// The poll handle on `epfd` (closed at the environment's cleanup; the memory is then freed by its close
+    /// callback).
+    handle: *mut ReactorHandle,
+    epfd: OwnedFd,
+    /// Waits by slot; a token is `generation << 32 | slot`, so an event for a wait that is gone finds nothing.
+    slots: RefCell<Vec<(u32, *mut Waiting)>>,
+    free: RefCell<Vec<u32>>,
+    /// Armed registrations (the poll handle is referenced while there are any).
+    armed: Cell<usize>,
+    closed: Cell<bool>,
+}
+
+/// The reactor's poll handle; `poll` must stay the first field (libuv hands its callback the handle's address).
+#[repr(C)]
+struct ReactorHandle {
+    poll: [u64; HANDLE_WORDS],
+    reactor: *const Reactor,
+    open: Cell<u8>,
+}
+
+impl HandleOwner for ReactorHandle {
+    const TIMER: usize = 0; // no timer: only `poll_closed` is used
+    fn open(&self) -> &Cell<u8> {
+        &self.open
+    }
+}
+
+thread_local! {
+    /// This thread's reactor and the environment it belongs to.
+    static REACTOR: RefCell<Option<(usize, Rc<Reactor>)>> = const { RefCell::new(None) };
+}
+
+/// Events fetched per `epoll_wait` of the reactor.
+const REACTOR_BATCH: usize = 64;
+
+impl Reactor {
+    /// The reactor of `env` (made on first use), or `None` when it cannot be made or was closed.
+    fn of(env: sys::napi_env, uv_loop: *mut c_void) -> Option<Rc<Reactor>> {
+        let found = REACTOR.with(|r| r.borrow().as_ref().filter(|(e, _)| *e == env as usize).map(|(_, r)| r.clone()));
+        if let Some(r) = found {
+            return (!r.closed.get()).then_some(r);
+        }
+        let r = Reactor::make(env, uv_loop)?;
+        REACTOR.with(|slot| *slot.borrow_mut() = Some((env as usize, r.clone())));
+        Some(r)
+    }
+
+    fn make(env: sys::napi_env, uv_loop: *mut c_void) -> Option<Rc<Reactor>> {
+        let uv = uv()?;
+        // SAFETY: plain epoll_create1; the fd is owned from here on.
+        let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epfd < 0 {
+            return None;
+        }
+        // SAFETY: epfd is a new fd nothing else owns.
+        let epfd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(epfd) };
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&epfd);
+        let h = Box::into_raw(Box::new(ReactorHandle {
+            poll: [0; HANDLE_WORDS],
+            reactor: ptr::null(),
+            open: Cell::new(0),
+        }));
+        // SAFETY: h is live and exclusively owned; its handle lives inside it until its close callback ran.
+        unsafe {
+            let poll = h.cast::<c_void>();
+            if (uv.poll_init)(uv_loop, poll, raw) != 0 {
+                drop(Box::from_raw(h));
+                return None;
+            }
+            (*h).open.set(1);
+            if (uv.poll_start)(poll, UV_READABLE, on_reactor) != 0 {
+                (uv.close)(poll, Some(poll_closed::<ReactorHandle>));
+                return None;
+            }
+            (uv.unref)(poll);
+        }
+        let r = Rc::new(Reactor {
+            handle: h,
+            epfd,
+            slots: RefCell::new(Vec::new()),
+            free: RefCell::new(Vec::new()),
+            armed: Cell::new(0),
+            closed: Cell::new(false),
+        });
+        // SAFETY: h is live; the pointer stays valid while the thread-local holds the Rc (until the cleanup hook
+        // closed the handle, after which the callback is never called).
+        unsafe { (*h).reactor = Rc::as_ptr(&r) };
+        // SAFETY: env is the calling environment; the hook runs on its thread at teardown.
+        if unsafe { sys::napi_add_env_cleanup_hook(env, Some(reactor_cleanup), env.cast()) } != sys::Status::napi_ok {
+            r.close();
+        }
+        Some(r)
+    }
+
+    /// Closes the poll handle once (pending waits then never complete: only at the environment's teardown).
+    fn close(&self) {
+        if self.closed.replace(true) {
+            return;
+        }
+        let uv = uv().expect("libuv resolved before the reactor was made");
+        // SAFETY: the handle is live and not closed yet (closed was false); its close callback frees it.
+        unsafe {
+            let poll = self.handle.cast::<c_void>();
+            (uv.poll_stop)(poll);
+            (uv.close)(poll, Some(poll_closed::<ReactorHandle>));
+        }
+    }
+
+    fn ctl(&self, op: c_int, fd: c_int, events: u32, token: u64) -> std::io::Result<()> {
+        let mut ev = libc::epoll_event { events: events | libc::EPOLLONESHOT as u32, u64: token };
+        // SAFETY: epoll_ctl on our own epoll fd with a valid event.
+        if unsafe { libc::epoll_ctl(std::os::fd::AsRawFd::as_raw_fd(&self.epfd), op, fd, &mut ev) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Registers wait `p`'s socket `fd` for `events` (one-shot); its token.
+    fn add(&self, fd: c_int, events: u32, p: *mut Waiting) -> Result<u64, ()> {
+        if self.closed.get() {
+            return Err(());
+        }
+        let mut slots = self.slots.borrow_mut();
+        let slot = match self.free.borrow_mut().pop() {
+            Some(i) => i,
+            None => {
+                slots.push((0, ptr::null_mut()));
+                (slots.len() - 1) as u32
+            }
+        };
+        let generation = slots[slot as usize].0.wrapping_add(1);
+        slots[slot as usize] = (generation, p);
+        let token = (u64::from(generation) << 32) | u64::from(slot);
+        let added = match self.ctl(libc::EPOLL_CTL_ADD, fd, events, token) {
+            // still there from an earlier wait on this connection (disarmed once it fired)
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => self.ctl(libc::EPOLL_CTL_MOD, fd, events, token),
+            r => r,
+        };
+        if added.is_err() {
+            slots[slot as usize].1 = ptr::null_mut();
+            self.free.borrow_mut().push(slot);
+            return Err(());
+        }
+        self.armed_changed(1);
+        Ok(token)
+    }
+
+    /// Arms a registration again (it fired) for `events`.
+    fn rearm(&self, fd: c_int, events: u32, token: u64) -> Result<(), ()> {
+        if self.closed.get() || self.ctl(libc::EPOLL_CTL_MOD, fd, events, token).is_err() {
+            return Err(());
+        }
+        self.armed_changed(1);
+        Ok(())
+    }
+
+    /// Forgets a wait: its slot is freed, and a registration still armed is deleted (an own socket's is dropped
+    /// by its close anyway, a kept connection's may fire later otherwise).
+    fn remove(&self, fd: c_int, token: u64, armed: bool) {
+        let slot = (token & 0xffff_ffff) as usize;
+        let mut slots = self.slots.borrow_mut();
+        if slots.get(slot).is_some_and(|s| u64::from(s.0) == token >> 32) {
+            slots[slot].1 = ptr::null_mut();
+            self.free.borrow_mut().push(slot as u32);
+        }
+        if armed {
+            let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0);
+            self.armed_changed(-1);
+        }
+    }
+
+    /// Counts armed registrations; the poll handle keeps the loop alive while there are any.
+    fn armed_changed(&self, delta: isize) {
+        let before = self.armed.get();
+        let after = before.saturating_add_signed(delta);
+        self.armed.set(after);
+        if self.closed.get() {
+            return;
+        }
+        let uv = uv().expect("libuv resolved before the reactor was made");
+        // SAFETY: the handle is live and not closed (closed is false).
+        unsafe {
+            if before == 0 && after > 0 {
+                (uv.ref_)(self.handle.cast());
+            } else if before > 0 && after == 0 {
+                (uv.unref)(self.handle.cast());
+            }
+        }
+    }
+}
+
+/// Makes the reactor of `env`'s thread now (its one fd then exists from the start, not from the first wait);
+/// false where it cannot be made (no libuv). Only on Node (Bun and Deno stub libuv).
+pub fn prepare(env: sys::napi_env) -> bool {
+    let mut uv_loop: *mut sys::uv_loop_s = ptr::null_mut();
+    // SAFETY: env is the calling environment (we are on its thread); the out pointer is valid.
+    if unsafe { sys::napi_get_uv_event_loop(env, &mut uv_loop) } != sys::Status::napi_ok || uv_loop.is_null() {
+        return false;
+    }
+    Reactor::of(env, uv_loop.cast()).is_some()
+}
+
+unsafe extern "C" fn reactor_cleanup(env: *mut c_void) {
+    let r = REACTOR.with(|r| r.borrow_mut().take_if(|(e, _)| *e == env as usize));
+    if let Some((_, r)) = r {
+        r.close();
+    }
+}
+
+unsafe extern "C" fn on_reactor(handle: *mut c_void, _status: c_int, _events: c_int) {
+    // SAFETY: handle is the poll field (offset 0) of a live ReactorHandle whose reactor is alive (the
+    // thread-local holds it until the handle is closed, after which this is never called).
+    let r = unsafe { &*(*handle.cast::<ReactorHandle>()).reactor };
+    let epfd = std::os::fd::AsRawFd::as_raw_fd(&r.epfd);
+    let mut events = [libc::epoll_event { events: 0, u64: 0 }; REACTOR_BATCH];
+    loop {
+        // SAFETY: epoll_wait on our own epoll fd into a buffer of REACTOR_BATCH events, without waiting.
+        let n = unsafe { libc::epoll_wait(epfd, events.as_mut_ptr(), REACTOR_BATCH as c_int, 0) };
+        if n <= 0 {
+            return;
+        }
+        for ev in &events[..n as usize] {
+            let (token, what) = (ev.u64, ev.events);
+            let slot = (token & 0xffff_ffff) as usize;
+            // looked up per event: an earlier one in this batch may have ended (and freed) this wait
+            let p = r.slots.borrow().get(slot).filter(|s| u64::from(s.0) == token >> 32).map(|s| s.1);
+            if let Some(p) = p.filter(|p| !p.is_null()) {
+                r.armed_changed(-1);
+                // SAFETY: a live wait (its slot still holds it: waits leave the reactor before they are freed).
+                unsafe { on_ready(p, what) };
+            }
+        }
+        if (n as usize) < REACTOR_BATCH {
+            return;
+        }
+    }
+}
+
 /// The socket of a request waiting on the loop: its own (closed when done), or a kept-open connection (only
 /// borrowed: the `Arc` keeps it open meanwhile).
 pub enum Sock {
@@ -208,6 +461,8 @@ enum Work {
     /// A connection's first request frame on a listener served on the loop (see [`LoopListener`]); gets the fast
     /// path answers are answered here first, as above.
     FirstRequest { serving: Rc<Serving>, peer: Option<PeerCred>, reader: RequestReader },
+    /// Finished: what it held is let go.
+    Done,
 }
 
 /// Takes a fast-path response the socket did not take at once (and everything after it on the connection) to
@@ -254,17 +509,22 @@ fn step(
     }
 }
 
-/// One wait on the loop. `poll` must stay the first field: libuv hands its callbacks the handle's address,
-/// which is then the wait's.
+/// One wait on the loop: its socket is registered in the thread's [`Reactor`] (one-shot, re-armed when more is
+/// needed), with a timer when it has a deadline. `timer` must stay where [`HandleOwner::TIMER`] says.
 #[repr(C)]
 struct Waiting {
-    poll: [u64; HANDLE_WORDS],
     timer: [u64; HANDLE_WORDS],
     waits: Rc<LoopWaits>,
     sock: Option<Sock>,
     work: Work,
     timeout_ms: u64,
-    /// Handles still open (freed when the last one's close callback ran).
+    /// Its registration in the reactor (see [`Reactor::add`]).
+    token: u64,
+    /// Whether that registration may still report an event (not yet fired since it was armed).
+    armed: bool,
+    /// The socket's fd (for the reactor; valid while `sock` is held).
+    fd: c_int,
+    /// The timer, if any, plus one for the wait itself until it is done (freed when this drops to 0).
     open: Cell<u8>,
     done: bool,
 }
@@ -281,7 +541,7 @@ pub fn wait(
     timeout_ms: u64,
 ) -> Result<(), (Sock, Vec<u8>)> {
     let kept = matches!(sock, Sock::Kept(_));
-    let events = if written < request.len() { UV_WRITABLE } else { UV_READABLE };
+    let events = if written < request.len() { EPOLLOUT } else { EPOLLIN };
     let work = Work::Request { id, kept, write_failed: false, request, written, reader: ResponseReader::new() };
     start(waits, sock, work, events, timeout_ms).map(drop).map_err(|b| {
         let (sock, work) = *b;
@@ -306,7 +566,7 @@ pub fn read_next(
     fast: Option<(Arc<FastGets>, Handoff)>,
 ) -> Result<(), Arc<unix::UnixConnection>> {
     let work = Work::NextRequest { token, reader: RequestReader::new(max_data), fast, peer: PeerSlot::default() };
-    start(waits, Sock::Kept(conn), work, UV_READABLE, timeout_ms).map(drop).map_err(|b| match b.0 {
+    start(waits, Sock::Kept(conn), work, EPOLLIN, timeout_ms).map(drop).map_err(|b| match b.0 {
         Sock::Kept(c) => c,
         Sock::Own(_) => unreachable!("a kept connection comes back as it went"),
     })
@@ -318,34 +578,36 @@ fn start(
     waits: &Rc<LoopWaits>,
     sock: Sock,
     work: Work,
-    events: c_int,
+    events: u32,
     timeout_ms: u64,
 ) -> Result<*mut Waiting, Box<(Sock, Work)>> {
     let Some(uv) = uv() else { return Err(Box::new((sock, work))) };
-    let raw_fd = std::os::fd::AsRawFd::as_raw_fd(&sock.fd());
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&sock.fd());
     let w = Box::new(Waiting {
-        poll: [0; HANDLE_WORDS],
         timer: [0; HANDLE_WORDS],
         waits: waits.clone(),
         sock: Some(sock),
         work,
         timeout_ms,
-        open: Cell::new(0),
+        token: 0,
+        armed: false,
+        fd,
+        open: Cell::new(1),
         done: false,
     });
     let p = Box::into_raw(w);
-    // SAFETY: p is a live, exclusively owned allocation; the handles live inside it until their close
-    // callbacks ran (then `closed` frees it); everything happens on the loop's thread.
+    // SAFETY: p is a live, exclusively owned allocation; the timer lives inside it until its close callback ran
+    // (`open` counts it); everything happens on the loop's thread.
     unsafe {
-        let poll = ptr::addr_of_mut!((*p).poll).cast::<c_void>();
-        if (uv.poll_init)(waits.uv_loop, poll, raw_fd) != 0 {
-            let w = *Box::from_raw(p);
-            return Err(Box::new((w.sock.expect("socket"), w.work)));
-        }
-        (*p).open.set(1);
-        if (uv.poll_start)(poll, events, on_poll) != 0 {
-            finish(p, Err(CoreError::new(ErrorCode::Io, "cannot wait on the event loop")));
-            return Ok(p);
+        match waits.reactor.add(fd, events, p) {
+            Ok(token) => {
+                (*p).token = token;
+                (*p).armed = true;
+            }
+            Err(()) => {
+                let w = *Box::from_raw(p);
+                return Err(Box::new((w.sock.expect("socket"), w.work)));
+            }
         }
         if timeout_ms > 0 {
             let timer = ptr::addr_of_mut!((*p).timer).cast::<c_void>();
@@ -358,48 +620,46 @@ fn start(
     Ok(p)
 }
 
-unsafe extern "C" fn on_poll(handle: *mut c_void, status: c_int, _events: c_int) {
-    let p = handle.cast::<Waiting>();
-    // SAFETY: handle is the poll handle at offset 0 of a live Waiting (it is only freed after its close callback).
+/// The reactor saw `events` on a wait's socket (its registration is disarmed now).
+unsafe fn on_ready(p: *mut Waiting, _events: u32) {
+    // SAFETY: p is a live wait (the reactor only reports registered ones, and a wait leaves the reactor before it
+    // is freed); on the loop's thread.
     let w = unsafe { &mut *p };
+    w.armed = false;
     if w.done {
         return;
-    }
-    if status < 0 {
-        let e = CoreError::io("wait for the socket", std::io::Error::from_raw_os_error(-status));
-        // SAFETY: as above.
-        return unsafe { finish(p, Err(e)) };
     }
     let Some(sock) = w.sock.as_ref() else { return };
     let r = match &mut w.work {
         Work::Request { request, written, write_failed, reader, .. } => {
             if *written < request.len() {
                 match unix::continue_write(sock.fd(), request, written) {
-                    Ok(false) => return,
+                    Ok(false) => {
+                        // SAFETY: as above.
+                        return unsafe { rearm(p, EPOLLOUT) };
+                    }
                     Err(e) => {
                         *write_failed = true;
                         // SAFETY: as above.
                         return unsafe { finish(p, Err(e)) };
                     }
-                    Ok(true) => {
-                        let uv = uv().expect("libuv resolved before the wait started");
-                        // SAFETY: the poll handle is live and started; restarting it changes the events it waits for.
-                        if unsafe { (uv.poll_start)(handle, UV_READABLE, on_poll) } != 0 {
-                            let e = CoreError::new(ErrorCode::Io, "request: cannot wait on the event loop");
-                            // SAFETY: as above.
-                            return unsafe { finish(p, Err(e)) };
-                        }
-                    }
+                    Ok(true) => {}
                 }
             }
-            reader.advance(sock.fd())
+            match reader.advance(sock.fd()) {
+                Ok(None) => {
+                    // SAFETY: as above.
+                    return unsafe { rearm(p, EPOLLIN) };
+                }
+                r => r,
+            }
         }
         Work::NextRequest { reader, fast, peer, .. } => {
             let Sock::Kept(conn) = sock else { return };
             match step(reader, conn, fast.as_ref().map(|(f, _)| f), peer) {
                 Step::Wait { answered } => {
                     // SAFETY: as above.
-                    return unsafe { restart_timer(p, answered) };
+                    return unsafe { wait_more(p, answered) };
                 }
                 Step::Frame(frame) => Ok(Some(frame)),
                 Step::Failed(e) => Err(e),
@@ -418,7 +678,7 @@ unsafe extern "C" fn on_poll(handle: *mut c_void, status: c_int, _events: c_int)
             match step(reader, conn, serving.fast_for(*peer), &mut slot) {
                 Step::Wait { answered } => {
                     // SAFETY: as above.
-                    return unsafe { restart_timer(p, answered) };
+                    return unsafe { wait_more(p, answered) };
                 }
                 Step::Frame(frame) => Ok(Some(frame)),
                 Step::Failed(e) => Err(e),
@@ -431,6 +691,7 @@ unsafe extern "C" fn on_poll(handle: *mut c_void, status: c_int, _events: c_int)
                 }
             }
         }
+        Work::Done => return,
     };
     match r {
         Ok(None) => {}
@@ -441,8 +702,22 @@ unsafe extern "C" fn on_poll(handle: *mut c_void, status: c_int, _events: c_int)
     }
 }
 
-/// Starts a wait's read deadline again after requests were answered on it (`answered`).
-unsafe fn restart_timer(p: *mut Waiting, answered: bool) {
+/// Arms a wait's registration again for `events`; a failure ends the wait.
+unsafe fn rearm(p: *mut Waiting, events: u32) {
+    // SAFETY: p is live (the caller's contract), on the loop's thread.
+    let w = unsafe { &mut *p };
+    if w.waits.reactor.rearm(w.fd, events, w.token).is_ok() {
+        w.armed = true;
+    } else {
+        let e = CoreError::new(ErrorCode::Io, "cannot wait on the event loop");
+        // SAFETY: as above.
+        unsafe { finish(p, Err(e)) }
+    }
+}
+
+/// Waits for more of a request frame; starts the read deadline again when requests were answered meanwhile
+/// (`answered`).
+unsafe fn wait_more(p: *mut Waiting, answered: bool) {
     // SAFETY: p is live (the caller's contract), on the loop's thread.
     let w = unsafe { &mut *p };
     if answered && w.open.get() == 2 {
@@ -451,6 +726,8 @@ unsafe fn restart_timer(p: *mut Waiting, answered: bool) {
         // SAFETY: the timer is initialised and not closed (the wait is not done); starting it again restarts it.
         unsafe { (uv.timer_start)(timer, on_timer, w.timeout_ms, 0) };
     }
+    // SAFETY: as above.
+    unsafe { rearm(p, EPOLLIN) }
 }
 
 unsafe extern "C" fn on_timer(handle: *mut c_void) {
@@ -460,7 +737,7 @@ unsafe extern "C" fn on_timer(handle: *mut c_void) {
     let (ms, what) = unsafe {
         let what = match (*p).work {
             Work::Request { .. } => "request",
-            Work::NextRequest { .. } | Work::FirstRequest { .. } => "read request",
+            _ => "read request",
         };
         ((*p).timeout_ms, what)
     };
@@ -469,8 +746,8 @@ unsafe extern "C" fn on_timer(handle: *mut c_void) {
     unsafe { finish(p, Err(e)) }
 }
 
-/// A heap value (`Box::into_raw`) holding a poll handle at offset 0 and a timer handle, freed once the last of
-/// its open handles is closed ([`Waiting`], [`ListenerHandles`]).
+/// A heap value (`Box::into_raw`) holding a timer handle (and maybe more), freed once `open` drops to 0
+/// ([`Waiting`], [`ListenerHandles`]).
 trait HandleOwner: Sized {
     /// Where the timer handle is in the value.
     const TIMER: usize;
@@ -524,63 +801,84 @@ unsafe fn one_closed<T: HandleOwner>(p: *mut T) {
     }
 }
 
-/// Stops and closes a wait's handles once (the socket is let go now, the memory freed by the last close
-/// callback); false when that was done before.
+/// Ends a wait once without reporting anything: leaves the reactor, closes the timer, lets the socket and the
+/// work go (the memory is freed now or by the timer's close callback). False when that was done before. Nothing
+/// of the wait may be used after this.
 unsafe fn close_handles(p: *mut Waiting) -> bool {
-    let uv = uv().expect("libuv resolved before the wait started");
     // SAFETY: p is live (the caller's contract); only this thread touches it.
     let w = unsafe { &mut *p };
     if w.done {
         return false;
     }
     w.done = true;
-    let poll = ptr::addr_of_mut!(w.poll).cast::<c_void>();
-    // SAFETY: the handles are initialised (open counts them) and not closed yet (done was false).
-    unsafe {
-        (uv.poll_stop)(poll);
-        w.sock = None; // an own socket is closed after the poll stopped, as libuv requires
-        if w.open.get() == 2 {
-            let timer = ptr::addr_of_mut!(w.timer).cast::<c_void>();
+    w.waits.reactor.remove(w.fd, w.token, w.armed);
+    w.armed = false;
+    w.sock = None;
+    w.work = Work::Done;
+    if w.open.get() == 2 {
+        let uv = uv().expect("libuv resolved before the wait started");
+        let timer = ptr::addr_of_mut!(w.timer).cast::<c_void>();
+        // SAFETY: the timer is initialised (open counts it) and not closed yet (done was false).
+        unsafe {
             (uv.timer_stop)(timer);
             (uv.close)(timer, Some(timer_closed::<Waiting>));
         }
-        (uv.close)(poll, Some(poll_closed::<Waiting>));
     }
+    // SAFETY: the wait's own count; may free p (nothing uses it after this).
+    unsafe { one_closed(p) };
     true
 }
 
-/// Ends a wait once: closes its handles and reports the outcome to JavaScript (a first request: hands the
-/// connection on, or drops it when no whole frame came).
+/// What a finished wait reports, taken out of it before it is freed.
+enum Outcome {
+    Request { waits: Rc<LoopWaits>, id: u32, not_sent: Option<bool> },
+    NextRequest { waits: Rc<LoopWaits>, token: u32 },
+    FirstRequest { serving: Rc<Serving>, peer: Option<PeerCred>, conn: Option<Arc<unix::UnixConnection>> },
+    None,
+}
+
+/// Ends a wait once and reports the outcome to JavaScript (a first request: hands the connection on, or drops
+/// it when no whole frame came). The wait is let go before JavaScript runs: a connection's last other holder is
+/// gone then, so closing it there needs no shutdown.
 unsafe fn finish(p: *mut Waiting, r: tapmanager_core::Result<unix::Frame>) {
-    // SAFETY: the caller's contract (p live, on the loop's thread); p stays live until its close callbacks run,
-    // which is after this returns.
+    // SAFETY: the caller's contract (p live, on the loop's thread).
     let w = unsafe { &mut *p };
     if w.done {
         return;
     }
-    // Kept past the handles' close: a first request's connection goes on. The poll stops (in close_handles)
-    // before an own socket closes, as libuv requires.
     let sock = w.sock.take();
-    // SAFETY: as above.
-    unsafe { close_handles(p) };
-    let waits = w.waits.clone();
-    match &w.work {
+    let outcome = match &w.work {
         Work::Request { id, kept, write_failed, .. } => {
-            drop(sock);
             let not_sent = if *kept { Some(*write_failed) } else { None };
-            let inbox = waits.inbox.clone().expect("a client port's waits have an inbox");
-            waits.call(DoneArgs { id: *id, result: r, not_sent, inbox })
+            Outcome::Request { waits: w.waits.clone(), id: *id, not_sent }
         }
-        Work::NextRequest { token, .. } => {
-            drop(sock);
-            waits.call(NextFrame::of(*token, r))
-        }
+        Work::NextRequest { token, .. } => Outcome::NextRequest { waits: w.waits.clone(), token: *token },
         Work::FirstRequest { serving, peer, .. } => {
             serving.state.pending.borrow_mut().remove(&(p as usize));
-            if let (Ok(frame), Some(Sock::Kept(conn))) = (r, sock) {
-                serving.clone().first_frame(conn, *peer, frame);
+            let conn = match sock {
+                Some(Sock::Kept(ref c)) => Some(c.clone()),
+                _ => None,
+            };
+            Outcome::FirstRequest { serving: serving.clone(), peer: *peer, conn }
+        }
+        Work::Done => Outcome::None,
+    };
+    // SAFETY: as above; p is not used after this (it may be freed). The reactor forgets the socket before an
+    // own socket closes (below).
+    unsafe { close_handles(p) };
+    drop(sock);
+    match outcome {
+        Outcome::Request { waits, id, not_sent } => {
+            let inbox = waits.inbox.clone().expect("a client port's waits have an inbox");
+            waits.call(DoneArgs { id, result: r, not_sent, inbox })
+        }
+        Outcome::NextRequest { waits, token } => waits.call(NextFrame::of(token, r)),
+        Outcome::FirstRequest { serving, peer, conn } => {
+            if let (Ok(frame), Some(conn)) = (r, conn) {
+                serving.first_frame(conn, peer, frame);
             }
         }
+        Outcome::None => {}
     }
 }
 
@@ -660,7 +958,7 @@ impl Serving {
         }
         let work = Work::FirstRequest { serving: self.clone(), peer, reader };
         let ms = self.cfg.read_deadline.map_or(0, |d| d.as_millis() as u64);
-        if let Ok(p) = start(&self.waits, Sock::Kept(conn), work, UV_READABLE, ms) {
+        if let Ok(p) = start(&self.waits, Sock::Kept(conn), work, EPOLLIN, ms) {
             // SAFETY: p is live until its close callbacks run (not before this returns); on the loop's thread.
             if unsafe { !(*p).done } {
                 self.state.pending.borrow_mut().insert(p as usize);
@@ -764,7 +1062,7 @@ unsafe extern "C" fn on_listener(handle: *mut c_void, status: c_int, _events: c_
         if failed {
             break;
         }
-        match napi::bindgen_prelude::within_runtime_if_available(|| s.listener.try_accept_admitted(&s.admission)) {
+        match s.listener.try_accept_admitted(&s.admission) {
             Ok(Accepted::None) => return,
             Ok(Accepted::Dropped) => s.state.backoff.set(None),
             Ok(Accepted::Conn(conn, peer)) => {

@@ -47,9 +47,18 @@ impl Default for BindOptions {
 }
 
 /// A listening Unix stream socket bound to a path.
+///
+/// It is registered with the tokio reactor only when [`accept`](Self::accept) first waits on it: a listener
+/// served without the runtime ([`try_accept_admitted`](Self::try_accept_admitted) on the JavaScript thread's
+/// event loop) never wakes a runtime thread per incoming connection.
 #[derive(Debug)]
 pub struct UnixListener {
-    inner: tokio::net::UnixListener,
+    /// The socket's fd, valid while the listener lives (owned by `unregistered` or `registered`).
+    fd: RawFd,
+    /// The socket until it is registered.
+    unregistered: std::sync::Mutex<Option<std::os::unix::net::UnixListener>>,
+    /// The socket once registered with the reactor.
+    registered: std::sync::OnceLock<tokio::net::UnixListener>,
     path: PathBuf,
     closed: std::sync::atomic::AtomicBool,
     close_notify: tokio::sync::Notify,
@@ -59,8 +68,7 @@ impl UnixListener {
     /// Binds `path`, like `socat UNIX-LISTEN:<path>` followed by `chmod <mode> <path>` and `chgrp <gid> <path>`.
     ///
     /// An existing file at `path` is removed only when it is a socket that nobody listens on (connecting to it
-    /// is refused); a live socket, or a file that is not a socket, gives `ERR_EXISTS`. Must run inside a tokio
-    /// runtime.
+    /// is refused); a live socket, or a file that is not a socket, gives `ERR_EXISTS`.
     pub fn bind(path: impl AsRef<Path>, opts: BindOptions) -> Result<UnixListener> {
         let path = path.as_ref();
         let shown = path.display();
@@ -88,15 +96,20 @@ impl UnixListener {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io(format!("stat {shown}"), e)),
         }
-        let inner = tokio::net::UnixListener::bind(path).map_err(|e| Error::io(format!("bind {shown}"), e))?;
+        let std = std::os::unix::net::UnixListener::bind(path).map_err(|e| Error::io(format!("bind {shown}"), e))?;
         let listener = UnixListener {
-            inner,
+            fd: std.as_raw_fd(),
+            unregistered: std::sync::Mutex::new(Some(std)),
+            registered: std::sync::OnceLock::new(),
             path: path.to_path_buf(),
             closed: std::sync::atomic::AtomicBool::new(false),
             close_notify: tokio::sync::Notify::new(),
         };
         // From here on a failure drops the listener; remove the file we created too.
         let setup = || -> Result<()> {
+            if let Some(l) = listener.unregistered.lock().ok().as_ref().and_then(|l| l.as_ref()) {
+                l.set_nonblocking(true).map_err(|e| Error::io(format!("set nonblocking {shown}"), e))?;
+            }
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(opts.mode & 0o7777))
                 .map_err(|e| Error::io(format!("chmod {:o} {shown}", opts.mode), e))?;
             if let Some(gid) = opts.gid {
@@ -126,13 +139,27 @@ impl UnixListener {
         if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::new(ErrorCode::Closed, "accept: listener is closed"));
         }
+        let inner = self.registered()?;
         tokio::select! {
-            r = self.inner.accept() => {
+            r = inner.accept() => {
                 let (stream, _) = r.map_err(|e| Error::io("accept", e))?;
                 Ok(UnixConnection::registered(stream))
             }
             _ = &mut notified => Err(Error::new(ErrorCode::Closed, "accept: listener is closed")),
         }
+    }
+
+    /// The socket registered with the reactor (registering it now if it is not yet). Inside a tokio runtime.
+    fn registered(&self) -> Result<&tokio::net::UnixListener> {
+        if let Some(l) = self.registered.get() {
+            return Ok(l);
+        }
+        let mut unregistered = self.unregistered.lock().map_err(|_| Error::invalid("listener lock poisoned"))?;
+        if let Some(std) = unregistered.take() {
+            let l = tokio::net::UnixListener::from_std(std).map_err(|e| Error::io("register listener", e))?;
+            let _ = self.registered.set(l);
+        }
+        self.registered.get().ok_or_else(|| Error::new(ErrorCode::Closed, "accept: listener is closed"))
     }
 
     /// Resolves once [`close`](Self::close) has been called.
@@ -252,7 +279,7 @@ impl UnixListener {
     /// The listening socket's fd, for a caller that waits for connections by its own means (see
     /// [`try_accept_admitted`](Self::try_accept_admitted)). Valid while the listener lives.
     pub fn as_raw_fd(&self) -> RawFd {
-        self.inner.as_raw_fd()
+        self.fd
     }
 
     /// Whether [`close`](Self::close) was called.
@@ -263,8 +290,8 @@ impl UnixListener {
     /// One step of [`incoming_served`](Self::incoming_served)'s accept loop for a caller that runs its own (the
     /// JavaScript thread's event loop): accepts a connection that is already waiting, without blocking, and
     /// admits it under `admission`'s caps. An `accept()` failure is counted there and returned: the caller backs
-    /// off ([`accept_backoff`]) before trying again. Must run inside a tokio runtime context (the connection is
-    /// registered with its reactor, for the operations that run there).
+    /// off ([`accept_backoff`]) before trying again. The connection is registered with the tokio reactor only
+    /// when an operation first waits on it (see [`UnixConnection`]).
     pub fn try_accept_admitted(&self, admission: &Arc<Admission>) -> Result<Accepted> {
         if self.is_closed() {
             return Err(Error::new(ErrorCode::Closed, "accept: listener is closed"));
@@ -283,7 +310,7 @@ impl UnixListener {
                 }
             }
         };
-        let mut conn = UnixConnection::from_std(std::os::unix::net::UnixStream::from(fd))?;
+        let mut conn = UnixConnection::unregistered(std::os::unix::net::UnixStream::from(fd));
         let peer = conn.peer_cred().ok();
         match admission.admit(peer.map(|p| p.uid)) {
             Some(slot) => conn.slot = Some(slot),
@@ -345,12 +372,17 @@ impl UnixConnection {
     /// tokio runtime).
     pub fn from_std(stream: std::os::unix::net::UnixStream) -> Result<UnixConnection> {
         stream.set_nonblocking(true).map_err(|e| Error::io("set nonblocking", e))?;
-        Ok(UnixConnection {
+        Ok(UnixConnection::unregistered(stream))
+    }
+
+    /// Wraps a std stream that is already non-blocking (accepted with `SOCK_NONBLOCK`), unregistered.
+    fn unregistered(stream: std::os::unix::net::UnixStream) -> UnixConnection {
+        UnixConnection {
             fd: stream.as_raw_fd(),
             unregistered: std::sync::Mutex::new(Some(stream)),
             stream: std::sync::OnceLock::new(),
             slot: None,
-        })
+        }
     }
 
     /// The socket registered with the reactor (registering it now if it is not yet). Inside a tokio runtime.
