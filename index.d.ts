@@ -79,6 +79,10 @@ export declare class FdRequestPort {
  * One long-lived callback that receives the frames `UnixConnection.readNextTo` reads, for a server's
  * connections. A read on the runtime does not keep the process alive unless `hold(true)` (call it while reads
  * are pending); one on the event loop does by itself.
+ *
+ * The callback gets `(token, dataLen, buffer?)` for a frame: header and payload in `buffer` when given, else at
+ * the start of the sink's `inbox` (read them before returning: the next frame overwrites them; `dataLen` -2: no
+ * payload read), or `(token, -1, undefined, message)` when there is none (see inbox.rs).
  */
 export declare class FrameSink {
   /**
@@ -86,7 +90,9 @@ export declare class FrameSink {
    * JavaScript thread's own event loop (only on Node: Bun and Deno lack libuv or stub it); `readsOnLoop`
    * tells whether it is in use.
    */
-  constructor(onFrame: (next: NextFrame) => void, readOnLoop?: boolean | undefined | null)
+  constructor(onFrame: (token: number, dataLen: number, buffer?: Buffer, error?: string) => void, readOnLoop?: boolean | undefined | null)
+  /** The memory frames are handed over in (see the type's doc); the same every time. */
+  get inbox(): Buffer
   /** Whether reads wait on the JavaScript thread's event loop (see the constructor). */
   get readsOnLoop(): boolean
   /** Whether the sink keeps the event loop alive (`true` while reads are pending). */
@@ -179,9 +185,10 @@ export declare class UnixConnection {
    * once without waiting: when the socket takes it all (the usual case) the outcome is returned directly,
    * else a Promise of it (the rest is written on the runtime). Either way the fds are sent or duplicated
    * before this returns, so the caller may close its copies at once. Never throws or rejects for a failed
-   * write (`writeError` says why), so the caller can log what really happened.
+   * write (`writeError` says why), so the caller can log what really happened. A response written at once
+   * with no error gives null (no object to make: the usual case).
    */
-  respond(head: Buffer, data: Buffer, fds: Array<number>, writeTimeoutMs?: number | undefined | null): Written | Promise<Written>
+  respond(head: Buffer, data: Buffer, fds: Array<number>, writeTimeoutMs?: number | undefined | null): null | Written | Promise<Written>
   /**
    * Reads the next request frame like `readRequestFrame` (within `timeoutMs` when > 0); on a connection from
    * `nextIncoming`, the requests the listener's native fast path can answer are answered natively first, and
@@ -238,10 +245,11 @@ export declare class UnixListener {
    * Like `startIncoming`, but served on the JavaScript thread's own event loop (Node: Bun and Deno lack libuv
    * or stub it): connections are accepted and their requests read there, with the same caps, filter,
    * deadlines and native fast path, and no runtime thread in between. `onIncoming` is called with each
-   * connection and its first request frame the fast path does not answer (instead of `nextIncoming`).
-   * Returns false, having started nothing, where the loop is not available.
+   * connection and its first request frame the fast path does not answer (instead of `nextIncoming`), the
+   * frame handed over as `FrameSink`'s are: `(conn, dataLen, buffer?)`, in the returned inbox unless `buffer`
+   * is given. Returns null, having started nothing, where the loop is not available.
    */
-  startIncomingOnLoop(opts: IncomingOpts, onIncoming: (incoming: IncomingRequest) => void): boolean
+  startIncomingOnLoop(opts: IncomingOpts, onIncoming: (conn: UnixConnection, dataLen: number, buffer?: Buffer) => void): Buffer | null
   /** What the listener refused or survived since `startIncoming` (all zero before). */
   stats(): ListenerStats
   /**
@@ -577,16 +585,6 @@ export interface NetnsPoolStatus {
   spare: number
   ipv6: boolean
   lastError?: string
-}
-
-/**
- * The outcome of `UnixConnection.readNextTo`: its token, and the frame or why there is none (EOF, deadline,
- * closed).
- */
-export interface NextFrame {
-  token: number
-  frame?: Frame
-  error?: string
 }
 
 /**

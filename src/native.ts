@@ -104,6 +104,18 @@ export const LOOP_WAITS_POSSIBLE = typeof process === 'object' && !process.versi
 // first request), as the runtime's own fds are.
 if (LOOP_WAITS_POSSIBLE) binding.prepareEventLoop()
 
+/**
+ * A request frame handed over by `FrameSink` or `startIncomingOnLoop` (header at 0 of `buf`, then `dataLen`
+ * payload bytes; -2: the payload was not read), copied out (the inbox is overwritten by the next frame).
+ */
+export function frameFrom(buf: Buffer, dataLen: number): binding.Frame {
+  return {
+    header: Buffer.from(buf.subarray(0, 77)),
+    data: dataLen >= 0 ? Buffer.from(buf.subarray(77, 77 + dataLen)) : undefined,
+    fds: [],
+  }
+}
+
 export const NATIVE_CLASSES = [binding.DhcpServer, binding.FdRequestPort, binding.FrameSink, binding.NetlinkHandle, binding.UnixConnection, binding.UnixListener] as const
 
 // The addon's functions, wrapped (these exports take the place of the same names from `export *` above).

@@ -3,7 +3,7 @@
  * fds, log the outcome, read the next), and what stop() waits for (connection loops, dispatches in progress).
  */
 import { messageOf } from '../errors'
-import { FrameSink, LOOP_WAITS_POSSIBLE, UnixConnection, closeFd, type Frame, type NextFrame, type PeerCredentials, type Written } from '../native'
+import { FrameSink, LOOP_WAITS_POSSIBLE, UnixConnection, closeFd, frameFrom, type Frame, type PeerCredentials, type Written } from '../native'
 import {
   FDCommand,
   FD_EXT_COMMAND,
@@ -23,6 +23,9 @@ import type { RequestLog } from './log'
 import type { ResolvedOptions, ServerState } from './options'
 import type { KeyRegistry } from './registry'
 import { RequestError } from './request-error'
+
+/** A response written at once without error (`respond` gives null for it). */
+const WRITTEN: Written = { writeError: undefined, writeMs: 0 }
 
 export class Connections {
   readonly conns = new Set<UnixConnection>()
@@ -140,7 +143,7 @@ export class Connections {
     owned: number[],
     req: { key: string; command: number; started: number; failure: string | undefined; peer: PeerCredentials | undefined },
   ): Promise<Frame | null> {
-    let written: Written | Promise<Written>
+    let written: null | Written | Promise<Written>
     try {
       written = conn.respond(head, body, fds, this.opts.writeTimeoutMs)
     } finally {
@@ -152,6 +155,7 @@ export class Connections {
       if (w.writeError != null) return null
       return this.readNext(conn)
     }
+    if (written === null) return Promise.resolve(after(WRITTEN, undefined))
     if (!(written instanceof Promise)) return Promise.resolve(after(written, undefined))
     const handed = performance.now()
     return written.then(
@@ -172,7 +176,7 @@ export class Connections {
    * where the sink keeps the process alive while reads are pending, as a Promise would.
    */
   private readNext(conn: UnixConnection): Promise<Frame | null> {
-    const sink = (this.sink ??= new FrameSink((n) => this.onFrame(n), this.opts.readOn !== 'runtime' && LOOP_WAITS_POSSIBLE))
+    const sink = (this.sink ??= this.makeSink())
     this.lastToken = this.lastToken >= 0xffffffff ? 1 : this.lastToken + 1
     const token = this.lastToken
     return new Promise<Frame | null>((resolve) => {
@@ -181,17 +185,27 @@ export class Connections {
       try {
         conn.readNextTo(sink, token, this.opts.maxDataSize, this.opts.readTimeoutMs)
       } catch {
-        this.onFrame({ token })
+        this.onFrame(token, -1, undefined, this.inbox)
       }
     })
   }
 
-  private onFrame(n: NextFrame): void {
-    const resolve = this.reads.get(n.token)
+  /** Where the sink hands frames over (see `FrameSink`). */
+  private inbox: Buffer = Buffer.alloc(0)
+
+  private makeSink(): FrameSink {
+    const sink = new FrameSink((token, dataLen, own) => this.onFrame(token, dataLen, own, this.inbox), this.opts.readOn !== 'runtime' && LOOP_WAITS_POSSIBLE)
+    this.inbox = sink.inbox
+    return sink
+  }
+
+  /** The outcome of read `token`: a frame (see `FrameSink`), or none (`dataLen` -1: EOF, deadline, error). */
+  private onFrame(token: number, dataLen: number, own: Buffer | undefined, inbox: Buffer): void {
+    const resolve = this.reads.get(token)
     if (!resolve) return
-    this.reads.delete(n.token)
+    this.reads.delete(token)
     if (this.reads.size === 0) this.sink?.hold(false)
-    resolve(n.frame ?? null)
+    resolve(dataLen === -1 ? null : frameFrom(own ?? inbox, dataLen))
   }
   private async dispatch(hdr: FrameHeader, key: string, data: Buffer): Promise<{ data: Buffer; fds: number[]; owned?: true }> {
     const none = Buffer.alloc(0)

@@ -10,7 +10,7 @@
  */
 import { ClosedError, ExistsError, ServerFailedError, messageOf } from '../errors'
 import type { FDSource } from '../fdsource'
-import { LOOP_WAITS_POSSIBLE, UnixListener, type IncomingOpts, type IncomingRequest } from '../native'
+import { LOOP_WAITS_POSSIBLE, UnixListener, frameFrom, type IncomingOpts, type IncomingRequest } from '../native'
 import { Connections } from './connections'
 import { LimitsReporter } from './limits'
 import { RequestLog } from './log'
@@ -85,7 +85,11 @@ export class FDServer {
     }
     // On Node, all of it happens on this thread's own event loop (no runtime thread between a client and the
     // source); elsewhere, or with `readOn: 'runtime'`, on the addon's runtime, collected in batches.
-    if (this.opts.readOn !== 'runtime' && LOOP_WAITS_POSSIBLE && listener.startIncomingOnLoop(incoming, (r) => this.incoming(r))) return
+    if (this.opts.readOn !== 'runtime' && LOOP_WAITS_POSSIBLE) {
+      let inbox: Buffer | null = null
+      inbox = listener.startIncomingOnLoop(incoming, (conn, dataLen, own) => this.incoming({ conn, frame: frameFrom(own ?? inbox!, dataLen) }))
+      if (inbox) return
+    }
     listener.startIncoming(incoming)
     this.acceptLoop = (async () => {
       for (;;) {

@@ -8,14 +8,14 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use napi::bindgen_prelude::{within_runtime_if_available, Buffer, BufferSlice, Either, Function, PromiseRaw};
+use napi::bindgen_prelude::{within_runtime_if_available, Buffer, BufferSlice, Either3, Function, Null, PromiseRaw};
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::Env;
 use napi_derive::napi;
 use tapmanager_core::unix::{self, BindOptions};
 
 use crate::error::{invalid, spawn_future_promise, to_js, JsError};
-use crate::inbox::{DoneArgs, Inbox, INBOX_SIZE};
+use crate::inbox::{DoneArgs, Inbox, IncomingArgs, NextArgs, INBOX_SIZE};
 use crate::uvwait::{self, LoopWaits};
 
 /// Returns the version of the native addon (a smoke test of the binding).
@@ -331,34 +331,20 @@ impl FdRequestPort {
     }
 }
 
-/// The outcome of `UnixConnection.readNextTo`: its token, and the frame or why there is none (EOF, deadline,
-/// closed).
-#[napi(object, object_from_js = false)]
-pub struct NextFrame {
-    pub token: u32,
-    pub frame: Option<Frame>,
-    pub error: Option<String>,
-}
-
-impl NextFrame {
-    /// The outcome of the read with `token`: its frame, or why there is none.
-    pub(crate) fn of(token: u32, r: tapmanager_core::Result<unix::Frame>) -> NextFrame {
-        match r {
-            Ok(f) => NextFrame { token, frame: Some(to_js_frame(f)), error: None },
-            Err(e) => NextFrame { token, frame: None, error: Some(e.message) },
-        }
-    }
-}
-
-type NextFn = ThreadsafeFunction<NextFrame, (), NextFrame, napi::Status, false, true>;
+type NextFn = ThreadsafeFunction<NextArgs, (), NextArgs, napi::Status, false, true>;
 
 /// One long-lived callback that receives the frames `UnixConnection.readNextTo` reads, for a server's
 /// connections. A read on the runtime does not keep the process alive unless `hold(true)` (call it while reads
 /// are pending); one on the event loop does by itself.
+///
+/// The callback gets `(token, dataLen, buffer?)` for a frame: header and payload in `buffer` when given, else at
+/// the start of the sink's `inbox` (read them before returning: the next frame overwrites them; `dataLen` -2: no
+/// payload read), or `(token, -1, undefined, message)` when there is none (see inbox.rs).
 #[napi]
 pub struct FrameSink {
     done: Arc<NextFn>,
     on_loop: Option<Rc<LoopWaits>>,
+    inbox: Arc<Inbox>,
 }
 
 #[napi]
@@ -369,17 +355,29 @@ impl FrameSink {
     #[napi(constructor)]
     pub fn new(
         env: Env,
-        #[napi(ts_arg_type = "(next: NextFrame) => void")] on_frame: Function<'_, NextFrame, ()>,
+        #[napi(ts_arg_type = "(token: number, dataLen: number, buffer?: Buffer, error?: string) => void")]
+        on_frame: Function<'_, NextArgs, ()>,
         read_on_loop: Option<bool>,
     ) -> napi::Result<Self> {
+        let inbox = Inbox::new(INBOX_SIZE);
         let on_loop = if read_on_loop.unwrap_or(false) {
-            uvwait::LoopWaits::new(env.raw(), napi::JsValue::raw(&on_frame), c"tapmanager:FrameSink", None)
+            let raw = napi::JsValue::raw(&on_frame);
+            uvwait::LoopWaits::new(env.raw(), raw, c"tapmanager:FrameSink", Some(inbox.clone()))
         } else {
             None
         };
-        let done =
-            on_frame.build_threadsafe_function::<NextFrame>().callee_handled::<false>().weak::<true>().build()?;
-        Ok(FrameSink { done: Arc::new(done), on_loop })
+        let done = on_frame
+            .build_threadsafe_function::<NextArgs>()
+            .callee_handled::<false>()
+            .weak::<true>()
+            .build_callback(|ctx| Ok(ctx.value))?;
+        Ok(FrameSink { done: Arc::new(done), on_loop, inbox })
+    }
+
+    /// The memory frames are handed over in (see the type's doc); the same every time.
+    #[napi(getter)]
+    pub fn inbox<'env>(&self, env: &'env Env) -> napi::Result<BufferSlice<'env>> {
+        self.inbox.to_js(env)
     }
 
     /// Whether reads wait on the JavaScript thread's event loop (see the constructor).
@@ -403,17 +401,19 @@ pub struct IncomingRequest {
     pub frame: Frame,
 }
 
-impl IncomingRequest {
-    /// `conn` (of a listener whose fast path is `fast`) with its first request frame.
-    pub(crate) fn of(conn: Arc<unix::UnixConnection>, fast: Arc<unix::FastGets>, frame: unix::Frame) -> Self {
-        IncomingRequest {
-            conn: UnixConnection { inner: Mutex::new(Some(conn)), fast: Some(fast) },
-            frame: to_js_frame(frame),
-        }
+impl IncomingArgs {
+    /// `conn` (of a listener whose fast path is `fast`) with its first request frame, handed over in `inbox`.
+    pub(crate) fn of(
+        conn: Arc<unix::UnixConnection>,
+        fast: Arc<unix::FastGets>,
+        frame: unix::Frame,
+        inbox: Arc<Inbox>,
+    ) -> Self {
+        IncomingArgs { conn: UnixConnection::served(conn, fast), frame, inbox }
     }
 }
 
-type IncomingFn = ThreadsafeFunction<IncomingRequest, (), IncomingRequest, napi::Status, false, true>;
+type IncomingFn = ThreadsafeFunction<IncomingArgs, (), IncomingArgs, napi::Status, false, true>;
 
 type Incoming = tokio::sync::mpsc::UnboundedReceiver<(unix::UnixConnection, unix::Frame)>;
 
@@ -571,36 +571,43 @@ impl UnixListener {
     /// Like `startIncoming`, but served on the JavaScript thread's own event loop (Node: Bun and Deno lack libuv
     /// or stub it): connections are accepted and their requests read there, with the same caps, filter,
     /// deadlines and native fast path, and no runtime thread in between. `onIncoming` is called with each
-    /// connection and its first request frame the fast path does not answer (instead of `nextIncoming`).
-    /// Returns false, having started nothing, where the loop is not available.
+    /// connection and its first request frame the fast path does not answer (instead of `nextIncoming`), the
+    /// frame handed over as `FrameSink`'s are: `(conn, dataLen, buffer?)`, in the returned inbox unless `buffer`
+    /// is given. Returns null, having started nothing, where the loop is not available.
     #[napi]
-    pub fn start_incoming_on_loop(
+    pub fn start_incoming_on_loop<'env>(
         &self,
-        env: Env,
+        env: &'env Env,
         opts: IncomingOpts,
-        #[napi(ts_arg_type = "(incoming: IncomingRequest) => void")] on_incoming: Function<'_, IncomingRequest, ()>,
-    ) -> Result<bool, JsError> {
+        #[napi(ts_arg_type = "(conn: UnixConnection, dataLen: number, buffer?: Buffer) => void")] on_incoming: Function<
+            '_,
+            IncomingArgs,
+            (),
+        >,
+    ) -> Result<Option<BufferSlice<'env>>, JsError> {
         let l = self.get_or_closed().map_err(to_js)?;
         let slot = self.incoming.try_lock().map_err(|_| invalid("startIncomingOnLoop: busy"))?;
         if slot.is_some() || self.on_loop.borrow().is_some() {
             return Err(invalid("startIncomingOnLoop: already started"));
         }
-        let Some(waits) =
-            uvwait::LoopWaits::new(env.raw(), napi::JsValue::raw(&on_incoming), c"tapmanager:Incoming", None)
-        else {
-            return Ok(false);
+        let inbox = Inbox::new(INBOX_SIZE);
+        let raw = napi::JsValue::raw(&on_incoming);
+        let Some(waits) = uvwait::LoopWaits::new(env.raw(), raw, c"tapmanager:Incoming", Some(inbox.clone())) else {
+            return Ok(None);
         };
+        let js_inbox = inbox.to_js(env).map_err(|e| invalid(format!("startIncomingOnLoop: {e}")))?;
         let tsfn: IncomingFn = on_incoming
-            .build_threadsafe_function::<IncomingRequest>()
+            .build_threadsafe_function::<IncomingArgs>()
             .callee_handled::<false>()
             .weak::<true>()
-            .build()
+            .build_callback(|ctx| Ok(ctx.value))
             .map_err(|e| invalid(format!("startIncomingOnLoop: {e}")))?;
         let fast = self.fast.clone();
         let from_runtime: uvwait::FromRuntime = {
             let fast = fast.clone();
             Arc::new(move |conn, frame| {
-                tsfn.call(IncomingRequest::of(conn, fast.clone(), frame), ThreadsafeFunctionCallMode::NonBlocking);
+                let args = IncomingArgs::of(conn, fast.clone(), frame, inbox.clone());
+                tsfn.call(args, ThreadsafeFunctionCallMode::NonBlocking);
             })
         };
         let (admission, cfg) = self.admission_for(opts)?;
@@ -610,9 +617,9 @@ impl UnixListener {
         match uvwait::LoopListener::start(serving) {
             Some(started) => {
                 *self.on_loop.borrow_mut() = Some(started);
-                Ok(true)
+                Ok(Some(js_inbox))
             }
-            None => Ok(false),
+            None => Ok(None),
         }
     }
 
@@ -801,6 +808,13 @@ pub struct UnixConnection {
 }
 
 impl UnixConnection {
+    /// A connection a listener accepted, served with its fast path `fast`.
+    fn served(conn: Arc<unix::UnixConnection>, fast: Arc<unix::FastGets>) -> Self {
+        UnixConnection { inner: Mutex::new(Some(conn)), fast: Some(fast) }
+    }
+}
+
+impl UnixConnection {
     fn wrap(c: unix::UnixConnection) -> UnixConnection {
         UnixConnection { inner: Mutex::new(Some(Arc::new(c))), fast: None }
     }
@@ -884,8 +898,9 @@ impl UnixConnection {
     /// once without waiting: when the socket takes it all (the usual case) the outcome is returned directly,
     /// else a Promise of it (the rest is written on the runtime). Either way the fds are sent or duplicated
     /// before this returns, so the caller may close its copies at once. Never throws or rejects for a failed
-    /// write (`writeError` says why), so the caller can log what really happened.
-    #[napi(ts_return_type = "Written | Promise<Written>")]
+    /// write (`writeError` says why), so the caller can log what really happened. A response written at once
+    /// with no error gives null (no object to make: the usual case).
+    #[napi(ts_return_type = "null | Written | Promise<Written>")]
     pub fn respond<'env>(
         &self,
         env: &'env Env,
@@ -893,11 +908,11 @@ impl UnixConnection {
         data: Buffer,
         fds: Vec<i32>,
         write_timeout_ms: Option<u32>,
-    ) -> napi::Result<Either<Written, PromiseRaw<'env, Written>>> {
+    ) -> napi::Result<Either3<Null, Written, PromiseRaw<'env, Written>>> {
         let started = std::time::Instant::now();
         let ms = move || started.elapsed().as_secs_f64() * 1000.0;
         let failed =
-            |e: tapmanager_core::Error| Ok(Either::A(Written { write_error: Some(e.message), write_ms: ms() }));
+            |e: tapmanager_core::Error| Ok(Either3::B(Written { write_error: Some(e.message), write_ms: ms() }));
         let c = match self.get_or_closed() {
             Ok(c) => c,
             Err(e) => return failed(e),
@@ -909,7 +924,7 @@ impl UnixConnection {
         let borrowed: Vec<BorrowedFd<'_>> =
             fds.iter().map(|&f| unsafe { BorrowedFd::borrow_raw(f as RawFd) }).collect();
         let sent = match c.try_respond(&head, &data, &borrowed) {
-            Ok((true, _)) => return Ok(Either::A(Written { write_error: None, write_ms: ms() })),
+            Ok((true, _)) => return Ok(Either3::A(Null)),
             Ok((false, sent)) => sent,
             Err(e) => return failed(e),
         };
@@ -928,7 +943,7 @@ impl UnixConnection {
             },
             |(write_error, write_ms): (Option<String>, f64)| Written { write_error, write_ms },
         )
-        .map(Either::B)
+        .map(Either3::C)
     }
 
     /// Reads the next request frame like `readRequestFrame` (within `timeoutMs` when > 0); on a connection from
@@ -945,6 +960,7 @@ impl UnixConnection {
         let d = deadline(timeout_ms);
         let fast = self.fast.clone();
         let done = sink.done.clone();
+        let inbox = sink.inbox.clone();
         let serve = move |c: Arc<unix::UnixConnection>, frame: unix::Frame| async move {
             match fast {
                 Some(fast) => c.serve_fast_gets(frame, &fast, max_data as usize, d).await,
@@ -953,11 +969,11 @@ impl UnixConnection {
         };
         if let (Some(waits), Ok(conn)) = (&sink.on_loop, &c) {
             let handoff = self.fast.clone().map(|fast| {
-                let (conn, done, f) = (conn.clone(), done.clone(), fast.clone());
+                let (conn, done, f, inbox) = (conn.clone(), done.clone(), fast.clone(), inbox.clone());
                 let hand: uvwait::Handoff = Box::new(move |rest| {
                     napi::bindgen_prelude::spawn(async move {
-                        let r = conn.finish_fast_gets(rest, &f, max_data as usize, d).await;
-                        done.call(NextFrame::of(token, r), ThreadsafeFunctionCallMode::NonBlocking);
+                        let result = conn.finish_fast_gets(rest, &f, max_data as usize, d).await;
+                        done.call(NextArgs { token, result, inbox }, ThreadsafeFunctionCallMode::NonBlocking);
                     });
                 });
                 (fast, hand)
@@ -969,13 +985,13 @@ impl UnixConnection {
             }
         }
         napi::bindgen_prelude::spawn(async move {
-            let r = async {
+            let result = async {
                 let c = c?;
                 let frame = c.read_request_frame(max_data as usize, d).await?;
                 serve(c, frame).await
             }
             .await;
-            done.call(NextFrame::of(token, r), ThreadsafeFunctionCallMode::NonBlocking);
+            done.call(NextArgs { token, result, inbox }, ThreadsafeFunctionCallMode::NonBlocking);
         });
     }
 

@@ -15,6 +15,8 @@ use napi::bindgen_prelude::{BufferSlice, JsValuesTupleIntoVec, ToNapiValue};
 use napi::{sys, Env};
 use tapmanager_core::unix;
 
+use crate::fd::UnixConnection;
+
 /// Header bytes of a frame (the protocol's fixed size).
 const HEADER: usize = 77;
 
@@ -89,42 +91,125 @@ impl JsValuesTupleIntoVec for DoneArgs {
                 };
             }
         };
-        let data = f.data.as_deref().unwrap_or(&[]);
-        let data_len: i32 = if f.data.is_some() { data.len() as i32 } else { -2 };
         let nfds = f.fds.len();
-        let need = HEADER + data.len() + 4 * nfds;
         let fds: Vec<i32> = f.fds.into_iter().map(IntoRawFd::into_raw_fd).collect();
-        // SAFETY: on the JavaScript thread of env; the inbox (or the new Buffer) has `need` bytes, written here
-        // and read by JavaScript in the callback this converts arguments for.
-        unsafe {
-            let (target, own) = if need <= self.inbox.len {
-                (self.inbox.ptr, None)
-            } else {
-                let mut data_ptr = ptr::null_mut();
-                let mut value = ptr::null_mut();
-                let status = sys::napi_create_buffer(env, need, &mut data_ptr, &mut value);
-                if status != sys::Status::napi_ok {
-                    for fd in fds {
-                        libc::close(fd);
-                    }
-                    return Err(napi::Error::new(napi::Status::from(status), "cannot make a Buffer for a frame"));
+        // SAFETY: on the JavaScript thread of env (a callback's argument conversion).
+        let (data_len, own) = match unsafe { hand_over(env, &self.inbox, &f.header, f.data.as_deref(), &fds) } {
+            Ok(r) => r,
+            Err(e) => {
+                for fd in fds {
+                    // SAFETY: the fds were ours (taken from the frame) and reach nobody now.
+                    unsafe { libc::close(fd) };
                 }
-                (data_ptr.cast::<u8>(), Some(value))
-            };
-            let mut header = [0u8; HEADER];
-            let n = f.header.len().min(HEADER);
-            header[..n].copy_from_slice(&f.header[..n]);
-            ptr::copy_nonoverlapping(header.as_ptr(), target, HEADER);
-            ptr::copy_nonoverlapping(data.as_ptr(), target.add(HEADER), data.len());
-            for (i, fd) in fds.iter().enumerate() {
-                let b = fd.to_le_bytes();
-                ptr::copy_nonoverlapping(b.as_ptr(), target.add(HEADER + data.len() + 4 * i), 4);
+                return Err(e);
             }
+        };
+        // SAFETY: as above.
+        unsafe {
             let mut args = vec![
                 u32::to_napi_value(env, id)?,
                 i32::to_napi_value(env, data_len)?,
                 u32::to_napi_value(env, nfds as u32)?,
             ];
+            if let Some(v) = own {
+                args.push(v);
+            }
+            Ok(args)
+        }
+    }
+}
+
+/// Writes a frame for JavaScript (see the module's doc): `header` (77 bytes), the payload and `fds` into the
+/// inbox, or into a new Buffer when they do not fit. Returns the payload's length (-2: none) and the Buffer made.
+///
+/// # Safety
+/// On the JavaScript thread of `env`, in the turn of the callback that hands the result to JavaScript.
+unsafe fn hand_over(
+    env: sys::napi_env,
+    inbox: &Inbox,
+    header: &[u8],
+    data: Option<&[u8]>,
+    fds: &[i32],
+) -> napi::Result<(i32, Option<sys::napi_value>)> {
+    let payload = data.unwrap_or(&[]);
+    let data_len: i32 = if data.is_some() { payload.len() as i32 } else { -2 };
+    let need = HEADER + payload.len() + 4 * fds.len();
+    // SAFETY: the caller's contract; the target has `need` bytes.
+    unsafe {
+        let (target, own) = if need <= inbox.len {
+            (inbox.ptr, None)
+        } else {
+            let mut data_ptr = ptr::null_mut();
+            let mut value = ptr::null_mut();
+            let status = sys::napi_create_buffer(env, need, &mut data_ptr, &mut value);
+            if status != sys::Status::napi_ok {
+                return Err(napi::Error::new(napi::Status::from(status), "cannot make a Buffer for a frame"));
+            }
+            (data_ptr.cast::<u8>(), Some(value))
+        };
+        let mut head = [0u8; HEADER];
+        let n = header.len().min(HEADER);
+        head[..n].copy_from_slice(&header[..n]);
+        ptr::copy_nonoverlapping(head.as_ptr(), target, HEADER);
+        ptr::copy_nonoverlapping(payload.as_ptr(), target.add(HEADER), payload.len());
+        for (i, fd) in fds.iter().enumerate() {
+            let b = fd.to_le_bytes();
+            ptr::copy_nonoverlapping(b.as_ptr(), target.add(HEADER + payload.len() + 4 * i), 4);
+        }
+        Ok((data_len, own))
+    }
+}
+
+/// The callback arguments of a server connection's next request frame (see `FrameSink`): `(token, dataLen)` or
+/// `(token, dataLen, buffer)` with the frame (no fds) as for a client's response, or `(token, -1, undefined,
+/// message)` when there is none (EOF, deadline, error).
+pub struct NextArgs {
+    pub token: u32,
+    pub result: tapmanager_core::Result<unix::Frame>,
+    pub inbox: Arc<Inbox>,
+}
+
+impl JsValuesTupleIntoVec for NextArgs {
+    fn into_vec(self, env: sys::napi_env) -> napi::Result<Vec<sys::napi_value>> {
+        // SAFETY: on the JavaScript thread of env (a callback's argument conversion).
+        unsafe {
+            let token = u32::to_napi_value(env, self.token)?;
+            match self.result {
+                Ok(f) => {
+                    let (data_len, own) = hand_over(env, &self.inbox, &f.header, f.data.as_deref(), &[])?;
+                    let mut args = vec![token, i32::to_napi_value(env, data_len)?];
+                    if let Some(v) = own {
+                        args.push(v);
+                    }
+                    Ok(args)
+                }
+                Err(e) => Ok(vec![
+                    token,
+                    i32::to_napi_value(env, -1)?,
+                    <()>::to_napi_value(env, ())?,
+                    String::to_napi_value(env, e.message)?,
+                ]),
+            }
+        }
+    }
+}
+
+/// The callback arguments of a connection with its first request frame (see `UnixListener.startIncomingOnLoop`):
+/// `(conn, dataLen)` or `(conn, dataLen, buffer)`, the frame as for `NextArgs`.
+pub struct IncomingArgs {
+    pub conn: UnixConnection,
+    pub frame: unix::Frame,
+    pub inbox: Arc<Inbox>,
+}
+
+impl JsValuesTupleIntoVec for IncomingArgs {
+    fn into_vec(self, env: sys::napi_env) -> napi::Result<Vec<sys::napi_value>> {
+        // SAFETY: on the JavaScript thread of env (a callback's argument conversion).
+        unsafe {
+            let conn = UnixConnection::to_napi_value(env, self.conn)?;
+            let f = self.frame;
+            let (data_len, own) = hand_over(env, &self.inbox, &f.header, f.data.as_deref(), &[])?;
+            let mut args = vec![conn, i32::to_napi_value(env, data_len)?];
             if let Some(v) = own {
                 args.push(v);
             }

@@ -23,8 +23,7 @@ use tapmanager_core::unix::{
 };
 use tapmanager_core::{Error as CoreError, ErrorCode};
 
-use crate::fd::{IncomingRequest, NextFrame};
-use crate::inbox::{DoneArgs, Inbox};
+use crate::inbox::{DoneArgs, Inbox, IncomingArgs, NextArgs};
 
 type PollCb = unsafe extern "C" fn(*mut c_void, c_int, c_int);
 type TimerCb = unsafe extern "C" fn(*mut c_void);
@@ -454,7 +453,7 @@ enum Work {
         written: usize,
         reader: ResponseReader,
     },
-    /// A server connection's next request frame (reported as `NextFrame`). Gets the native fast path answers
+    /// A server connection's next request frame (reported through the sink's inbox, see inbox.rs). Gets the native fast path answers
     /// are answered here first (one that the socket cannot take at once goes to `handoff`, finished on the
     /// runtime, which then goes on as the runtime path does).
     NextRequest { token: u32, reader: RequestReader, fast: Option<(Arc<FastGets>, Handoff)>, peer: PeerSlot },
@@ -872,7 +871,10 @@ unsafe fn finish(p: *mut Waiting, r: tapmanager_core::Result<unix::Frame>) {
             let inbox = waits.inbox.clone().expect("a client port's waits have an inbox");
             waits.call(DoneArgs { id, result: r, not_sent, inbox })
         }
-        Outcome::NextRequest { waits, token } => waits.call(NextFrame::of(token, r)),
+        Outcome::NextRequest { waits, token } => {
+            let inbox = waits.inbox.clone().expect("a sink's waits have an inbox");
+            waits.call(NextArgs { token, result: r, inbox })
+        }
         Outcome::FirstRequest { serving, peer, conn } => {
             if let (Ok(frame), Some(conn)) = (r, conn) {
                 serving.first_frame(conn, peer, frame);
@@ -926,7 +928,8 @@ impl Serving {
             }
             return;
         }
-        self.waits.call(IncomingRequest::of(conn, self.fast.clone(), frame));
+        let inbox = self.waits.inbox.clone().expect("a listener's waits have an inbox");
+        self.waits.call(IncomingArgs::of(conn, self.fast.clone(), frame, inbox));
     }
 
     /// The fast path for a peer: none for one outside the filter (its first frame is refused, nothing answered).
