@@ -100,9 +100,6 @@ export type UnixListener = binding.UnixListener
  * own event loop (the client's responses, the server's next requests).
  */
 export const LOOP_WAITS_POSSIBLE = typeof process === 'object' && !process.versions.bun && !process.versions.deno
-// The loop's waits share one epoll set per thread: made now, so its fd is there from the start (not from the
-// first request), as the runtime's own fds are.
-if (LOOP_WAITS_POSSIBLE) binding.prepareEventLoop()
 
 /**
  * A request frame handed over by `FrameSink` or `startIncomingOnLoop` (header at 0 of `buf`, then `dataLen`
@@ -129,6 +126,7 @@ export const deleteTap = wrapFunction(binding.deleteTap)
 export const drainTapFd = wrapFunction(binding.drainTapFd)
 export const dupFds = wrapFunction(binding.dupFds)
 export const fdRequest = wrapFunction(binding.fdRequest)
+export const prepareEventLoop = wrapFunction(binding.prepareEventLoop)
 export const isNetnsMount = wrapFunction(binding.isNetnsMount)
 export const listDhcpIsolation = wrapFunction(binding.listDhcpIsolation)
 export const listNetns = wrapFunction(binding.listNetns)
@@ -146,3 +144,7 @@ export const startDhcpServer = wrapFunction(binding.startDhcpServer)
 export const startDhcpServerParsed = wrapFunction(binding.startDhcpServerParsed)
 export const tapFdInfo = wrapFunction(binding.tapFdInfo)
 export const teardownContainerSide = wrapFunction(binding.teardownContainerSide)
+
+// The loop's waits share one epoll set per thread: made now, so its fd is there from the start (not from the
+// first request), as the runtime's own fds are.
+if (LOOP_WAITS_POSSIBLE) prepareEventLoop()
