@@ -1,16 +1,15 @@
 //! Atomic, durable file replacement and removal (core `durable` module) for the state store and the CNI cache:
-//! each call is one crossing to a blocking thread (never a tokio worker, never libuv's pool the rest of Node's
-//! file work shares) that does every syscall, and one completion. A failure rejects with an `Error` whose `code`
-//! is the core's stable code and whose message names the step and the path.
+//! each call is one hand-off to a libuv pool thread (an `AsyncTask`, where Node's own `fs` calls ran them before)
+//! that does every syscall, and one completion. A failure rejects with an `Error` whose `code` is the core's
+//! stable code and whose message names the step and the path.
 
 use std::path::PathBuf;
 
-use napi::bindgen_prelude::{Buffer, Either, PromiseRaw};
-use napi::Env;
+use napi::bindgen_prelude::{AsyncTask, Buffer, Either};
 use napi_derive::napi;
 use tapmanager_core::durable::{self, Durability};
 
-use crate::error::spawn_blocking_promise;
+use crate::error::UvTask;
 
 /// Options of `replaceFile`.
 #[napi(object)]
@@ -26,14 +25,13 @@ pub struct ReplaceFileOptions {
 /// A missing `dir` is created (mode 0700, with its parents). On failure the temp file is removed (an entry
 /// already at `tempName` fails with `ERR_EXISTS` and is left). `name` and `tempName` are plain file names.
 #[napi(ts_return_type = "Promise<void>")]
-pub fn replace_file<'env>(
-    env: &'env Env,
+pub fn replace_file(
     dir: String,
     name: String,
     temp_name: String,
     data: Either<String, Buffer>,
     opts: Option<ReplaceFileOptions>,
-) -> napi::Result<PromiseRaw<'env, ()>> {
+) -> AsyncTask<UvTask<()>> {
     let data = match data {
         Either::A(s) => s.into_bytes(),
         Either::B(b) => b.to_vec(),
@@ -42,16 +40,14 @@ pub fn replace_file<'env>(
         Some(false) => Durability::Atomic,
         _ => Durability::Durable,
     };
-    spawn_blocking_promise(
-        env,
-        move || durable::replace_file(&PathBuf::from(dir), &name, &temp_name, &data, durability),
-        |()| (),
-    )
+    AsyncTask::new(UvTask::new(move || {
+        durable::replace_file(&PathBuf::from(dir), &name, &temp_name, &data, durability)
+    }))
 }
 
 /// Removes `dir/name` (the entry itself, a symlink is not followed) and fsyncs `dir`. Resolves to `false` when
 /// there was none (or no `dir`), `true` once it is removed durably.
 #[napi(ts_return_type = "Promise<boolean>")]
-pub fn remove_file<'env>(env: &'env Env, dir: String, name: String) -> napi::Result<PromiseRaw<'env, bool>> {
-    spawn_blocking_promise(env, move || durable::remove_file(&PathBuf::from(dir), &name), |removed| removed)
+pub fn remove_file(dir: String, name: String) -> AsyncTask<UvTask<bool>> {
+    AsyncTask::new(UvTask::new(move || durable::remove_file(&PathBuf::from(dir), &name)))
 }
