@@ -629,8 +629,31 @@ export declare function recoverContainerSide(nsPath: string, csnJson: string): P
 /** Removes exactly `link`'s isolation (a missing one is fine). `nft delete table bridge tapmanager-dhcp-<link>`. */
 export declare function removeDhcpIsolation(netns: string | undefined | null, link: string): Promise<void>
 
+/**
+ * Removes `dir/name` (the entry itself, a symlink is not followed) and fsyncs `dir`. Resolves to `false` when
+ * there was none (or no `dir`), `true` once it is removed durably.
+ */
+export declare function removeFile(dir: string, name: string): Promise<boolean>
+
 /** Reopens every tap of `csnJson` (retrieveFDs). Rejects with `ERR_BUSY` while a tap is still held. */
 export declare function reopenTaps(nsPath: string, csnJson: string): Promise<number[]>
+
+/**
+ * Atomically replaces `dir/name` with `data`: writes `dir/tempName` (created `O_EXCL|O_NOFOLLOW`, mode 0600),
+ * fsyncs and closes it, renames it over `name` (a symlink there is replaced, not followed) and fsyncs `dir`.
+ * A missing `dir` is created (mode 0700, with its parents). On failure the temp file is removed (an entry
+ * already at `tempName` fails with `ERR_EXISTS` and is left). `name` and `tempName` are plain file names.
+ */
+export declare function replaceFile(dir: string, name: string, tempName: string, data: string | Buffer, opts?: ReplaceFileOptions | undefined | null): Promise<void>
+
+/** Options of `replaceFile`. */
+export interface ReplaceFileOptions {
+  /**
+   * fsync the file before the rename and the dir after it (default true): once the Promise resolves the new
+   * file survives a power loss. `false`: atomic only (a reader or a killed process never sees a torn file).
+   */
+  durable?: boolean
+}
 
 /** A route of the main table as `ip route show` describes it. */
 export interface Route {

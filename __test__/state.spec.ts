@@ -1,8 +1,10 @@
 import test from 'ava'
 import { spawn } from 'node:child_process'
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs'
+import { existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { TapmanagerError } from '../src/errors'
+import { removeFile, replaceFile } from '../src/native'
 import { StateCorruptError, StateStore, fileNameToKey, keyToFileName } from '../src/state'
 
 const desc = (podId: string) => ({ podId, podNs: 'default', podName: `vm-${podId}`, DNS: null })
@@ -87,6 +89,9 @@ test('missing state dir: lists empty, reads null, and the first write creates it
     t.false(existsSync(dir), 'reading does not create it')
     await store.write({ key: 'k', status: 'adding', podNetworkDesc: desc('k') })
     t.is(statSync(dir).mode & 0o777, 0o700)
+    t.is(statSync(join(parent, 'not')).mode & 0o777, 0o700, 'missing parents too')
+    t.is(statSync(store.pathOf('k')).mode & 0o777, 0o600)
+    t.deepEqual(readdirSync(dir), ['k.json'])
     t.is((await store.read('k'))!.status, 'adding')
   } finally {
     rmSync(parent, { recursive: true, force: true })
@@ -122,6 +127,74 @@ test('corrupt files are reported, not dropped and not fatal; quarantine sets the
     t.deepEqual(after.corrupt.map((c) => c.file), ['bad%zzname.json', 'other.json'])
     t.is(await store.read('torn'), null, 'the key is free again')
     await t.throwsAsync(store.quarantine('../x.json'), { code: 'ERR_INVALID' } as never)
+  } finally {
+    rmSync(dir, { recursive: true, force: true })
+  }
+})
+
+test('a write that fails leaves no temp file and the old entry as it was; the error names the step', async (t) => {
+  const dir = tmp()
+  try {
+    const store = new StateStore(dir)
+    // A non-empty dir where the record goes: the temp file is written and fsynced, then the rename fails.
+    mkdirSync(join(dir, keyToFileName('k')))
+    writeFileSync(join(dir, keyToFileName('k'), 'inside'), 'x')
+    const err = await t.throwsAsync(store.write({ key: 'k', status: 'adding', podNetworkDesc: desc('k') }), { instanceOf: TapmanagerError })
+    t.regex(err!.message, /^rename .*\/\.k\.json\.tmp-\d+-[0-9a-f]{8} to k\.json: /)
+    t.is(err!.code, 'ERR_IO')
+    t.deepEqual(readdirSync(dir), ['k.json'], 'no temp file left')
+    t.is(readFileSync(join(dir, 'k.json', 'inside'), 'utf8'), 'x')
+    // A state dir that is a file: nothing can be written, nothing is.
+    const file = join(dir, 'file')
+    writeFileSync(file, '')
+    const err2 = await t.throwsAsync(new StateStore(file).write({ key: 'k', status: 'adding', podNetworkDesc: desc('k') }))
+    t.regex(err2!.message, /^open dir .*\/file: /)
+    t.deepEqual(readdirSync(dir).sort(), ['file', 'k.json'])
+    // Removing a dir named like a record fails too (the entry is not a record file).
+    await t.throwsAsync(store.remove('k'), { message: /^remove .*\/k\.json: / })
+  } finally {
+    rmSync(dir, { recursive: true, force: true })
+  }
+})
+
+test('a symlink planted at a record name is replaced and removed, never followed', async (t) => {
+  const dir = tmp()
+  try {
+    const store = new StateStore(dir)
+    const victim = join(dir, 'victim')
+    writeFileSync(victim, 'keep')
+    symlinkSync(victim, store.pathOf('k'))
+    const rec = await store.write({ key: 'k', status: 'adding', podNetworkDesc: desc('k') })
+    t.true(lstatSync(store.pathOf('k')).isFile(), 'the link itself was replaced')
+    t.is(statSync(store.pathOf('k')).mode & 0o777, 0o600)
+    t.deepEqual(await store.read('k'), rec)
+    t.is(readFileSync(victim, 'utf8'), 'keep')
+    symlinkSync(victim, store.pathOf('l'))
+    t.true(await store.remove('l'))
+    t.is(readFileSync(victim, 'utf8'), 'keep', 'the link was removed, not its target')
+    t.deepEqual(readdirSync(dir).sort(), ['k.json', 'victim'])
+  } finally {
+    rmSync(dir, { recursive: true, force: true })
+  }
+})
+
+test('the native replaceFile and removeFile: one plain name each, an entry at the temp name is left alone', async (t) => {
+  const dir = tmp()
+  try {
+    for (const [name, temp] of [['a/b.json', '.t'], ['k.json', '../t'], ['..', '.t'], ['k.json', 'k.json'], ['k.json', '']]) {
+      await t.throwsAsync(replaceFile(dir, name, temp, 'x'), { code: 'ERR_INVALID' } as never, `${name} ${temp}`)
+    }
+    await t.throwsAsync(removeFile(dir, '../x'), { code: 'ERR_INVALID' } as never)
+    const victim = join(dir, 'victim')
+    symlinkSync(victim, join(dir, '.k.json.tmp-1-00'))
+    await t.throwsAsync(replaceFile(dir, 'k.json', '.k.json.tmp-1-00', 'x'), { code: 'ERR_EXISTS', message: /^create .*\/\.k\.json\.tmp-1-00: / } as never)
+    t.false(existsSync(victim), 'O_EXCL|O_NOFOLLOW: the link was not followed')
+    t.deepEqual(readdirSync(dir), ['.k.json.tmp-1-00'], 'not ours: left alone')
+    await replaceFile(dir, 'k.json', '.k.json.tmp-1-01', Buffer.from('bytes'))
+    t.is(readFileSync(join(dir, 'k.json'), 'utf8'), 'bytes')
+    t.true(await removeFile(dir, 'k.json'))
+    t.false(await removeFile(dir, 'k.json'))
+    t.false(await removeFile(join(dir, 'missing'), 'k.json'))
   } finally {
     rmSync(dir, { recursive: true, force: true })
   }

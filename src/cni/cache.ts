@@ -8,12 +8,16 @@
  * ADD fails and its rollback DEL fails too, the entry stays: the plugins may still hold something (an IPAM
  * lease) that only a later DEL with this config releases; the next DEL of the pod removes it.
  *
- * Entries are read with O_NOFOLLOW (a symlink planted in the dir is never followed). A kill between writing a
- * temp file and renaming it leaves `<entry>.<pid>.<random>.tmp`: {@link CniCache.sweepTemps} removes them.
+ * Writes are atomic, not durable (no fsync: a power loss may lose an entry, and DEL then runs with the current
+ * config and no prevResult): the native `replaceFile` with `durable: false` writes the temp file and renames it
+ * over the entry in one call. Entries are read with O_NOFOLLOW and replaced by rename (a symlink planted in the
+ * dir is never followed). A kill between writing a temp file and renaming it leaves
+ * `<entry>.<pid>.<random>.tmp`: {@link CniCache.sweepTemps} removes them.
  */
 import { constants as fsc } from 'node:fs'
-import { mkdir, open, readdir, rename, unlink, writeFile } from 'node:fs/promises'
+import { open, readdir, unlink } from 'node:fs/promises'
 import { join } from 'node:path'
+import { replaceFile } from '../native'
 
 /** What is kept per attachment. */
 export interface CniCacheEntry {
@@ -34,12 +38,17 @@ const MAX_ENTRY_SIZE = 1 << 20
 /** The temp files of {@link CniCache.put}. */
 const TEMP_RE = /\.json\.\d+\.[0-9a-z]*\.tmp$/
 
+/** The file name of an attachment's entry. */
+function entryName(containerId: string, ifName: string): string {
+  return `${containerId}-${ifName}.json`
+}
+
 /** Reads and writes cache entries in one directory. */
 export class CniCache {
   constructor(readonly dir: string) {}
 
   path(containerId: string, ifName: string): string {
-    return join(this.dir, `${containerId}-${ifName}.json`)
+    return join(this.dir, entryName(containerId, ifName))
   }
 
   async get(containerId: string, ifName: string): Promise<CniCacheEntry | undefined> {
@@ -69,12 +78,11 @@ export class CniCache {
     }
   }
 
+  /** Atomically replaces the attachment's entry (mode 0600); creates the dir (0700) if missing. */
   async put(entry: CniCacheEntry): Promise<void> {
-    await mkdir(this.dir, { recursive: true, mode: 0o700 })
-    const file = this.path(entry.containerId, entry.ifName)
-    const tmp = `${file}.${process.pid}.${Math.random().toString(36).slice(2)}.tmp`
-    await writeFile(tmp, JSON.stringify(entry), { mode: 0o600 })
-    await rename(tmp, file)
+    const name = entryName(entry.containerId, entry.ifName)
+    const tmp = `${name}.${process.pid}.${Math.random().toString(36).slice(2)}.tmp`
+    await replaceFile(this.dir, name, tmp, JSON.stringify(entry), { durable: false })
   }
 
   /** Whether an entry file exists for the attachment (an earlier ADD may have left something to DEL). */

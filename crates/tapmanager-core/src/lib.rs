@@ -2,6 +2,7 @@
 //!
 //! Each module is one concept:
 //! - [`error`]: the error type shared by all modules, with stable string codes.
+//! - [`durable`]: atomic, durable replacement and removal of a small file (state records, cache entries).
 //! - [`unix`]: Unix stream sockets with `SCM_RIGHTS` fd passing and peer credentials (the FDServer transport).
 //! - [`netns`]: named network namespaces (`ip netns` compatible) and running work inside one on a thread made for it.
 //! - [`netlink`]: links, addresses and routes over rtnetlink, each named after the `ip` command it equals.
@@ -16,6 +17,7 @@
 
 pub mod container;
 pub mod dhcp;
+pub mod durable;
 pub mod error;
 pub mod isolation;
 pub mod netlink;

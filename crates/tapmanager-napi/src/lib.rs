@@ -6,6 +6,7 @@
 
 mod container;
 mod dhcp;
+mod durable;
 mod error;
 mod fd;
 mod inbox;
