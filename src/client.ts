@@ -59,8 +59,8 @@ interface Expect {
  * request); each waits here under its id. The port hands the response frame over in its inbox (a Buffer
  * shared with native code, see `FdRequestPort`): the frame is checked and copied out right in the callback.
  * A request on a new connection waits for its response on this thread's event loop (Node: libuv polls the
- * socket, one thread wake-up per request; also on a keep-alive connection) and keeps the process alive by
- * itself; one waiting on the native runtime (`waitOn: 'runtime'`, Bun, Deno, concurrent requests) needs the
+ * socket in the thread's epoll set, one wake-up per batch of responses; also on a keep-alive connection) and keeps the process alive by
+ * itself; one waiting on the native runtime (`waitOn: 'runtime'`, Bun, Deno) needs the
  * port's `hold` while it is pending.
  */
 interface Waiter extends Expect {
@@ -68,8 +68,6 @@ interface Waiter extends Expect {
   reject: (e: Error) => void
   /** The port whose `hold` it counts in (waiting on the runtime), else null. */
   heldOn: FdRequestPort | null
-  /** Whether it waits on the event loop (counted in `onLoop`). */
-  onLoop: boolean
 }
 const waiting = new Map<number, Waiter>()
 /** Ports by where their requests on new connections wait: `loop` (the event loop where it can) or `runtime`. */
@@ -77,16 +75,6 @@ const ports: { loop: FdRequestPort | null; runtime: FdRequestPort | null } = { l
 /** Requests pending on the runtime, per port. */
 const held = new Map<FdRequestPort, number>()
 let lastId = 0
-/** Requests waiting on the event loop now. */
-let onLoop = 0
-/**
- * The most requests that wait on the event loop at once; more concurrent ones wait on the runtime. Measured
- * (bench/fd.ts, loop/runtime column, 7 runs at load 6-9): with one request at a time the loop is 0.85-1.57x,
- * median 1.21x, the runtime wait (one thread wake-up instead of two); with 16 concurrent ones it was 0.65-1.16x,
- * median 0.89x, while the runtime's threads read responses in parallel.
- */
-const LOOP_MAX = 1
-
 function hold(p: FdRequestPort, delta: 1 | -1): void {
   const n = (held.get(p) ?? 0) + delta
   held.set(p, n)
@@ -138,7 +126,6 @@ function onDone(
   }
   waiting.delete(id)
   if (w.heldOn) hold(w.heldOn, -1)
-  if (w.onLoop) onLoop--
   if (dataLen === -1) {
     w.reject(Object.assign(new Error(message ?? 'request failed'), { code, notSent: notSent ?? false }))
     return
@@ -172,17 +159,14 @@ function portFor(waitOn: 'loop' | 'runtime'): FdRequestPort {
  * open connection `conn` (`requestOn`; the error then carries `notSent`). Resolves with the checked response.
  */
 function fdRequest(waitOn: 'loop' | 'runtime', path: string, request: Buffer, timeoutMs: number, expect: Expect, conn?: UnixConnection): Promise<Response> {
-  const p = portFor(waitOn === 'loop' && onLoop < LOOP_MAX ? 'loop' : 'runtime')
+  const p = portFor(waitOn)
   lastId = lastId >= 0xffffffff ? 1 : lastId + 1
   const id = lastId
   return new Promise<Response>((resolve, reject) => {
-    const w: Waiter = { command: expect.command, key: expect.key, head: expect.head, settled: expect.settled, resolve, reject, heldOn: null, onLoop: false }
+    const w: Waiter = { command: expect.command, key: expect.key, head: expect.head, settled: expect.settled, resolve, reject, heldOn: null }
     waiting.set(id, w)
     try {
-      if (conn ? p.requestOn(id, conn, request, timeoutMs) : p.request(id, path, request, timeoutMs)) {
-        w.onLoop = true
-        onLoop++
-      } else {
+      if (!(conn ? p.requestOn(id, conn, request, timeoutMs) : p.request(id, path, request, timeoutMs))) {
         // went to the runtime (the completion may only come once this returned: it is queued to this thread)
         w.heldOn = p
         hold(p, 1)
@@ -214,10 +198,9 @@ export interface FDClientOptions {
    */
   idleTimeoutMs?: number
   /**
-   * Where a request on a new connection waits for its response: `loop` (default), on this thread's event loop
-   * (libuv polls the socket; one thread wake-up per request) for one request at a time (concurrent ones wait on
-   * the runtime, which reads their responses on its threads in parallel), or `runtime`, always on the
-   * addon's native runtime (two wake-ups). Bun and Deno always use `runtime` (they lack libuv's functions).
+   * Where a request waits for its response: `loop` (default), on this thread's event loop (its socket in one
+   * epoll set the loop watches; one thread wake-up for all the responses that are there), or `runtime`, on the
+   * addon's native runtime (two wake-ups per response). Bun and Deno always use `runtime` (they lack libuv's functions).
    * Both with and without `keepAlive`.
    */
   waitOn?: 'loop' | 'runtime'
