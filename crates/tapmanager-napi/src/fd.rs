@@ -8,7 +8,9 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use napi::bindgen_prelude::{within_runtime_if_available, Buffer, BufferSlice, Either3, Function, Null, PromiseRaw};
+use napi::bindgen_prelude::{
+    within_runtime_if_available, Buffer, BufferSlice, Either3, Function, JsValuesTupleIntoVec, Null, PromiseRaw,
+};
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::Env;
 use napi_derive::napi;
@@ -122,7 +124,36 @@ pub fn fd_request<'env>(
     }
 }
 
-type DoneFn = ThreadsafeFunction<DoneArgs, (), DoneArgs, napi::Status, false, true>;
+/// A callback JavaScript gave for completions that carry frames, with an inbox (see inbox.rs).
+type CallbackFn<A> = ThreadsafeFunction<A, (), A, napi::Status, false, true>;
+
+/// See [`callback_parts`].
+type CallbackParts<A> = (Arc<CallbackFn<A>>, Option<Rc<LoopWaits>>, Arc<Inbox>);
+
+/// What a port or sink is made of: the threadsafe function through which completions on the runtime reach
+/// `callback`, the loop's waits (when `on_loop` asks for them and libuv is there) and the inbox frames are
+/// handed over in. `name` names the async resource.
+fn callback_parts<A: JsValuesTupleIntoVec + Send + 'static>(
+    env: &Env,
+    callback: Function<'_, A, ()>,
+    on_loop: Option<bool>,
+    name: &std::ffi::CStr,
+) -> napi::Result<CallbackParts<A>> {
+    let inbox = Inbox::new(INBOX_SIZE);
+    let waits = if on_loop.unwrap_or(false) {
+        uvwait::LoopWaits::new(env.raw(), napi::JsValue::raw(&callback), name, Some(inbox.clone()))
+    } else {
+        None
+    };
+    let tsfn = callback
+        .build_threadsafe_function::<A>()
+        .callee_handled::<false>()
+        .weak::<true>()
+        .build_callback(|ctx| Ok(ctx.value))?;
+    Ok((Arc::new(tsfn), waits, inbox))
+}
+
+type DoneFn = CallbackFn<DoneArgs>;
 
 /// Makes the threadsafe function `tsfn` keep the event loop alive (`on`) or not (napi's ref/unref). `tsfn` must
 /// be alive for the call (its owner holds it); `what` names the caller in the error.
@@ -177,19 +208,8 @@ impl FdRequestPort {
         on_done: Function<'_, DoneArgs, ()>,
         wait_on_loop: Option<bool>,
     ) -> napi::Result<Self> {
-        let inbox = Inbox::new(INBOX_SIZE);
-        let on_loop = if wait_on_loop.unwrap_or(false) {
-            let raw = napi::JsValue::raw(&on_done);
-            uvwait::LoopWaits::new(env.raw(), raw, c"tapmanager:FdRequest", Some(inbox.clone()))
-        } else {
-            None
-        };
-        let done = on_done
-            .build_threadsafe_function::<DoneArgs>()
-            .callee_handled::<false>()
-            .weak::<true>()
-            .build_callback(|ctx| Ok(ctx.value))?;
-        Ok(FdRequestPort { done: Arc::new(done), on_loop, inbox })
+        let (done, on_loop, inbox) = callback_parts(&env, on_done, wait_on_loop, c"tapmanager:FdRequest")?;
+        Ok(FdRequestPort { done, on_loop, inbox })
     }
 
     /// The memory response frames are handed over in (see the type's doc); the same every time.
@@ -331,7 +351,7 @@ impl FdRequestPort {
     }
 }
 
-type NextFn = ThreadsafeFunction<NextArgs, (), NextArgs, napi::Status, false, true>;
+type NextFn = CallbackFn<NextArgs>;
 
 /// One long-lived callback that receives the frames `UnixConnection.readNextTo` reads, for a server's
 /// connections. A read on the runtime does not keep the process alive unless `hold(true)` (call it while reads
@@ -359,19 +379,8 @@ impl FrameSink {
         on_frame: Function<'_, NextArgs, ()>,
         read_on_loop: Option<bool>,
     ) -> napi::Result<Self> {
-        let inbox = Inbox::new(INBOX_SIZE);
-        let on_loop = if read_on_loop.unwrap_or(false) {
-            let raw = napi::JsValue::raw(&on_frame);
-            uvwait::LoopWaits::new(env.raw(), raw, c"tapmanager:FrameSink", Some(inbox.clone()))
-        } else {
-            None
-        };
-        let done = on_frame
-            .build_threadsafe_function::<NextArgs>()
-            .callee_handled::<false>()
-            .weak::<true>()
-            .build_callback(|ctx| Ok(ctx.value))?;
-        Ok(FrameSink { done: Arc::new(done), on_loop, inbox })
+        let (done, on_loop, inbox) = callback_parts(&env, on_frame, read_on_loop, c"tapmanager:FrameSink")?;
+        Ok(FrameSink { done, on_loop, inbox })
     }
 
     /// The memory frames are handed over in (see the type's doc); the same every time.

@@ -20,6 +20,41 @@ use super::frame::{permission_denied_frame, Frame};
 use super::wait_closed;
 use crate::error::{Error, ErrorCode, Result};
 
+/// A socket registered with the tokio reactor only when an operation first waits on it: the std socket `S`
+/// until then, the tokio one `T` after (a socket served entirely without the runtime never costs the reactor a
+/// registration, nor its thread a wake-up).
+#[derive(Debug)]
+struct Lazily<S, T> {
+    /// The socket's fd, valid while the owner lives (owned by `unregistered` or `registered`).
+    fd: RawFd,
+    unregistered: std::sync::Mutex<Option<S>>,
+    registered: std::sync::OnceLock<T>,
+}
+
+impl<S: AsRawFd, T> Lazily<S, T> {
+    fn new(socket: S) -> Self {
+        Lazily {
+            fd: socket.as_raw_fd(),
+            unregistered: std::sync::Mutex::new(Some(socket)),
+            registered: Default::default(),
+        }
+    }
+
+    /// The registered socket (registering it now with `register` if it is not yet; inside a tokio runtime);
+    /// `gone` is the error when it is neither (closed).
+    fn get(&self, register: impl FnOnce(S) -> io::Result<T>, gone: &str) -> Result<&T> {
+        if let Some(t) = self.registered.get() {
+            return Ok(t);
+        }
+        let mut unregistered = self.unregistered.lock().map_err(|_| Error::invalid("socket lock poisoned"))?;
+        if let Some(s) = unregistered.take() {
+            let t = register(s).map_err(|e| Error::io("register with the reactor", e))?;
+            let _ = self.registered.set(t);
+        }
+        self.registered.get().ok_or_else(|| Error::new(ErrorCode::Closed, gone.to_string()))
+    }
+}
+
 /// The credentials of the peer process, from `SO_PEERCRED` (taken when the connection was made).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerCred {
@@ -53,12 +88,7 @@ impl Default for BindOptions {
 /// event loop) never wakes a runtime thread per incoming connection.
 #[derive(Debug)]
 pub struct UnixListener {
-    /// The socket's fd, valid while the listener lives (owned by `unregistered` or `registered`).
-    fd: RawFd,
-    /// The socket until it is registered.
-    unregistered: std::sync::Mutex<Option<std::os::unix::net::UnixListener>>,
-    /// The socket once registered with the reactor.
-    registered: std::sync::OnceLock<tokio::net::UnixListener>,
+    socket: Lazily<std::os::unix::net::UnixListener, tokio::net::UnixListener>,
     path: PathBuf,
     closed: std::sync::atomic::AtomicBool,
     close_notify: tokio::sync::Notify,
@@ -97,19 +127,18 @@ impl UnixListener {
             Err(e) => return Err(Error::io(format!("stat {shown}"), e)),
         }
         let std = std::os::unix::net::UnixListener::bind(path).map_err(|e| Error::io(format!("bind {shown}"), e))?;
+        // From here on a failure drops the listener; remove the file we created too.
+        if let Err(e) = std.set_nonblocking(true) {
+            let _ = std::fs::remove_file(path);
+            return Err(Error::io(format!("set nonblocking {shown}"), e));
+        }
         let listener = UnixListener {
-            fd: std.as_raw_fd(),
-            unregistered: std::sync::Mutex::new(Some(std)),
-            registered: std::sync::OnceLock::new(),
+            socket: Lazily::new(std),
             path: path.to_path_buf(),
             closed: std::sync::atomic::AtomicBool::new(false),
             close_notify: tokio::sync::Notify::new(),
         };
-        // From here on a failure drops the listener; remove the file we created too.
         let setup = || -> Result<()> {
-            if let Some(l) = listener.unregistered.lock().ok().as_ref().and_then(|l| l.as_ref()) {
-                l.set_nonblocking(true).map_err(|e| Error::io(format!("set nonblocking {shown}"), e))?;
-            }
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(opts.mode & 0o7777))
                 .map_err(|e| Error::io(format!("chmod {:o} {shown}", opts.mode), e))?;
             if let Some(gid) = opts.gid {
@@ -139,7 +168,7 @@ impl UnixListener {
         if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::new(ErrorCode::Closed, "accept: listener is closed"));
         }
-        let inner = self.registered()?;
+        let inner = self.socket.get(tokio::net::UnixListener::from_std, "accept: listener is closed")?;
         tokio::select! {
             r = inner.accept() => {
                 let (stream, _) = r.map_err(|e| Error::io("accept", e))?;
@@ -147,19 +176,6 @@ impl UnixListener {
             }
             _ = &mut notified => Err(Error::new(ErrorCode::Closed, "accept: listener is closed")),
         }
-    }
-
-    /// The socket registered with the reactor (registering it now if it is not yet). Inside a tokio runtime.
-    fn registered(&self) -> Result<&tokio::net::UnixListener> {
-        if let Some(l) = self.registered.get() {
-            return Ok(l);
-        }
-        let mut unregistered = self.unregistered.lock().map_err(|_| Error::invalid("listener lock poisoned"))?;
-        if let Some(std) = unregistered.take() {
-            let l = tokio::net::UnixListener::from_std(std).map_err(|e| Error::io("register listener", e))?;
-            let _ = self.registered.set(l);
-        }
-        self.registered.get().ok_or_else(|| Error::new(ErrorCode::Closed, "accept: listener is closed"))
     }
 
     /// Resolves once [`close`](Self::close) has been called.
@@ -279,7 +295,7 @@ impl UnixListener {
     /// The listening socket's fd, for a caller that waits for connections by its own means (see
     /// [`try_accept_admitted`](Self::try_accept_admitted)). Valid while the listener lives.
     pub fn as_raw_fd(&self) -> RawFd {
-        self.fd
+        self.socket.fd
     }
 
     /// Whether [`close`](Self::close) was called.
@@ -337,12 +353,7 @@ impl UnixListener {
 /// reactor a registration, nor its thread a wake-up.
 #[derive(Debug)]
 pub struct UnixConnection {
-    /// The socket's fd, valid while the connection lives (owned by `unregistered` or `stream`).
-    fd: RawFd,
-    /// The socket until it is registered.
-    unregistered: std::sync::Mutex<Option<std::os::unix::net::UnixStream>>,
-    /// The socket once registered with the reactor.
-    stream: std::sync::OnceLock<tokio::net::UnixStream>,
+    socket: Lazily<std::os::unix::net::UnixStream, tokio::net::UnixStream>,
     /// The connection's place under the listener's caps (see [`Admission`]), given back on drop.
     pub(super) slot: Option<ConnSlot>,
 }
@@ -359,12 +370,9 @@ impl UnixConnection {
 
     fn registered(stream: tokio::net::UnixStream) -> UnixConnection {
         let fd = stream.as_raw_fd();
-        UnixConnection {
-            fd,
-            unregistered: std::sync::Mutex::new(None),
-            stream: std::sync::OnceLock::from(stream),
-            slot: None,
-        }
+        let socket =
+            Lazily { fd, unregistered: std::sync::Mutex::new(None), registered: std::sync::OnceLock::from(stream) };
+        UnixConnection { socket, slot: None }
     }
 
     /// Wraps an already connected std stream (e.g. one half of `UnixStream::pair()`), made non-blocking. It is
@@ -377,36 +385,23 @@ impl UnixConnection {
 
     /// Wraps a std stream that is already non-blocking (accepted with `SOCK_NONBLOCK`), unregistered.
     fn unregistered(stream: std::os::unix::net::UnixStream) -> UnixConnection {
-        UnixConnection {
-            fd: stream.as_raw_fd(),
-            unregistered: std::sync::Mutex::new(Some(stream)),
-            stream: std::sync::OnceLock::new(),
-            slot: None,
-        }
+        UnixConnection { socket: Lazily::new(stream), slot: None }
     }
 
     /// The socket registered with the reactor (registering it now if it is not yet). Inside a tokio runtime.
     pub(super) fn stream(&self) -> Result<&tokio::net::UnixStream> {
-        if let Some(s) = self.stream.get() {
-            return Ok(s);
-        }
-        let mut unregistered = self.unregistered.lock().map_err(|_| Error::invalid("connection lock poisoned"))?;
-        if let Some(std) = unregistered.take() {
-            let s = tokio::net::UnixStream::from_std(std).map_err(|e| Error::io("register stream", e))?;
-            let _ = self.stream.set(s);
-        }
-        self.stream.get().ok_or_else(|| Error::new(ErrorCode::Closed, "connection is closed"))
+        self.socket.get(tokio::net::UnixStream::from_std, "connection is closed")
     }
 
     /// The raw fd (valid while the connection lives), for reads and writes that never wait.
     pub fn as_raw_fd(&self) -> RawFd {
-        self.fd
+        self.socket.fd
     }
 
     /// The peer's credentials (`SO_PEERCRED`).
     pub fn peer_cred(&self) -> Result<PeerCred> {
         // SAFETY: the fd is open while self lives.
-        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.fd) };
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.socket.fd) };
         let cred = getsockopt(&fd, sockopt::PeerCredentials)
             .map_err(|e| Error::io("getsockopt SO_PEERCRED", io::Error::from(e)))?;
         Ok(PeerCred { pid: cred.pid(), uid: cred.uid(), gid: cred.gid() })
@@ -476,7 +471,7 @@ impl UnixConnection {
 
     /// `shutdown(2)` with `how`; a socket that is not connected (`ENOTCONN`) is fine.
     fn shutdown_how(&self, how: Shutdown, what: &str) -> Result<()> {
-        match nix::sys::socket::shutdown(self.fd, how) {
+        match nix::sys::socket::shutdown(self.socket.fd, how) {
             Ok(()) | Err(nix::errno::Errno::ENOTCONN) => Ok(()),
             Err(e) => Err(Error::io(what, io::Error::from(e))),
         }
