@@ -58,10 +58,10 @@ interface Expect {
  * Requests in flight share one native completion callback per port (cheaper than a native Promise per
  * request); each waits here under its id. The port hands the response frame over in its inbox (a Buffer
  * shared with native code, see `FdRequestPort`): the frame is checked and copied out right in the callback.
- * A request on a new connection waits for its response on this thread's event loop (Node: libuv polls the
- * socket in the thread's epoll set, one wake-up per batch of responses; also on a keep-alive connection) and keeps the process alive by
- * itself; one waiting on the native runtime (`waitOn: 'runtime'`, Bun, Deno) needs the
- * port's `hold` while it is pending.
+ * A request waits for its response on this thread's event loop (Node: its socket in the thread's epoll set,
+ * which libuv watches; one wake-up per batch of responses; also on a keep-alive connection) and keeps the
+ * process alive by itself; one waiting on the native runtime (`waitOn: 'runtime'`, Bun, Deno) needs the port's
+ * `hold` while it is pending.
  */
 interface Waiter extends Expect {
   resolve: (r: Response) => void
