@@ -17,7 +17,13 @@ import { closeSync, constants as fsc, fstatSync, openSync, readFileSync } from '
 import { mkdir, open, readdir, rename, unlink } from 'node:fs/promises'
 import { join } from 'node:path'
 import { InvalidInputError, TapmanagerError } from './errors'
-import { removeFile, replaceFile } from './native'
+
+/**
+ * The addon, loaded on the first write: this module is also what the command line's `--help`, `-V` and `ls`
+ * use, which must work where the addon is not installed.
+ */
+let nativeModule: Promise<typeof import('./native')> | undefined
+const native = (): Promise<typeof import('./native')> => (nativeModule ??= import('./native'))
 
 /** Where `tapmanager serve` keeps its state unless told otherwise. */
 export const DEFAULT_STATE_DIR = '/var/lib/tapmanager'
@@ -225,7 +231,7 @@ export class StateStore {
       input.key,
     )
     const tmp = `.${name}${TEMP_MARK}${process.pid}-${randomBytes(4).toString('hex')}`
-    await replaceFile(this.dir, name, tmp, JSON.stringify(record) + '\n')
+    await (await native()).replaceFile(this.dir, name, tmp, JSON.stringify(record) + '\n')
     return record
   }
 
@@ -246,7 +252,7 @@ export class StateStore {
 
   /** Removes the key's record and fsyncs the dir (the native `removeFile`). Returns false if there was none. */
   async remove(key: string): Promise<boolean> {
-    return removeFile(this.dir, keyToFileName(key))
+    return (await native()).removeFile(this.dir, keyToFileName(key))
   }
 
   /**
