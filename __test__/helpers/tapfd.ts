@@ -86,7 +86,8 @@ export class FakeVm {
   /**
    * `dhcpcd -T` on vm0 (test mode: prints the offer), with private state dirs; returns its variables.
    * Bookworm's dhcpcd 9.4.1 segfaults at exit (TESTING.md), and now and then before it printed: its stdout is
-   * unbuffered (stdbuf) so nothing printed is lost, and a run that crashed before printing is retried (3 times).
+   * unbuffered (stdbuf) so nothing printed is lost, and a run that crashed before printing is retried (up to 7
+   * times: a CI run once saw 4 crashes in a row, each after the offer had come).
    */
   dhcpcd(): Promise<Record<string, string>> {
     // one dhcpcd at a time in this process: under load its early crash comes more often
@@ -104,7 +105,7 @@ export class FakeVm {
       'exec timeout 30 stdbuf -o0 dhcpcd -T -4 -1 -A -t 20 -f /dev/null --option classless_static_routes --option interface_mtu ' +
       '--option domain_search --option domain_name_servers vm0'
     let last = ''
-    for (let attempt = 0; attempt < 4; attempt++) {
+    for (let attempt = 0; attempt < 8; attempt++) {
       const { code, out, err } = await run('ip', ['netns', 'exec', this.ns.name, 'unshare', '-m', 'sh', '-c', script], () => this.killLeftovers())
       if (code !== 0 && code !== 139) throw new Error(`dhcpcd exit ${code}: ${out}\n${err}`)
       const vars: Record<string, string> = {}
