@@ -418,7 +418,7 @@ impl IncomingArgs {
         frame: unix::Frame,
         inbox: Arc<Inbox>,
     ) -> Self {
-        IncomingArgs { conn: UnixConnection::served(conn, fast), frame, inbox }
+        IncomingArgs { conn: UnixConnection::wrap_fast(conn, fast), frame, inbox }
     }
 }
 
@@ -693,7 +693,7 @@ impl UnixListener {
             move |v| {
                 v.into_iter()
                     .map(|(c, f)| IncomingRequest {
-                        conn: UnixConnection::wrap_fast(c, fast.clone()),
+                        conn: UnixConnection::wrap_fast(Arc::new(c), fast.clone()),
                         frame: to_js_frame(f),
                     })
                     .collect()
@@ -817,19 +817,13 @@ pub struct UnixConnection {
 }
 
 impl UnixConnection {
-    /// A connection a listener accepted, served with its fast path `fast`.
-    fn served(conn: Arc<unix::UnixConnection>, fast: Arc<unix::FastGets>) -> Self {
-        UnixConnection { inner: Mutex::new(Some(conn)), fast: Some(fast) }
-    }
-}
-
-impl UnixConnection {
     fn wrap(c: unix::UnixConnection) -> UnixConnection {
         UnixConnection { inner: Mutex::new(Some(Arc::new(c))), fast: None }
     }
 
-    fn wrap_fast(c: unix::UnixConnection, fast: Arc<unix::FastGets>) -> UnixConnection {
-        UnixConnection { inner: Mutex::new(Some(Arc::new(c))), fast: Some(fast) }
+    /// A connection a listener accepted, served with its fast path `fast`.
+    fn wrap_fast(c: Arc<unix::UnixConnection>, fast: Arc<unix::FastGets>) -> UnixConnection {
+        UnixConnection { inner: Mutex::new(Some(c)), fast: Some(fast) }
     }
 
     fn get_or_closed(&self) -> tapmanager_core::Result<Arc<unix::UnixConnection>> {
