@@ -838,7 +838,8 @@ enum Outcome {
 
 /// Ends a wait once and reports the outcome to JavaScript (a first request: hands the connection on, or drops
 /// it when no whole frame came). The wait is let go before JavaScript runs: a connection's last other holder is
-/// gone then, so closing it there needs no shutdown.
+/// gone then, so closing it there needs no shutdown. A client request's own socket is the exception: it is
+/// closed after the callback (see below).
 unsafe fn finish(p: *mut Waiting, r: tapmanager_core::Result<unix::Frame>) {
     // SAFETY: the caller's contract (p live, on the loop's thread).
     let w = unsafe { &mut *p };
@@ -865,11 +866,19 @@ unsafe fn finish(p: *mut Waiting, r: tapmanager_core::Result<unix::Frame>) {
     // SAFETY: as above; p is not used after this (it may be freed). The reactor forgets the socket before an
     // own socket closes (below).
     unsafe { close_handles(p) };
-    drop(sock);
+    let sock = if matches!(outcome, Outcome::Request { .. }) {
+        sock
+    } else {
+        drop(sock);
+        None
+    };
     match outcome {
         Outcome::Request { waits, id, not_sent } => {
             let inbox = waits.inbox.clone().expect("a client port's waits have an inbox");
-            waits.call(DoneArgs { id, result: r, not_sent, inbox })
+            waits.call(DoneArgs { id, result: r, not_sent, inbox });
+            // A request's own socket closes only now: the caller's next request (often made in the reactions
+            // the call ran) is already out, and the server's wake-up for this close is off its way.
+            drop(sock);
         }
         Outcome::NextRequest { waits, token } => {
             let inbox = waits.inbox.clone().expect("a sink's waits have an inbox");
