@@ -233,7 +233,7 @@ class ConnectionPool {
   /** An idle connection, a new one, or (when `max` are busy) the next one released. `fresh` when just opened. */
   async acquire(): Promise<{ c: PooledConnection; fresh: boolean }> {
     if (this.closed) throw new ProtocolError('the FDClient is closed')
-    const c = this.idle.pop()
+    const c = this.takeIdle()
     if (c) return { c, fresh: false }
     if (this.open >= this.max) {
       const handed = await new Promise<PooledConnection | null>((resolve) => this.queue.push(resolve))
@@ -243,6 +243,11 @@ class ConnectionPool {
     }
     this.open++
     return { c: await this.connect(), fresh: true }
+  }
+
+  /** An idle connection (most recently used first) now, or null: none is idle, or the pool is closed. */
+  takeIdle(): PooledConnection | null {
+    return this.closed ? null : (this.idle.pop() ?? null)
   }
 
   /** Opens a connection in a slot already counted in `open` (the slot is given back on failure). */
@@ -406,22 +411,27 @@ export class FDClient implements FDManager {
 
   /**
    * One request on a pooled connection. A reused connection the server has closed meanwhile (it stops waiting
-   * for a next request after a while) fails before the request gets out: it is then sent once more on a new
-   * connection. Any failure drops the connection (its stream may be out of step).
+   * for a next request after a while) fails before the request gets out: it is then sent once more on another
+   * connection. Any failure drops the connection (its stream may be out of step). An idle connection is taken
+   * at once (no Promise until the request's own).
    */
-  private async pooledRequest(pool: ConnectionPool, bytes: Buffer, expect: Expect): Promise<Response> {
-    for (;;) {
-      const { c, fresh } = await pool.acquire()
-      // A response that is not a well-formed frame leaves the stream out of step: do not reuse the connection.
-      const settled = (wellFormed: boolean): void => (wellFormed ? pool.release(c) : pool.drop(c))
-      try {
-        return await fdRequest(this.waitOn, this.socketPath, bytes, this.timeoutMs, { ...expect, settled }, c.conn)
-      } catch (err) {
-        if ((err as { notSent?: boolean }).notSent === undefined) throw err // a response came: settled above
-        pool.drop(c)
-        if (!fresh && (err as { notSent?: boolean }).notSent) continue
-        throw err
-      }
-    }
+  private pooledRequest(pool: ConnectionPool, bytes: Buffer, expect: Expect): Promise<Response> {
+    const idle = pool.takeIdle()
+    if (idle) return this.requestOnPooled(pool, idle, false, bytes, expect)
+    return pool.acquire().then(({ c, fresh }) => this.requestOnPooled(pool, c, fresh, bytes, expect))
+  }
+
+  /** `pooledRequest` on connection `c` (`fresh`: just opened, so a failure is not a stale connection's). */
+  private requestOnPooled(pool: ConnectionPool, c: PooledConnection, fresh: boolean, bytes: Buffer, expect: Expect): Promise<Response> {
+    // A response that is not a well-formed frame leaves the stream out of step: do not reuse the connection.
+    const settled = (wellFormed: boolean): void => (wellFormed ? pool.release(c) : pool.drop(c))
+    const on: Expect = { command: expect.command, key: expect.key, head: expect.head, settled }
+    return fdRequest(this.waitOn, this.socketPath, bytes, this.timeoutMs, on, c.conn).catch((err: unknown) => {
+      const notSent = (err as { notSent?: boolean }).notSent
+      if (notSent === undefined) throw err // a response came: settled above
+      pool.drop(c)
+      if (!fresh && notSent) return this.pooledRequest(pool, bytes, expect)
+      throw err
+    })
   }
 }
