@@ -19,7 +19,6 @@ import {
   KEY_SIZE,
   RESPONSE_FLAG,
   decodeKey,
-  encodeHeader,
   encodeKey,
   encodePayload,
 } from './protocol'
@@ -51,6 +50,8 @@ interface Expect {
   command: number
   key: string
   head: Buffer
+  /** What the caller's Promise resolves with, made from the checked response (one Promise per request). */
+  shape: (r: Response) => unknown
   settled?: (wellFormed: boolean) => void
 }
 
@@ -64,7 +65,7 @@ interface Expect {
  * `hold` while it is pending.
  */
 interface Waiter extends Expect {
-  resolve: (r: Response) => void
+  resolve: (v: unknown) => void
   reject: (e: Error) => void
   /** The port whose `hold` it counts in (waiting on the runtime), else null. */
   heldOn: FdRequestPort | null
@@ -140,7 +141,7 @@ function onDone(
     return
   }
   w.settled?.(true)
-  w.resolve(r)
+  w.resolve(w.shape(r))
 }
 
 function portFor(waitOn: 'loop' | 'runtime'): FdRequestPort {
@@ -158,12 +159,12 @@ function portFor(waitOn: 'loop' | 'runtime'): FdRequestPort {
  * One request through a shared port: on a new connection to `path` (see the native `fdRequest`), or on the
  * open connection `conn` (`requestOn`; the error then carries `notSent`). Resolves with the checked response.
  */
-function fdRequest(waitOn: 'loop' | 'runtime', path: string, request: Buffer, timeoutMs: number, expect: Expect, conn?: UnixConnection): Promise<Response> {
+function fdRequest(waitOn: 'loop' | 'runtime', path: string, request: Buffer, timeoutMs: number, expect: Expect, conn?: UnixConnection): Promise<unknown> {
   const p = portFor(waitOn)
   lastId = lastId >= 0xffffffff ? 1 : lastId + 1
   const id = lastId
-  return new Promise<Response>((resolve, reject) => {
-    const w: Waiter = { command: expect.command, key: expect.key, head: expect.head, settled: expect.settled, resolve, reject, heldOn: null }
+  return new Promise<unknown>((resolve, reject) => {
+    const w: Waiter = { command: expect.command, key: expect.key, head: expect.head, shape: expect.shape, settled: expect.settled, resolve, reject, heldOn: null }
     waiting.set(id, w)
     try {
       if (!(conn ? p.requestOn(id, conn, request, timeoutMs) : p.request(id, path, request, timeoutMs))) {
@@ -336,22 +337,22 @@ export class FDClient implements FDManager {
 
   /** Adds `key`; `data` is a Buffer (sent as is) or a value (sent as JSON). Returns the source's response data. */
   addFDs(key: string, data: unknown): Promise<Buffer> {
-    return this.request(FDCommand.Add, key, encodePayload(data)).then(dataOf)
+    return this.request(FDCommand.Add, key, encodePayload(data), dataOf)
   }
 
   /** Releases `key`. */
   releaseFDs(key: string): Promise<void> {
-    return this.request(FDCommand.Release, key, EMPTY).then(nothing)
+    return this.request(FDCommand.Release, key, EMPTY, nothing)
   }
 
   /** Recovers `key` after a server restart; `data` is a Buffer or a JSON value. */
   recover(key: string, data: unknown): Promise<void> {
-    return this.request(FDCommand.Recover, key, encodePayload(data)).then(nothing)
+    return this.request(FDCommand.Recover, key, encodePayload(data), nothing)
   }
 
   /** Gets the fds of `key` (now owned by the caller) and the source's info for them. */
   getFDs(key: string): Promise<GetFDsResponse> {
-    return this.request(FDCommand.Get, key, EMPTY).then(getResponseOf)
+    return this.request(FDCommand.Get, key, EMPTY, getResponseOf)
   }
 
   /**
@@ -360,10 +361,10 @@ export class FDClient implements FDManager {
    * answers `bad command`: a {@link ServerError} with code `ERR_UNSUPPORTED`.
    */
   async list(): Promise<ServerListing> {
-    const r = await this.request(FD_EXT_COMMAND.list, 'list', EMPTY)
+    const data = await this.request(FD_EXT_COMMAND.list, 'list', EMPTY, dataOf)
     let v: unknown
     try {
-      v = JSON.parse(r.data.toString('utf8'))
+      v = JSON.parse(data.toString('utf8'))
     } catch {
       throw new ProtocolError('list: the response is not JSON')
     }
@@ -384,29 +385,42 @@ export class FDClient implements FDManager {
 
   /** Encoded get requests of recent keys (a get is a bare header, the same bytes every time). */
   private readonly getHeads = new Map<string, Buffer>()
+  /** The 64 key bytes of recent keys (checked and encoded once). */
+  private readonly keyBytes = new Map<string, Buffer>()
 
-  /** Sends one request and resolves with its checked response (see `checkResponse`). */
-  private request(command: number, key: string, payload: Buffer): Promise<Response> {
-    let head = command === FDCommand.Get ? this.getHeads.get(key) : undefined
-    if (!head) {
-      let keyBytes: Buffer
-      try {
-        keyBytes = encodeKey(key) // refuses keys that would not survive the trip, before connecting
-      } catch (err) {
-        return Promise.reject(err as Error)
+  /**
+   * Sends one request (header and payload in one Buffer) and resolves with `shape` of its checked response (see
+   * `checkResponse`).
+   */
+  private request<T>(command: number, key: string, payload: Buffer, shape: (r: Response) => T): Promise<T> {
+    let bytes = command === FDCommand.Get ? this.getHeads.get(key) : undefined
+    if (!bytes) {
+      let k = this.keyBytes.get(key)
+      if (!k) {
+        try {
+          k = encodeKey(key) // refuses keys that would not survive the trip, before connecting
+        } catch (err) {
+          return Promise.reject(err as Error)
+        }
+        if (this.keyBytes.size >= 256) this.keyBytes.clear()
+        this.keyBytes.set(key, k)
       }
-      head = encodeHeader({ command, dataSize: payload.length, oobSize: 0, key: keyBytes })
+      bytes = Buffer.allocUnsafe(HEADER_SIZE + payload.length)
+      bytes.writeUInt32BE(FD_MAGIC, 0)
+      bytes[4] = command
+      bytes.writeUInt32BE(payload.length, 5)
+      bytes.writeUInt32BE(0, 9) // OobSize
+      k.copy(bytes, 13)
+      payload.copy(bytes, HEADER_SIZE)
       if (command === FDCommand.Get) {
         if (this.getHeads.size >= 256) this.getHeads.clear()
-        this.getHeads.set(key, head)
+        this.getHeads.set(key, bytes)
       }
     }
-    // One native call: connect, write header and payload, read the 77-byte header, then one recvmsg for the
-    // payload and the fds (as the Go client does), close.
-    const bytes = payload.length > 0 ? Buffer.concat([head, payload]) : head
-    const expect: Expect = { command, key, head }
-    if (this.pool) return this.pooledRequest(this.pool, bytes, expect)
-    return fdRequest(this.waitOn, this.socketPath, bytes, this.timeoutMs, expect)
+    // The request's key bytes (13..77) are what the server echoes: `head` is the request itself.
+    const expect: Expect = { command, key, head: bytes, shape }
+    if (this.pool) return this.pooledRequest(this.pool, bytes, expect) as Promise<T>
+    return fdRequest(this.waitOn, this.socketPath, bytes, this.timeoutMs, expect) as Promise<T>
   }
 
   /**
@@ -415,17 +429,17 @@ export class FDClient implements FDManager {
    * connection. Any failure drops the connection (its stream may be out of step). An idle connection is taken
    * at once (no Promise until the request's own).
    */
-  private pooledRequest(pool: ConnectionPool, bytes: Buffer, expect: Expect): Promise<Response> {
+  private pooledRequest(pool: ConnectionPool, bytes: Buffer, expect: Expect): Promise<unknown> {
     const idle = pool.takeIdle()
     if (idle) return this.requestOnPooled(pool, idle, false, bytes, expect)
     return pool.acquire().then(({ c, fresh }) => this.requestOnPooled(pool, c, fresh, bytes, expect))
   }
 
   /** `pooledRequest` on connection `c` (`fresh`: just opened, so a failure is not a stale connection's). */
-  private requestOnPooled(pool: ConnectionPool, c: PooledConnection, fresh: boolean, bytes: Buffer, expect: Expect): Promise<Response> {
+  private requestOnPooled(pool: ConnectionPool, c: PooledConnection, fresh: boolean, bytes: Buffer, expect: Expect): Promise<unknown> {
     // A response that is not a well-formed frame leaves the stream out of step: do not reuse the connection.
     const settled = (wellFormed: boolean): void => (wellFormed ? pool.release(c) : pool.drop(c))
-    const on: Expect = { command: expect.command, key: expect.key, head: expect.head, settled }
+    const on: Expect = { command: expect.command, key: expect.key, head: expect.head, shape: expect.shape, settled }
     return fdRequest(this.waitOn, this.socketPath, bytes, this.timeoutMs, on, c.conn).catch((err: unknown) => {
       const notSent = (err as { notSent?: boolean }).notSent
       if (notSent === undefined) throw err // a response came: settled above
