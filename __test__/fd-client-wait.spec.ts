@@ -193,6 +193,35 @@ test.serial('loop wait: no answer within timeoutMs is ERR_TIMEOUT and the connec
   }
 })
 
+test.serial('loop wait: a request\'s own socket closes right after the callback that settled it (before the next turn of the loop)', async (t) => {
+  const { dir, sock } = tempSock()
+  const listener = UnixListener.bind(sock)
+  const before = fdCount()
+  try {
+    const client = new FDClient(sock)
+    const served = (async () => {
+      const c = await listener.accept()
+      await c.readExact(77, 10_000)
+      await c.write(header(0x81, 'rk'))
+      return c
+    })()
+    await client.releaseFDs('rk')
+    // Here, in the continuation the response settled, the socket may still be open: it is closed once the
+    // completion callback returns (so a next request made here goes out first).
+    const inContinuation = fdCount() - before
+    t.true(inContinuation === 1 || inContinuation === 2, `client socket and server side: ${inContinuation}`)
+    await new Promise((r) => setImmediate(r))
+    t.is(fdCount() - before, 1, 'only the server side of the connection is left')
+    const conn = await served
+    await t.throwsAsync(conn.readExact(1, 10_000), { code: 'ERR_CLOSED' })
+    conn.close()
+    t.is(fdCount(), before)
+  } finally {
+    listener.close(true)
+    rmSync(dir, { recursive: true, force: true })
+  }
+})
+
 test.serial('loop wait: a pending request keeps the process alive by itself until its response', async (t) => {
   const { dir, sock } = tempSock()
   const listener = UnixListener.bind(sock)
