@@ -185,7 +185,7 @@ export class Connections {
       try {
         conn.readNextTo(sink, token, this.opts.maxDataSize, this.opts.readTimeoutMs)
       } catch {
-        this.onFrame(token, -1, undefined, this.inbox)
+        this.onFrame(token, -1, undefined)
       }
     })
   }
@@ -194,18 +194,18 @@ export class Connections {
   private inbox: Buffer = Buffer.alloc(0)
 
   private makeSink(): FrameSink {
-    const sink = new FrameSink((token, dataLen, own) => this.onFrame(token, dataLen, own, this.inbox), this.opts.readOn !== 'runtime' && LOOP_WAITS_POSSIBLE)
+    const sink = new FrameSink((token, dataLen, own) => this.onFrame(token, dataLen, own), this.opts.readOn !== 'runtime' && LOOP_WAITS_POSSIBLE)
     this.inbox = sink.inbox
     return sink
   }
 
   /** The outcome of read `token`: a frame (see `FrameSink`), or none (`dataLen` -1: EOF, deadline, error). */
-  private onFrame(token: number, dataLen: number, own: Buffer | undefined, inbox: Buffer): void {
+  private onFrame(token: number, dataLen: number, own: Buffer | undefined): void {
     const resolve = this.reads.get(token)
     if (!resolve) return
     this.reads.delete(token)
     if (this.reads.size === 0) this.sink?.hold(false)
-    resolve(dataLen === -1 ? null : frameFrom(own ?? inbox, dataLen))
+    resolve(dataLen === -1 ? null : frameFrom(own ?? this.inbox, dataLen))
   }
   private async dispatch(hdr: FrameHeader, key: string, data: Buffer): Promise<{ data: Buffer; fds: number[]; owned?: true }> {
     const none = Buffer.alloc(0)

@@ -207,7 +207,6 @@ struct ReactorHandle {
 }
 
 impl HandleOwner for ReactorHandle {
-    const TIMER: usize = 0; // no timer: only `poll_closed` is used
     fn open(&self) -> &Cell<u8> {
         &self.open
     }
@@ -408,14 +407,14 @@ unsafe extern "C" fn on_reactor(handle: *mut c_void, _status: c_int, _events: c_
             return;
         }
         for ev in &events[..n as usize] {
-            let (token, what) = (ev.u64, ev.events);
+            let token = ev.u64;
             let slot = (token & 0xffff_ffff) as usize;
             // looked up per event: an earlier one in this batch may have ended (and freed) this wait
             let p = r.slots.borrow().get(slot).filter(|s| u64::from(s.0) == token >> 32).map(|s| s.1);
             if let Some(p) = p.filter(|p| !p.is_null()) {
                 r.armed_changed(-1);
                 // SAFETY: a live wait (its slot still holds it: waits leave the reactor before they are freed).
-                unsafe { on_ready(p, what) };
+                unsafe { on_ready(p) };
             }
         }
         if (n as usize) < REACTOR_BATCH {
@@ -509,7 +508,7 @@ fn step(
 }
 
 /// One wait on the loop: its socket is registered in the thread's [`Reactor`] (one-shot, re-armed when more is
-/// needed), with a timer when it has a deadline. `timer` must stay where [`HandleOwner::TIMER`] says.
+/// needed), with a timer when it has a deadline. `timer` must stay where [`TimerOwner::TIMER`] says.
 #[repr(C)]
 struct Waiting {
     timer: [u64; HANDLE_WORDS],
@@ -619,8 +618,8 @@ fn start(
     Ok(p)
 }
 
-/// The reactor saw `events` on a wait's socket (its registration is disarmed now).
-unsafe fn on_ready(p: *mut Waiting, _events: u32) {
+/// The reactor saw a wait's socket ready (its registration is disarmed now).
+unsafe fn on_ready(p: *mut Waiting) {
     // SAFETY: p is a live wait (the reactor only reports registered ones, and a wait leaves the reactor before it
     // is freed); on the loop's thread.
     let w = unsafe { &mut *p };
@@ -745,34 +744,44 @@ unsafe extern "C" fn on_timer(handle: *mut c_void) {
     unsafe { finish(p, Err(e)) }
 }
 
-/// A heap value (`Box::into_raw`) holding a timer handle (and maybe more), freed once `open` drops to 0
-/// ([`Waiting`], [`ListenerHandles`]).
+/// A heap value (`Box::into_raw`) holding libuv handles, freed once `open` drops to 0 ([`Waiting`],
+/// [`ListenerHandles`], [`ReactorHandle`]); a poll handle, when it has one, comes first.
 trait HandleOwner: Sized {
-    /// Where the timer handle is in the value.
-    const TIMER: usize;
     /// How many of its handles are open.
     fn open(&self) -> &Cell<u8>;
 }
 
+/// A [`HandleOwner`] holding a timer handle.
+trait TimerOwner: HandleOwner {
+    /// Where the timer handle is in the value.
+    const TIMER: usize;
+}
+
 impl HandleOwner for Waiting {
-    const TIMER: usize = std::mem::offset_of!(Waiting, timer);
     fn open(&self) -> &Cell<u8> {
         &self.open
     }
 }
 
+impl TimerOwner for Waiting {
+    const TIMER: usize = std::mem::offset_of!(Waiting, timer);
+}
+
 impl HandleOwner for ListenerHandles {
-    const TIMER: usize = std::mem::offset_of!(ListenerHandles, timer);
     fn open(&self) -> &Cell<u8> {
         &self.open
     }
+}
+
+impl TimerOwner for ListenerHandles {
+    const TIMER: usize = std::mem::offset_of!(ListenerHandles, timer);
 }
 
 /// The value that holds timer handle `handle`.
 ///
 /// # Safety
 /// `handle` is the timer handle of a live `T`.
-unsafe fn owner_of_timer<T: HandleOwner>(handle: *mut c_void) -> *mut T {
+unsafe fn owner_of_timer<T: TimerOwner>(handle: *mut c_void) -> *mut T {
     // SAFETY: the caller's contract: the timer handle lies T::TIMER bytes into the value.
     unsafe { handle.cast::<u8>().sub(T::TIMER).cast::<T>() }
 }
@@ -782,7 +791,7 @@ unsafe extern "C" fn poll_closed<T: HandleOwner>(handle: *mut c_void) {
     unsafe { one_closed(handle.cast::<T>()) }
 }
 
-unsafe extern "C" fn timer_closed<T: HandleOwner>(handle: *mut c_void) {
+unsafe extern "C" fn timer_closed<T: TimerOwner>(handle: *mut c_void) {
     // SAFETY: handle is the timer handle of a live T.
     unsafe { one_closed(owner_of_timer::<T>(handle)) }
 }
