@@ -328,6 +328,12 @@ export interface BindOpts {
 /** Closes a file descriptor that JavaScript owns (`close(2)`). */
 export declare function closeFd(fd: number): void
 
+/**
+ * Closes several fds JavaScript owns (e.g. all that one `getFDs` returned) in one call. Every fd is closed even
+ * when another fails; then the first failure is thrown, saying how many of the fds failed.
+ */
+export declare function closeFds(fds: Array<number>): void
+
 /** `CMSG_SPACE(4 * nfds)`: the OobSize for `nfds` fds (0 for none). */
 export declare function cmsgSpace(nfds: number): number
 

@@ -843,6 +843,7 @@ module.exports.UnixConnection = nativeBinding.UnixConnection
 module.exports.UnixListener = nativeBinding.UnixListener
 module.exports.addDhcpIsolation = nativeBinding.addDhcpIsolation
 module.exports.closeFd = nativeBinding.closeFd
+module.exports.closeFds = nativeBinding.closeFds
 module.exports.cmsgSpace = nativeBinding.cmsgSpace
 module.exports.createNetns = nativeBinding.createNetns
 module.exports.createTap = nativeBinding.createTap

@@ -7,7 +7,7 @@ import { spawn } from 'node:child_process'
 import { closeSync, mkdtempSync, openSync, readdirSync, readSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { FDClient, FDServer } from '../src/index'
+import { FDClient, FDServer, closeFds } from '../src/index'
 import { getAndRead, sameFileSource } from './helpers/sources'
 import { until } from './helpers/env'
 import { FdRequestPort, UnixListener, type UnixConnection } from '../src/native'
@@ -218,6 +218,24 @@ test.serial('loop wait: a request\'s own socket closes right after the callback 
     t.is(fdCount(), before)
   } finally {
     listener.close(true)
+    rmSync(dir, { recursive: true, force: true })
+  }
+})
+
+test.serial('closeFds closes every fd it is given, also past one that fails, then throws the first failure', (t) => {
+  const { dir } = tempSock()
+  try {
+    const file = join(dir, 'f')
+    writeFileSync(file, 'x')
+    const before = fdCount()
+    const fds = [openSync(file, 'r'), openSync(file, 'r'), openSync(file, 'r')]
+    t.is(fdCount(), before + 3)
+    t.throws(() => closeFds([fds[0], -1, fds[1]]), { code: 'ERR_INVALID', message: 'closeFds: bad fd -1' })
+    t.is(fdCount(), before + 1, 'both good fds closed')
+    t.throws(() => closeFds([fds[0], fds[2], fds[1]]), { code: 'ERR_CLOSED', message: /^close fd \d+: .*\(2 of 3 fds failed\)$/ })
+    t.is(fdCount(), before)
+    t.notThrows(() => closeFds([]))
+  } finally {
     rmSync(dir, { recursive: true, force: true })
   }
 })

@@ -4,10 +4,13 @@
  */
 import { InvalidInputError, ProtocolError, ServerError } from './errors'
 import type { FDManager } from './fdsource'
-import { FdRequestPort, LOOP_WAITS_POSSIBLE, UnixConnection, closeFd } from './native'
+import { FdRequestPort, LOOP_WAITS_POSSIBLE, UnixConnection, closeFd, closeFds } from './native'
 
-/** Closes an fd received from `getFDs` (the caller owns those). */
-export { closeFd }
+/**
+ * Close fds received from `getFDs` (the caller owns those): one (`closeFd`), or several in one native call
+ * (`closeFds`: every one is closed even when another fails, then the first failure is thrown).
+ */
+export { closeFd, closeFds }
 import type { ServerListing } from './server'
 import {
   FDCommand,
@@ -23,7 +26,7 @@ import {
   encodePayload,
 } from './protocol'
 
-/** What `getFDs` returns: fds owned by the caller (close them with `closeFd`) and the source's info. */
+/** What `getFDs` returns: fds owned by the caller (close them with `closeFd` or `closeFds`) and the source's info. */
 export interface GetFDsResponse {
   fds: number[]
   info: Buffer
@@ -122,7 +125,7 @@ function onDone(
   for (let i = 0, at = HEADER_SIZE + Math.max(dataLen, 0); i < nfds; i++, at += 4) fds.push(buf.readInt32LE(at))
   const w = waiting.get(id)
   if (!w) {
-    for (const fd of fds) closeFd(fd)
+    if (fds.length > 0) closeFds(fds)
     return
   }
   waiting.delete(id)
@@ -135,7 +138,7 @@ function onDone(
   try {
     r = checkResponse(w, buf, dataLen, fds)
   } catch (err) {
-    for (const fd of fds) closeFd(fd)
+    if (fds.length > 0) closeFds(fds)
     w.settled?.(dataLen >= 0 && buf.readUInt32BE(0) === FD_MAGIC)
     w.reject(err as Error)
     return

@@ -118,6 +118,7 @@ export const NATIVE_CLASSES = [binding.DhcpServer, binding.FdRequestPort, bindin
 // The addon's functions, wrapped (these exports take the place of the same names from `export *` above).
 export const addDhcpIsolation = wrapFunction(binding.addDhcpIsolation)
 export const closeFd = wrapFunction(binding.closeFd)
+export const closeFds = wrapFunction(binding.closeFds)
 export const cmsgSpace = wrapFunction(binding.cmsgSpace)
 export const createNetns = wrapFunction(binding.createNetns)
 export const createTap = wrapFunction(binding.createTap)

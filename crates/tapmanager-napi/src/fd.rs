@@ -39,19 +39,45 @@ pub fn cmsg_space(nfds: u32) -> u32 {
     unix::cmsg_space(nfds as usize) as u32
 }
 
+/// `close(2)` of an fd JavaScript owns; `what` names the caller in the error for a negative fd.
+fn close_owned(fd: i32, what: &str) -> Result<(), tapmanager_core::Error> {
+    if fd < 0 {
+        return Err(tapmanager_core::Error::invalid(format!("{what}: bad fd {fd}")));
+    }
+    // SAFETY: plain close(2) of a number the caller says it owns; a bad fd only yields EBADF.
+    if unsafe { libc::close(fd) } < 0 {
+        let err = std::io::Error::last_os_error();
+        return Err(tapmanager_core::Error::io(format!("close fd {fd}"), err));
+    }
+    Ok(())
+}
+
 /// Closes a file descriptor that JavaScript owns (`close(2)`).
 #[napi]
 pub fn close_fd(fd: i32) -> Result<(), JsError> {
-    if fd < 0 {
-        return Err(invalid(format!("closeFd: bad fd {fd}")));
+    close_owned(fd, "closeFd").map_err(to_js)
+}
+
+/// Closes several fds JavaScript owns (e.g. all that one `getFDs` returned) in one call. Every fd is closed even
+/// when another fails; then the first failure is thrown, saying how many of the fds failed.
+#[napi]
+pub fn close_fds(fds: Vec<i32>) -> Result<(), JsError> {
+    let mut first = None;
+    let mut failed = 0;
+    for &fd in &fds {
+        if let Err(e) = close_owned(fd, "closeFds") {
+            failed += 1;
+            first.get_or_insert(e);
+        }
     }
-    // SAFETY: plain close(2) of a number the caller says it owns; a bad fd only yields EBADF.
-    let rc = unsafe { libc::close(fd) };
-    if rc < 0 {
-        let err = std::io::Error::last_os_error();
-        return Err(to_js(tapmanager_core::Error::io(format!("close fd {fd}"), err)));
+    match first {
+        None => Ok(()),
+        Some(e) if failed == 1 => Err(to_js(e)),
+        Some(e) => {
+            let message = format!("{} ({failed} of {} fds failed)", e.message, fds.len());
+            Err(to_js(tapmanager_core::Error::new(e.code, message)))
+        }
     }
-    Ok(())
 }
 
 /// Duplicates fds (`fcntl(F_DUPFD_CLOEXEC)`); the new fds belong to the caller.
