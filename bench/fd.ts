@@ -23,7 +23,7 @@ import { execFileSync, spawn, type ChildProcess } from 'node:child_process'
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { FDClient, closeFd } from '../src/index'
+import { FDClient, closeFds } from '../src/index'
 
 const root = process.cwd()
 const OPS = Number(process.env.FD_BENCH_OPS ?? 4000)
@@ -85,7 +85,7 @@ async function tsRun(client: FDClient, mode: 'get' | 'addrel', conc: number, ops
         const t0 = performance.now()
         if (mode === 'get') {
           const { fds } = await client.getFDs(`g${nfds}`)
-          for (const fd of fds) closeFd(fd)
+          closeFds(fds) // the caller owns them: one native call for all of them, as a user would
         } else {
           const key = `a${w}-${i}`
           await client.addFDs(key, {})
