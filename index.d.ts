@@ -217,6 +217,15 @@ export declare class UnixConnection {
   closeRead(): void
   /** Shuts the connection down (pending operations fail) and releases it. */
   close(): void
+  /**
+   * Gives a connection that `startIncomingOnLoop`'s `onIncoming` handed over back to its listener, once the
+   * application wrote its response: the listener then waits for its next request on the loop as for a new
+   * connection's first one (gets the fast path answers answered there, any other request handed to
+   * `onIncoming` again with a new object; EOF, a read error and the read deadline close it natively; closing
+   * the listener ends it). This object is closed from then on. Returns false, changing nothing, for any other
+   * connection, once the listener stopped, or while a read or write is still in progress on it.
+   */
+  handBack(): boolean
 }
 
 /** A listening Unix stream socket. */

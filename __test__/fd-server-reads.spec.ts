@@ -214,3 +214,41 @@ test('readOn is checked; the server reads on the event loop only on Node and onl
   t.false(new FrameSink(() => {}, false).readsOnLoop)
   t.false(new FrameSink(() => {}).readsOnLoop)
 })
+
+test.serial('loop: a connection goes back to the listener once its response is written; its next request reaches the application again, its EOF is dealt with natively', async (t) => {
+  const { sock, server } = await withServer(t, { readOn: 'loop' })
+  const c = await UnixConnection.connect(sock)
+  try {
+    await c.write(header(FDCommand.Add, 'hb1'))
+    t.is((await c.readResponseFrame(5000)).data!.toString(), 'added:')
+    t.true(await until(() => server.openConnections === 0, 5_000), 'the application is done with it')
+    t.is(server.limits().open, 1, 'the listener holds it, waiting for its next request')
+    await c.write(header(FDCommand.Release, 'hb1'))
+    t.is((await c.readResponseFrame(5000)).header[4], FDCommand.Release | 0x80)
+    t.is(server.limits().open, 1)
+  } finally {
+    c.close()
+  }
+  t.true(await until(() => server.limits().open === 0, 5_000), 'closed natively at EOF')
+  // A connection that did not come from a listener served on the loop is never handed back (nor closed by it).
+  const other = await UnixConnection.connect(sock)
+  t.false(other.handBack())
+  await other.write(header(FDCommand.Get, 'none'))
+  t.is((await other.readResponseFrame(5000)).data!.toString(), 'bad fd key: "none"')
+  other.close()
+})
+
+test.serial('runtime: connections stay with the application between requests (no hand-back off the loop)', async (t) => {
+  const { sock, server } = await withServer(t, { readOn: 'runtime' })
+  const c = await UnixConnection.connect(sock)
+  try {
+    await c.write(header(FDCommand.Add, 'hb2'))
+    t.is((await c.readResponseFrame(5000)).data!.toString(), 'added:')
+    t.is(server.openConnections, 1, 'the application waits for its next request')
+    await c.write(header(FDCommand.Release, 'hb2'))
+    t.is((await c.readResponseFrame(5000)).header[4], FDCommand.Release | 0x80)
+  } finally {
+    c.close()
+  }
+  t.true(await until(() => server.openConnections === 0 && server.limits().open === 0, 5_000))
+})

@@ -153,6 +153,10 @@ export class Connections {
       const failure = w.writeError == null ? req.failure : `${req.failure ?? 'ok'}; response not sent: ${w.writeError}`
       this.requestLog.log(req.key, req.command, req.started, failure, req.peer, durationMs)
       if (w.writeError != null) return null
+      // A connection served on the event loop goes back to its listener, which waits for its next request (a
+      // get the fast path answers, or one for `incoming` again) and deals with EOF, the read deadline and stop()
+      // natively: nothing more happens here for a client that closes after its response, as Virtlet's does.
+      if (!this.state.stopping && conn.handBack()) return null
       return this.readNext(conn)
     }
     if (written === null) return Promise.resolve(after(WRITTEN, undefined))

@@ -134,7 +134,11 @@ export class FDServer {
 
   // Read-only views of the server's state, for its owner and for tests (which wait on them with bounded polls).
 
-  /** Connections this side is serving now (each closed once its last response is written). */
+  /**
+   * Connections whose request the application is handling now. All the server holds open, also those waiting
+   * natively for a first or next request (on the event loop a connection goes back to the listener once its
+   * response is written), are `limits().open`.
+   */
   get openConnections(): number {
     return this.connections.conns.size
   }

@@ -14,7 +14,7 @@ use napi::bindgen_prelude::{
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::Env;
 use napi_derive::napi;
-use tapmanager_core::unix::{self, BindOptions};
+use tapmanager_core::unix::{self, BindOptions, PeerCred};
 
 use crate::error::{invalid, spawn_future_promise, to_js, JsError};
 use crate::inbox::{DoneArgs, Inbox, IncomingArgs, NextArgs, INBOX_SIZE};
@@ -437,14 +437,17 @@ pub struct IncomingRequest {
 }
 
 impl IncomingArgs {
-    /// `conn` (of a listener whose fast path is `fast`) with its first request frame, handed over in `inbox`.
+    /// `conn` (of a listener whose fast path is `fast`) with its first request frame, handed over in `inbox`;
+    /// `served_on`: the id of the listener served on the loop it came from and the peer, when it can be handed
+    /// back there (see `UnixConnection.handBack`).
     pub(crate) fn of(
         conn: Arc<unix::UnixConnection>,
         fast: Arc<unix::FastGets>,
         frame: unix::Frame,
         inbox: Arc<Inbox>,
+        served_on: Option<(u64, Option<PeerCred>)>,
     ) -> Self {
-        IncomingArgs { conn: UnixConnection::wrap_fast(conn, fast), frame, inbox }
+        IncomingArgs { conn: UnixConnection::wrap_fast(conn, fast, served_on), frame, inbox }
     }
 }
 
@@ -641,7 +644,7 @@ impl UnixListener {
         let from_runtime: uvwait::FromRuntime = {
             let fast = fast.clone();
             Arc::new(move |conn, frame| {
-                let args = IncomingArgs::of(conn, fast.clone(), frame, inbox.clone());
+                let args = IncomingArgs::of(conn, fast.clone(), frame, inbox.clone(), None);
                 tsfn.call(args, ThreadsafeFunctionCallMode::NonBlocking);
             })
         };
@@ -719,7 +722,7 @@ impl UnixListener {
             move |v| {
                 v.into_iter()
                     .map(|(c, f)| IncomingRequest {
-                        conn: UnixConnection::wrap_fast(Arc::new(c), fast.clone()),
+                        conn: UnixConnection::wrap_fast(Arc::new(c), fast.clone(), None),
                         frame: to_js_frame(f),
                     })
                     .collect()
@@ -840,16 +843,22 @@ pub struct UnixConnection {
     inner: Mutex<Option<Arc<unix::UnixConnection>>>,
     /// The native fast path of the listener this connection came from.
     fast: Option<Arc<unix::FastGets>>,
+    /// For a connection of a listener served on the loop: that listener's id and the peer (see `handBack`).
+    served_on: Option<(u64, Option<PeerCred>)>,
 }
 
 impl UnixConnection {
     fn wrap(c: unix::UnixConnection) -> UnixConnection {
-        UnixConnection { inner: Mutex::new(Some(Arc::new(c))), fast: None }
+        UnixConnection { inner: Mutex::new(Some(Arc::new(c))), fast: None, served_on: None }
     }
 
-    /// A connection a listener accepted, served with its fast path `fast`.
-    fn wrap_fast(c: Arc<unix::UnixConnection>, fast: Arc<unix::FastGets>) -> UnixConnection {
-        UnixConnection { inner: Mutex::new(Some(c)), fast: Some(fast) }
+    /// A connection a listener accepted, served with its fast path `fast` (`served_on`: see the field).
+    fn wrap_fast(
+        c: Arc<unix::UnixConnection>,
+        fast: Arc<unix::FastGets>,
+        served_on: Option<(u64, Option<PeerCred>)>,
+    ) -> UnixConnection {
+        UnixConnection { inner: Mutex::new(Some(c)), fast: Some(fast), served_on }
     }
 
     fn get_or_closed(&self) -> tapmanager_core::Result<Arc<unix::UnixConnection>> {
@@ -1112,5 +1121,29 @@ impl UnixConnection {
             }
         }
         Ok(())
+    }
+
+    /// Gives a connection that `startIncomingOnLoop`'s `onIncoming` handed over back to its listener, once the
+    /// application wrote its response: the listener then waits for its next request on the loop as for a new
+    /// connection's first one (gets the fast path answers answered there, any other request handed to
+    /// `onIncoming` again with a new object; EOF, a read error and the read deadline close it natively; closing
+    /// the listener ends it). This object is closed from then on. Returns false, changing nothing, for any other
+    /// connection, once the listener stopped, or while a read or write is still in progress on it.
+    #[napi]
+    pub fn hand_back(&self) -> Result<bool, JsError> {
+        let Some((id, peer)) = self.served_on else { return Ok(false) };
+        let mut guard = self.inner.lock().map_err(|_| invalid("connection lock poisoned"))?;
+        let Some(c) = guard.take() else { return Ok(false) };
+        if Arc::strong_count(&c) > 1 {
+            *guard = Some(c);
+            return Ok(false);
+        }
+        match uvwait::hand_back(id, c, peer) {
+            Ok(()) => Ok(true),
+            Err(c) => {
+                *guard = Some(c);
+                Ok(false)
+            }
+        }
     }
 }

@@ -13,7 +13,8 @@ use std::collections::HashSet;
 use std::ffi::{c_int, c_void, CStr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use napi::bindgen_prelude::JsValuesTupleIntoVec;
@@ -923,6 +924,34 @@ pub struct ServingState {
     pending: RefCell<HashSet<usize>>,
     closed: Cell<bool>,
     backoff: Cell<Option<std::time::Duration>>,
+    /// Its id among the listeners served on this thread (see [`hand_back`]); set when it starts.
+    id: Cell<u64>,
+}
+
+thread_local! {
+    /// The listeners served on this thread's loop, by id (see [`hand_back`]).
+    static SERVED: RefCell<Vec<(u64, Weak<Serving>)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Ids of served listeners (unique in the process, so one from another thread finds nothing here).
+static NEXT_SERVING_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Gives a connection of the listener served on this thread with id `id` (see [`Serving::id`]) back to it after
+/// the application answered a request: its next request frame is waited for on the loop as a first one is
+/// (gets the fast path answers answered there, any other frame handed to `onIncoming`; EOF, a read error and
+/// the read deadline end it natively; the listener's close abandons it). Nothing is read now (so `onIncoming`
+/// is never called from inside the caller). Hands the connection back (`Err`) when that listener is not served
+/// here any more.
+pub fn hand_back(
+    id: u64,
+    conn: Arc<unix::UnixConnection>,
+    peer: Option<PeerCred>,
+) -> Result<(), Arc<unix::UnixConnection>> {
+    let serving = SERVED.with(|s| s.borrow().iter().find(|(i, _)| *i == id).and_then(|(_, w)| w.upgrade()));
+    match serving {
+        Some(s) if !s.state.closed.get() => s.wait_first(conn, peer, RequestReader::new(s.cfg.max_data)),
+        _ => Err(conn),
+    }
 }
 
 /// How a connection reaches `onIncoming` from the runtime (a threadsafe function call).
@@ -947,7 +976,8 @@ impl Serving {
             return;
         }
         let inbox = self.waits.inbox.clone().expect("a listener's waits have an inbox");
-        self.waits.call(IncomingArgs::of(conn, self.fast.clone(), frame, inbox));
+        let served_on = Some((self.state.id.get(), peer));
+        self.waits.call(IncomingArgs::of(conn, self.fast.clone(), frame, inbox, served_on));
     }
 
     /// The fast path for a peer: none for one outside the filter (its first frame is refused, nothing answered).
@@ -977,13 +1007,33 @@ impl Serving {
             Step::Rest(rest) => return self.finish_on_runtime(conn, rest),
             Step::Failed(_) => return, // gone before a whole frame, or a failed write: dropped, as on the runtime
         }
+        // The wait cannot fail to start but when the loop is gone: then the connection is dropped.
+        let _ = self.wait_first(conn, peer, reader);
+    }
+
+    /// Waits on the loop for the rest of `conn`'s next request frame (`reader` holds what came so far), within
+    /// the read deadline, then goes on as [`read_first`](Self::read_first). Hands the connection back (`Err`)
+    /// when the loop cannot take the wait.
+    fn wait_first(
+        self: &Rc<Self>,
+        conn: Arc<unix::UnixConnection>,
+        peer: Option<PeerCred>,
+        reader: RequestReader,
+    ) -> Result<(), Arc<unix::UnixConnection>> {
         let work = Work::FirstRequest { serving: self.clone(), peer, reader };
         let ms = self.cfg.read_deadline.map_or(0, |d| d.as_millis() as u64);
-        if let Ok(p) = start(&self.waits, Sock::Kept(conn), work, EPOLLIN, ms) {
-            // SAFETY: p is live until its close callbacks run (not before this returns); on the loop's thread.
-            if unsafe { !(*p).done } {
-                self.state.pending.borrow_mut().insert(p as usize);
+        match start(&self.waits, Sock::Kept(conn), work, EPOLLIN, ms) {
+            Ok(p) => {
+                // SAFETY: p is live until its close callbacks run (not before this returns); on the loop's thread.
+                if unsafe { !(*p).done } {
+                    self.state.pending.borrow_mut().insert(p as usize);
+                }
+                Ok(())
             }
+            Err(b) => match b.0 {
+                Sock::Kept(c) => Err(c),
+                Sock::Own(_) => unreachable!("a kept connection comes back as it went"),
+            },
         }
     }
 }
@@ -1014,10 +1064,14 @@ impl LoopListener {
         let uv = uv()?;
         let fd = serving.listener.as_raw_fd();
         let uv_loop = serving.waits.uv_loop;
+        let serving = Rc::new(serving);
+        let id = NEXT_SERVING_ID.fetch_add(1, Ordering::Relaxed);
+        serving.state.id.set(id);
+        let weak = Rc::downgrade(&serving);
         let h = Box::into_raw(Box::new(ListenerHandles {
             poll: [0; HANDLE_WORDS],
             timer: [0; HANDLE_WORDS],
-            serving: Rc::new(serving),
+            serving,
             open: Cell::new(0),
         }));
         // SAFETY: h is live and exclusively owned; its handles live inside it until their close callbacks ran.
@@ -1039,6 +1093,7 @@ impl LoopListener {
                 return None;
             }
         }
+        SERVED.with(|s| s.borrow_mut().push((id, weak)));
         Some(LoopListener(h))
     }
 
@@ -1058,6 +1113,8 @@ impl LoopListener {
             (uv.timer_stop)(timer);
             (uv.close)(poll, Some(poll_closed::<ListenerHandles>));
             (uv.close)(timer, Some(timer_closed::<ListenerHandles>));
+            let id = h.serving.state.id.get();
+            SERVED.with(|s| s.borrow_mut().retain(|(i, _)| *i != id));
             let pending: Vec<usize> = h.serving.state.pending.borrow_mut().drain().collect();
             for p in pending {
                 close_handles(p as *mut Waiting);
