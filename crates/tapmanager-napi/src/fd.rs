@@ -270,12 +270,17 @@ impl FdRequestPort {
     pub fn request(&self, id: u32, path: String, request: Buffer, timeout_ms: Option<u32>) -> bool {
         let req: Vec<u8> = request.to_vec();
         let d = deadline(timeout_ms);
-        let mut started = unix::start_request(&path, &req);
+        let spare = self.on_loop.as_ref().and_then(|w| w.take_spare());
+        let mut started = unix::start_request_on(spare, &path, &req);
         let req = match (&self.on_loop, started) {
             (Some(waits), Ok(Some((stream, written)))) => {
                 let ms = d.map_or(0, |d| d.as_millis() as u64);
                 match uvwait::wait(waits, id, uvwait::Sock::Own(OwnedFd::from(stream)), req, written, ms) {
-                    Ok(()) => return true,
+                    Ok(()) => {
+                        // while the server works on this one: the socket of the caller's next request
+                        waits.make_spare();
+                        return true;
+                    }
                     Err((uvwait::Sock::Own(sock), req)) => {
                         started = Ok(Some((std::os::unix::net::UnixStream::from(sock), written)));
                         req

@@ -100,6 +100,10 @@ pub struct LoopWaits {
     inbox: Option<Arc<Inbox>>,
     /// The thread's reactor, where the waits' sockets are registered.
     reactor: Rc<Reactor>,
+    /// A port's client socket made ahead of time (see [`LoopWaits::take_spare`]).
+    spare: RefCell<Option<OwnedFd>>,
+    /// A port's requests waiting here.
+    requests: Cell<usize>,
 }
 
 impl LoopWaits {
@@ -133,7 +137,31 @@ impl LoopWaits {
                 sys::napi_delete_reference(env, on_done_ref);
                 return None;
             }
-            Some(Rc::new(LoopWaits { env, uv_loop: uv_loop.cast(), on_done: on_done_ref, async_ctx, inbox, reactor }))
+            Some(Rc::new(LoopWaits {
+                env,
+                uv_loop: uv_loop.cast(),
+                on_done: on_done_ref,
+                async_ctx,
+                inbox,
+                reactor,
+                spare: RefCell::new(None),
+                requests: Cell::new(0),
+            }))
+        }
+    }
+
+    /// The client socket made ahead of time for the port's next request on a new connection, if any. One is
+    /// made ([`make_spare`](Self::make_spare)) once a request is out, while the server works on it, so that a
+    /// caller who sends its next request from the completion (the usual loop of requests) skips `socket()` on
+    /// the way there; it is closed once a completion left no request waiting (no fd held while idle).
+    pub fn take_spare(&self) -> Option<OwnedFd> {
+        self.spare.take()
+    }
+
+    /// Makes the spare client socket when there is none (see [`take_spare`](Self::take_spare)).
+    pub fn make_spare(&self) {
+        if self.spare.borrow().is_none() {
+            *self.spare.borrow_mut() = unix::client_socket().ok();
         }
     }
 
@@ -542,7 +570,7 @@ pub fn wait(
     let kept = matches!(sock, Sock::Kept(_));
     let events = if written < request.len() { EPOLLOUT } else { EPOLLIN };
     let work = Work::Request { id, kept, write_failed: false, request, written, reader: ResponseReader::new() };
-    start(waits, sock, work, events, timeout_ms).map(drop).map_err(|b| {
+    start(waits, sock, work, events, timeout_ms).map(|_| waits.requests.set(waits.requests.get() + 1)).map_err(|b| {
         let (sock, work) = *b;
         match work {
             Work::Request { request, .. } => (sock, request),
@@ -884,11 +912,15 @@ unsafe fn finish(p: *mut Waiting, r: tapmanager_core::Result<unix::Frame>) {
     };
     match outcome {
         Outcome::Request { waits, id, not_sent } => {
+            waits.requests.set(waits.requests.get().saturating_sub(1));
             let inbox = waits.inbox.clone().expect("a client port's waits have an inbox");
             waits.call(DoneArgs { id, result: r, not_sent, inbox });
             // A request's own socket closes only now: the caller's next request (often made in the reactions
             // the call ran) is already out, and the server's wake-up for this close is off its way.
             drop(sock);
+            if waits.requests.get() == 0 {
+                drop(waits.take_spare());
+            }
         }
         Outcome::NextRequest { waits, token } => {
             let inbox = waits.inbox.clone().expect("a sink's waits have an inbox");

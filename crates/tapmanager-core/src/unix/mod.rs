@@ -28,7 +28,9 @@ mod socket;
 pub use admission::{Admission, AdmissionStats, ConnLimits, ConnSlot, PeerFilter};
 pub use fast_gets::{AnsweredNow, FastGetLog, FastGetRecord, FastGets, FastLogWake, PeerSlot, RestOfAnswer};
 pub use frame::{permission_denied_frame, Frame, RequestReader, Sent, FRAME_HEADER_LEN};
-pub use request::{continue_write, finish_request, request, start_request, ResponseReader};
+pub use request::{
+    client_socket, continue_write, finish_request, request, start_request, start_request_on, ResponseReader,
+};
 pub use scm::{cmsg_space, dup_fds, MAX_FDS};
 pub use socket::{accept_backoff, Accepted, BindOptions, PeerCred, ServeConfig, UnixConnection, UnixListener};
 

@@ -38,13 +38,29 @@ pub fn start_request(
     path: impl AsRef<Path>,
     request: &[u8],
 ) -> Result<Option<(std::os::unix::net::UnixStream, usize)>> {
+    start_request_on(None, path, request)
+}
+
+/// A new unconnected client socket as [`start_request`] makes one (Unix stream, non-blocking, close-on-exec).
+pub fn client_socket() -> io::Result<OwnedFd> {
+    Ok(socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)?)
+}
+
+/// [`start_request`] on `sock`, an unconnected socket from [`client_socket`] made ahead of time (taken whatever
+/// happens), or on a new one when `None`.
+pub fn start_request_on(
+    sock: Option<OwnedFd>,
+    path: impl AsRef<Path>,
+    request: &[u8],
+) -> Result<Option<(std::os::unix::net::UnixStream, usize)>> {
     let path = path.as_ref();
     let connect_err = |e: io::Error| Error::io(format!("connect {}", path.display()), e);
     // A path too long for sun_path or with a NUL byte is EINVAL, as before (nix says ENAMETOOLONG for the former).
     let addr = UnixAddr::new(path).map_err(|_| connect_err(io::Error::from_raw_os_error(libc::EINVAL)))?;
-    let fd: OwnedFd =
-        socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)
-            .map_err(|e| connect_err(e.into()))?;
+    let fd: OwnedFd = match sock {
+        Some(fd) => fd,
+        None => client_socket().map_err(connect_err)?,
+    };
     match connect(fd.as_raw_fd(), &addr) {
         Ok(()) => {}
         Err(Errno::EAGAIN) | Err(Errno::EINPROGRESS) => return Ok(None),
