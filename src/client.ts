@@ -24,6 +24,7 @@ import {
   decodeKey,
   encodeKey,
   encodePayload,
+  encodeRequest,
 } from './protocol'
 
 /** What `getFDs` returns: fds owned by the caller (close them with `closeFd` or `closeFds`) and the source's info. */
@@ -408,13 +409,7 @@ export class FDClient implements FDManager {
         if (this.keyBytes.size >= 256) this.keyBytes.clear()
         this.keyBytes.set(key, k)
       }
-      bytes = Buffer.allocUnsafe(HEADER_SIZE + payload.length)
-      bytes.writeUInt32BE(FD_MAGIC, 0)
-      bytes[4] = command
-      bytes.writeUInt32BE(payload.length, 5)
-      bytes.writeUInt32BE(0, 9) // OobSize
-      k.copy(bytes, 13)
-      payload.copy(bytes, HEADER_SIZE)
+      bytes = encodeRequest(command, k, payload)
       if (command === FDCommand.Get) {
         if (this.getHeads.size >= 256) this.getHeads.clear()
         this.getHeads.set(key, bytes)

@@ -55,10 +55,27 @@ export interface FrameHeader {
   key: Buffer
 }
 
+/** The fields {@link encodeHeader} writes. */
+type HeaderFields = { command: number; dataSize: number; oobSize: number; key: Buffer; magic?: number }
+
 /** Encodes a header; `key` must be exactly 64 bytes (see {@link encodeKey}). */
-export function encodeHeader(h: { command: number; dataSize: number; oobSize: number; key: Buffer; magic?: number }): Buffer {
+export function encodeHeader(h: HeaderFields): Buffer {
+  return writeHeader(Buffer.allocUnsafe(HEADER_SIZE), h)
+}
+
+/**
+ * A request frame in one Buffer: the header of `command` for `key` (64 bytes, see {@link encodeKey}) with
+ * DataSize the payload's length and OobSize 0, then `payload`.
+ */
+export function encodeRequest(command: number, key: Buffer, payload: Buffer): Buffer {
+  const b = writeHeader(Buffer.allocUnsafe(HEADER_SIZE + payload.length), { command, dataSize: payload.length, oobSize: 0, key })
+  payload.copy(b, HEADER_SIZE)
+  return b
+}
+
+/** Writes header `h` at the start of `b` (at least {@link HEADER_SIZE} bytes); returns `b`. */
+function writeHeader(b: Buffer, h: HeaderFields): Buffer {
   if (h.key.length !== KEY_SIZE) throw new InvalidInputError(`header key must be ${KEY_SIZE} bytes, got ${h.key.length}`)
-  const b = Buffer.allocUnsafe(HEADER_SIZE)
   b.writeUInt32BE(h.magic ?? FD_MAGIC, 0)
   b.writeUInt8(h.command, 4)
   b.writeUInt32BE(h.dataSize, 5)
