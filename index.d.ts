@@ -61,18 +61,19 @@ export declare class FdRequestPort {
    * One FDServer request on a new connection, exactly as `fdRequest` (connect and send happen before this
    * returns, when they can without waiting); the outcome goes to `onDone` with `id`. Returns true when the
    * request waits on the event loop (it keeps the process alive by itself), false when it went to the
-   * runtime (see `hold`).
+   * runtime (see `hold`). On the event loop, `spinUs` (at most 1000) asks for a busy wait of up to that long
+   * for the response before the loop sleeps (see uvwait.rs's `Reactor`).
    */
-  request(id: number, path: string, request: Buffer, timeoutMs?: number | undefined | null): boolean
+  request(id: number, path: string, request: Buffer, timeoutMs?: number | undefined | null, spinUs?: number | undefined | null): boolean
   /**
    * One FDServer request on an open connection `conn` (kept open for further requests: the protocol allows
    * several on one connection, in order): writes `request`, reads the response frame as `request` does. The
    * caller sends one request at a time per connection. The outcome goes to `onDone` with `id`; `notSent` tells
    * whether the request never got out (the server had closed the connection). `timeoutMs` (when > 0) bounds it.
    * Returns true when it waits on the event loop (a port made with `waitOnLoop`), false when on the runtime
-   * (see `hold`).
+   * (see `hold`). `spinUs` as for `request`.
    */
-  requestOn(id: number, conn: UnixConnection, request: Buffer, timeoutMs?: number | undefined | null): boolean
+  requestOn(id: number, conn: UnixConnection, request: Buffer, timeoutMs?: number | undefined | null, spinUs?: number | undefined | null): boolean
 }
 
 /**

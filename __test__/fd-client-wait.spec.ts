@@ -4,10 +4,10 @@
 // close early; no fd left behind; and a request waiting on the loop keeps the process alive by itself.
 import test from 'ava'
 import { spawn } from 'node:child_process'
-import { closeSync, mkdtempSync, openSync, readdirSync, readSync, rmSync, writeFileSync } from 'node:fs'
+import { closeSync, mkdtempSync, openSync, readFileSync, readdirSync, readSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { FDClient, FDServer, closeFds } from '../src/index'
+import { FDClient, FDServer, SPIN_DEFAULT_US, closeFds } from '../src/index'
 import { getAndRead, sameFileSource } from './helpers/sources'
 import { until } from './helpers/env'
 import { FdRequestPort, UnixListener, type UnixConnection } from '../src/native'
@@ -39,6 +39,105 @@ test.serial('on Node the port waits on the event loop when asked, else on the ru
   t.is(new FDClient('/nonexistent.sock').waitOn, 'loop')
   t.is(new FDClient('/nonexistent.sock', { waitOn: 'runtime' }).waitOn, 'runtime')
   t.throws(() => new FDClient('/nonexistent.sock', { waitOn: 'elsewhere' as 'loop' }), { code: 'ERR_INVALID' })
+  t.is(new FDClient('/nonexistent.sock').spinUs, SPIN_DEFAULT_US)
+  t.is(SPIN_DEFAULT_US, 50)
+  t.is(new FDClient('/nonexistent.sock', { spinUs: 0 }).spinUs, 0)
+  t.is(new FDClient('/nonexistent.sock', { spinUs: 1000 }).spinUs, 1000)
+  for (const spinUs of [-1, 1001, 2.5, Number.NaN]) {
+    t.throws(() => new FDClient('/nonexistent.sock', { spinUs }), { code: 'ERR_INVALID', message: /^spinUs must be an integer from 0 to 1000/ })
+  }
+})
+
+/** Voluntary context switches of this process's JavaScript thread: each time it slept (e.g. in epoll_wait). */
+function jsThreadSleeps(): number {
+  const status = readFileSync(`/proc/${process.pid}/task/${process.pid}/status`, 'utf8')
+  return Number(/^voluntary_ctxt_switches:\s+(\d+)$/m.exec(status)![1])
+}
+
+/**
+ * A server in a child process (its work does not count as this thread's) that answers each request 200 µs after
+ * it came (busy, so its answer does not wait for its own wake-up): long enough that a client without the busy
+ * wait is asleep by then, well within a 1 ms window.
+ */
+const SLOW_ANSWERS = `
+const net = require('node:net')
+net.createServer((c) => {
+  let buf = Buffer.alloc(0)
+  c.on('error', () => {})
+  c.on('data', (d) => {
+    buf = Buffer.concat([buf, d])
+    while (buf.length >= 77) {
+      const r = Buffer.from(buf.subarray(0, 77))
+      buf = buf.subarray(77)
+      const t0 = process.hrtime.bigint()
+      while (process.hrtime.bigint() - t0 < 200000n);
+      r[4] |= 0x80
+      c.write(r)
+    }
+  })
+}).listen(process.argv[1], () => console.log('ready'))
+`
+
+test.serial('loop wait: the busy wait (spinUs) keeps the thread awake for a response that comes within its window; with spinUs 0 it sleeps for each', async (t) => {
+  const { dir, sock } = tempSock()
+  const child = spawn(process.execPath, ['-e', SLOW_ANSWERS, sock], { stdio: ['ignore', 'pipe', 'inherit'] })
+  const exited = new Promise((r) => child.once('exit', r))
+  try {
+    let out = ''
+    child.stdout!.on('data', (d: Buffer) => (out += d.toString()))
+    t.true(await until(() => out.includes('ready'), 30_000), 'server ready')
+    const before = fdCount()
+    const sleeps: Record<string, number> = {}
+    for (const spinUs of [1000, 0, 1000, 0, 1000, 0]) {
+      for (const keepAlive of [false, true]) {
+        const client = new FDClient(sock, { spinUs, keepAlive })
+        for (let i = 0; i < 10; i++) await client.releaseFDs(`w${i}`) // warm
+        const s0 = jsThreadSleeps()
+        for (let i = 0; i < 100; i++) await client.releaseFDs(`k${i}`)
+        const mode = `${spinUs}${keepAlive ? ' keep' : ''}`
+        sleeps[mode] = Math.min(sleeps[mode] ?? Infinity, jsThreadSleeps() - s0)
+        client.close()
+      }
+    }
+    t.log(`JavaScript thread sleeps for 100 requests answered after 200 µs: ${JSON.stringify(sleeps)}`)
+    for (const keep of ['', ' keep']) {
+      t.true(sleeps[`0${keep}`] >= 90, `spinUs 0${keep}: ${sleeps[`0${keep}`]} sleeps for 100 requests`)
+      // a busy machine may delay some answers past the window: half is a wide margin
+      t.true(sleeps[`1000${keep}`] < sleeps[`0${keep}`] / 2, `spinUs 1000${keep}: ${sleeps[`1000${keep}`]} sleeps`)
+    }
+    t.true(await until(() => fdCount() === before), `fds back to ${before} (now ${fdCount()})`)
+  } finally {
+    child.kill('SIGTERM')
+    await exited
+    rmSync(dir, { recursive: true, force: true })
+  }
+})
+
+test.serial('loop wait: the busy wait ends with its window: a slow response costs no spinning CPU, and timers still fire meanwhile', async (t) => {
+  const { dir, sock } = tempSock()
+  const listener = UnixListener.bind(sock)
+  try {
+    const client = new FDClient(sock, { spinUs: 1000 })
+    let ticks = 0
+    const ticker = setInterval(() => ticks++, 2)
+    const cpu0 = process.cpuUsage()
+    const released = client.releaseFDs('slow')
+    const conn = await listener.accept()
+    await conn.readExact(77, 10_000)
+    await new Promise((r) => setTimeout(r, 400))
+    await conn.write(header(0x81, 'slow'))
+    await released
+    const cpu = process.cpuUsage(cpu0)
+    clearInterval(ticker)
+    conn.close()
+    // Spinning through the wait would cost ~400 ms of CPU; the window is 1 ms (and none while a timer is due).
+    const ms = (cpu.user + cpu.system) / 1000
+    t.true(ms < 150, `CPU during a 400 ms wait: ${ms.toFixed(1)} ms`)
+    t.true(ticks >= 20, `a 2 ms interval ticked ${ticks} times in 400 ms`)
+  } finally {
+    listener.close(true)
+    rmSync(dir, { recursive: true, force: true })
+  }
 })
 
 test.serial('both waits, per call and keep-alive, against our FDServer: the same adds, gets with fds, errors and releases, concurrently', async (t) => {

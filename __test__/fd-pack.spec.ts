@@ -1,6 +1,7 @@
 // PACKAGING TEST: builds dist/ with tsc, runs `npm pack`, installs the tarball plus a platform package holding the
 // native addon (as `napi prepublish` would publish it) into a scratch project, and there imports
-// { FDServer, FDClient } from 'tapmanager' and runs an add/get/release round trip.
+// { FDServer, FDClient } from 'tapmanager' and runs an add/get/release round trip. Its dependencies (pino) come from
+// npm's cache when there (--prefer-offline), else from the registry: a fresh machine's cache has no pino packument.
 import test from 'ava'
 import { execFileSync } from 'node:child_process'
 import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
@@ -30,7 +31,7 @@ test('npm pack, install in a scratch project, import { FDServer, FDClient } from
     const app = join(scratch, 'app')
     execFileSync('mkdir', ['-p', app])
     writeFileSync(join(app, 'package.json'), JSON.stringify({ name: 'scratch-app', version: '1.0.0', type: 'module', private: true }))
-    execFileSync('npm', ['install', '--no-audit', '--no-fund', '--offline', tarball, platTarball], { cwd: app, stdio: 'pipe' })
+    execFileSync('npm', ['install', '--no-audit', '--no-fund', '--prefer-offline', tarball, platTarball], { cwd: app, stdio: 'pipe' })
     writeFileSync(
       join(app, 'main.mjs'),
       `import { FDServer, FDClient } from 'tapmanager'

@@ -4,7 +4,8 @@
  * Clients: our FDClient (this process), per call (a new connection per request, as Virtlet's Go client) and
  * keep-alive (`keepAlive: true`: requests back to back on open connections); per call also with
  * `waitOn: 'runtime'` ("TS rt": the response awaited on the native runtime instead of this thread's event
- * loop, as on Bun and Deno), to compare both waits in one run; and a minimal Rust-only client
+ * loop, as on Bun and Deno), to compare both waits in one run, and with `spinUs: 0` ("TS nospin": the event
+ * loop sleeps at once instead of busy-waiting a little for the response); and a minimal Rust-only client
  * built on tapmanager-core (crates/tapmanager-core/examples/fd_floor.rs, release build), in both modes too.
  * Servers: our FDServer (a child process, bench/fd-server-proc.ts, with a JavaScript source) and the Rust-only
  * server of fd_floor. Every client meets every server, in separate processes.
@@ -128,6 +129,7 @@ function table(title: string, head: string[], rows: string[][]): void {
 /** The client/server pairs measured, by column name. */
 const PAIRS = [
   'TS->TS',
+  'TS nospin->TS',
   'TS rt->TS',
   'TS->TS keep',
   'Rust->TS',
@@ -165,12 +167,12 @@ async function main(): Promise<void> {
     await waitReady(tsServer, 'the TypeScript server')
     await waitSocket(rsSock)
     if (goServer) await waitReady(goServer, "Virtlet's Go server")
-    const client = (sock: string, keepAlive: boolean, waitOn: 'loop' | 'runtime' = 'loop') => {
-      const c = new FDClient(sock, { keepAlive, waitOn })
+    const client = (sock: string, keepAlive: boolean, waitOn: 'loop' | 'runtime' = 'loop', spinUs?: number) => {
+      const c = new FDClient(sock, { keepAlive, waitOn, spinUs })
       clients.push(c)
       return c
     }
-    const ts = { perCall: client(tsSock, false), rt: client(tsSock, false, 'runtime'), keep: client(tsSock, true) }
+    const ts = { perCall: client(tsSock, false), noSpin: client(tsSock, false, 'loop', 0), rt: client(tsSock, false, 'runtime'), keep: client(tsSock, true) }
     const tsOnRust = { perCall: client(rsSock, false), rt: client(rsSock, false, 'runtime'), keep: client(rsSock, true) }
     const tsOnGo = { perCall: client(goSock, false), keep: client(goSock, true) }
     await ts.perCall.addFDs('g1', {})
@@ -185,7 +187,7 @@ async function main(): Promise<void> {
     // Warm-up of both sides (long enough for V8 to finish optimising the client's hot path: on a small shared
     // machine its background compiles otherwise land in the first measured case).
     for (const nfds of [1, 4]) {
-      for (const c of [ts.perCall, ts.rt, ts.keep, tsOnRust.perCall, tsOnRust.rt, tsOnRust.keep]) {
+      for (const c of [ts.perCall, ts.noSpin, ts.rt, ts.keep, tsOnRust.perCall, tsOnRust.rt, tsOnRust.keep]) {
         await tsRun(c, 'get', 1, 1000, nfds)
         await tsRun(c, 'get', 16, 1000, nfds)
       }
@@ -212,6 +214,7 @@ async function main(): Promise<void> {
         const ops = c.mode === 'addrel' ? OPS / 2 : OPS
         const runs: Record<Pair, () => Promise<Figures> | Figures> = {
           'TS->TS': () => tsRun(ts.perCall, c.mode, c.conc, ops, c.nfds),
+          'TS nospin->TS': () => tsRun(ts.noSpin, c.mode, c.conc, ops, c.nfds),
           'TS rt->TS': () => tsRun(ts.rt, c.mode, c.conc, ops, c.nfds),
           'TS->TS keep': () => tsRun(ts.keep, c.mode, c.conc, ops, c.nfds),
           'Rust->TS': () => floorRun(bin, tsSock, c.mode, c.conc, ops, c.nfds),
@@ -266,6 +269,7 @@ async function main(): Promise<void> {
         'same, Rust server',
         'loop/runtime wait (TS server)',
         'same, Rust server',
+        'busy wait/none (TS server)',
         'TS keep/TS per call',
         'TS->TS/Rust->Rust (floor)',
         'TS->TS keep/floor',
@@ -276,6 +280,7 @@ async function main(): Promise<void> {
         (rate(ci, 'TS->Rust') / rate(ci, 'Rust->Rust')).toFixed(2),
         (rate(ci, 'TS->TS') / rate(ci, 'TS rt->TS')).toFixed(2),
         (rate(ci, 'TS->Rust') / rate(ci, 'TS rt->Rust')).toFixed(2),
+        (rate(ci, 'TS->TS') / rate(ci, 'TS nospin->TS')).toFixed(2),
         (rate(ci, 'TS->TS keep') / rate(ci, 'TS->TS')).toFixed(2),
         (rate(ci, 'TS->TS') / rate(ci, 'Rust->Rust')).toFixed(2),
         (rate(ci, 'TS->TS keep') / rate(ci, 'Rust->Rust')).toFixed(2),
@@ -291,7 +296,7 @@ async function main(): Promise<void> {
         cases.map((c, ci) => [c.name, ...goCols.map((p) => (rate(ci, p) / rate(ci, 'Go->Go')).toFixed(2))]),
       )
     }
-    const cpuCols: Pair[] = ['TS->TS', 'Rust->TS', 'TS->Rust', 'Rust->Rust', 'TS->TS keep', ...(GO_BIN ? (['Go->Go', 'Go->TS'] as Pair[]) : [])]
+    const cpuCols: Pair[] = ['TS->TS', 'TS nospin->TS', 'Rust->TS', 'TS->Rust', 'Rust->Rust', 'TS->TS keep', ...(GO_BIN ? (['Go->Go', 'Go->TS'] as Pair[]) : [])]
     table(
       'CPU per op in µs, summed over the runs: client user + system / server (user + system); add+release: per cycle',
       ['case', ...cpuCols],

@@ -265,9 +265,17 @@ impl FdRequestPort {
     /// One FDServer request on a new connection, exactly as `fdRequest` (connect and send happen before this
     /// returns, when they can without waiting); the outcome goes to `onDone` with `id`. Returns true when the
     /// request waits on the event loop (it keeps the process alive by itself), false when it went to the
-    /// runtime (see `hold`).
+    /// runtime (see `hold`). On the event loop, `spinUs` (at most 1000) asks for a busy wait of up to that long
+    /// for the response before the loop sleeps (see uvwait.rs's `Reactor`).
     #[napi]
-    pub fn request(&self, id: u32, path: String, request: Buffer, timeout_ms: Option<u32>) -> bool {
+    pub fn request(
+        &self,
+        id: u32,
+        path: String,
+        request: Buffer,
+        timeout_ms: Option<u32>,
+        spin_us: Option<u32>,
+    ) -> bool {
         let req: Vec<u8> = request.to_vec();
         let d = deadline(timeout_ms);
         let spare = self.on_loop.as_ref().and_then(|w| w.take_spare());
@@ -275,7 +283,8 @@ impl FdRequestPort {
         let req = match (&self.on_loop, started) {
             (Some(waits), Ok(Some((stream, written)))) => {
                 let ms = d.map_or(0, |d| d.as_millis() as u64);
-                match uvwait::wait(waits, id, uvwait::Sock::Own(OwnedFd::from(stream)), req, written, ms) {
+                let spin = spin_of(spin_us);
+                match uvwait::wait(waits, id, uvwait::Sock::Own(OwnedFd::from(stream)), req, written, ms, spin) {
                     Ok(()) => {
                         // while the server works on this one: the socket of the caller's next request
                         waits.make_spare();
@@ -311,9 +320,16 @@ impl FdRequestPort {
     /// caller sends one request at a time per connection. The outcome goes to `onDone` with `id`; `notSent` tells
     /// whether the request never got out (the server had closed the connection). `timeoutMs` (when > 0) bounds it.
     /// Returns true when it waits on the event loop (a port made with `waitOnLoop`), false when on the runtime
-    /// (see `hold`).
+    /// (see `hold`). `spinUs` as for `request`.
     #[napi]
-    pub fn request_on(&self, id: u32, conn: &UnixConnection, request: Buffer, timeout_ms: Option<u32>) -> bool {
+    pub fn request_on(
+        &self,
+        id: u32,
+        conn: &UnixConnection,
+        request: Buffer,
+        timeout_ms: Option<u32>,
+        spin_us: Option<u32>,
+    ) -> bool {
         let req: Vec<u8> = request.to_vec();
         let d = deadline(timeout_ms);
         let c = conn.get_or_closed();
@@ -327,7 +343,8 @@ impl FdRequestPort {
                 match unix::continue_write(fd, &req, &mut written) {
                     Ok(_) => {
                         let ms = d.map_or(0, |d| d.as_millis() as u64);
-                        match uvwait::wait(waits, id, uvwait::Sock::Kept(kept), req, written, ms) {
+                        let spin = spin_of(spin_us);
+                        match uvwait::wait(waits, id, uvwait::Sock::Kept(kept), req, written, ms, spin) {
                             Ok(()) => return true,
                             Err((uvwait::Sock::Kept(kept), req)) if written == 0 => (Ok(kept), req),
                             Err(_) => {
@@ -380,6 +397,11 @@ impl FdRequestPort {
         });
         false
     }
+}
+
+/// A request's busy wait on the event loop (see uvwait.rs's `Reactor`), at most 1 ms.
+fn spin_of(spin_us: Option<u32>) -> std::time::Duration {
+    std::time::Duration::from_micros(u64::from(spin_us.unwrap_or(0).min(1000)))
 }
 
 type NextFn = CallbackFn<NextArgs>;

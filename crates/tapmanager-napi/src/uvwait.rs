@@ -16,6 +16,7 @@ use std::ptr;
 use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use napi::bindgen_prelude::JsValuesTupleIntoVec;
 use napi::sys;
@@ -29,6 +30,7 @@ use crate::inbox::{DoneArgs, Inbox, IncomingArgs, NextArgs};
 type PollCb = unsafe extern "C" fn(*mut c_void, c_int, c_int);
 type TimerCb = unsafe extern "C" fn(*mut c_void);
 type CloseCb = unsafe extern "C" fn(*mut c_void);
+type PrepareCb = unsafe extern "C" fn(*mut c_void);
 
 /// The libuv functions used, resolved once.
 struct Uv {
@@ -41,6 +43,10 @@ struct Uv {
     close: unsafe extern "C" fn(*mut c_void, Option<CloseCb>),
     ref_: unsafe extern "C" fn(*mut c_void),
     unref: unsafe extern "C" fn(*mut c_void),
+    prepare_init: unsafe extern "C" fn(*mut c_void, *mut c_void) -> c_int,
+    prepare_start: unsafe extern "C" fn(*mut c_void, PrepareCb) -> c_int,
+    prepare_stop: unsafe extern "C" fn(*mut c_void) -> c_int,
+    backend_timeout: unsafe extern "C" fn(*const c_void) -> c_int,
 }
 
 /// `UV_READABLE` (uv.h, stable across libuv 1.x).
@@ -50,6 +56,7 @@ const EPOLLIN: u32 = libc::EPOLLIN as u32;
 const EPOLLOUT: u32 = libc::EPOLLOUT as u32;
 /// `UV_POLL` and `UV_TIMER` of `uv_handle_type` (stable across libuv 1.x).
 const UV_POLL: c_int = 8;
+const UV_PREPARE: c_int = 9;
 const UV_TIMER: c_int = 13;
 /// Room for one handle; `uv_handle_size` must fit (about 160 bytes for either on 64-bit Linux).
 const HANDLE_WORDS: usize = 64;
@@ -70,7 +77,7 @@ fn uv() -> Option<&'static Uv> {
     UV.get_or_init(|| {
         let handle_size: unsafe extern "C" fn(c_int) -> usize = sym(c"uv_handle_size")?;
         // SAFETY: uv_handle_size is a pure lookup of a handle type's size.
-        let fits = unsafe { handle_size(UV_POLL) <= HANDLE_WORDS * 8 && handle_size(UV_TIMER) <= HANDLE_WORDS * 8 };
+        let fits = unsafe { [UV_POLL, UV_PREPARE, UV_TIMER].iter().all(|&t| handle_size(t) <= HANDLE_WORDS * 8) };
         if !fits {
             return None;
         }
@@ -84,6 +91,10 @@ fn uv() -> Option<&'static Uv> {
             close: sym(c"uv_close")?,
             ref_: sym(c"uv_ref")?,
             unref: sym(c"uv_unref")?,
+            prepare_init: sym(c"uv_prepare_init")?,
+            prepare_start: sym(c"uv_prepare_start")?,
+            prepare_stop: sym(c"uv_prepare_stop")?,
+            backend_timeout: sym(c"uv_backend_timeout")?,
         })
     })
     .as_ref()
@@ -214,11 +225,22 @@ impl Drop for LoopWaits {
 /// it), where a `uv_poll_t` per wait cost five syscalls (libuv's fd check, `FIONBIO`, add and two deletes). The
 /// poll handle keeps the loop alive only while registrations are armed; it is closed by the environment's
 /// cleanup hook.
+///
+/// A client request may also ask for a short busy wait (`spin`): while it waits within its window, a prepare
+/// handle, run just before the loop would block, polls the epoll set (no blocking) until a response is there or
+/// the window ends. On a quiet machine the response of a get then finds this thread awake: no sleep and no
+/// wake-up of an idle CPU (on a virtual machine, a halt and an interrupt through the hypervisor, several times
+/// the server's own work). It costs at most the window in CPU per request, and nothing while the loop has
+/// other work ready.
 pub struct Reactor {
-    /// The poll handle on `epfd` (closed at the environment's cleanup; the memory is then freed by its close
-    /// callback).
+    /// The poll and prepare handles (closed at the environment's cleanup; the memory is then freed by the last
+    /// close callback).
     handle: *mut ReactorHandle,
+    uv_loop: *mut c_void,
     epfd: OwnedFd,
+    /// Live waits that asked for a busy wait, and the end of the latest window among them.
+    spinners: Cell<usize>,
+    spin_until: Cell<Option<Instant>>,
     /// Waits by slot; a token is `generation << 32 | slot`, so an event for a wait that is gone finds nothing.
     slots: RefCell<Vec<(u32, *mut Waiting)>>,
     free: RefCell<Vec<u32>>,
@@ -231,8 +253,14 @@ pub struct Reactor {
 #[repr(C)]
 struct ReactorHandle {
     poll: [u64; HANDLE_WORDS],
+    /// Runs the busy wait (started while there are spinners).
+    prepare: [u64; HANDLE_WORDS],
     reactor: *const Reactor,
     open: Cell<u8>,
+}
+
+impl PrepareOwner for ReactorHandle {
+    const PREPARE: usize = std::mem::offset_of!(ReactorHandle, prepare);
 }
 
 impl HandleOwner for ReactorHandle {
@@ -273,26 +301,38 @@ impl Reactor {
         let raw = std::os::fd::AsRawFd::as_raw_fd(&epfd);
         let h = Box::into_raw(Box::new(ReactorHandle {
             poll: [0; HANDLE_WORDS],
+            prepare: [0; HANDLE_WORDS],
             reactor: ptr::null(),
             open: Cell::new(0),
         }));
-        // SAFETY: h is live and exclusively owned; its handle lives inside it until its close callback ran.
+        // SAFETY: h is live and exclusively owned; its handles live inside it until their close callbacks ran.
         unsafe {
             let poll = h.cast::<c_void>();
+            let prepare = ptr::addr_of_mut!((*h).prepare).cast::<c_void>();
             if (uv.poll_init)(uv_loop, poll, raw) != 0 {
                 drop(Box::from_raw(h));
                 return None;
             }
             (*h).open.set(1);
+            if (uv.prepare_init)(uv_loop, prepare) != 0 {
+                (uv.close)(poll, Some(poll_closed::<ReactorHandle>));
+                return None;
+            }
+            (*h).open.set(2);
+            (uv.unref)(prepare);
             if (uv.poll_start)(poll, UV_READABLE, on_reactor) != 0 {
                 (uv.close)(poll, Some(poll_closed::<ReactorHandle>));
+                (uv.close)(prepare, Some(prepare_closed::<ReactorHandle>));
                 return None;
             }
             (uv.unref)(poll);
         }
         let r = Rc::new(Reactor {
             handle: h,
+            uv_loop,
             epfd,
+            spinners: Cell::new(0),
+            spin_until: Cell::new(None),
             slots: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
             armed: Cell::new(0),
@@ -314,11 +354,71 @@ impl Reactor {
             return;
         }
         let uv = uv().expect("libuv resolved before the reactor was made");
-        // SAFETY: the handle is live and not closed yet (closed was false); its close callback frees it.
+        // SAFETY: the handles are live and not closed yet (closed was false); the last close callback frees them.
         unsafe {
             let poll = self.handle.cast::<c_void>();
+            let prepare = ptr::addr_of_mut!((*self.handle).prepare).cast::<c_void>();
             (uv.poll_stop)(poll);
+            (uv.prepare_stop)(prepare);
             (uv.close)(poll, Some(poll_closed::<ReactorHandle>));
+            (uv.close)(prepare, Some(prepare_closed::<ReactorHandle>));
+        }
+    }
+
+    /// A wait asks for a busy wait until `until` (see the type's doc).
+    fn spin_from(&self, until: Instant) {
+        if self.closed.get() {
+            return;
+        }
+        if self.spin_until.get().is_none_or(|u| u < until) {
+            self.spin_until.set(Some(until));
+        }
+        let n = self.spinners.get();
+        self.spinners.set(n + 1);
+        if n == 0 {
+            let uv = uv().expect("libuv resolved before the reactor was made");
+            // SAFETY: the handle is live and not closed (closed is false); starting a started one does nothing.
+            unsafe { (uv.prepare_start)(ptr::addr_of_mut!((*self.handle).prepare).cast(), on_prepare) };
+        }
+    }
+
+    /// A wait that asked for a busy wait is over.
+    fn spin_done(&self) {
+        let n = self.spinners.get().saturating_sub(1);
+        self.spinners.set(n);
+        if n == 0 && !self.closed.get() {
+            self.spin_until.set(None);
+            let uv = uv().expect("libuv resolved before the reactor was made");
+            // SAFETY: as in spin_from.
+            unsafe { (uv.prepare_stop)(ptr::addr_of_mut!((*self.handle).prepare).cast()) };
+        }
+    }
+
+    /// Polls the epoll set without blocking until something is ready, the latest window ends, or a timer of
+    /// the loop is due; not at all when the loop will not block anyway (other work is ready).
+    fn spin(&self) {
+        let Some(mut until) = self.spin_until.get() else { return };
+        let uv = uv().expect("libuv resolved before the reactor was made");
+        // SAFETY: the loop is live (this runs in one of its callbacks).
+        let timeout = unsafe { (uv.backend_timeout)(self.uv_loop) };
+        if timeout == 0 {
+            return;
+        }
+        let now = Instant::now();
+        if timeout > 0 {
+            until = until.min(now + Duration::from_millis(timeout as u64));
+        }
+        if now >= until {
+            return;
+        }
+        let mut pfd =
+            libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&self.epfd), events: libc::POLLIN, revents: 0 };
+        loop {
+            // SAFETY: poll on our own epoll fd, without waiting (readable when an event is there; nothing is taken).
+            if unsafe { libc::poll(&mut pfd, 1, 0) } != 0 || Instant::now() >= until {
+                return;
+            }
+            std::hint::spin_loop();
         }
     }
 
@@ -421,6 +521,12 @@ unsafe extern "C" fn reactor_cleanup(env: *mut c_void) {
     if let Some((_, r)) = r {
         r.close();
     }
+}
+
+unsafe extern "C" fn on_prepare(handle: *mut c_void) {
+    // SAFETY: handle is the prepare handle of a live ReactorHandle whose reactor is alive (as in on_reactor).
+    let r = unsafe { &*(*owner_of_prepare::<ReactorHandle>(handle)).reactor };
+    r.spin();
 }
 
 unsafe extern "C" fn on_reactor(handle: *mut c_void, _status: c_int, _events: c_int) {
@@ -551,6 +657,8 @@ struct Waiting {
     armed: bool,
     /// The socket's fd (for the reactor; valid while `sock` is held).
     fd: c_int,
+    /// Whether it asked the reactor for a busy wait (see [`Reactor`]).
+    spins: bool,
     /// The timer, if any, plus one for the wait itself until it is done (freed when this drops to 0).
     open: Cell<u8>,
     done: bool,
@@ -558,7 +666,7 @@ struct Waiting {
 
 /// Waits on the loop for the rest of a request started with `unix::start_request` on `sock` (`written` of
 /// `request`'s bytes are out): writes the rest, reads the response frame, then calls `onDone` with `id`.
-/// `timeout_ms` (when > 0) bounds it. On a setup failure the request is handed back (`Err`) for the runtime path.
+/// `timeout_ms` (when > 0) bounds it; for `spin` from now the loop busy-waits for it (see [`Reactor`]). On a setup failure the request is handed back (`Err`) for the runtime path.
 pub fn wait(
     waits: &Rc<LoopWaits>,
     id: u32,
@@ -566,17 +674,28 @@ pub fn wait(
     request: Vec<u8>,
     written: usize,
     timeout_ms: u64,
+    spin: Duration,
 ) -> Result<(), (Sock, Vec<u8>)> {
     let kept = matches!(sock, Sock::Kept(_));
     let events = if written < request.len() { EPOLLOUT } else { EPOLLIN };
     let work = Work::Request { id, kept, write_failed: false, request, written, reader: ResponseReader::new() };
-    start(waits, sock, work, events, timeout_ms).map(|_| waits.requests.set(waits.requests.get() + 1)).map_err(|b| {
-        let (sock, work) = *b;
-        match work {
-            Work::Request { request, .. } => (sock, request),
-            _ => unreachable!("a request comes back as it went"),
-        }
-    })
+    let started = start(waits, sock, work, events, timeout_ms);
+    started
+        .map(|p| {
+            waits.requests.set(waits.requests.get() + 1);
+            if !spin.is_zero() {
+                waits.reactor.spin_from(Instant::now() + spin);
+                // SAFETY: p was just started and is live (nothing ran since).
+                unsafe { (*p).spins = true };
+            }
+        })
+        .map_err(|b| {
+            let (sock, work) = *b;
+            match work {
+                Work::Request { request, .. } => (sock, request),
+                _ => unreachable!("a request comes back as it went"),
+            }
+        })
 }
 
 /// Waits on the loop for the next request frame of the server connection `conn` (payloads over `max_data` left
@@ -619,6 +738,7 @@ fn start(
         token: 0,
         armed: false,
         fd,
+        spins: false,
         open: Cell::new(1),
         done: false,
     });
@@ -806,6 +926,26 @@ impl TimerOwner for ListenerHandles {
     const TIMER: usize = std::mem::offset_of!(ListenerHandles, timer);
 }
 
+/// A [`HandleOwner`] holding a prepare handle.
+trait PrepareOwner: HandleOwner {
+    /// Where the prepare handle is in the value.
+    const PREPARE: usize;
+}
+
+/// The value that holds prepare handle `handle`.
+///
+/// # Safety
+/// `handle` is the prepare handle of a live `T`.
+unsafe fn owner_of_prepare<T: PrepareOwner>(handle: *mut c_void) -> *mut T {
+    // SAFETY: the caller's contract: the prepare handle lies T::PREPARE bytes into the value.
+    unsafe { handle.cast::<u8>().sub(T::PREPARE).cast::<T>() }
+}
+
+unsafe extern "C" fn prepare_closed<T: PrepareOwner>(handle: *mut c_void) {
+    // SAFETY: handle is the prepare handle of a live T.
+    unsafe { one_closed(owner_of_prepare::<T>(handle)) }
+}
+
 /// The value that holds timer handle `handle`.
 ///
 /// # Safety
@@ -850,6 +990,9 @@ unsafe fn close_handles(p: *mut Waiting) -> bool {
     w.done = true;
     w.waits.reactor.remove(w.fd, w.token, w.armed);
     w.armed = false;
+    if std::mem::take(&mut w.spins) {
+        w.waits.reactor.spin_done();
+    }
     w.sock = None;
     w.work = Work::Done;
     if w.open.get() == 2 {
