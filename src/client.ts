@@ -217,7 +217,8 @@ export interface FDClientOptions {
    * it has nothing else to do, busy-waits for the response before it sleeps. A response that comes that soon
    * (a get answered at once, an add of a quick source) then finds this thread awake: on a quiet machine, a
    * virtual machine above all, waking a sleeping thread costs more than the server's whole answer. It costs at
-   * most this much CPU per request, and none while the loop has other work ready; 0 turns it off.
+   * most this much CPU per request, none while the loop has other work ready, and delays nothing else (it stops
+   * as soon as anything the loop watches is ready); 0 turns it off.
    */
   spinUs?: number
 }

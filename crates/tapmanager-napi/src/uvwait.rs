@@ -47,6 +47,7 @@ struct Uv {
     prepare_start: unsafe extern "C" fn(*mut c_void, PrepareCb) -> c_int,
     prepare_stop: unsafe extern "C" fn(*mut c_void) -> c_int,
     backend_timeout: unsafe extern "C" fn(*const c_void) -> c_int,
+    backend_fd: unsafe extern "C" fn(*const c_void) -> c_int,
 }
 
 /// `UV_READABLE` (uv.h, stable across libuv 1.x).
@@ -54,11 +55,11 @@ const UV_READABLE: c_int = 1;
 /// What a wait asks its socket's registration for.
 const EPOLLIN: u32 = libc::EPOLLIN as u32;
 const EPOLLOUT: u32 = libc::EPOLLOUT as u32;
-/// `UV_POLL` and `UV_TIMER` of `uv_handle_type` (stable across libuv 1.x).
+/// `UV_POLL`, `UV_PREPARE` and `UV_TIMER` of `uv_handle_type` (stable across libuv 1.x).
 const UV_POLL: c_int = 8;
 const UV_PREPARE: c_int = 9;
 const UV_TIMER: c_int = 13;
-/// Room for one handle; `uv_handle_size` must fit (about 160 bytes for either on 64-bit Linux).
+/// Room for one handle; `uv_handle_size` must fit (at most about 160 bytes for these on 64-bit Linux).
 const HANDLE_WORDS: usize = 64;
 
 fn sym<T: Copy>(name: &CStr) -> Option<T> {
@@ -95,6 +96,7 @@ fn uv() -> Option<&'static Uv> {
             prepare_start: sym(c"uv_prepare_start")?,
             prepare_stop: sym(c"uv_prepare_stop")?,
             backend_timeout: sym(c"uv_backend_timeout")?,
+            backend_fd: sym(c"uv_backend_fd")?,
         })
     })
     .as_ref()
@@ -227,11 +229,11 @@ impl Drop for LoopWaits {
 /// cleanup hook.
 ///
 /// A client request may also ask for a short busy wait (`spin`): while it waits within its window, a prepare
-/// handle, run just before the loop would block, polls the epoll set (no blocking) until a response is there or
-/// the window ends. On a quiet machine the response of a get then finds this thread awake: no sleep and no
-/// wake-up of an idle CPU (on a virtual machine, a halt and an interrupt through the hypervisor, several times
-/// the server's own work). It costs at most the window in CPU per request, and nothing while the loop has
-/// other work ready.
+/// handle, run just before the loop would block, polls the loop's epoll fd (no blocking) until anything is
+/// ready there (the response above all) or the window ends. On a quiet machine the response of a get then
+/// finds this thread awake: no sleep and no wake-up of an idle CPU (on a virtual machine, a halt and an
+/// interrupt through the hypervisor, several times the server's own work). It costs at most the window in CPU
+/// per request, nothing while the loop has other work ready, and delays nothing else the loop watches.
 pub struct Reactor {
     /// The poll and prepare handles (closed at the environment's cleanup; the memory is then freed by the last
     /// close callback).
@@ -394,8 +396,9 @@ impl Reactor {
         }
     }
 
-    /// Polls the epoll set without blocking until something is ready, the latest window ends, or a timer of
-    /// the loop is due; not at all when the loop will not block anyway (other work is ready).
+    /// Polls the loop's own epoll fd (which holds ours and every other handle's) without blocking until anything
+    /// the loop watches is ready, the latest window ends, or a timer of the loop is due; not at all when the
+    /// loop will not block anyway (other work is ready). So the busy wait delays nothing else.
     fn spin(&self) {
         let Some(mut until) = self.spin_until.get() else { return };
         let uv = uv().expect("libuv resolved before the reactor was made");
@@ -411,10 +414,15 @@ impl Reactor {
         if now >= until {
             return;
         }
-        let mut pfd =
-            libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&self.epfd), events: libc::POLLIN, revents: 0 };
+        // SAFETY: as above.
+        let fd = unsafe { (uv.backend_fd)(self.uv_loop) };
+        if fd < 0 {
+            return;
+        }
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
         loop {
-            // SAFETY: poll on our own epoll fd, without waiting (readable when an event is there; nothing is taken).
+            // SAFETY: poll on the loop's epoll fd, without waiting (readable when an event is there; nothing is
+            // taken: the loop's own epoll_wait, right after, gets it).
             if unsafe { libc::poll(&mut pfd, 1, 0) } != 0 || Instant::now() >= until {
                 return;
             }
