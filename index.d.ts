@@ -510,6 +510,11 @@ export interface IncomingOpts {
   maxConnections?: number
   /** Connections open at once from one peer uid (absent: no cap). */
   maxConnectionsPerUid?: number
+  /**
+   * Served on the loop: how long (µs, at most 1000; absent or 0: not at all) the loop busy-waits for the next
+   * request after answering one, when it has nothing else to do (see uvwait.rs's `Reactor`).
+   */
+  spinUs?: number
 }
 
 /** A connection with its first request frame already read (see `UnixListener.startIncoming`). */

@@ -48,9 +48,9 @@ test.serial('on Node the port waits on the event loop when asked, else on the ru
   }
 })
 
-/** Voluntary context switches of this process's JavaScript thread: each time it slept (e.g. in epoll_wait). */
-function jsThreadSleeps(): number {
-  const status = readFileSync(`/proc/${process.pid}/task/${process.pid}/status`, 'utf8')
+/** Voluntary context switches of a process's JavaScript thread (this one's by default): each time it slept (e.g. in epoll_wait). */
+function jsThreadSleeps(pid = process.pid): number {
+  const status = readFileSync(`/proc/${pid}/task/${pid}/status`, 'utf8')
   return Number(/^voluntary_ctxt_switches:\s+(\d+)$/m.exec(status)![1])
 }
 
@@ -113,6 +113,45 @@ test.serial('loop wait: the busy wait (spinUs) keeps the thread awake for a resp
     await exited
     rmSync(dir, { recursive: true, force: true })
   }
+})
+
+test.serial('FDServer on the loop: its busy wait (spinUs) keeps its thread awake for a next request that comes within the window; with spinUs 0 it sleeps for nearly each', async (t) => {
+  const { dir, sock } = tempSock()
+  const sleeps: Record<string, number> = {}
+  for (const spinUs of [1000, 0, 1000, 0]) {
+    const path = `${sock}.${spinUs}`
+    const child = spawn(process.execPath, ['--import', '@oxc-node/core/register', '__test__/helpers/fdserver-child.ts', path, JSON.stringify({ spinUs }), join(dir, 'files')], {
+      cwd: root,
+      env: { ...process.env, OXC_TSCONFIG_PATH: './__test__/tsconfig.json' },
+      stdio: ['ignore', 'pipe', 'inherit'],
+    })
+    const exited = new Promise((r) => child.once('exit', r))
+    try {
+      let out = ''
+      child.stdout!.on('data', (d: Buffer) => (out += d.toString()))
+      t.true(await until(() => out.includes('"ready"'), 30_000), 'server ready')
+      // the client sends each next request at once (its own busy wait keeps it quick)
+      const client = new FDClient(path, { spinUs: 1000 })
+      await client.addFDs('k', { contents: ['spin'] })
+      for (let i = 0; i < 20; i++) closeFds((await client.getFDs('k')).fds) // warm
+      const s0 = jsThreadSleeps(child.pid!)
+      for (let i = 0; i < 100; i++) {
+        const { fds } = await client.getFDs('k')
+        t.is(fds.length, 1)
+        closeFds(fds)
+      }
+      sleeps[spinUs] = Math.min(sleeps[spinUs] ?? Infinity, jsThreadSleeps(child.pid!) - s0)
+      await client.releaseFDs('k')
+    } finally {
+      child.kill('SIGTERM')
+      await exited
+    }
+  }
+  rmSync(dir, { recursive: true, force: true })
+  t.log(`the server's JavaScript thread slept for 100 gets: ${JSON.stringify(sleeps)}`)
+  t.true(sleeps[0] >= 60, `spinUs 0: ${sleeps[0]} sleeps for 100 requests`)
+  // a busy machine may delay some next requests past the window: half is a wide margin
+  t.true(sleeps[1000] < sleeps[0] / 2, `spinUs 1000: ${sleeps[1000]} sleeps`)
 })
 
 test.serial('loop wait: the busy wait ends with its window: a slow response costs no spinning CPU, and timers still fire meanwhile', async (t) => {

@@ -173,3 +173,10 @@ test('allowedUids/allowedGids outside u32 are refused (they would wrap around na
     t.throws(() => new FDServer('/nonexistent/fd.sock', new ScriptedSource(), opts), { code: 'ERR_INVALID', message: /u32/ })
   }
 })
+
+test('spinUs outside 0..1000 or not an integer is refused; 0 and 1000 are taken', (t) => {
+  for (const spinUs of [-1, 1001, 2.5, Number.NaN]) {
+    t.throws(() => new FDServer('/nonexistent/fd.sock', new ScriptedSource(), { spinUs }), { code: 'ERR_INVALID', message: /^spinUs must be an integer from 0 to 1000/ })
+  }
+  for (const spinUs of [0, 1000]) t.notThrows(() => new FDServer('/nonexistent/fd.sock', new ScriptedSource(), { spinUs }))
+})

@@ -31,7 +31,9 @@ const source: FDSource = {
   },
 }
 
-const server = new FDServer(sock, source)
+// FD_BENCH_SERVER_SPIN_US: the server's busy wait after an answer (FDServer's spinUs; default its default)
+const spin = process.env.FD_BENCH_SERVER_SPIN_US
+const server = new FDServer(sock, source, spin === undefined ? {} : { spinUs: Number(spin) })
 server.serve().then(
   () => {
     process.stdout.write('ready\n')

@@ -13,7 +13,9 @@
  * The bench source declares `stableInfo`, so after the first get of a key the server answers gets natively
  * (FDServer's fast path); add+release always runs through the TypeScript server and its JavaScript source.
  * The whole matrix runs FD_BENCH_REPEAT times (default 3), interleaved; the tables show medians of ops/s.
- * FD_BENCH_OPS sets the round trips per case (default 4000); on a busy machine larger runs are steadier.
+ * FD_BENCH_OPS sets the round trips per 1-client GetFDs case (default 4000; add+release: half as many cycles);
+ * the 16-client cases run four times as many (each is over in a fraction of a second otherwise, and one stall
+ * of the shared machine moves its figure by a third). On a busy machine larger runs are steadier.
  * FD_BENCH_GO=<binary> adds Virtlet's own Go client and server (build it with bench/virtlet-go/build.sh from a Virtlet
  * checkout) and a table relative to Go client -> Go server.
  * A last table gives the CPU time (user + system) each side spent per op, summed over the repeats: where a
@@ -211,7 +213,7 @@ async function main(): Promise<void> {
     }
     for (let r = 0; r < REPEAT; r++) {
       for (const [ci, c] of cases.entries()) {
-        const ops = c.mode === 'addrel' ? OPS / 2 : OPS
+        const ops = c.mode === 'addrel' ? OPS / 2 : c.conc > 1 ? OPS * 4 : OPS
         const runs: Record<Pair, () => Promise<Figures> | Figures> = {
           'TS->TS': () => tsRun(ts.perCall, c.mode, c.conc, ops, c.nfds),
           'TS nospin->TS': () => tsRun(ts.noSpin, c.mode, c.conc, ops, c.nfds),
@@ -248,7 +250,7 @@ async function main(): Promise<void> {
     const rate = (ci: number, p: Pair) => median(rates[ci].get(p)!)
     const load = readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ')
     console.log(
-      `fd passing: ${OPS} round trips per GetFDs case (${OPS / 2} add+release cycles), median of ${REPEAT} interleaved runs; ` +
+      `fd passing: ${OPS} round trips per 1-client GetFDs case (${OPS * 4} with 16 clients, ${OPS / 2} add+release cycles), median of ${REPEAT} interleaved runs; ` +
         `client and server in separate processes; load average ${load}`,
     )
     table(

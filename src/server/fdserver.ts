@@ -78,6 +78,7 @@ export class FDServer {
       allowedGids: this.opts.allowedGids,
       maxConnections: this.opts.maxConnections,
       maxConnectionsPerUid: this.opts.maxConnectionsPerUid,
+      spinUs: this.opts.spinUs,
     }
     if (this.opts.onLimits) {
       this.limitsTimer = setInterval(() => this.limitsReporter.report(listener), this.opts.limitsIntervalMs ?? DEFAULT_LIMITS_INTERVAL)

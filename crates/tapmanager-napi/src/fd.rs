@@ -399,7 +399,7 @@ impl FdRequestPort {
     }
 }
 
-/// A request's busy wait on the event loop (see uvwait.rs's `Reactor`), at most 1 ms.
+/// A busy wait on the event loop (see uvwait.rs's `Reactor`), at most 1 ms.
 fn spin_of(spin_us: Option<u32>) -> std::time::Duration {
     std::time::Duration::from_micros(u64::from(spin_us.unwrap_or(0).min(1000)))
 }
@@ -522,6 +522,9 @@ pub struct IncomingOpts {
     pub max_connections: Option<u32>,
     /// Connections open at once from one peer uid (absent: no cap).
     pub max_connections_per_uid: Option<u32>,
+    /// Served on the loop: how long (µs, at most 1000; absent or 0: not at all) the loop busy-waits for the next
+    /// request after answering one, when it has nothing else to do (see uvwait.rs's `Reactor`).
+    pub spin_us: Option<u32>,
 }
 
 /// What the listener refused or survived so far (see `UnixListener.stats`).
@@ -675,10 +678,11 @@ impl UnixListener {
                 tsfn.call(args, ThreadsafeFunctionCallMode::NonBlocking);
             })
         };
+        let spin = spin_of(opts.spin_us);
         let (admission, cfg) = self.admission_for(opts)?;
         fast.set_write_deadline(cfg.write_deadline);
-        let serving =
-            uvwait::Serving { waits, listener: l, admission, fast, cfg, from_runtime, state: Default::default() };
+        let state = Default::default();
+        let serving = uvwait::Serving { waits, listener: l, admission, fast, cfg, from_runtime, state, spin };
         match uvwait::LoopListener::start(serving) {
             Some(started) => {
                 *self.on_loop.borrow_mut() = Some(started);

@@ -243,6 +243,8 @@ pub struct Reactor {
     /// Live waits that asked for a busy wait, and the end of the latest window among them.
     spinners: Cell<usize>,
     spin_until: Cell<Option<Instant>>,
+    /// The end of a server's window after it answered (see [`Reactor::spin_after_answer`]).
+    served_until: Cell<Option<Instant>>,
     /// Waits by slot; a token is `generation << 32 | slot`, so an event for a wait that is gone finds nothing.
     slots: RefCell<Vec<(u32, *mut Waiting)>>,
     free: RefCell<Vec<u32>>,
@@ -335,6 +337,7 @@ impl Reactor {
             epfd,
             spinners: Cell::new(0),
             spin_until: Cell::new(None),
+            served_until: Cell::new(None),
             slots: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
             armed: Cell::new(0),
@@ -375,24 +378,50 @@ impl Reactor {
         if self.spin_until.get().is_none_or(|u| u < until) {
             self.spin_until.set(Some(until));
         }
-        let n = self.spinners.get();
-        self.spinners.set(n + 1);
-        if n == 0 {
-            let uv = uv().expect("libuv resolved before the reactor was made");
-            // SAFETY: the handle is live and not closed (closed is false); starting a started one does nothing.
-            unsafe { (uv.prepare_start)(ptr::addr_of_mut!((*self.handle).prepare).cast(), on_prepare) };
-        }
+        self.spinners.set(self.spinners.get() + 1);
+        self.prepare_on(true);
     }
 
     /// A wait that asked for a busy wait is over.
     fn spin_done(&self) {
         let n = self.spinners.get().saturating_sub(1);
         self.spinners.set(n);
-        if n == 0 && !self.closed.get() {
+        if n == 0 {
             self.spin_until.set(None);
-            let uv = uv().expect("libuv resolved before the reactor was made");
-            // SAFETY: as in spin_from.
-            unsafe { (uv.prepare_stop)(ptr::addr_of_mut!((*self.handle).prepare).cast()) };
+            if self.served_until.get().is_none() {
+                self.prepare_on(false);
+            }
+        }
+    }
+
+    /// A server on this loop answered a request and asks for a busy wait of `spin` for what comes next (the
+    /// client's next request, on this connection or a new one): the same on the server's side as a client's
+    /// window, with nothing pending to end it early, so it lasts its whole length unless something comes.
+    pub fn spin_after_answer(&self, spin: Duration) {
+        if spin.is_zero() || self.closed.get() {
+            return;
+        }
+        let until = Instant::now() + spin;
+        if self.served_until.get().is_none_or(|u| u < until) {
+            self.served_until.set(Some(until));
+        }
+        self.prepare_on(true);
+    }
+
+    /// Starts or stops the prepare handle (starting a started one, or stopping a stopped one, does nothing).
+    fn prepare_on(&self, on: bool) {
+        if self.closed.get() {
+            return;
+        }
+        let uv = uv().expect("libuv resolved before the reactor was made");
+        // SAFETY: the handle is live and not closed (closed is false).
+        unsafe {
+            let prepare = ptr::addr_of_mut!((*self.handle).prepare).cast::<c_void>();
+            if on {
+                (uv.prepare_start)(prepare, on_prepare);
+            } else {
+                (uv.prepare_stop)(prepare);
+            }
         }
     }
 
@@ -400,14 +429,22 @@ impl Reactor {
     /// the loop watches is ready, the latest window ends, or a timer of the loop is due; not at all when the
     /// loop will not block anyway (other work is ready). So the busy wait delays nothing else.
     fn spin(&self) {
-        let Some(mut until) = self.spin_until.get() else { return };
+        let now = Instant::now();
+        // a server's window that has passed ends; the prepare handle stops when no window is left
+        if self.served_until.get().is_some_and(|u| u <= now) {
+            self.served_until.set(None);
+            if self.spinners.get() == 0 {
+                self.prepare_on(false);
+            }
+        }
+        let client = self.spin_until.get().filter(|_| self.spinners.get() > 0);
+        let Some(mut until) = client.max(self.served_until.get()) else { return };
         let uv = uv().expect("libuv resolved before the reactor was made");
         // SAFETY: the loop is live (this runs in one of its callbacks).
         let timeout = unsafe { (uv.backend_timeout)(self.uv_loop) };
         if timeout == 0 {
             return;
         }
-        let now = Instant::now();
         if timeout > 0 {
             until = until.min(now + Duration::from_millis(timeout as u64));
         }
@@ -832,6 +869,9 @@ unsafe fn on_ready(p: *mut Waiting) {
             let mut slot = PeerSlot::known(*peer);
             match step(reader, conn, serving.fast_for(*peer), &mut slot) {
                 Step::Wait { answered } => {
+                    if answered {
+                        serving.waits.reactor.spin_after_answer(serving.spin);
+                    }
                     // SAFETY: as above.
                     return unsafe { wait_more(p, answered) };
                 }
@@ -1098,6 +1138,8 @@ pub struct Serving {
     pub cfg: unix::ServeConfig,
     pub from_runtime: FromRuntime,
     pub state: ServingState,
+    /// The busy wait after an answer (see [`Reactor::spin_after_answer`]; zero: none).
+    pub spin: Duration,
 }
 
 /// What a [`Serving`] keeps track of (start with `ServingState::default()`).
@@ -1132,7 +1174,10 @@ pub fn hand_back(
 ) -> Result<(), Arc<unix::UnixConnection>> {
     let serving = SERVED.with(|s| s.borrow().iter().find(|(i, _)| *i == id).and_then(|(_, w)| w.upgrade()));
     match serving {
-        Some(s) if !s.state.closed.get() => s.wait_first(conn, peer, RequestReader::new(s.cfg.max_data)),
+        Some(s) if !s.state.closed.get() => {
+            s.waits.reactor.spin_after_answer(s.spin);
+            s.wait_first(conn, peer, RequestReader::new(s.cfg.max_data))
+        }
         _ => Err(conn),
     }
 }
@@ -1324,7 +1369,10 @@ unsafe extern "C" fn on_listener(handle: *mut c_void, status: c_int, _events: c_
             break;
         }
         match s.listener.try_accept_admitted(&s.admission) {
-            Ok(Accepted::None) => return,
+            Ok(Accepted::None) => {
+                // what came was served (gets the fast path answered) or handed on: the next is likely near
+                return s.waits.reactor.spin_after_answer(s.spin);
+            }
             Ok(Accepted::Dropped) => s.state.backoff.set(None),
             Ok(Accepted::Conn(conn, peer)) => {
                 s.state.backoff.set(None);
