@@ -5,14 +5,14 @@
  * The real daemon (startDaemon: FDServer + TapFDSource + state store with fsyncs + CNI cache), in-process, with
  * Debian bridge + host-local run in a test "node" netns, pods in a temp netns dir. Add+release cycles of one
  * pod are measured with 0 live pods, then with N live pods (TAPFD_BENCH_SCALE_LIVE, default 250), then with 0
- * again after releasing them. Each cycle is broken down into steps: netns create, CNI ADD (the plugins, and
+ * again after releasing them, each phase once the machine is quiet again (see `settle`). Each cycle is broken down into steps: netns create, CNI ADD (the plugins, and
  * the client's own work around them), container side, DHCP start, state writes (each an fsync of the file and
  * of the dir), and the rest ("other": protocol, JSON crossings, scheduling); release likewise. "ours" = add
  * minus the CNI ADD plugin time (and release minus CNI DEL). Then the daemon is stopped (netns and links stay)
  * and started again: the time recovery of the N pods takes, and the peak thread count while it runs.
  * Prints figures; asserts nothing. Needs root.
  */
-import { readFileSync } from 'node:fs'
+import { readdirSync, readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import type { CniClient } from '../../src/cni'
 import { FDClient } from '../../src/client'
@@ -124,6 +124,46 @@ async function cycles(client: FDClient, h: TapFdHarness, n: number): Promise<Pha
   return phase
 }
 
+/** Busy and total CPU time of the machine so far (/proc/stat, clock ticks). */
+function cpuTicks(): { busy: number; total: number } {
+  const f = readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/).slice(1).map(Number)
+  const total = f.reduce((a, b) => a + b, 0)
+  return { busy: total - f[3] - (f[4] ?? 0), total }
+}
+
+/** Whether a kernel worker is tearing down deleted network namespaces now (a kworker named `...+netns`). */
+function netnsCleanupRunning(): boolean {
+  for (const pid of readdirSync('/proc')) {
+    if (!/^\d+$/.test(pid)) continue
+    try {
+      if (readFileSync(`/proc/${pid}/comm`, 'utf8').includes('+netns')) return true
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return false
+}
+
+/**
+ * Waits until the machine is quiet (no kernel worker tearing down namespaces, and under 15% of its CPU time
+ * busy over 250 ms, twice in a row; at most 30 s) and returns how long that took. The kernel finishes the work
+ * of bulk adds and releases asynchronously: a deleted netns is torn down by a kernel worker, holding the rtnl
+ * lock every netlink change waits for (seconds for hundreds, mostly asleep in RCU waits, so the CPU looks
+ * idle). That would land in the cycles measured next and is not a cost of one pod's add.
+ */
+async function settle(): Promise<number> {
+  const t0 = performance.now()
+  let quiet = 0
+  while (quiet < 2 && performance.now() - t0 < 30_000) {
+    const a = cpuTicks()
+    await new Promise((r) => setTimeout(r, 250))
+    const b = cpuTicks()
+    const idle = b.total > a.total && (b.busy - a.busy) / (b.total - a.total) < 0.15
+    quiet = idle && !netnsCleanupRunning() ? quiet + 1 : 0
+  }
+  return performance.now() - t0
+}
+
 function threads(): number {
   return Number(/^Threads:\s+(\d+)$/m.exec(readFileSync('/proc/self/status', 'utf8'))?.[1] ?? NaN)
 }
@@ -146,11 +186,13 @@ export async function scaling(): Promise<void> {
   const client = new FDClient(sock)
   const ids: string[] = []
   try {
+    const settled: number[] = [await settle()]
     const before = await cycles(client, h, n)
     for (let i = 0; i < live; i++) ids.push(h.node.podId('tmsl'))
     let t = performance.now()
     for (let i = 0; i < ids.length; i += 8) await Promise.all(ids.slice(i, i + 8).map((id) => client.addFDs(id, addPayload(id))))
     const upMs = performance.now() - t
+    settled.push(await settle())
     const at = await cycles(client, h, n)
 
     // Recovery: stop (netns, links and state stay), start again; sample this process's threads meanwhile. Once
@@ -187,12 +229,14 @@ export async function scaling(): Promise<void> {
     for (let i = 0; i < ids.length; i += 8) await Promise.all(ids.slice(i, i + 8).map((id) => client.releaseFDs(id)))
     const downMs = performance.now() - t
     ids.length = 0
+    settled.push(await settle())
     const after = await cycles(client, h, n)
 
     const load = readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ')
     console.log(
       `\nlive pods: add/release of one pod (Debian bridge + host-local, real daemon with state) with 0, ${live}, then 0 live pods; ` +
-        `${n} cycles each, p50 in ms; spare netns pool ${netnsPool}; load average ${load}`,
+        `${n} cycles each, p50 in ms; spare netns pool ${netnsPool}; load average ${load}; ` +
+        `before each phase the machine was let settle (namespace teardown done, under 15% CPU busy): ${settled.map((ms) => (ms / 1000).toFixed(1)).join(' / ')} s`,
     )
     const phases: Array<[string, Phase]> = [['0 live', before], [`${live} live`, at], ['0 again', after]]
     const w = 26
