@@ -382,6 +382,7 @@ test('serve passes every flag (and the defaults) to startServer and closes it on
     sriov: false,
     podIpv6: false,
     netnsPool: 2,
+    spinUs: 50,
     logLevel: 'info',
     maxDataSize: 65536,
     cniTimeoutMs: 60000,
@@ -391,7 +392,7 @@ test('serve passes every flag (and the defaults) to startServer and closes it on
   })
   const f = await run(
     ['serve', '--socket', '/tmp/x.sock', '--socket-mode', '0600', '--socket-group', 'kvm', '--allow-uid', '0,1000', '--allow-uid', '107', '--allow-gid', '36',
-      '--cni-conf-dir', '/c', '--cni-bin-dir', '/b1', '--cni-bin-dir', '/b2', '--netns-dir', '/n', '--state-dir', '/s', '--calico-subnet-size', '26', '--sriov', '--pod-ipv6', '--netns-pool', '0',
+      '--cni-conf-dir', '/c', '--cni-bin-dir', '/b1', '--cni-bin-dir', '/b2', '--netns-dir', '/n', '--state-dir', '/s', '--calico-subnet-size', '26', '--sriov', '--pod-ipv6', '--netns-pool', '0', '--spin-us', '0',
       '--log-level', 'silent', '--max-data-size', '4096', '--cni-timeout', '5000', '--metrics-listen', '127.0.0.1:9731', '--max-connections', '100', '--max-connections-per-uid', '10'],
     deps,
   )
@@ -411,6 +412,7 @@ test('serve passes every flag (and the defaults) to startServer and closes it on
     sriov: true,
     podIpv6: true,
     netnsPool: 0,
+    spinUs: 0,
     logLevel: 'silent',
     maxDataSize: 4096,
     cniTimeoutMs: 5000,

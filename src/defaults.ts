@@ -18,6 +18,13 @@ export const DEFAULT_NETNS_POOL = 2
 /** The most spare pod netns `serve --netns-pool` / `DaemonOptions.netnsPool` take. */
 export const MAX_NETNS_POOL = 64
 
+/**
+ * How long (µs) an event loop busy-waits before it sleeps: an FDClient for a response after sending a request,
+ * an FDServer for the next request after answering one (`spinUs` of both, `serve --spin-us`). Long enough for
+ * a get answered at once or a client's next request; at most this much CPU per request.
+ */
+export const DEFAULT_SPIN_US = 50
+
 /** The netns path of a pod: `<netnsDir>/<podId>` (what CNI plugins get as CNI_NETNS). */
 export function podNetnsPath(netnsDir: string, podId: string): string {
   return join(netnsDir, podId)

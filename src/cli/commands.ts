@@ -119,6 +119,7 @@ async function startDaemonFor(opts: ServeOptions, metrics: DaemonMetrics | undef
     sriov: opts.sriov,
     podIpv6: opts.podIpv6,
     netnsPool: opts.netnsPool,
+    spinUs: opts.spinUs,
     maxDataSize: opts.maxDataSize,
     cniTimeoutMs: opts.cniTimeoutMs,
     maxConnections: opts.maxConnections ?? undefined,

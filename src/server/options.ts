@@ -3,6 +3,7 @@
  * the list answer).
  */
 import { readFileSync } from 'node:fs'
+import { DEFAULT_SPIN_US } from '../defaults'
 import { InvalidInputError } from '../errors'
 import type { PeerCredentials, UnixListener } from '../native'
 
@@ -134,8 +135,6 @@ const DEFAULT_MAX_DATA = 64 * 1024
 const DEFAULT_READ_TIMEOUT = 10_000
 const DEFAULT_WRITE_TIMEOUT = 10_000
 const DEFAULT_STOP_TIMEOUT = 5_000
-/** The default of {@link FDServerOptions.spinUs}. */
-const DEFAULT_SPIN_US = 50
 export const DEFAULT_LIMITS_INTERVAL = 10_000
 
 /** The process's soft open-file limit (RLIMIT_NOFILE), from /proc/self/limits; 1024 when unreadable. */
