@@ -43,7 +43,8 @@ chmod +x "$tools/bin/zig"
 export PATH="$tools/bin:$venv/bin:$PATH"
 for t in "${TARGETS[@]}"; do
   triple=${t%% *}
-  rustup target list --installed | grep -qx "$triple" || rustup target add "$triple"
+  installed=$(rustup target list --installed)
+  grep -qx "$triple" <<<"$installed" || rustup target add "$triple"
 done
 
 # --- build -------------------------------------------------------------------------------------------------------

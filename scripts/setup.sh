@@ -46,7 +46,7 @@ if [ "$(uname -m)" = x86_64 ] && [ "${qemu_major:-0}" -lt 10 ]; then
   fi
   backports=/etc/apt/sources.list.d/tapmanager-bookworm-backports.sources
   if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-    mirror=$(grep -rhs '^URIs:.*debian' /etc/apt/sources.list.d/*.sources | grep -v security | awk '{print $2}' | head -n 1)
+    mirror=$( (grep -rhs '^URIs:.*debian' /etc/apt/sources.list.d/*.sources || true) | awk '!/security/ && !m {m = $2} END {print m}')
     [ -n "$mirror" ] || mirror=$(awk '$1 == "deb" && $2 ~ /debian/ && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list 2>/dev/null)
     [ -n "$mirror" ] || { echo "setup: no Debian mirror found in apt's sources to add bookworm-backports" >&2; exit 1; }
     printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
@@ -56,7 +56,8 @@ if [ "$(uname -m)" = x86_64 ] && [ "${qemu_major:-0}" -lt 10 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -o DPkg::Lock::Timeout=600 -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 >/dev/null
-  qemu-system-x86_64 -device help 2>/dev/null | grep -q '"igb"' || { echo "setup: QEMU after install has no igb device" >&2; exit 1; }
+  devices=$(qemu-system-x86_64 -device help 2>/dev/null || true)
+  grep -q '"igb"' <<<"$devices" || { echo "setup: QEMU after install has no igb device" >&2; exit 1; }
 fi
 
 # The real-VM test assets (a Debian kernel and a busybox initramfs), cached under .tmp/vm.

@@ -182,21 +182,23 @@ bare=$work/consumer-bare
 consumer "$bare" --omit=optional "$root_tgz" >/dev/null
 [ ! -e "$bare/node_modules/tapmanager-linux-x64-gnu" ] || die "--omit=optional still installed the platform package"
 err=$(cd "$bare" && node -e 'require("tapmanager")' 2>&1) && die "require('tapmanager') worked without the platform package"
-echo "$err" | grep -q "tapmanager-linux-x64-gnu@$version" || die "the error does not name the package: $err"
-echo "$err" | grep -q "linux-x64 (glibc)" || die "the error does not name the platform: $err"
+# (grep on a here-string, not `echo | grep -q`: grep -q stops reading at the first match, and under pipefail the
+# writer's SIGPIPE on a long text would fail the check now and then)
+grep -q "tapmanager-linux-x64-gnu@$version" <<<"$err" || die "the error does not name the package: $err"
+grep -q "linux-x64 (glibc)" <<<"$err" || die "the error does not name the platform: $err"
 err=$(cd "$bare" && node --input-type=module -e 'await import("tapmanager")' 2>&1) && die "import('tapmanager') worked without the platform package"
-echo "$err" | grep -q "tapmanager-linux-x64-gnu@$version" || die "the ESM error does not name the package: $err"
+grep -q "tapmanager-linux-x64-gnu@$version" <<<"$err" || die "the ESM error does not name the package: $err"
 cli=$bare/node_modules/.bin/tapmanager
 [ "$("$cli" --version)" = "$version" ] || die "tapmanager --version without the binding"
 [ "$("$cli" -V)" = "$version" ] || die "tapmanager -V without the binding"
-"$cli" --help | grep -q '^Usage: tapmanager' || die "tapmanager --help without the binding"
-"$cli" help get | grep -q '^Usage: tapmanager get' || die "tapmanager help get without the binding"
+help=$("$cli" --help) && grep -q '^Usage: tapmanager' <<<"$help" || die "tapmanager --help without the binding"
+help=$("$cli" help get) && grep -q '^Usage: tapmanager get' <<<"$help" || die "tapmanager help get without the binding"
 set +e
 out=$("$cli" status --socket "$work/none.sock" 2>&1)
 code=$?
 set -e
 [ $code = 1 ] || die "status without the binding exited $code, not 1: $out"
-echo "$out" | grep -q "tapmanager-linux-x64-gnu@$version" || die "status without the binding: $out"
+grep -q "tapmanager-linux-x64-gnu@$version" <<<"$out" || die "status without the binding: $out"
 
 # --- npm publish --dry-run of the three -----------------------------------------------------------------------
 for t in "$root_tgz" "$x64_tgz" "$arm64_tgz"; do
