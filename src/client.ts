@@ -2,7 +2,7 @@
  * FDClient: talks to an FDServer (ours or Virtlet's Go one) over its Unix socket, one connection per request
  * as the Go client does, or (option `keepAlive`) requests back to back on connections it keeps open. Implements {@link FDManager}; `getFDs` returns fds the caller then owns.
  */
-import { DEFAULT_SPIN_US } from './defaults'
+import { spinUsOf } from './defaults'
 import { InvalidInputError, ProtocolError, ServerError } from './errors'
 import type { FDManager } from './fdsource'
 import { FdRequestPort, LOOP_WAITS_POSSIBLE, UnixConnection, closeFd, closeFds } from './native'
@@ -339,8 +339,7 @@ export class FDClient implements FDManager {
     this.keepAlive = options.keepAlive ?? false
     this.waitOn = options.waitOn ?? 'loop'
     if (this.waitOn !== 'loop' && this.waitOn !== 'runtime') throw new InvalidInputError(`waitOn must be 'loop' or 'runtime', not ${String(this.waitOn)}`)
-    this.spinUs = options.spinUs ?? DEFAULT_SPIN_US
-    if (!Number.isInteger(this.spinUs) || this.spinUs < 0 || this.spinUs > 1000) throw new InvalidInputError(`spinUs must be an integer from 0 to 1000, not ${this.spinUs}`)
+    this.spinUs = spinUsOf(options.spinUs)
     const max = options.maxConnections ?? 16
     const idle = options.idleTimeoutMs ?? 5000
     if (!Number.isInteger(max) || max < 1) throw new InvalidInputError(`maxConnections must be a positive integer, not ${max}`)

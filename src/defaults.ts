@@ -3,6 +3,7 @@
  * and the CNI client take them from here.
  */
 import { join } from 'node:path'
+import { InvalidInputError } from './errors'
 
 /** Where pod network namespaces live, `ip netns` style. */
 export const DEFAULT_NETNS_DIR = '/var/run/netns'
@@ -24,6 +25,15 @@ export const MAX_NETNS_POOL = 64
  * a get answered at once or a client's next request; at most this much CPU per request.
  */
 export const DEFAULT_SPIN_US = 50
+/** The longest busy wait `spinUs` takes (µs). */
+export const MAX_SPIN_US = 1000
+
+/** A `spinUs` option, or the default when absent: an integer from 0 to {@link MAX_SPIN_US}, else ERR_INVALID. */
+export function spinUsOf(spinUs: number | undefined): number {
+  const us = spinUs ?? DEFAULT_SPIN_US
+  if (!Number.isInteger(us) || us < 0 || us > MAX_SPIN_US) throw new InvalidInputError(`spinUs must be an integer from 0 to ${MAX_SPIN_US}, not ${us}`)
+  return us
+}
 
 /** The netns path of a pod: `<netnsDir>/<podId>` (what CNI plugins get as CNI_NETNS). */
 export function podNetnsPath(netnsDir: string, podId: string): string {

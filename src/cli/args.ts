@@ -9,7 +9,7 @@ import { LOG_LEVELS, type LogLevel, type RequestLogger } from '../log'
 // metrics.ts loads prom-client but not the addon.
 import { parseMetricsAddress } from '../metrics'
 import { DEFAULT_STATE_DIR } from '../state'
-import { DEFAULT_CALICO_SUBNET_SIZE, DEFAULT_NETNS_DIR, DEFAULT_NETNS_POOL, DEFAULT_SPIN_US, MAX_NETNS_POOL } from '../defaults'
+import { DEFAULT_CALICO_SUBNET_SIZE, DEFAULT_NETNS_DIR, DEFAULT_NETNS_POOL, DEFAULT_SPIN_US, MAX_NETNS_POOL, MAX_SPIN_US } from '../defaults'
 
 export { DEFAULT_CALICO_SUBNET_SIZE, DEFAULT_NETNS_DIR } from '../defaults'
 
@@ -136,7 +136,7 @@ Commands:
                                 the links made there; a CNI plugin that adds an IPv6 address turns it on)
       --netns-pool N            spare pod netns kept made ahead of time, so an add only binds one
                                 (default ${DEFAULT_NETNS_POOL}; 0: none; held open, mounted nowhere)
-      --spin-us N               after answering, busy-wait up to N µs (0-1000) for the next request
+      --spin-us N               after answering, busy-wait up to N µs (0-${MAX_SPIN_US}) for the next request
                                 before sleeping (default ${DEFAULT_SPIN_US}; 0: never)
       --log-level LEVEL         ${LOG_LEVELS.join('|')} (default info)
       --max-data-size BYTES     largest request payload (default ${DEFAULT_MAX_DATA_SIZE})
@@ -296,7 +296,7 @@ export function serveOptionsFromFlags(values: Parsed['values'], env: NodeJS.Proc
     sriov: values.sriov === true,
     podIpv6: values['pod-ipv6'] === true,
     netnsPool: intFlag(values['netns-pool'], 'netns-pool', DEFAULT_NETNS_POOL, 0, MAX_NETNS_POOL),
-    spinUs: intFlag(values['spin-us'], 'spin-us', DEFAULT_SPIN_US, 0, 1000),
+    spinUs: intFlag(values['spin-us'], 'spin-us', DEFAULT_SPIN_US, 0, MAX_SPIN_US),
     logLevel: level as LogLevel,
     maxDataSize: intFlag(values['max-data-size'], 'max-data-size', DEFAULT_MAX_DATA_SIZE, 1, 0xffffffff),
     cniTimeoutMs: intFlag(values['cni-timeout'], 'cni-timeout', DEFAULT_CNI_TIMEOUT_MS, 1, 3_600_000),

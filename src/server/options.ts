@@ -3,7 +3,7 @@
  * the list answer).
  */
 import { readFileSync } from 'node:fs'
-import { DEFAULT_SPIN_US } from '../defaults'
+import { spinUsOf } from '../defaults'
 import { InvalidInputError } from '../errors'
 import type { PeerCredentials, UnixListener } from '../native'
 
@@ -173,9 +173,8 @@ export function resolveOptions(options: FDServerOptions): ResolvedOptions {
     maxConnections,
     maxConnectionsPerUid: options.maxConnectionsPerUid ?? Math.max(1, Math.floor(maxConnections / 2)),
     stopTimeoutMs: options.stopTimeoutMs ?? DEFAULT_STOP_TIMEOUT,
-    spinUs: options.spinUs ?? DEFAULT_SPIN_US,
+    spinUs: spinUsOf(options.spinUs),
   }
-  if (!Number.isInteger(opts.spinUs) || opts.spinUs < 0 || opts.spinUs > 1000) throw new InvalidInputError(`spinUs must be an integer from 0 to 1000, not ${opts.spinUs}`)
   for (const name of ['maxConnections', 'maxConnectionsPerUid'] as const) {
     const v = opts[name]
     if (!Number.isInteger(v) || v < 1 || v > 0xffff_ffff) throw new InvalidInputError(`${name} must be an integer from 1 to 4294967295`)

@@ -437,8 +437,8 @@ impl Reactor {
                 self.prepare_on(false);
             }
         }
-        let client = self.spin_until.get().filter(|_| self.spinners.get() > 0);
-        let Some(mut until) = client.max(self.served_until.get()) else { return };
+        // (a client window is only set while there are spinners: spin_done clears it with the last one)
+        let Some(mut until) = self.spin_until.get().max(self.served_until.get()) else { return };
         let uv = uv().expect("libuv resolved before the reactor was made");
         // SAFETY: the loop is live (this runs in one of its callbacks).
         let timeout = unsafe { (uv.backend_timeout)(self.uv_loop) };
@@ -711,7 +711,8 @@ struct Waiting {
 
 /// Waits on the loop for the rest of a request started with `unix::start_request` on `sock` (`written` of
 /// `request`'s bytes are out): writes the rest, reads the response frame, then calls `onDone` with `id`.
-/// `timeout_ms` (when > 0) bounds it; for `spin` from now the loop busy-waits for it (see [`Reactor`]). On a setup failure the request is handed back (`Err`) for the runtime path.
+/// `timeout_ms` (when > 0) bounds it; for `spin` from now the loop busy-waits for it (see [`Reactor`]). On a
+/// setup failure the request is handed back (`Err`) for the runtime path.
 pub fn wait(
     waits: &Rc<LoopWaits>,
     id: u32,
